@@ -1,0 +1,9 @@
+#pragma once
+// The public headers of largebatch in one include.
+#include <largebatch/core/runtime.h>
+#include <largebatch/version.h>
+#include <largebatch/optim/factory.h>
+#include <largebatch/optim/layerwise.h>
+#include <largebatch/optim/mask.h>
+#include <largebatch/optim/schedule.h>
+#include <largebatch/optim/telemetry.h>

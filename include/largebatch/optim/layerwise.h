@@ -1,0 +1,167 @@
+#pragma once
+// The layer-wise engine: one optimizer whose stages are
+//   direction (gradient, or Adam moments) -> weight decay (decay mask) -> trust ratio with phi_t
+//   (adaptation mask) -> heavy-ball momentum (optional) -> learning rate.
+// LARS, TVLARS and LAMB are presets of it (see factory.h), exactly as specified in algorithms.md.
+// The step never reads a tensor value on the host, so it runs on CUDA without synchronisation.
+#include <largebatch/optim/mask.h>
+#include <largebatch/optim/schedule.h>
+#include <largebatch/optim/telemetry.h>
+
+#include <torch/optim/optimizer.h>
+#include <torch/optim/serialize.h>
+#include <torch/ordered_dict.h>
+#include <torch/serialize/archive.h>
+#include <torch/types.h>
+
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+namespace largebatch {
+namespace optim {
+
+using NamedParameters = torch::OrderedDict<std::string, torch::Tensor>;
+
+// How the update direction is formed before weight decay and the trust ratio.
+enum class Direction : int64_t {
+  kMomentum = 0,  // LARS: d = g (+ wd w), then heavy-ball momentum on the scaled d
+  kAdam = 1,      // LAMB: s = m^ / (sqrt(v^) + eps) (+ wd w), no momentum stage after the ratio
+};
+
+// Denominator of the trust ratio.
+enum class TrustDenominator : int64_t {
+  kExact = 0,  // |g + wd w| (|s| for LAMB): algorithms.md
+  kSum = 1,    // |g| + wd |w| + trust_eps (the LARS paper, apex, MLPerf)
+};
+
+struct Range {
+  double lo = 0;
+  double hi = 0;
+  bool operator==(const Range& o) const { return lo == o.lo && hi == o.hi; }
+};
+
+struct LayerwiseOptions : public torch::optim::OptimizerCloneableOptions<LayerwiseOptions> {
+  explicit LayerwiseOptions(double lr = 0.1) : lr_(lr) {}
+
+  // Presets' building blocks (factory.h has the named presets).
+  static LayerwiseOptions lars(double lr);   // heavy-ball LARS, algorithms.md defaults
+  static LayerwiseOptions lamb(double lr);   // LAMB (You et al.), bias correction on
+
+  TORCH_ARG(double, lr);
+  TORCH_ARG(Direction, direction) = Direction::kMomentum;
+  // kMomentum
+  TORCH_ARG(double, momentum) = 0.9;
+  TORCH_ARG(bool, nesterov) = false;
+  // kAdam
+  TORCH_ARG(double, beta1) = 0.9;
+  TORCH_ARG(double, beta2) = 0.999;
+  TORCH_ARG(double, eps) = 1e-6;
+  TORCH_ARG(bool, bias_correction) = true;
+  // decay
+  TORCH_ARG(double, weight_decay) = 5e-4;
+  // trust ratio r = eta * phi_t * clamp(|w|) / clamp(denominator)
+  TORCH_ARG(double, eta) = 1e-3;
+  TORCH_ARG(TrustDenominator, trust_denominator) = TrustDenominator::kExact;
+  TORCH_ARG(double, trust_eps) = 0.0;
+  TORCH_ARG(c10::optional<Range>, weight_norm_clamp) = c10::nullopt;
+  TORCH_ARG(c10::optional<Range>, update_norm_clamp) = c10::nullopt;
+  // LARC clipping: r <- min(r / lr_t, 1)
+  TORCH_ARG(bool, larc_clip) = false;
+  TORCH_ARG(c10::optional<Range>, trust_ratio_clamp) = c10::nullopt;
+  // TVLARS factor phi_t on the ratio of adapted tensors; nullopt means phi_t = 1.
+  TORCH_ARG(c10::optional<TimeVarying>, time_varying) = c10::nullopt;
+  // masks
+  TORCH_ARG(ParamMask, decay_mask) = ParamMask::exclude_1d();
+  TORCH_ARG(ParamMask, adapt_mask) = ParamMask::exclude_1d();
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  double get_lr() const override { return lr(); }
+  void set_lr(const double lr) override { this->lr(lr); }
+
+  // Throws std::invalid_argument naming the first bad option and its value.
+  void validate() const;
+  // One line, every option: for logs and config files.
+  std::string describe() const;
+};
+
+struct LayerwiseParamState
+    : public torch::optim::OptimizerCloneableParamState<LayerwiseParamState> {
+  TORCH_ARG(int64_t, step) = 0;            // t: updates applied to this tensor so far
+  TORCH_ARG(torch::Tensor, momentum_buffer);
+  TORCH_ARG(torch::Tensor, exp_avg);
+  TORCH_ARG(torch::Tensor, exp_avg_sq);
+  // Masks resolved for this tensor when the optimizer was built; saved with the state.
+  TORCH_ARG(std::string, name);
+  TORCH_ARG(bool, decay) = false;
+  TORCH_ARG(bool, adapt) = false;
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+};
+
+class LayerwiseOptimizer : public torch::optim::Optimizer {
+ public:
+  LayerwiseOptimizer(std::vector<torch::optim::OptimizerParamGroup> param_groups,
+                     LayerwiseOptions defaults);
+  LayerwiseOptimizer(std::vector<torch::Tensor> params, LayerwiseOptions defaults);
+  // Names (e.g. module->named_parameters()) let masks match on them and label telemetry.
+  LayerwiseOptimizer(const NamedParameters& named_params, LayerwiseOptions defaults);
+  // Named parameter groups: each group has its own options.
+  LayerwiseOptimizer(const std::vector<std::pair<NamedParameters, LayerwiseOptions>>& groups,
+                     LayerwiseOptions defaults);
+
+  torch::Tensor step(LossClosure closure = nullptr) override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+  // Resolved masks of a parameter of this optimizer (std::out_of_range for a foreign tensor).
+  bool decays(const torch::Tensor& param) const;
+  bool adapts(const torch::Tensor& param) const;
+  const std::string& name_of(const torch::Tensor& param) const;
+  // Steps taken so far (the largest per-tensor step counter).
+  int64_t steps_taken() const;
+
+  // Telemetry is off by default; when off, step() does no extra work.
+  void set_telemetry(bool enabled) { telemetry_enabled_ = enabled; }
+  bool telemetry_enabled() const { return telemetry_enabled_; }
+  // Called after every step while telemetry is on.
+  void set_telemetry_callback(TelemetryCallback callback) { telemetry_callback_ = std::move(callback); }
+  // The record of the last step taken with telemetry on.
+  const StepTelemetry& last_telemetry() const { return last_telemetry_; }
+
+ private:
+  void init_states(const std::unordered_map<const void*, std::string>& names);
+  LayerwiseParamState& state_of(const torch::Tensor& param) const;
+
+  bool telemetry_enabled_ = false;
+  TelemetryCallback telemetry_callback_;
+  StepTelemetry last_telemetry_;
+};
+
+// Named thin faces of the engine, for users who expect LibTorch-style class names.
+class LARS : public LayerwiseOptimizer {
+ public:
+  LARS(const NamedParameters& params, LayerwiseOptions options);
+  LARS(std::vector<torch::Tensor> params, LayerwiseOptions options);
+};
+// TVLARS: LARS whose options carry time_varying (the paper's form when none is given).
+class TVLARS : public LayerwiseOptimizer {
+ public:
+  TVLARS(const NamedParameters& params, LayerwiseOptions options);
+  TVLARS(std::vector<torch::Tensor> params, LayerwiseOptions options);
+};
+class LAMB : public LayerwiseOptimizer {
+ public:
+  LAMB(const NamedParameters& params, LayerwiseOptions options);
+  LAMB(std::vector<torch::Tensor> params, LayerwiseOptions options);
+};
+
+}  // namespace optim
+}  // namespace largebatch

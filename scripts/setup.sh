@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs every Debian package largebatch needs, skipping what is already present.
+# Idempotent: a second run installs nothing and does not touch the network.
+set -euo pipefail
+
+PACKAGES=(
+  cmake ninja-build g++ make pkg-config
+  libtorch-dev            # LibTorch 1.13 (CPU)
+  libgloo-dev             # c10d ProcessGroupGloo (distributed training)
+  libopenblas0-openmp     # fast BLAS behind LibTorch (reference BLAS is ~20x slower)
+  libgoogle-perftools-dev # tcmalloc, linked into every program
+  libgtest-dev libgmock-dev
+  libbenchmark-dev
+  libcli11-dev
+  nlohmann-json3-dev
+  dataset-fashion-mnist   # real data present on every machine
+  gnuplot-nox             # plots in reports
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "setup: all ${#PACKAGES[@]} packages present"
+fi
+
+# LibTorch links the generic libblas.so.3; make sure the alternative points at OpenBLAS.
+ALT=libblas.so.3-x86_64-linux-gnu
+OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3
+if [ -e "$OPENBLAS" ] && command -v update-alternatives >/dev/null; then
+  current=$(update-alternatives --query "$ALT" 2>/dev/null | awk '/^Value:/{print $2}')
+  if [ "$current" != "$OPENBLAS" ]; then
+    echo "setup: selecting OpenBLAS for $ALT"
+    $SUDO update-alternatives --set "$ALT" "$OPENBLAS"
+  fi
+fi

@@ -1,0 +1,74 @@
+// largebatch: the command-line program. Subcommands are added per capability (train, sweep, report, bench).
+#include <largebatch/largebatch.h>
+
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <iostream>
+#include <stdexcept>
+
+namespace lo = largebatch::optim;
+
+int main(int argc, char** argv) {
+  CLI::App app{"largebatch: large-batch training with layer-wise adaptive optimizers (LARS, TVLARS, LAMB)"};
+  app.require_subcommand(0, 1);
+  bool show_version = false;
+  app.add_flag("--version", show_version, "Print the version, LibTorch, BLAS and allocator in use, and exit");
+
+  // optimizers: list presets and their exact options.
+  auto* list = app.add_subcommand("optimizers", "List the optimizer presets and their exact options");
+  double list_lr = 0.1;
+  int64_t list_batch = 256;
+  list->add_option("--lr", list_lr, "Learning rate to show in the options")->capture_default_str();
+  list->add_option("--batch-size", list_batch, "Global batch size B (tvlars:paper's gamma_min depends on it)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+
+  // phi: the TVLARS factor as CSV, for plots.
+  auto* phi = app.add_subcommand("phi", "Print the TVLARS factor phi_t = 1/(alpha + exp(lambda (t - d_e))) + gamma_min as CSV");
+  lo::TimeVarying tv;
+  int64_t phi_steps = 100;
+  phi->add_option("--alpha", tv.alpha, "alpha (> 0)")->capture_default_str();
+  phi->add_option("--lambda", tv.lambda, "decay coefficient lambda (>= 0)")->capture_default_str();
+  phi->add_option("--delay", tv.delay, "delay d_e in steps")->capture_default_str();
+  phi->add_option("--gamma-min", tv.gamma_min, "floor gamma_min (>= 0)")->capture_default_str();
+  phi->add_option("--steps", phi_steps, "number of steps")->capture_default_str()->check(CLI::PositiveNumber);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+
+  try {
+    if (show_version) {
+      std::cout << largebatch::runtime_summary() << "\n";
+      return 0;
+    }
+    if (list->parsed()) {
+      for (const auto& p : lo::layerwise_presets()) {
+        std::cout << p.name << "  (" << p.schedule << " schedule)\n  " << p.description << "\n  "
+                  << lo::preset_options(p.name, list_lr, list_batch).describe() << "\n";
+      }
+      std::cout << "aliases: lars, wa-lars -> lars:reference; tvlars -> tvlars:reference; lamb, wa-lamb -> lamb:paper\n"
+                << "LibTorch optimizers:";
+      for (const auto& n : lo::torch_optimizer_names()) std::cout << " " << n;
+      std::cout << "\n";
+      return 0;
+    }
+    if (phi->parsed()) {
+      lo::validate(tv);
+      std::cout << "step,phi\n";
+      for (int64_t t = 0; t < phi_steps; ++t) std::printf("%lld,%.17g\n", static_cast<long long>(t), lo::tv_phi(tv, t));
+      return 0;
+    }
+    std::cout << app.help();
+    return 0;
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "largebatch: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "largebatch: error: " << e.what() << "\n";
+    return 1;
+  }
+}

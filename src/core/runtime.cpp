@@ -1,0 +1,50 @@
+#include <largebatch/core/runtime.h>
+#include <largebatch/version.h>
+
+#include <torch/torch.h>
+
+#include <fstream>
+#include <sstream>
+
+namespace largebatch {
+
+std::string version() { return LARGEBATCH_VERSION; }
+
+namespace {
+// First mapped file of this process whose path contains `needle`.
+std::string mapped_library(const std::string& needle) {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    const auto slash = line.find('/');
+    if (slash == std::string::npos) continue;
+    const std::string path = line.substr(slash);
+    if (path.find(needle) != std::string::npos) return path;
+  }
+  return "";
+}
+}  // namespace
+
+std::string loaded_blas() {
+  // Touch BLAS once so that a lazily loaded library shows up in the map.
+  torch::NoGradGuard guard;
+  (void)torch::mm(torch::ones({2, 2}), torch::ones({2, 2}));
+  std::string path = mapped_library("openblas");
+  if (path.empty()) path = mapped_library("libblas");
+  if (path.empty()) path = mapped_library("mkl");
+  return path;
+}
+
+bool tcmalloc_loaded() { return !mapped_library("libtcmalloc").empty(); }
+
+std::string runtime_summary() {
+  std::ostringstream os;
+  std::string blas = loaded_blas();
+  os << "largebatch " << version() << " | LibTorch " << TORCH_VERSION << " | BLAS "
+     << (blas.empty() ? "none loaded" : blas) << " | allocator " << (tcmalloc_loaded() ? "tcmalloc" : "system malloc")
+     << " | threads " << torch::get_num_threads() << " | CUDA "
+     << (torch::cuda::is_available() ? std::to_string(torch::cuda::device_count()) + " device(s)" : "unavailable");
+  return os.str();
+}
+
+}  // namespace largebatch

@@ -1,0 +1,297 @@
+#include <largebatch/optim/factory.h>
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cctype>
+#include <sstream>
+#include <stdexcept>
+
+namespace largebatch {
+namespace optim {
+
+const std::vector<PresetInfo>& layerwise_presets() {
+  static const std::vector<PresetInfo> presets = {
+      {"lars:reference", "heavy-ball LARS of the released code: m 0.9, wd 5e-4, eta 1e-3, 1-D tensors excluded",
+       "constant"},
+      {"tvlars:reference",
+       "TVLARS as released (HEAD): phi = 1/(0.1 + exp(lambda (t+1))), lambda 1e-3, norms clamped to [0, 10]",
+       "constant"},
+      {"tvlars:paper", "TVLARS of the paper: alpha 1, gamma_min = 0.001 B/256, lambda 1e-3, d_e 0, no clamp",
+       "constant"},
+      {"lamb:reference", "LAMB as released: no bias correction, |w| clamped to [0, 10], eps 1e-6, no masks",
+       "constant"},
+      {"lamb:paper", "LAMB of You et al.: bias correction, wd 0.01, eps 1e-6, 1-D tensors excluded", "constant"},
+  };
+  return presets;
+}
+
+const std::vector<std::string>& torch_optimizer_names() {
+  static const std::vector<std::string> names = {"sgd", "adam", "adamw", "adagrad", "rmsprop"};
+  return names;
+}
+
+namespace {
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+std::string known_names() {
+  std::string out;
+  for (const auto& p : layerwise_presets()) out += p.name + ", ";
+  out += "lars, wa-lars, tvlars, lamb, wa-lamb";
+  for (const auto& n : torch_optimizer_names()) out += ", " + n;
+  return out;
+}
+
+double to_double(const std::string& key, const std::string& value) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(value, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != value.size())
+    throw std::invalid_argument("optimizer option " + key + ": '" + value + "' is not a number");
+  return v;
+}
+
+bool to_bool(const std::string& key, const std::string& value) {
+  const std::string v = lower(value);
+  if (v == "true" || v == "1" || v == "on" || v == "yes") return true;
+  if (v == "false" || v == "0" || v == "off" || v == "no") return false;
+  throw std::invalid_argument("optimizer option " + key + ": '" + value + "' is not a boolean (true/false)");
+}
+
+c10::optional<Range> to_range(const std::string& key, const std::string& value) {
+  if (lower(value) == "none" || lower(value) == "off") return c10::nullopt;
+  const auto colon = value.find(':');
+  if (colon == std::string::npos)
+    throw std::invalid_argument("optimizer option " + key + ": '" + value + "' is not LO:HI or none");
+  return Range{to_double(key, value.substr(0, colon)), to_double(key, value.substr(colon + 1))};
+}
+
+TimeVarying& tv_of(LayerwiseOptions& o) {
+  if (!o.time_varying()) o.time_varying(TimeVarying{});
+  return *o.time_varying();
+}
+
+}  // namespace
+
+std::string resolve_optimizer_name(const std::string& raw) {
+  const std::string name = lower(raw);
+  if (name == "lars" || name == "wa-lars" || name == "walars") return "lars:reference";
+  if (name == "tvlars") return "tvlars:reference";
+  if (name == "lamb" || name == "wa-lamb" || name == "walamb") return "lamb:paper";
+  for (const auto& p : layerwise_presets())
+    if (p.name == name) return name;
+  for (const auto& n : torch_optimizer_names())
+    if (n == name) return name;
+  throw std::invalid_argument("unknown optimizer '" + raw + "' (known: " + known_names() + ")");
+}
+
+LayerwiseOptions preset_options(const std::string& raw, double lr, int64_t batch_size) {
+  const std::string name = resolve_optimizer_name(raw);
+  if (batch_size <= 0)
+    throw std::invalid_argument("invalid batch_size = " + std::to_string(batch_size) + ": must be > 0");
+  if (name == "lars:reference") return LayerwiseOptions::lars(lr);
+  if (name == "tvlars:reference")
+    return LayerwiseOptions::lars(lr)
+        .time_varying(TimeVarying{0.1, 1e-3, -1.0, 0.0})
+        .weight_norm_clamp(Range{0, 10})
+        .update_norm_clamp(Range{0, 10});
+  if (name == "tvlars:paper")
+    return LayerwiseOptions::lars(lr).time_varying(
+        TimeVarying{1.0, 1e-3, 0.0, 0.001 * static_cast<double>(batch_size) / 256.0});
+  if (name == "lamb:reference")
+    return LayerwiseOptions::lamb(lr)
+        .bias_correction(false)
+        .weight_decay(5e-4)
+        .weight_norm_clamp(Range{0, 10})
+        .decay_mask(ParamMask::all())
+        .adapt_mask(ParamMask::all());
+  if (name == "lamb:paper") return LayerwiseOptions::lamb(lr);
+  throw std::invalid_argument("optimizer '" + raw + "' is not a layer-wise preset");
+}
+
+std::map<std::string, std::string> parse_overrides(const std::string& text) {
+  std::map<std::string, std::string> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    const auto eq = item.find('=');
+    if (eq == std::string::npos || eq == 0)
+      throw std::invalid_argument("optimizer override '" + item + "' is not key=value");
+    out[item.substr(0, eq)] = item.substr(eq + 1);
+  }
+  return out;
+}
+
+void apply_overrides(LayerwiseOptions& o, const std::map<std::string, std::string>& overrides) {
+  for (const auto& kv : overrides) {
+    const std::string& k = kv.first;
+    const std::string& v = kv.second;
+    if (k == "lr") o.lr(to_double(k, v));
+    else if (k == "momentum") o.momentum(to_double(k, v));
+    else if (k == "nesterov") o.nesterov(to_bool(k, v));
+    else if (k == "beta1") o.beta1(to_double(k, v));
+    else if (k == "beta2") o.beta2(to_double(k, v));
+    else if (k == "eps") o.eps(to_double(k, v));
+    else if (k == "bias_correction") o.bias_correction(to_bool(k, v));
+    else if (k == "weight_decay" || k == "wd") o.weight_decay(to_double(k, v));
+    else if (k == "eta") o.eta(to_double(k, v));
+    else if (k == "trust_denominator") {
+      if (v == "exact") o.trust_denominator(TrustDenominator::kExact);
+      else if (v == "sum") o.trust_denominator(TrustDenominator::kSum);
+      else throw std::invalid_argument("optimizer option trust_denominator: '" + v + "' is not exact or sum");
+    } else if (k == "trust_eps") o.trust_eps(to_double(k, v));
+    else if (k == "norm_clamp") { o.weight_norm_clamp(to_range(k, v)); o.update_norm_clamp(to_range(k, v)); }
+    else if (k == "weight_norm_clamp") o.weight_norm_clamp(to_range(k, v));
+    else if (k == "update_norm_clamp") o.update_norm_clamp(to_range(k, v));
+    else if (k == "trust_ratio_clamp") o.trust_ratio_clamp(to_range(k, v));
+    else if (k == "larc_clip") o.larc_clip(to_bool(k, v));
+    else if (k == "tv") { if (to_bool(k, v)) tv_of(o); else o.time_varying(c10::nullopt); }
+    else if (k == "alpha") tv_of(o).alpha = to_double(k, v);
+    else if (k == "lambda") tv_of(o).lambda = to_double(k, v);
+    else if (k == "delay") tv_of(o).delay = to_double(k, v);
+    else if (k == "gamma_min") tv_of(o).gamma_min = to_double(k, v);
+    else if (k == "decay_mask") o.decay_mask(ParamMask::parse(v, "optimizer option decay_mask"));
+    else if (k == "adapt_mask") o.adapt_mask(ParamMask::parse(v, "optimizer option adapt_mask"));
+    else
+      throw std::invalid_argument(
+          "unknown optimizer option '" + k +
+          "' (known: lr, momentum, nesterov, beta1, beta2, eps, bias_correction, weight_decay, eta, "
+          "trust_denominator, trust_eps, norm_clamp, weight_norm_clamp, update_norm_clamp, trust_ratio_clamp, "
+          "larc_clip, tv, alpha, lambda, delay, gamma_min, decay_mask, adapt_mask)");
+  }
+  o.validate();
+}
+
+namespace {
+
+// Split parameters into decayed / not-decayed groups (timm's param_groups_weight_decay).
+template <typename Options>
+std::vector<torch::optim::OptimizerParamGroup> decay_groups(const NamedParameters& params, const Options& base,
+                                                            const ParamMask& mask) {
+  std::vector<torch::Tensor> decayed, plain;
+  for (const auto& item : params) {
+    (mask.applies(item.key(), item.value().dim()) ? decayed : plain).push_back(item.value());
+  }
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!decayed.empty()) groups.emplace_back(decayed, std::make_unique<Options>(base));
+  if (!plain.empty()) {
+    Options no_decay = base;
+    no_decay.weight_decay(0.0);
+    groups.emplace_back(plain, std::make_unique<Options>(no_decay));
+  }
+  return groups;
+}
+
+[[noreturn]] void unknown_key(const std::string& optimizer, const std::string& key, const std::string& known) {
+  throw std::invalid_argument("unknown option '" + key + "' for optimizer " + optimizer + " (known: " + known + ")");
+}
+
+void check(bool ok, const std::string& option, double value, const std::string& rule) {
+  if (ok) return;
+  std::ostringstream os;
+  os << "invalid optimizer option " << option << " = " << value << ": " << rule;
+  throw std::invalid_argument(os.str());
+}
+
+}  // namespace
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerSpec& spec, const NamedParameters& params) {
+  const std::string name = resolve_optimizer_name(spec.name);
+  check(spec.lr >= 0 && std::isfinite(spec.lr), "lr", spec.lr, "must be finite and >= 0");
+  if (name.find(':') != std::string::npos) {
+    LayerwiseOptions o = preset_options(name, spec.lr, spec.batch_size);
+    apply_overrides(o, spec.overrides);
+    return std::make_unique<LayerwiseOptimizer>(params, o);
+  }
+
+  // LibTorch's own optimizers. Their weight decay applies to every tensor unless decay_mask says otherwise.
+  ParamMask mask = ParamMask::all();
+  auto number = [&](const std::string& k, const std::string& v) { return to_double(k, v); };
+  if (name == "sgd") {
+    torch::optim::SGDOptions o(spec.lr);
+    for (const auto& [k, v] : spec.overrides) {
+      if (k == "momentum") o.momentum(number(k, v));
+      else if (k == "dampening") o.dampening(number(k, v));
+      else if (k == "weight_decay" || k == "wd") o.weight_decay(number(k, v));
+      else if (k == "nesterov") o.nesterov(to_bool(k, v));
+      else if (k == "decay_mask") mask = ParamMask::parse(v, "optimizer option decay_mask");
+      else unknown_key(name, k, "momentum, dampening, weight_decay, nesterov, decay_mask");
+    }
+    check(o.momentum() >= 0 && o.momentum() < 1, "momentum", o.momentum(), "must be in [0, 1)");
+    check(o.weight_decay() >= 0, "weight_decay", o.weight_decay(), "must be >= 0");
+    check(!o.nesterov() || o.momentum() > 0, "momentum", o.momentum(), "nesterov needs momentum > 0");
+    return std::make_unique<torch::optim::SGD>(decay_groups(params, o, mask), o);
+  }
+  if (name == "adam" || name == "adamw") {
+    auto apply = [&](auto& o) {
+      double b1 = std::get<0>(o.betas()), b2 = std::get<1>(o.betas());
+      for (const auto& [k, v] : spec.overrides) {
+        if (k == "beta1") b1 = number(k, v);
+        else if (k == "beta2") b2 = number(k, v);
+        else if (k == "eps") o.eps(number(k, v));
+        else if (k == "weight_decay" || k == "wd") o.weight_decay(number(k, v));
+        else if (k == "amsgrad") o.amsgrad(to_bool(k, v));
+        else if (k == "decay_mask") mask = ParamMask::parse(v, "optimizer option decay_mask");
+        else unknown_key(name, k, "beta1, beta2, eps, weight_decay, amsgrad, decay_mask");
+      }
+      check(b1 >= 0 && b1 < 1, "beta1", b1, "must be in [0, 1)");
+      check(b2 >= 0 && b2 < 1, "beta2", b2, "must be in [0, 1)");
+      check(o.eps() >= 0, "eps", o.eps(), "must be >= 0");
+      check(o.weight_decay() >= 0, "weight_decay", o.weight_decay(), "must be >= 0");
+      o.betas(std::make_tuple(b1, b2));
+    };
+    if (name == "adam") {
+      torch::optim::AdamOptions o(spec.lr);
+      apply(o);
+      return std::make_unique<torch::optim::Adam>(decay_groups(params, o, mask), o);
+    }
+    torch::optim::AdamWOptions o(spec.lr);
+    apply(o);
+    return std::make_unique<torch::optim::AdamW>(decay_groups(params, o, mask), o);
+  }
+  if (name == "adagrad") {
+    torch::optim::AdagradOptions o(spec.lr);
+    for (const auto& [k, v] : spec.overrides) {
+      if (k == "lr_decay") o.lr_decay(number(k, v));
+      else if (k == "weight_decay" || k == "wd") o.weight_decay(number(k, v));
+      else if (k == "initial_accumulator_value") o.initial_accumulator_value(number(k, v));
+      else if (k == "eps") o.eps(number(k, v));
+      else if (k == "decay_mask") mask = ParamMask::parse(v, "optimizer option decay_mask");
+      else unknown_key(name, k, "lr_decay, weight_decay, initial_accumulator_value, eps, decay_mask");
+    }
+    check(o.lr_decay() >= 0, "lr_decay", o.lr_decay(), "must be >= 0");
+    check(o.weight_decay() >= 0, "weight_decay", o.weight_decay(), "must be >= 0");
+    check(o.eps() >= 0, "eps", o.eps(), "must be >= 0");
+    check(o.initial_accumulator_value() >= 0, "initial_accumulator_value", o.initial_accumulator_value(),
+          "must be >= 0");
+    return std::make_unique<torch::optim::Adagrad>(decay_groups(params, o, mask), o);
+  }
+  // rmsprop
+  torch::optim::RMSpropOptions o(spec.lr);
+  for (const auto& [k, v] : spec.overrides) {
+    if (k == "alpha") o.alpha(number(k, v));
+    else if (k == "eps") o.eps(number(k, v));
+    else if (k == "weight_decay" || k == "wd") o.weight_decay(number(k, v));
+    else if (k == "momentum") o.momentum(number(k, v));
+    else if (k == "centered") o.centered(to_bool(k, v));
+    else if (k == "decay_mask") mask = ParamMask::parse(v, "optimizer option decay_mask");
+    else unknown_key(name, k, "alpha, eps, weight_decay, momentum, centered, decay_mask");
+  }
+  check(o.alpha() >= 0 && o.alpha() < 1, "alpha", o.alpha(), "must be in [0, 1)");
+  check(o.eps() >= 0, "eps", o.eps(), "must be >= 0");
+  check(o.weight_decay() >= 0, "weight_decay", o.weight_decay(), "must be >= 0");
+  check(o.momentum() >= 0 && o.momentum() < 1, "momentum", o.momentum(), "must be in [0, 1)");
+  return std::make_unique<torch::optim::RMSprop>(decay_groups(params, o, mask), o);
+}
+
+}  // namespace optim
+}  // namespace largebatch

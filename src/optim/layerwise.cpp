@@ -1,0 +1,517 @@
+#include <largebatch/optim/layerwise.h>
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <regex>
+#include <sstream>
+#include <stdexcept>
+
+namespace largebatch {
+namespace optim {
+
+// ---------------------------------------------------------------- masks
+
+bool ParamMask::applies(const std::string& name, int64_t ndim) const {
+  if (ndim <= exclude_max_ndim) return false;
+  for (const auto& pattern : exclude_names) {
+    if (std::regex_search(name, std::regex(pattern))) return false;
+  }
+  return true;
+}
+
+std::string ParamMask::to_string() const {
+  std::string out;
+  if (exclude_max_ndim == INT64_MAX) return "none";
+  if (exclude_max_ndim < 0 && exclude_names.empty()) return "all";
+  if (exclude_max_ndim >= 0) out = "ndim<=" + std::to_string(exclude_max_ndim);
+  for (const auto& n : exclude_names) out += (out.empty() ? "" : ";") + std::string("name~") + n;
+  return out;
+}
+
+ParamMask ParamMask::parse(const std::string& text, const std::string& what) {
+  if (text == "none") return ParamMask::none();
+  if (text == "all") return ParamMask::all();
+  ParamMask mask{-1, {}};
+  std::stringstream ss(text);
+  std::string item;
+  bool any = false;
+  while (std::getline(ss, item, ';')) {
+    if (item.empty()) continue;
+    any = true;
+    if (item.rfind("ndim<=", 0) == 0) {
+      const std::string num = item.substr(6);
+      size_t used = 0;
+      long long v = -1;
+      try {
+        v = std::stoll(num, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used != num.size() || num.empty() || v < 0)
+        throw std::invalid_argument(what + ": bad ndim bound in '" + text + "'");
+      mask.exclude_max_ndim = v;
+    } else if (item.rfind("name~", 0) == 0 && item.size() > 5) {
+      const std::string pattern = item.substr(5);
+      try {
+        std::regex check(pattern);
+      } catch (const std::regex_error&) {
+        throw std::invalid_argument(what + ": bad regular expression '" + pattern + "'");
+      }
+      mask.exclude_names.push_back(pattern);
+    } else {
+      throw std::invalid_argument(what + ": cannot parse '" + item + "' in '" + text +
+                                  "' (expected all | none | ndim<=N;name~REGEX;...)");
+    }
+  }
+  if (!any) throw std::invalid_argument(what + ": empty mask");
+  return mask;
+}
+
+// ---------------------------------------------------------------- options
+
+LayerwiseOptions LayerwiseOptions::lars(double lr) {
+  return LayerwiseOptions(lr).direction(Direction::kMomentum).momentum(0.9).weight_decay(5e-4).eta(1e-3);
+}
+
+LayerwiseOptions LayerwiseOptions::lamb(double lr) {
+  return LayerwiseOptions(lr)
+      .direction(Direction::kAdam)
+      .beta1(0.9)
+      .beta2(0.999)
+      .eps(1e-6)
+      .bias_correction(true)
+      .weight_decay(0.01)
+      .eta(1.0);
+}
+
+namespace {
+
+[[noreturn]] void bad_option(const std::string& option, double value, const std::string& rule) {
+  std::ostringstream os;
+  os << "invalid optimizer option " << option << " = " << value << ": " << rule;
+  throw std::invalid_argument(os.str());
+}
+
+void check_range(const c10::optional<Range>& r, const std::string& name) {
+  if (!r) return;
+  if (!(r->lo >= 0)) bad_option(name + ".lo", r->lo, "must be >= 0");
+  if (!(r->hi >= r->lo)) bad_option(name + ".hi", r->hi, "must be >= lo");
+}
+
+void write_range(torch::serialize::OutputArchive& a, const std::string& key, const c10::optional<Range>& r) {
+  a.write(key + "/set", c10::IValue(r.has_value()));
+  a.write(key + "/lo", c10::IValue(r ? r->lo : 0.0));
+  a.write(key + "/hi", c10::IValue(r ? r->hi : 0.0));
+}
+
+c10::optional<Range> read_range(torch::serialize::InputArchive& a, const std::string& key) {
+  c10::IValue set, lo, hi;
+  if (!a.try_read(key + "/set", set) || !set.toBool()) return c10::nullopt;
+  a.read(key + "/lo", lo);
+  a.read(key + "/hi", hi);
+  return Range{lo.toDouble(), hi.toDouble()};
+}
+
+template <typename T>
+T read_value(torch::serialize::InputArchive& a, const std::string& key, T fallback) {
+  c10::IValue v;
+  if (!a.try_read(key, v)) return fallback;
+  return v.to<T>();
+}
+
+std::string range_text(const c10::optional<Range>& r) {
+  if (!r) return "none";
+  std::ostringstream os;
+  os << r->lo << ":" << r->hi;
+  return os.str();
+}
+
+}  // namespace
+
+void LayerwiseOptions::validate() const {
+  if (!(lr() >= 0) || std::isinf(lr())) bad_option("lr", lr(), "must be finite and >= 0");
+  if (!(momentum() >= 0 && momentum() < 1)) bad_option("momentum", momentum(), "must be in [0, 1)");
+  if (nesterov() && direction() == Direction::kMomentum && momentum() == 0)
+    bad_option("momentum", momentum(), "nesterov needs momentum > 0");
+  if (!(beta1() >= 0 && beta1() < 1)) bad_option("beta1", beta1(), "must be in [0, 1)");
+  if (!(beta2() >= 0 && beta2() < 1)) bad_option("beta2", beta2(), "must be in [0, 1)");
+  if (!(eps() >= 0)) bad_option("eps", eps(), "must be >= 0");
+  if (!(weight_decay() >= 0) || std::isinf(weight_decay()))
+    bad_option("weight_decay", weight_decay(), "must be finite and >= 0");
+  if (!(eta() > 0) || std::isinf(eta())) bad_option("eta", eta(), "must be finite and > 0");
+  if (!(trust_eps() >= 0)) bad_option("trust_eps", trust_eps(), "must be >= 0");
+  check_range(weight_norm_clamp(), "weight_norm_clamp");
+  check_range(update_norm_clamp(), "update_norm_clamp");
+  check_range(trust_ratio_clamp(), "trust_ratio_clamp");
+  if (time_varying()) optim::validate(*time_varying());
+}
+
+std::string LayerwiseOptions::describe() const {
+  std::ostringstream os;
+  os << "lr=" << lr() << " direction=" << (direction() == Direction::kAdam ? "adam" : "momentum");
+  if (direction() == Direction::kMomentum)
+    os << " momentum=" << momentum() << " nesterov=" << (nesterov() ? "true" : "false");
+  else
+    os << " beta1=" << beta1() << " beta2=" << beta2() << " eps=" << eps()
+       << " bias_correction=" << (bias_correction() ? "true" : "false");
+  os << " weight_decay=" << weight_decay() << " eta=" << eta()
+     << " trust_denominator=" << (trust_denominator() == TrustDenominator::kSum ? "sum" : "exact");
+  if (trust_denominator() == TrustDenominator::kSum) os << " trust_eps=" << trust_eps();
+  os << " weight_norm_clamp=" << range_text(weight_norm_clamp())
+     << " update_norm_clamp=" << range_text(update_norm_clamp())
+     << " trust_ratio_clamp=" << range_text(trust_ratio_clamp())
+     << " larc_clip=" << (larc_clip() ? "true" : "false");
+  if (time_varying())
+    os << " tv=on alpha=" << time_varying()->alpha << " lambda=" << time_varying()->lambda
+       << " delay=" << time_varying()->delay << " gamma_min=" << time_varying()->gamma_min;
+  else
+    os << " tv=off";
+  os << " decay_mask=" << decay_mask().to_string() << " adapt_mask=" << adapt_mask().to_string();
+  return os.str();
+}
+
+void LayerwiseOptions::serialize(torch::serialize::OutputArchive& a) const {
+  a.write("lr", c10::IValue(lr()));
+  a.write("direction", c10::IValue(static_cast<int64_t>(direction())));
+  a.write("momentum", c10::IValue(momentum()));
+  a.write("nesterov", c10::IValue(nesterov()));
+  a.write("beta1", c10::IValue(beta1()));
+  a.write("beta2", c10::IValue(beta2()));
+  a.write("eps", c10::IValue(eps()));
+  a.write("bias_correction", c10::IValue(bias_correction()));
+  a.write("weight_decay", c10::IValue(weight_decay()));
+  a.write("eta", c10::IValue(eta()));
+  a.write("trust_denominator", c10::IValue(static_cast<int64_t>(trust_denominator())));
+  a.write("trust_eps", c10::IValue(trust_eps()));
+  write_range(a, "weight_norm_clamp", weight_norm_clamp());
+  write_range(a, "update_norm_clamp", update_norm_clamp());
+  write_range(a, "trust_ratio_clamp", trust_ratio_clamp());
+  a.write("larc_clip", c10::IValue(larc_clip()));
+  const bool tv = time_varying().has_value();
+  a.write("tv/set", c10::IValue(tv));
+  a.write("tv/alpha", c10::IValue(tv ? time_varying()->alpha : 0.0));
+  a.write("tv/lambda", c10::IValue(tv ? time_varying()->lambda : 0.0));
+  a.write("tv/delay", c10::IValue(tv ? time_varying()->delay : 0.0));
+  a.write("tv/gamma_min", c10::IValue(tv ? time_varying()->gamma_min : 0.0));
+  a.write("decay_mask", c10::IValue(decay_mask().to_string()));
+  a.write("adapt_mask", c10::IValue(adapt_mask().to_string()));
+}
+
+void LayerwiseOptions::serialize(torch::serialize::InputArchive& a) {
+  lr(read_value<double>(a, "lr", lr()));
+  direction(static_cast<Direction>(read_value<int64_t>(a, "direction", 0)));
+  momentum(read_value<double>(a, "momentum", momentum()));
+  nesterov(read_value<bool>(a, "nesterov", nesterov()));
+  beta1(read_value<double>(a, "beta1", beta1()));
+  beta2(read_value<double>(a, "beta2", beta2()));
+  eps(read_value<double>(a, "eps", eps()));
+  bias_correction(read_value<bool>(a, "bias_correction", bias_correction()));
+  weight_decay(read_value<double>(a, "weight_decay", weight_decay()));
+  eta(read_value<double>(a, "eta", eta()));
+  trust_denominator(static_cast<TrustDenominator>(read_value<int64_t>(a, "trust_denominator", 0)));
+  trust_eps(read_value<double>(a, "trust_eps", trust_eps()));
+  weight_norm_clamp(read_range(a, "weight_norm_clamp"));
+  update_norm_clamp(read_range(a, "update_norm_clamp"));
+  trust_ratio_clamp(read_range(a, "trust_ratio_clamp"));
+  larc_clip(read_value<bool>(a, "larc_clip", larc_clip()));
+  if (read_value<bool>(a, "tv/set", false)) {
+    TimeVarying tv;
+    tv.alpha = read_value<double>(a, "tv/alpha", tv.alpha);
+    tv.lambda = read_value<double>(a, "tv/lambda", tv.lambda);
+    tv.delay = read_value<double>(a, "tv/delay", tv.delay);
+    tv.gamma_min = read_value<double>(a, "tv/gamma_min", tv.gamma_min);
+    time_varying(tv);
+  } else {
+    time_varying(c10::nullopt);
+  }
+  decay_mask(ParamMask::parse(read_value<std::string>(a, "decay_mask", "ndim<=1"), "checkpoint decay_mask"));
+  adapt_mask(ParamMask::parse(read_value<std::string>(a, "adapt_mask", "ndim<=1"), "checkpoint adapt_mask"));
+}
+
+// ---------------------------------------------------------------- param state
+
+void LayerwiseParamState::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(name);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adapt);
+}
+
+void LayerwiseParamState::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, momentum_buffer);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, name);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, decay);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, adapt);
+}
+
+// ---------------------------------------------------------------- the engine
+
+namespace {
+
+std::string key_of(const torch::Tensor& p) { return c10::guts::to_string(p.unsafeGetTensorImpl()); }
+
+std::vector<torch::optim::OptimizerParamGroup> groups_of(
+    const std::vector<std::pair<NamedParameters, LayerwiseOptions>>& groups) {
+  std::vector<torch::optim::OptimizerParamGroup> out;
+  for (const auto& g : groups) {
+    out.emplace_back(g.first.values(), std::make_unique<LayerwiseOptions>(g.second));
+  }
+  return out;
+}
+
+std::unordered_map<const void*, std::string> names_of(const NamedParameters& params) {
+  std::unordered_map<const void*, std::string> names;
+  for (const auto& item : params) names[item.value().unsafeGetTensorImpl()] = item.key();
+  return names;
+}
+
+std::unordered_map<const void*, std::string> names_of(
+    const std::vector<std::pair<NamedParameters, LayerwiseOptions>>& groups) {
+  std::unordered_map<const void*, std::string> names;
+  for (const auto& g : groups)
+    for (const auto& item : g.first) names[item.value().unsafeGetTensorImpl()] = item.key();
+  return names;
+}
+
+torch::Tensor clamp_norm(const torch::Tensor& norm, const c10::optional<Range>& range) {
+  return range ? norm.clamp(range->lo, range->hi) : norm;
+}
+
+}  // namespace
+
+LayerwiseOptimizer::LayerwiseOptimizer(std::vector<torch::optim::OptimizerParamGroup> param_groups,
+                                       LayerwiseOptions defaults)
+    : Optimizer(std::move(param_groups), std::make_unique<LayerwiseOptions>(defaults)) {
+  defaults.validate();
+  for (auto& group : param_groups_) static_cast<LayerwiseOptions&>(group.options()).validate();
+  init_states({});
+}
+
+LayerwiseOptimizer::LayerwiseOptimizer(std::vector<torch::Tensor> params, LayerwiseOptions defaults)
+    : LayerwiseOptimizer(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
+                         std::move(defaults)) {}
+
+LayerwiseOptimizer::LayerwiseOptimizer(const NamedParameters& named_params, LayerwiseOptions defaults)
+    : Optimizer({torch::optim::OptimizerParamGroup(named_params.values())},
+                std::make_unique<LayerwiseOptions>(defaults)) {
+  defaults.validate();
+  init_states(names_of(named_params));
+}
+
+LayerwiseOptimizer::LayerwiseOptimizer(
+    const std::vector<std::pair<NamedParameters, LayerwiseOptions>>& groups, LayerwiseOptions defaults)
+    : Optimizer(groups_of(groups), std::make_unique<LayerwiseOptions>(defaults)) {
+  defaults.validate();
+  for (auto& group : param_groups_) static_cast<LayerwiseOptions&>(group.options()).validate();
+  init_states(names_of(groups));
+}
+
+void LayerwiseOptimizer::init_states(const std::unordered_map<const void*, std::string>& names) {
+  int64_t index = 0;
+  for (auto& group : param_groups_) {
+    const auto& o = static_cast<const LayerwiseOptions&>(group.options());
+    for (auto& p : group.params()) {
+      auto it = names.find(p.unsafeGetTensorImpl());
+      const std::string name = it != names.end() ? it->second : "param." + std::to_string(index);
+      ++index;
+      auto state = std::make_unique<LayerwiseParamState>();
+      state->name(name);
+      state->decay(o.decay_mask().applies(name, p.dim()));
+      state->adapt(o.adapt_mask().applies(name, p.dim()));
+      state_[key_of(p)] = std::move(state);
+    }
+  }
+}
+
+LayerwiseParamState& LayerwiseOptimizer::state_of(const torch::Tensor& param) const {
+  auto it = state_.find(key_of(param));
+  if (it == state_.end())
+    throw std::out_of_range("LayerwiseOptimizer: tensor is not a parameter of this optimizer");
+  return static_cast<LayerwiseParamState&>(*it->second);
+}
+
+bool LayerwiseOptimizer::decays(const torch::Tensor& p) const { return state_of(p).decay(); }
+bool LayerwiseOptimizer::adapts(const torch::Tensor& p) const { return state_of(p).adapt(); }
+const std::string& LayerwiseOptimizer::name_of(const torch::Tensor& p) const { return state_of(p).name(); }
+
+int64_t LayerwiseOptimizer::steps_taken() const {
+  int64_t steps = 0;
+  for (const auto& item : state_)
+    steps = std::max(steps, static_cast<const LayerwiseParamState&>(*item.second).step());
+  return steps;
+}
+
+torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
+  torch::Tensor loss;
+  if (closure) {
+    torch::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  torch::NoGradGuard no_grad;
+
+  const bool record = telemetry_enabled_;
+  std::vector<torch::Tensor> recorded;  // per adapted tensor: stack(|w|, |d|, r)
+  std::vector<std::string> recorded_names;
+  std::vector<double> recorded_lr;
+  StepTelemetry telemetry;
+  bool first = true;
+
+  for (auto& group : param_groups_) {
+    auto& o = static_cast<LayerwiseOptions&>(group.options());
+    const double lr = o.lr();
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      // Parameters added after construction (add_param_group) get their masks on first use.
+      auto found = state_.find(key_of(p));
+      if (found == state_.end()) {
+        auto state = std::make_unique<LayerwiseParamState>();
+        state->name("param." + std::to_string(state_.size()));
+        state->decay(o.decay_mask().applies(state->name(), p.dim()));
+        state->adapt(o.adapt_mask().applies(state->name(), p.dim()));
+        found = state_.emplace(key_of(p), std::move(state)).first;
+      }
+      auto& st = static_cast<LayerwiseParamState&>(*found->second);
+      const int64_t t = st.step();
+      const double phi = o.time_varying() ? tv_phi(*o.time_varying(), t) : 1.0;
+      if (first) {
+        telemetry.step = t;
+        telemetry.lr = lr;
+        telemetry.phi = phi;
+        first = false;
+      }
+      const torch::Tensor& g = p.grad();
+
+      // Stage 1: direction.
+      torch::Tensor u;
+      if (o.direction() == Direction::kAdam) {
+        if (!st.exp_avg().defined()) {
+          st.exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+          st.exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        }
+        auto& m = st.exp_avg();
+        auto& v = st.exp_avg_sq();
+        m.mul_(o.beta1()).add_(g, 1 - o.beta1());
+        v.mul_(o.beta2()).addcmul_(g, g, 1 - o.beta2());
+        if (o.bias_correction()) {
+          const double bc1 = 1 - std::pow(o.beta1(), static_cast<double>(t + 1));
+          const double bc2 = 1 - std::pow(o.beta2(), static_cast<double>(t + 1));
+          u = (m / bc1).div_((v / bc2).sqrt_().add_(o.eps()));
+        } else {
+          u = m / v.sqrt().add_(o.eps());
+        }
+      } else {
+        u = g;
+      }
+
+      // Stage 2: weight decay.
+      const bool decay = st.decay() && o.weight_decay() != 0;
+      torch::Tensor d = decay ? u.add(p, o.weight_decay()) : u;
+
+      // Stage 3: trust ratio (adapted tensors only).
+      if (st.adapt()) {
+        torch::Tensor w_norm = p.norm();
+        torch::Tensor d_norm;
+        if (o.trust_denominator() == TrustDenominator::kExact) {
+          d_norm = d.norm();
+        } else {
+          d_norm = u.norm();
+          if (decay) d_norm = d_norm + o.weight_decay() * w_norm;
+          if (o.trust_eps() != 0) d_norm = d_norm + o.trust_eps();
+        }
+        torch::Tensor ratio =
+            clamp_norm(w_norm, o.weight_norm_clamp()) * (o.eta() * phi) / clamp_norm(d_norm, o.update_norm_clamp());
+        if (o.larc_clip() && lr > 0) ratio = ratio.div(lr).clamp_max(1.0);
+        if (o.trust_ratio_clamp()) ratio = ratio.clamp(o.trust_ratio_clamp()->lo, o.trust_ratio_clamp()->hi);
+        // r = 1 exactly where either norm is zero: no NaN, no stuck zero-initialised tensor.
+        torch::Tensor r = torch::where(w_norm.gt(0).logical_and(d_norm.gt(0)), ratio, torch::ones_like(ratio));
+        d = d.mul(r);
+        if (record) {
+          recorded.push_back(torch::stack({w_norm, d_norm, r}).to(torch::kDouble));
+          recorded_names.push_back(st.name());
+          recorded_lr.push_back(lr);
+        }
+      }
+
+      // Stage 4: heavy-ball momentum (LARS), then stage 5: learning rate.
+      if (o.direction() == Direction::kMomentum && o.momentum() != 0) {
+        if (!st.momentum_buffer().defined()) {
+          st.momentum_buffer(d.clone(torch::MemoryFormat::Preserve));  // mu_0 = 0 * m + d
+        } else {
+          st.momentum_buffer().mul_(o.momentum()).add_(d);
+        }
+        const torch::Tensor& mu = st.momentum_buffer();
+        if (o.nesterov())
+          p.add_(d.add(mu, o.momentum()), -lr);
+        else
+          p.add_(mu, -lr);
+      } else {
+        p.add_(d, -lr);
+      }
+      st.step(t + 1);
+    }
+  }
+
+  if (record) {
+    // One device-to-host copy per step, only when telemetry is on.
+    if (!recorded.empty()) {
+      torch::Tensor host = torch::stack(recorded).cpu().contiguous();
+      auto acc = host.accessor<double, 2>();
+      for (size_t i = 0; i < recorded.size(); ++i) {
+        telemetry.layers.push_back(LayerTelemetry{recorded_names[i], acc[i][0], acc[i][1], acc[i][2],
+                                                  recorded_lr[i] * acc[i][2]});
+      }
+    }
+    last_telemetry_ = std::move(telemetry);
+    if (telemetry_callback_) telemetry_callback_(last_telemetry_);
+  }
+  return loss;
+}
+
+void LayerwiseOptimizer::save(torch::serialize::OutputArchive& archive) const {
+  torch::optim::serialize<LayerwiseParamState, LayerwiseOptions>(archive, *this);
+}
+
+void LayerwiseOptimizer::load(torch::serialize::InputArchive& archive) {
+  torch::optim::serialize<LayerwiseParamState, LayerwiseOptions>(archive, *this);
+  // LibTorch's loader restores only the state; hyper-parameters and masks are data of the run too.
+  torch::serialize::InputArchive groups_archive;
+  archive.read("param_groups", groups_archive);
+  std::vector<std::pair<std::vector<std::string>, std::unique_ptr<torch::optim::OptimizerOptions>>> saved;
+  torch::optim::detail::serialize<LayerwiseOptions>(groups_archive, saved);
+  for (size_t i = 0; i < saved.size() && i < param_groups_.size(); ++i) {
+    param_groups_[i].set_options(std::move(saved[i].second));
+  }
+}
+
+// ---------------------------------------------------------------- named faces
+
+namespace {
+LayerwiseOptions as_momentum(LayerwiseOptions o) { return o.direction(Direction::kMomentum); }
+LayerwiseOptions as_tv(LayerwiseOptions o) {
+  o.direction(Direction::kMomentum);
+  if (!o.time_varying()) o.time_varying(TimeVarying{});
+  return o;
+}
+LayerwiseOptions as_adam(LayerwiseOptions o) { return o.direction(Direction::kAdam); }
+}  // namespace
+
+LARS::LARS(const NamedParameters& params, LayerwiseOptions o) : LayerwiseOptimizer(params, as_momentum(o)) {}
+LARS::LARS(std::vector<torch::Tensor> params, LayerwiseOptions o)
+    : LayerwiseOptimizer(std::move(params), as_momentum(o)) {}
+TVLARS::TVLARS(const NamedParameters& params, LayerwiseOptions o) : LayerwiseOptimizer(params, as_tv(o)) {}
+TVLARS::TVLARS(std::vector<torch::Tensor> params, LayerwiseOptions o)
+    : LayerwiseOptimizer(std::move(params), as_tv(o)) {}
+LAMB::LAMB(const NamedParameters& params, LayerwiseOptions o) : LayerwiseOptimizer(params, as_adam(o)) {}
+LAMB::LAMB(std::vector<torch::Tensor> params, LayerwiseOptions o)
+    : LayerwiseOptimizer(std::move(params), as_adam(o)) {}
+
+}  // namespace optim
+}  // namespace largebatch

@@ -1,0 +1,198 @@
+// Golden parity: every *.json case (format lbt-golden-1) in $GOLDEN_DIR, default ../shared/golden from the
+// project root, run in float32 and compared step by step with |a - e| <= 1e-6 + 1e-4 |e|.
+#include <largebatch/largebatch.h>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace fs = std::filesystem;
+namespace lo = largebatch::optim;
+using nlohmann::json;
+
+namespace {
+
+constexpr double kAbsTol = 1e-6;
+constexpr double kRelTol = 1e-4;
+
+fs::path golden_dir() {
+  if (const char* env = std::getenv("GOLDEN_DIR"); env && *env) return env;
+  return fs::path(LARGEBATCH_SOURCE_DIR) / ".." / "shared" / "golden";
+}
+
+std::vector<std::string> golden_files() {
+  std::vector<std::string> files;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(golden_dir(), ec))
+    if (entry.path().extension() == ".json") files.push_back(entry.path().string());
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+lo::ParamMask mask_from(bool exclude_1d) { return exclude_1d ? lo::ParamMask::exclude_1d() : lo::ParamMask::all(); }
+
+// The options of a golden case, written with the public API only.
+lo::LayerwiseOptions options_from(const json& c) {
+  const json& o = c.at("options");
+  const std::string kind = c.at("optimizer");
+  lo::LayerwiseOptions opt(0.0);
+  if (kind == "lars") {
+    opt = lo::LayerwiseOptions::lars(0.0)
+              .momentum(o.at("momentum"))
+              .weight_decay(o.at("weight_decay"))
+              .eta(o.at("eta"));
+    if (o.contains("norm_clamp")) {
+      lo::Range r{o["norm_clamp"][0], o["norm_clamp"][1]};
+      opt.weight_norm_clamp(r).update_norm_clamp(r);
+    }
+    if (o.contains("tv")) {
+      const json& tv = o["tv"];
+      opt.time_varying(lo::TimeVarying{tv.at("alpha"), tv.at("lambda"), tv.at("delay"), tv.at("gamma_min")});
+    }
+  } else if (kind == "lamb") {
+    opt = lo::LayerwiseOptions::lamb(0.0)
+              .beta1(o.at("betas")[0])
+              .beta2(o.at("betas")[1])
+              .eps(o.at("eps"))
+              .weight_decay(o.at("weight_decay"))
+              .bias_correction(o.at("bias_correction"));
+    if (o.contains("norm_clamp")) opt.weight_norm_clamp(lo::Range{o["norm_clamp"][0], o["norm_clamp"][1]});
+  } else {
+    throw std::runtime_error("unknown optimizer '" + kind + "' in golden case");
+  }
+  opt.decay_mask(mask_from(o.at("exclude_1d_from_decay")));
+  opt.adapt_mask(mask_from(o.at("exclude_1d_from_adaptation")));
+  return opt;
+}
+
+torch::Tensor tensor_from(const json& values, const json& shape) {
+  std::vector<double> data = values.get<std::vector<double>>();
+  std::vector<int64_t> dims = shape.get<std::vector<int64_t>>();
+  return torch::tensor(data, torch::kDouble).reshape(dims).to(torch::kFloat);
+}
+
+bool close(double actual, double expected) {
+  return std::isfinite(actual) && std::abs(actual - expected) <= kAbsTol + kRelTol * std::abs(expected);
+}
+
+class GoldenCase : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GoldenCase, MatchesEveryStep) {
+  std::ifstream in(GetParam());
+  ASSERT_TRUE(in) << "cannot read " << GetParam();
+  const json c = json::parse(in);
+  ASSERT_EQ(c.at("format"), "lbt-golden-1");
+
+  std::vector<std::string> names;
+  torch::OrderedDict<std::string, torch::Tensor> params;
+  for (const auto& p : c.at("params")) {
+    names.push_back(p.at("name"));
+    params.insert(p.at("name"), tensor_from(p.contains("value") ? p.at("value") : p.at("values"), p.at("shape")));
+  }
+  lo::LayerwiseOptimizer opt(params, options_from(c));
+  opt.set_telemetry(true);
+
+  const size_t steps = c.at("grads").size();
+  ASSERT_GT(steps, 0u);
+  const bool has_phi = c.contains("phi") && c["phi"].is_array();
+  size_t checked = 0;
+  for (size_t t = 0; t < steps; ++t) {
+    lo::set_learning_rate(opt, c.at("lr")[t].get<double>());
+    for (size_t i = 0; i < names.size(); ++i) {
+      const auto& p = params[names[i]];
+      p.mutable_grad() = tensor_from(c["grads"][t][i], c["params"][i]["shape"]);
+    }
+    opt.step();
+
+    const lo::StepTelemetry& tel = opt.last_telemetry();
+    ASSERT_EQ(tel.step, static_cast<int64_t>(t));
+    if (has_phi) {
+      const double expected_phi = c["phi"][t];
+      ASSERT_TRUE(close(tel.phi, expected_phi)) << "phi at step " << t << ": " << tel.phi << " vs " << expected_phi;
+    }
+    for (size_t i = 0; i < names.size(); ++i) {
+      const auto actual = params[names[i]].to(torch::kDouble).flatten();
+      const std::vector<double> expected = c["expected"][t][i].get<std::vector<double>>();
+      ASSERT_EQ(actual.numel(), static_cast<int64_t>(expected.size())) << names[i];
+      auto acc = actual.accessor<double, 1>();
+      for (size_t k = 0; k < expected.size(); ++k) {
+        ASSERT_TRUE(close(acc[k], expected[k])) << GetParam() << ": step " << t << ", " << names[i] << "[" << k
+                                                << "] = " << acc[k] << ", expected " << expected[k];
+        ++checked;
+      }
+      // Trust ratio: null exactly where the tensor is not adapted.
+      const json& r = c["trust_ratio"][t][i];
+      auto found = std::find_if(tel.layers.begin(), tel.layers.end(),
+                                [&](const lo::LayerTelemetry& l) { return l.name == names[i]; });
+      if (r.is_null()) {
+        EXPECT_EQ(found, tel.layers.end()) << names[i] << " is adapted but the golden file says it is not";
+      } else {
+        ASSERT_NE(found, tel.layers.end()) << names[i] << " has no trust ratio at step " << t;
+        ASSERT_TRUE(close(found->trust_ratio, r.get<double>()))
+            << GetParam() << ": trust ratio of " << names[i] << " at step " << t << " = " << found->trust_ratio
+            << ", expected " << r.get<double>();
+        EXPECT_DOUBLE_EQ(found->effective_lr, c["lr"][t].get<double>() * found->trust_ratio);
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(opt.steps_taken(), static_cast<int64_t>(steps));
+  EXPECT_GT(checked, steps * names.size());
+}
+
+// The schedule of the case reproduces its lr column.
+TEST_P(GoldenCase, ScheduleReproducesLearningRates) {
+  std::ifstream in(GetParam());
+  const json c = json::parse(in);
+  const json& s = c.at("lr_schedule");
+  const int64_t steps = c.at("steps");
+  lo::ScheduleOptions so;
+  so.total_steps = steps;
+  const std::string kind = s.at("kind");
+  if (kind == "constant") {
+    so.kind = lo::ScheduleKind::kConstant;
+    so.lr = s.at("value");
+  } else if (kind == "warmup_cosine") {
+    so.kind = lo::ScheduleKind::kWarmupCosine;
+    so.lr = s.at("peak");
+    so.warmup_steps = s.at("warmup");
+    so.final_ratio = s.at("final_ratio");
+    if (s.contains("steps")) so.total_steps = s["steps"];
+  } else {
+    GTEST_SKIP() << "schedule kind '" << kind << "' is not one this test knows";
+  }
+  const lo::LrSchedule schedule(so);
+  for (int64_t t = 0; t < steps; ++t) {
+    const double expected = c["lr"][t];
+    EXPECT_TRUE(close(schedule.at(t), expected)) << "lr at step " << t << ": " << schedule.at(t) << " vs " << expected;
+  }
+  if (c.contains("phi") && c["phi"].is_array() && c["options"].contains("tv")) {
+    const json& tv = c["options"]["tv"];
+    const lo::TimeVarying f{tv["alpha"], tv["lambda"], tv["delay"], tv["gamma_min"]};
+    for (int64_t t = 0; t < steps; ++t) EXPECT_NEAR(lo::tv_phi(f, t), c["phi"][t].get<double>(), 1e-12);
+  }
+}
+
+std::string case_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string stem = fs::path(info.param).stem().string();
+  for (auto& ch : stem)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return stem;
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, GoldenCase, ::testing::ValuesIn(golden_files()), case_name);
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(GoldenCase);
+
+// The directory must hold cases: an empty or missing one is a failure, not a silent pass.
+TEST(GoldenDirectory, HasCases) {
+  EXPECT_FALSE(golden_files().empty()) << "no *.json golden cases in " << golden_dir();
+}
+
+}  // namespace

@@ -1,0 +1,443 @@
+// Unit tests of the layer-wise engine, its presets, masks, serialization, telemetry and the factory.
+#include <largebatch/largebatch.h>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+namespace lo = largebatch::optim;
+
+namespace {
+
+// A tiny model's worth of named parameters: a conv weight, a norm scale, a bias, a linear weight.
+lo::NamedParameters make_params(uint64_t seed = 0) {
+  torch::manual_seed(seed);
+  lo::NamedParameters p;
+  p.insert("conv.weight", torch::randn({4, 3, 3, 3}));
+  p.insert("bn.weight", torch::ones({4}));
+  p.insert("bn.bias", torch::zeros({4}));
+  p.insert("fc.weight", torch::randn({5, 4}) * 0.1);
+  return p;
+}
+
+// Deterministic gradients for step t, independent of the parameters.
+void set_grads(lo::NamedParameters& params, int64_t t) {
+  int64_t i = 0;
+  for (auto& item : params) {
+    torch::manual_seed(1000 + 17 * t + i++);
+    item.value().mutable_grad() = torch::randn(item.value().sizes());
+  }
+}
+
+lo::NamedParameters clone_params(const lo::NamedParameters& params) {
+  lo::NamedParameters out;
+  for (const auto& item : params) out.insert(item.key(), item.value().clone());
+  return out;
+}
+
+// ------------------------------------------------------------------ zero-norm guard
+
+TEST(TrustRatio, ZeroWeightNormGivesExactlyOne) {
+  for (auto options : {lo::preset_options("lars", 1.0), lo::preset_options("lamb:paper", 1.0),
+                       lo::preset_options("tvlars:reference", 1.0)}) {
+    lo::NamedParameters p;
+    p.insert("w", torch::zeros({3, 3}));
+    lo::LayerwiseOptimizer opt(p, options);
+    opt.set_telemetry(true);
+    p["w"].mutable_grad() = torch::ones({3, 3});
+    opt.step();
+    ASSERT_EQ(opt.last_telemetry().layers.size(), 1u);
+    EXPECT_EQ(opt.last_telemetry().layers[0].trust_ratio, 1.0);
+    EXPECT_TRUE(torch::isfinite(p["w"]).all().item<bool>());
+    EXPECT_TRUE(p["w"].ne(0).all().item<bool>()) << "a zero-initialised tensor must move";
+  }
+}
+
+TEST(TrustRatio, ZeroUpdateNormGivesExactlyOneAndNoNaN) {
+  lo::NamedParameters p;
+  p.insert("w", torch::ones({2, 2}));
+  lo::LayerwiseOptimizer opt(p, lo::preset_options("lars", 1.0).weight_decay(0));
+  opt.set_telemetry(true);
+  p["w"].mutable_grad() = torch::zeros({2, 2});
+  opt.step();
+  EXPECT_EQ(opt.last_telemetry().layers[0].trust_ratio, 1.0);
+  EXPECT_TRUE(torch::equal(p["w"], torch::ones({2, 2})));
+}
+
+// ------------------------------------------------------------------ hand-checked update rules
+
+TEST(Lars, OneStepMatchesTheFormula) {
+  lo::NamedParameters p;
+  p.insert("w", torch::tensor({{3.0, 4.0}}, torch::kDouble));  // |w| = 5
+  const double lr = 0.5, wd = 0.1, eta = 0.01;
+  lo::LayerwiseOptimizer opt(p, lo::LayerwiseOptions::lars(lr).weight_decay(wd).eta(eta));
+  p["w"].mutable_grad() = torch::tensor({{1.0, -2.0}}, torch::kDouble);
+  opt.step();
+  const auto d = torch::tensor({{1.0 + 0.3, -2.0 + 0.4}}, torch::kDouble);
+  const double r = eta * 5.0 / d.norm().item<double>();
+  EXPECT_TRUE(torch::allclose(p["w"], torch::tensor({{3.0, 4.0}}, torch::kDouble) - lr * r * d, 0, 1e-14));
+}
+
+TEST(Lars, SumDenominatorNesterovAndLarcClip) {
+  lo::NamedParameters p;
+  p.insert("w", torch::tensor({{3.0, 4.0}}, torch::kDouble));
+  const double lr = 2.0, wd = 0.1, eta = 0.5, m = 0.9, eps = 1e-3;
+  auto o = lo::LayerwiseOptions::lars(lr).weight_decay(wd).eta(eta).momentum(m).nesterov(true).larc_clip(true);
+  o.trust_denominator(lo::TrustDenominator::kSum).trust_eps(eps);
+  lo::LayerwiseOptimizer opt(p, o);
+  const auto g = torch::tensor({{1.0, -2.0}}, torch::kDouble);
+  p["w"].mutable_grad() = g;
+  opt.step();
+  const auto w0 = torch::tensor({{3.0, 4.0}}, torch::kDouble);
+  const auto d = g + wd * w0;
+  double r = eta * 5.0 / (std::sqrt(5.0) + wd * 5.0 + eps);
+  r = std::min(r / lr, 1.0);
+  const auto scaled = r * d;
+  const auto mu = scaled;  // first step: mu = d
+  EXPECT_TRUE(torch::allclose(p["w"], w0 - lr * (scaled + m * mu), 0, 1e-14));
+}
+
+TEST(Lamb, OneStepWithBiasCorrectionMatchesTheFormula) {
+  lo::NamedParameters p;
+  p.insert("w", torch::tensor({{3.0, 4.0}}, torch::kDouble));
+  const double lr = 0.1, wd = 0.01, eps = 1e-6;
+  lo::LayerwiseOptimizer opt(p, lo::LayerwiseOptions::lamb(lr).weight_decay(wd).eps(eps));
+  const auto g = torch::tensor({{1.0, -2.0}}, torch::kDouble);
+  p["w"].mutable_grad() = g;
+  opt.step();
+  const auto w0 = torch::tensor({{3.0, 4.0}}, torch::kDouble);
+  const auto m = (1 - 0.9) * g / (1 - 0.9), v = (1 - 0.999) * g * g / (1 - 0.999);
+  const auto s = m / (v.sqrt() + eps) + wd * w0;
+  const double r = 5.0 / s.norm().item<double>();
+  EXPECT_TRUE(torch::allclose(p["w"], w0 - lr * r * s, 0, 1e-14));
+}
+
+// ------------------------------------------------------------------ masks
+
+TEST(Masks, DefaultExcludesOneDimensionalTensorsFromBoth) {
+  auto p = make_params();
+  lo::LayerwiseOptimizer opt(p, lo::preset_options("lars", 1.0));
+  EXPECT_TRUE(opt.decays(p["conv.weight"]));
+  EXPECT_TRUE(opt.adapts(p["conv.weight"]));
+  EXPECT_FALSE(opt.decays(p["bn.weight"]));
+  EXPECT_FALSE(opt.adapts(p["bn.bias"]));
+  EXPECT_EQ(opt.name_of(p["fc.weight"]), "fc.weight");
+}
+
+TEST(Masks, DecayAndAdaptationAreIndependent) {
+  auto p = make_params();
+  auto o = lo::preset_options("lars", 1.0).decay_mask(lo::ParamMask::all()).adapt_mask(
+      lo::ParamMask::parse("ndim<=1;name~^fc\\."));
+  lo::LayerwiseOptimizer opt(p, o);
+  EXPECT_TRUE(opt.decays(p["bn.bias"]));
+  EXPECT_FALSE(opt.adapts(p["bn.bias"]));
+  EXPECT_TRUE(opt.decays(p["fc.weight"]));
+  EXPECT_FALSE(opt.adapts(p["fc.weight"]));
+  EXPECT_TRUE(opt.adapts(p["conv.weight"]));
+
+  // Behaviour, not only flags: a decayed-but-not-adapted tensor takes plain SGD on g + wd w.
+  opt.set_telemetry(true);
+  const auto before = p["fc.weight"].clone();
+  set_grads(p, 0);
+  const auto g = p["fc.weight"].grad().clone();
+  opt.step();
+  EXPECT_TRUE(torch::allclose(p["fc.weight"], before - 1.0 * (g + 5e-4 * before), 0, 1e-6));
+  ASSERT_EQ(opt.last_telemetry().layers.size(), 1u);
+  EXPECT_EQ(opt.last_telemetry().layers[0].name, "conv.weight");
+}
+
+TEST(Masks, ExcludedFromDecayIgnoresWeightDecay) {
+  lo::NamedParameters p;
+  p.insert("b", torch::ones({3}));
+  lo::LayerwiseOptimizer opt(p, lo::preset_options("lars", 1.0).weight_decay(0.5).momentum(0));
+  p["b"].mutable_grad() = torch::full({3}, 0.25);
+  opt.step();
+  EXPECT_TRUE(torch::allclose(p["b"], torch::full({3}, 0.75)));  // no decay, no ratio, no phi
+}
+
+TEST(Masks, TextFormRoundTripsAndBadTextIsNamed) {
+  for (const std::string text : {"all", "none", "ndim<=1", "ndim<=2;name~bias;name~bn\\."})
+    EXPECT_EQ(lo::ParamMask::parse(text).to_string(), text);
+  EXPECT_FALSE(lo::ParamMask::none().applies("w", 4));
+  EXPECT_TRUE(lo::ParamMask::all().applies("b", 1));
+  for (const std::string bad : {"", "ndim<=x", "ndim<=-2", "dims", "name~(", "name~"}) {
+    try {
+      lo::ParamMask::parse(bad, "decay_mask");
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("decay_mask"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// ------------------------------------------------------------------ presets
+
+TEST(Presets, ExactValuesOfAlgorithmsMd) {
+  const auto lars = lo::preset_options("lars:reference", 1.0);
+  EXPECT_EQ(lars.direction(), lo::Direction::kMomentum);
+  EXPECT_EQ(lars.momentum(), 0.9);
+  EXPECT_EQ(lars.weight_decay(), 5e-4);
+  EXPECT_EQ(lars.eta(), 1e-3);
+  EXPECT_EQ(lars.trust_denominator(), lo::TrustDenominator::kExact);
+  EXPECT_FALSE(lars.time_varying().has_value());
+  EXPECT_FALSE(lars.weight_norm_clamp().has_value());
+  EXPECT_EQ(lars.decay_mask(), lo::ParamMask::exclude_1d());
+  EXPECT_EQ(lars.adapt_mask(), lo::ParamMask::exclude_1d());
+
+  const auto tvr = lo::preset_options("tvlars:reference", 1.0);
+  ASSERT_TRUE(tvr.time_varying().has_value());
+  EXPECT_EQ(*tvr.time_varying(), (lo::TimeVarying{0.1, 1e-3, -1.0, 0.0}));
+  EXPECT_EQ(*tvr.weight_norm_clamp(), (lo::Range{0, 10}));
+  EXPECT_EQ(*tvr.update_norm_clamp(), (lo::Range{0, 10}));
+  EXPECT_EQ(tvr.momentum(), 0.9);
+  EXPECT_EQ(tvr.eta(), 1e-3);
+
+  const auto tvp = lo::preset_options("tvlars:paper", 1.0, 4096);
+  ASSERT_TRUE(tvp.time_varying().has_value());
+  EXPECT_EQ(tvp.time_varying()->alpha, 1.0);
+  EXPECT_DOUBLE_EQ(tvp.time_varying()->gamma_min, 0.001 * 4096 / 256);
+  EXPECT_FALSE(tvp.weight_norm_clamp().has_value());
+
+  const auto lr = lo::preset_options("lamb:reference", 1.0);
+  EXPECT_EQ(lr.direction(), lo::Direction::kAdam);
+  EXPECT_FALSE(lr.bias_correction());
+  EXPECT_EQ(*lr.weight_norm_clamp(), (lo::Range{0, 10}));
+  EXPECT_FALSE(lr.update_norm_clamp().has_value());
+  EXPECT_EQ(lr.beta1(), 0.9);
+  EXPECT_EQ(lr.beta2(), 0.999);
+  EXPECT_EQ(lr.eps(), 1e-6);
+  EXPECT_EQ(lr.decay_mask(), lo::ParamMask::all());
+  EXPECT_EQ(lr.adapt_mask(), lo::ParamMask::all());
+
+  const auto lp = lo::preset_options("lamb:paper", 1.0);
+  EXPECT_TRUE(lp.bias_correction());
+  EXPECT_FALSE(lp.weight_norm_clamp().has_value());
+  EXPECT_EQ(lp.decay_mask(), lo::ParamMask::exclude_1d());
+  EXPECT_EQ(lp.eps(), 1e-6);
+}
+
+TEST(Presets, AliasesResolve) {
+  EXPECT_EQ(lo::resolve_optimizer_name("LARS"), "lars:reference");
+  EXPECT_EQ(lo::resolve_optimizer_name("wa-lars"), "lars:reference");
+  EXPECT_EQ(lo::resolve_optimizer_name("tvlars"), "tvlars:reference");
+  EXPECT_EQ(lo::resolve_optimizer_name("lamb"), "lamb:paper");
+  EXPECT_EQ(lo::resolve_optimizer_name("adamw"), "adamw");
+}
+
+// ------------------------------------------------------------------ invalid options
+
+void expect_invalid(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "no std::invalid_argument for " << needle;
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message: " << e.what();
+  }
+}
+
+TEST(InvalidOptions, EachIsRejectedWithItsNameAndValue) {
+  auto p = make_params();
+  auto build = [&](lo::LayerwiseOptions o) { return [=]() { lo::LayerwiseOptimizer opt(p, o); }; };
+  const auto lars = lo::preset_options("lars", 1.0);
+  const auto lamb = lo::preset_options("lamb", 1.0);
+  expect_invalid(build(lo::LayerwiseOptions(lars).lr(-0.5)), "lr = -0.5");
+  expect_invalid(build(lo::LayerwiseOptions(lars).lr(NAN)), "lr = nan");
+  expect_invalid(build(lo::LayerwiseOptions(lars).momentum(1.0)), "momentum = 1");
+  expect_invalid(build(lo::LayerwiseOptions(lars).momentum(-0.1)), "momentum = -0.1");
+  expect_invalid(build(lo::LayerwiseOptions(lars).eta(0)), "eta = 0");
+  expect_invalid(build(lo::LayerwiseOptions(lars).eta(-1)), "eta = -1");
+  expect_invalid(build(lo::LayerwiseOptions(lars).weight_decay(-1e-4)), "weight_decay = -0.0001");
+  expect_invalid(build(lo::LayerwiseOptions(lamb).beta1(1.0)), "beta1 = 1");
+  expect_invalid(build(lo::LayerwiseOptions(lamb).beta2(-0.1)), "beta2 = -0.1");
+  expect_invalid(build(lo::LayerwiseOptions(lamb).eps(-1e-8)), "eps = -1e-08");
+  expect_invalid(build(lo::LayerwiseOptions(lars).trust_eps(-1)), "trust_eps = -1");
+  expect_invalid(build(lo::LayerwiseOptions(lars).time_varying(lo::TimeVarying{1.0, -0.1, 0, 0})), "lambda = -0.1");
+  expect_invalid(build(lo::LayerwiseOptions(lars).time_varying(lo::TimeVarying{0.0, 0.1, 0, 0})), "alpha = 0");
+  expect_invalid(build(lo::LayerwiseOptions(lars).time_varying(lo::TimeVarying{-2, 0.1, 0, 0})), "alpha = -2");
+  expect_invalid(build(lo::LayerwiseOptions(lars).time_varying(lo::TimeVarying{1, 0.1, 0, -1})), "gamma_min = -1");
+  expect_invalid(build(lo::LayerwiseOptions(lars).weight_norm_clamp(lo::Range{5, 1})), "weight_norm_clamp.hi = 1");
+  expect_invalid(build(lo::LayerwiseOptions(lars).update_norm_clamp(lo::Range{-1, 1})), "update_norm_clamp.lo = -1");
+  expect_invalid(build(lo::LayerwiseOptions(lars).momentum(0).nesterov(true)), "nesterov");
+
+  // Per-group options are checked too.
+  expect_invalid([&] {
+    lo::LayerwiseOptimizer opt({{p, lo::LayerwiseOptions(lars).momentum(2)}}, lars);
+  }, "momentum = 2");
+
+  // Names, overrides and factory inputs.
+  expect_invalid([] { lo::resolve_optimizer_name("adamax"); }, "unknown optimizer 'adamax'");
+  expect_invalid([] { lo::preset_options("lars:paper", 1.0); }, "lars:paper");
+  expect_invalid([] { lo::preset_options("lars", 1.0, 0); }, "batch_size = 0");
+  expect_invalid([] { lo::parse_overrides("momentum"); }, "momentum");
+  expect_invalid([] { auto o = lo::preset_options("lars", 1.0); lo::apply_overrides(o, {{"mom", "0.9"}}); },
+                 "unknown optimizer option 'mom'");
+  expect_invalid([] { auto o = lo::preset_options("lars", 1.0); lo::apply_overrides(o, {{"momentum", "0.9x"}}); },
+                 "momentum: '0.9x' is not a number");
+  expect_invalid([] { auto o = lo::preset_options("lars", 1.0); lo::apply_overrides(o, {{"momentum", "1.5"}}); },
+                 "momentum = 1.5");
+  expect_invalid([] { auto o = lo::preset_options("lars", 1.0); lo::apply_overrides(o, {{"nesterov", "maybe"}}); },
+                 "nesterov: 'maybe'");
+  expect_invalid([] { auto o = lo::preset_options("lars", 1.0); lo::apply_overrides(o, {{"lambda", "-1"}}); },
+                 "lambda = -1");
+  expect_invalid([] { auto o = lo::preset_options("lars", 1.0); lo::apply_overrides(o, {{"norm_clamp", "10"}}); },
+                 "norm_clamp: '10'");
+  expect_invalid([&] { lo::make_optimizer({"sgd", 0.1, 256, {{"momentum", "1.2"}}}, p); }, "momentum = 1.2");
+  expect_invalid([&] { lo::make_optimizer({"adam", 0.1, 256, {{"beta2", "1"}}}, p); }, "beta2 = 1");
+  expect_invalid([&] { lo::make_optimizer({"adamw", -1, 256, {}}, p); }, "lr = -1");
+  expect_invalid([&] { lo::make_optimizer({"rmsprop", 0.1, 256, {{"betas", "1"}}}, p); }, "unknown option 'betas'");
+  expect_invalid([&] { lo::make_optimizer({"adagrad", 0.1, 256, {{"eps", "-1"}}}, p); }, "eps = -1");
+}
+
+// ------------------------------------------------------------------ serialization
+
+// Runs `total` steps straight, and again with a save after `split` steps and a load into a fresh
+// optimizer over fresh tensors; the two trajectories must be bit-identical.
+void expect_bit_identical_resume(const std::string& preset, int64_t split, int64_t total) {
+  SCOPED_TRACE(preset);
+  auto straight = make_params();
+  auto straight_opt = lo::make_optimizer({preset, 0.5, 1024, {}}, straight);
+  for (int64_t t = 0; t < total; ++t) {
+    set_grads(straight, t);
+    straight_opt->step();
+  }
+
+  auto first = make_params();
+  auto first_opt = lo::make_optimizer({preset, 0.5, 1024, {}}, first);
+  for (int64_t t = 0; t < split; ++t) {
+    set_grads(first, t);
+    first_opt->step();
+  }
+  std::stringstream buffer;
+  torch::save(*first_opt, buffer);
+
+  auto resumed = clone_params(first);
+  // A fresh optimizer built with different hyper-parameters: the checkpoint must restore them.
+  auto resumed_opt = lo::make_optimizer({preset, 99.0, 256, {{"weight_decay", "0.3"}}}, resumed);
+  torch::load(*resumed_opt, buffer);
+  for (int64_t t = split; t < total; ++t) {
+    set_grads(resumed, t);
+    resumed_opt->step();
+  }
+  for (const auto& item : straight) {
+    EXPECT_TRUE(torch::equal(item.value(), resumed[item.key()])) << item.key() << " differs after resume";
+  }
+}
+
+TEST(Serialization, MidRunRoundTripIsBitIdentical) {
+  for (const auto& preset : lo::layerwise_presets()) expect_bit_identical_resume(preset.name, 3, 7);
+}
+
+TEST(Serialization, MasksAndOptionsSurviveACheckpoint) {
+  auto p = make_params();
+  auto o = lo::preset_options("tvlars:paper", 0.7, 2048)
+               .decay_mask(lo::ParamMask::parse("ndim<=1;name~^fc"))
+               .adapt_mask(lo::ParamMask::all())
+               .larc_clip(true)
+               .trust_ratio_clamp(lo::Range{0.01, 10});
+  lo::LayerwiseOptimizer opt(p, o);
+  set_grads(p, 0);
+  opt.step();
+  std::stringstream buffer;
+  torch::save(opt, buffer);
+
+  auto q = clone_params(p);
+  lo::LayerwiseOptimizer fresh(q, lo::preset_options("lamb", 0.1));  // different masks and options
+  torch::load(fresh, buffer);
+  const auto& restored = static_cast<const lo::LayerwiseOptions&>(fresh.param_groups()[0].options());
+  EXPECT_EQ(restored.describe(), o.describe());
+  EXPECT_FALSE(fresh.decays(q["fc.weight"]));
+  EXPECT_TRUE(fresh.decays(q["conv.weight"]));
+  EXPECT_TRUE(fresh.adapts(q["bn.bias"]));
+  EXPECT_EQ(fresh.name_of(q["bn.bias"]), "bn.bias");
+  EXPECT_EQ(fresh.steps_taken(), 1);
+}
+
+// ------------------------------------------------------------------ telemetry
+
+TEST(Telemetry, OffByDefaultAndRecordsAdaptedTensorsWhenOn) {
+  auto p = make_params();
+  lo::LayerwiseOptimizer opt(p, lo::preset_options("tvlars:reference", 2.0));
+  EXPECT_FALSE(opt.telemetry_enabled());
+  set_grads(p, 0);
+  opt.step();
+  EXPECT_TRUE(opt.last_telemetry().layers.empty());
+
+  int calls = 0;
+  opt.set_telemetry(true);
+  opt.set_telemetry_callback([&](const lo::StepTelemetry&) { ++calls; });
+  set_grads(p, 1);
+  const auto w = p["conv.weight"].clone();
+  const auto d = p["conv.weight"].grad() + 5e-4 * w;
+  opt.step();
+  const auto& tel = opt.last_telemetry();
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(tel.step, 1);
+  EXPECT_DOUBLE_EQ(tel.lr, 2.0);
+  EXPECT_DOUBLE_EQ(tel.phi, lo::tv_phi({0.1, 1e-3, -1, 0}, 1));
+  ASSERT_EQ(tel.layers.size(), 2u);  // conv.weight and fc.weight
+  const auto& conv = tel.layers[0];
+  EXPECT_EQ(conv.name, "conv.weight");
+  EXPECT_NEAR(conv.weight_norm, w.norm().item<double>(), 1e-5);
+  EXPECT_NEAR(conv.update_norm, d.norm().item<double>(), 1e-4);
+  const double expected_r = 1e-3 * tel.phi * std::min(conv.weight_norm, 10.0) / std::min(conv.update_norm, 10.0);
+  EXPECT_NEAR(conv.trust_ratio, expected_r, 1e-6 * expected_r);
+  EXPECT_DOUBLE_EQ(conv.effective_lr, 2.0 * conv.trust_ratio);
+}
+
+// ------------------------------------------------------------------ factory
+
+TEST(Factory, BuildsEveryOptimizerAndTheyTrain) {
+  std::vector<std::string> names;
+  for (const auto& p : lo::layerwise_presets()) names.push_back(p.name);
+  for (const auto& n : lo::torch_optimizer_names()) names.push_back(n);
+  for (const auto& name : names) {
+    SCOPED_TRACE(name);
+    torch::manual_seed(0);
+    torch::nn::Linear model(8, 1);
+    const auto x = torch::randn({64, 8});
+    const auto y = x.sum(1, true);
+    const double lr = name.rfind("lars", 0) == 0 || name.rfind("tvlars", 0) == 0 ? 0.1 : 0.01;
+    auto opt = lo::make_optimizer({name, lr, 64, {}}, model->named_parameters());
+    double first = 0, last = 0;
+    for (int i = 0; i < 60; ++i) {
+      opt->zero_grad();
+      auto loss = torch::mse_loss(model(x), y);
+      loss.backward();
+      opt->step();
+      (i == 0 ? first : last) = loss.item<double>();
+    }
+    EXPECT_LT(last, first) << "loss did not fall";
+  }
+}
+
+TEST(Factory, OverridesApplyAndTorchOptimizersGetDecayGroups) {
+  auto p = make_params();
+  auto opt = lo::make_optimizer({"tvlars", 1.0, 512, {{"lambda", "0.05"}, {"norm_clamp", "none"}, {"nesterov", "on"}}}, p);
+  const auto& o = static_cast<const lo::LayerwiseOptions&>(opt->param_groups()[0].options());
+  EXPECT_EQ(o.time_varying()->lambda, 0.05);
+  EXPECT_FALSE(o.weight_norm_clamp().has_value());
+  EXPECT_TRUE(o.nesterov());
+
+  auto sgd = lo::make_optimizer({"sgd", 0.1, 256, {{"weight_decay", "1e-4"}, {"decay_mask", "ndim<=1"}}}, p);
+  ASSERT_EQ(sgd->param_groups().size(), 2u);
+  const auto& decayed = static_cast<const torch::optim::SGDOptions&>(sgd->param_groups()[0].options());
+  const auto& plain = static_cast<const torch::optim::SGDOptions&>(sgd->param_groups()[1].options());
+  EXPECT_EQ(decayed.weight_decay(), 1e-4);
+  EXPECT_EQ(plain.weight_decay(), 0.0);
+  EXPECT_EQ(sgd->param_groups()[1].params().size(), 2u);  // bn.weight, bn.bias
+
+  lo::set_learning_rate(*sgd, 0.25);
+  for (const auto& g : sgd->param_groups()) EXPECT_EQ(g.options().get_lr(), 0.25);
+}
+
+// ------------------------------------------------------------------ runtime
+
+TEST(Runtime, OpenBlasAndTcmallocAreInUse) {
+  EXPECT_NE(largebatch::loaded_blas().find("openblas"), std::string::npos) << largebatch::loaded_blas();
+  EXPECT_TRUE(largebatch::tcmalloc_loaded());
+}
+
+}  // namespace
