@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <sstream>
 
 namespace fs = std::filesystem;
@@ -103,6 +104,10 @@ TEST_P(GoldenCase, MatchesEveryStep) {
   ASSERT_GT(steps, 0u);
   const bool has_phi = c.contains("phi") && c["phi"].is_array();
   size_t checked = 0;
+  double worst = 0;  // largest |a - e| / (abs_tol + rel_tol |e|) seen: how much of the bound is used
+  auto track = [&](double a, double e) {
+    worst = std::max(worst, std::abs(a - e) / (kAbsTol + kRelTol * std::abs(e)));
+  };
   for (size_t t = 0; t < steps; ++t) {
     lo::set_learning_rate(opt, c.at("lr")[t].get<double>());
     for (size_t i = 0; i < names.size(); ++i) {
@@ -123,6 +128,7 @@ TEST_P(GoldenCase, MatchesEveryStep) {
       ASSERT_EQ(actual.numel(), static_cast<int64_t>(expected.size())) << names[i];
       auto acc = actual.accessor<double, 1>();
       for (size_t k = 0; k < expected.size(); ++k) {
+        track(acc[k], expected[k]);
         ASSERT_TRUE(close(acc[k], expected[k])) << GetParam() << ": step " << t << ", " << names[i] << "[" << k
                                                 << "] = " << acc[k] << ", expected " << expected[k];
         ++checked;
@@ -135,6 +141,7 @@ TEST_P(GoldenCase, MatchesEveryStep) {
         EXPECT_EQ(found, tel.layers.end()) << names[i] << " is adapted but the golden file says it is not";
       } else {
         ASSERT_NE(found, tel.layers.end()) << names[i] << " has no trust ratio at step " << t;
+        track(found->trust_ratio, r.get<double>());
         ASSERT_TRUE(close(found->trust_ratio, r.get<double>()))
             << GetParam() << ": trust ratio of " << names[i] << " at step " << t << " = " << found->trust_ratio
             << ", expected " << r.get<double>();
@@ -144,6 +151,9 @@ TEST_P(GoldenCase, MatchesEveryStep) {
     }
   }
   EXPECT_EQ(opt.steps_taken(), static_cast<int64_t>(steps));
+  std::cout << "[ golden   ] " << fs::path(GetParam()).filename().string() << ": " << steps << " steps, " << checked
+            << " values, worst error " << worst << " of the bound\n";
+  RecordProperty("worst_fraction_of_bound", std::to_string(worst));
   EXPECT_GT(checked, steps * names.size());
 }
 
