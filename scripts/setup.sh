@@ -12,6 +12,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev
   libbenchmark-dev
   libcli11-dev
+  zlib1g-dev              # gzip-compressed IDX files
+  libjpeg62-turbo-dev     # Tiny-ImageNet JPEG decoding
   nlohmann-json3-dev
   dataset-fashion-mnist   # real data present on every machine
   gnuplot-nox             # plots in reports

@@ -7,3 +7,8 @@
 #include <largebatch/optim/mask.h>
 #include <largebatch/optim/schedule.h>
 #include <largebatch/optim/telemetry.h>
+#include <largebatch/data/dataset.h>
+#include <largebatch/data/pipeline.h>
+#include <largebatch/models/models.h>
+#include <largebatch/report/plot.h>
+#include <largebatch/train/trainer.h>

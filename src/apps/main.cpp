@@ -1,4 +1,6 @@
 // largebatch: the command-line program. Subcommands are added per capability (train, sweep, report, bench).
+#include "commands.h"
+
 #include <largebatch/largebatch.h>
 
 #include <CLI/CLI.hpp>
@@ -34,6 +36,8 @@ int main(int argc, char** argv) {
   phi->add_option("--gamma-min", tv.gamma_min, "floor gamma_min (>= 0)")->capture_default_str();
   phi->add_option("--steps", phi_steps, "number of steps")->capture_default_str()->check(CLI::PositiveNumber);
 
+  auto run_train = largebatch::apps::add_train_command(app);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -45,6 +49,7 @@ int main(int argc, char** argv) {
       std::cout << largebatch::runtime_summary() << "\n";
       return 0;
     }
+    if (int rc = run_train(); rc >= 0) return rc;
     if (list->parsed()) {
       for (const auto& p : lo::layerwise_presets()) {
         std::cout << p.name << "  (" << p.schedule << " schedule)\n  " << p.description << "\n  "

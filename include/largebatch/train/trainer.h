@@ -1,0 +1,92 @@
+#pragma once
+// Image-classification training: the loop, evaluation, outputs, checkpoints and resume.
+// Outputs in `out`: config.json, metrics.csv, summary.json, telemetry.csv (when asked), checkpoint.pt,
+// model.pt, and plots (curves.png, trust_ratios.png) when gnuplot is installed.
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace largebatch {
+namespace train {
+
+// Bad user input (flags, config values, files): the program reports it in one line and exits with 2.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct TrainConfig {
+  // data
+  std::string data = "fashion-mnist";
+  std::string data_dir;          // "" = the data set's default location
+  std::string augment = "auto";  // auto | none | flip | crop-flip | paper (crop + flip + rotation 15 deg)
+  bool drop_last = false;
+  int64_t loader_workers = 2;
+  int64_t synthetic_size = 2048;  // train images of --data synthetic
+  // model
+  std::string model = "cnn";
+  std::string init = "default";
+  // optimizer
+  std::string optimizer = "tvlars";
+  std::map<std::string, std::string> optimizer_options;  // key=value overrides
+  double lr = -1;                 // < 0: the optimizer's default for this batch size (see default_lr)
+  double weight_decay = -1;       // < 0: the preset's
+  // schedule
+  std::string schedule = "auto";  // auto (the preset's) | constant | cosine | warmup-cosine
+  double warmup_epochs = 5;
+  std::string lr_scaling = "none";  // none | linear | sqrt: peak = lr * scale(B / 256)
+  double final_ratio = 0.001;
+  // run
+  int64_t batch_size = 4096;
+  int64_t micro_batch = 0;        // 0: the whole batch at once
+  int64_t eval_batch_size = 2000;
+  int64_t epochs = 20;
+  uint64_t seed = 0;
+  int64_t threads = 0;            // 0: all cores
+  std::string device = "cpu";     // cpu | cuda | cuda:N
+  std::string out = "runs/latest";
+  int64_t telemetry_every = 0;    // 0: no telemetry.csv
+  bool resume = false;
+  std::string progress = "auto";  // auto (bar on a terminal) | bar | lines | none
+  bool plots = true;
+
+  // Every field, with the command line's option names as keys.
+  std::string to_json() const;
+  // Reads a JSON object written by to_json (unknown keys and wrong types are UsageErrors naming the key).
+  static TrainConfig from_json(const std::string& text, const std::string& source);
+  // Checks every field; UsageError names the flag.
+  void validate() const;
+};
+
+// The learning rate used when --lr is not given: tuned defaults per optimizer family (README lists them).
+double default_lr(const std::string& optimizer, int64_t batch_size);
+
+struct EpochRecord {
+  int64_t epoch = 0;        // 1-based
+  int64_t step = 0;         // optimizer steps after this epoch
+  double lr = 0, phi = 1;   // at the epoch's last step
+  double train_loss = 0, train_acc = 0;
+  double test_loss = 0, test_top1 = 0, test_top5 = 0;
+  double epoch_seconds = 0, images_per_second = 0, data_wait_seconds = 0;
+};
+
+struct TrainSummary {
+  std::string status;       // completed | diverged | interrupted
+  std::string message;
+  int64_t epochs_done = 0, steps = 0;
+  double final_test_top1 = 0, best_test_top1 = 0;
+  int64_t best_epoch = 0;
+  double wall_seconds = 0;
+  std::vector<EpochRecord> history;
+};
+
+// Runs the whole training. Throws UsageError for bad input, data::DataError for bad data files.
+TrainSummary run_training(const TrainConfig& config);
+
+// Asks a running training to stop after the current step (signal-safe: sets a flag).
+void request_stop();
+
+}  // namespace train
+}  // namespace largebatch

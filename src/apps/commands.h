@@ -1,0 +1,21 @@
+#pragma once
+// Subcommands of the largebatch program. Each registers its options and returns the function that runs it.
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace largebatch {
+namespace apps {
+
+using Runner = std::function<int()>;
+
+Runner add_train_command(CLI::App& app);
+
+// Exit codes: 0 success, 1 failure at run time, 2 bad input (flags, config, data files), 3 diverged,
+// 130 interrupted by a signal.
+constexpr int kExitBadInput = 2;
+constexpr int kExitDiverged = 3;
+constexpr int kExitInterrupted = 130;
+
+}  // namespace apps
+}  // namespace largebatch

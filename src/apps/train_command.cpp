@@ -1,0 +1,176 @@
+// `largebatch train`: every option is a flag and a key of a JSON or TOML config file (--config).
+#include "commands.h"
+
+#include <largebatch/data/dataset.h>
+#include <largebatch/models/models.h>
+#include <largebatch/optim/factory.h>
+#include <largebatch/train/trainer.h>
+
+#include <nlohmann/json.hpp>
+
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+namespace largebatch {
+namespace apps {
+
+namespace {
+
+// Config files: JSON (an object whose keys are option names, as written to config.json) or CLI11's TOML.
+class JsonOrTomlConfig : public CLI::ConfigTOML {
+ public:
+  std::vector<CLI::ConfigItem> from_config(std::istream& input) const override {
+    std::stringstream ss;
+    ss << input.rdbuf();
+    const std::string text = ss.str();
+    const auto first = text.find_first_not_of(" \t\r\n");
+    if (first == std::string::npos || text[first] != '{') {
+      std::istringstream again(text);
+      return CLI::ConfigTOML::from_config(again);
+    }
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::parse_error& e) {
+      throw CLI::ConversionError("--config: not valid JSON: " + std::string(e.what()));
+    }
+    std::vector<CLI::ConfigItem> items;
+    for (auto it = j.begin(); it != j.end(); ++it) {
+      CLI::ConfigItem item;
+      item.name = it.key();
+      auto text_of = [](const nlohmann::json& v) {
+        if (v.is_string()) return v.get<std::string>();
+        if (v.is_boolean()) return std::string(v.get<bool>() ? "true" : "false");
+        return v.dump();
+      };
+      if (it.value().is_array()) {
+        for (const auto& v : it.value()) item.inputs.push_back(text_of(v));
+        if (item.inputs.empty()) continue;  // an empty list sets nothing
+      } else if (it.value().is_object()) {
+        throw CLI::ConversionError("--config: key '" + it.key() + "' holds an object; expected a value or a list");
+      } else {
+        item.inputs.push_back(text_of(it.value()));
+      }
+      items.push_back(std::move(item));
+    }
+    return items;
+  }
+};
+
+void on_signal(int) {
+  train::request_stop();
+  std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C ends the process at once
+  std::signal(SIGTERM, SIG_DFL);
+}
+
+std::string list(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+}  // namespace
+
+Runner add_train_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("train", "Train an image classifier with any optimizer");
+  auto config = std::make_shared<train::TrainConfig>();
+  auto opts = std::make_shared<std::vector<std::string>>();
+  auto& c = *config;
+  cmd->config_formatter(std::make_shared<JsonOrTomlConfig>());
+  cmd->set_config("--config", "", "Read options from a JSON or TOML file (keys = option names, as in config.json)");
+
+  std::vector<std::string> optimizers;
+  for (const auto& p : optim::layerwise_presets()) optimizers.push_back(p.name);
+  for (const auto& n : {"lars", "wa-lars", "tvlars", "lamb", "wa-lamb"}) optimizers.push_back(n);
+  for (const auto& n : optim::torch_optimizer_names()) optimizers.push_back(n);
+
+  cmd->add_option("--data", c.data, "Data set: " + list(data::dataset_names()))->capture_default_str();
+  cmd->add_option("--data-dir", c.data_dir,
+                  "Directory of the data set (default for fashion-mnist: /usr/share/datasets/fashion-mnist)");
+  cmd->add_option("--augment", c.augment,
+                  "auto (crop-flip for CIFAR and Tiny-ImageNet, none otherwise), none, flip, crop-flip, or paper "
+                  "(crop with 4-pixel padding + flip + rotation up to 15 degrees)")->capture_default_str();
+  cmd->add_flag("--drop-last,!--keep-last", c.drop_last, "Drop the last partial batch of each epoch (default: keep)");
+  cmd->add_option("--loader-workers", c.loader_workers, "Threads assembling batches")->capture_default_str();
+  cmd->add_option("--synthetic-size", c.synthetic_size, "Training images of --data synthetic")->capture_default_str();
+  cmd->add_option("--model", c.model, "Model: " + list(models::model_names()))->capture_default_str();
+  cmd->add_option("--init", c.init, "Weight initialisation of conv and linear layers: " + list(models::init_names()))
+      ->capture_default_str();
+  cmd->add_option("--optimizer", c.optimizer, "Optimizer or preset: " + list(optimizers))->capture_default_str();
+  cmd->add_option("--opt", *opts,
+                  "Optimizer option override key=value (repeatable), e.g. --opt lambda=1e-3 --opt momentum=0.95; "
+                  "`largebatch optimizers` lists the keys");
+  cmd->add_option("--lr", c.lr, "Base learning rate (default: the optimizer's tuned default, see README)");
+  cmd->add_option("--weight-decay", c.weight_decay, "Weight decay (default: the preset's)");
+  cmd->add_option("--schedule", c.schedule,
+                  "auto (constant for lars/tvlars/lamb, warm-up + cosine for wa-* and LibTorch optimizers), "
+                  "constant, cosine, warmup-cosine")->capture_default_str();
+  cmd->add_option("--warmup-epochs", c.warmup_epochs, "Warm-up length of warmup-cosine")->capture_default_str();
+  cmd->add_option("--lr-scaling", c.lr_scaling, "Peak = lr * scale(B / 256): none, linear, sqrt")->capture_default_str();
+  cmd->add_option("--final-ratio", c.final_ratio, "Final learning rate of the cosine as a fraction of the peak")
+      ->capture_default_str();
+  cmd->add_option("--batch-size", c.batch_size, "Global batch size B")->capture_default_str();
+  cmd->add_option("--micro-batch", c.micro_batch,
+                  "Accumulate gradients over micro-batches of this many images (0: whole batch at once); "
+                  "BatchNorm statistics are then per micro-batch")->capture_default_str();
+  cmd->add_option("--eval-batch-size", c.eval_batch_size, "Batch size of evaluation")->capture_default_str();
+  cmd->add_option("--epochs", c.epochs, "Epochs")->capture_default_str();
+  cmd->add_option("--seed", c.seed, "Seed of initialisation, data order and augmentation")->capture_default_str();
+  cmd->add_option("--threads", c.threads, "Intra-op threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--device", c.device, "cpu or cuda[:N]")->capture_default_str();
+  cmd->add_option("--out", c.out, "Output directory")->capture_default_str();
+  cmd->add_option("--telemetry-every", c.telemetry_every,
+                  "Write per-layer |w|, |d|, trust ratio and lr*r every N steps to telemetry.csv (0: off)")
+      ->capture_default_str();
+  cmd->add_flag("--resume", c.resume, "Continue the run in --out from its last checkpoint");
+  cmd->add_option("--progress", c.progress, "auto (a bar on a terminal), bar, lines, none")->capture_default_str();
+  cmd->add_flag("--plots,!--no-plots", c.plots,
+                "Draw curves.png, loss.png (and trust_ratios.png) with gnuplot (default: on)");
+
+  return [cmd, config, opts]() -> int {
+    if (!cmd->parsed()) return -1;
+    try {
+      for (const auto& item : *opts) {
+        for (const auto& kv : optim::parse_overrides(item)) config->optimizer_options[kv.first] = kv.second;
+      }
+    } catch (const std::invalid_argument& e) {
+      std::fprintf(stderr, "largebatch train: --opt: %s\n", e.what());
+      return kExitBadInput;
+    }
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+    try {
+      const auto summary = train::run_training(*config);
+      if (summary.status == "diverged") {
+        std::fprintf(stderr, "largebatch train: %s\n", summary.message.c_str());
+        return kExitDiverged;
+      }
+      if (summary.status == "interrupted") {
+        std::fprintf(stderr, "largebatch train: %s\n", summary.message.c_str());
+        return kExitInterrupted;
+      }
+      std::printf("done: final test top-1 %.4f, best %.4f (epoch %lld), %.1f s; outputs in %s\n",
+                  summary.final_test_top1, summary.best_test_top1, static_cast<long long>(summary.best_epoch),
+                  summary.wall_seconds, config->out.c_str());
+      return 0;
+    } catch (const train::UsageError& e) {
+      std::fprintf(stderr, "largebatch train: %s\n", e.what());
+      return kExitBadInput;
+    } catch (const data::DataError& e) {
+      std::fprintf(stderr, "largebatch train: %s\n", e.what());
+      return kExitBadInput;
+    } catch (const std::invalid_argument& e) {
+      std::fprintf(stderr, "largebatch train: %s\n", e.what());
+      return kExitBadInput;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "largebatch train: error: %s\n", e.what());
+      return 1;
+    }
+  };
+}
+
+}  // namespace apps
+}  // namespace largebatch

@@ -1,0 +1,144 @@
+#include <largebatch/report/plot.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+
+namespace fs = std::filesystem;
+
+namespace largebatch {
+namespace report {
+
+namespace {
+
+std::vector<std::string> split_csv_line(const std::string& line) {
+  std::vector<std::string> out;
+  std::stringstream ss(line);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(item);
+  return out;
+}
+
+int column_index(const std::string& csv, const std::string& column) {
+  std::ifstream in(csv);
+  std::string header;
+  if (!std::getline(in, header)) return -1;
+  const auto cols = split_csv_line(header);
+  for (size_t i = 0; i < cols.size(); ++i)
+    if (cols[i] == column) return static_cast<int>(i) + 1;  // gnuplot columns are 1-based
+  return -1;
+}
+
+std::string quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += (c == '\'') ? std::string("''") : std::string(1, c);
+  return out + "'";
+}
+
+}  // namespace
+
+bool gnuplot_available() { return std::system("command -v gnuplot >/dev/null 2>&1") == 0; }
+
+bool plot(const PlotSpec& spec, std::string* error) {
+  auto fail = [&](const std::string& why) {
+    if (error) *error = why;
+    return false;
+  };
+  if (spec.series.empty()) return fail("nothing to plot");
+  std::ostringstream gp;
+  gp << "set datafile separator ','\n"
+     << "set terminal pngcairo size 1000,600 noenhanced\n"
+     << "set output " << quote(spec.png) << "\n"
+     << "set title " << quote(spec.title) << "\n"
+     << "set xlabel " << quote(spec.x_label) << "\nset ylabel " << quote(spec.y_label) << "\n"
+     << "set key outside right\nset grid\n";
+  if (spec.log_y) gp << "set logscale y\n";
+  gp << "plot ";
+  bool first = true;
+  for (const auto& s : spec.series) {
+    const int x = column_index(s.csv, s.x_column), y = column_index(s.csv, s.y_column);
+    if (x < 0 || y < 0) return fail(s.csv + ": no column " + (x < 0 ? s.x_column : s.y_column));
+    std::string using_y = "($" + std::to_string(y) + ")";
+    if (!spec.filter_column.empty()) {
+      const int f = column_index(s.csv, spec.filter_column);
+      if (f < 0) return fail(s.csv + ": no column " + spec.filter_column);
+      using_y = "(strcol(" + std::to_string(f) + ") eq " + quote(spec.filter) + " ? $" + std::to_string(y) + " : 1/0)";
+    }
+    gp << (first ? "" : ", \\\n     ") << quote(s.csv) << " using " << x << ":" << using_y
+       << " every ::1 with linespoints title " << quote(s.title);
+    first = false;
+  }
+  gp << "\n";
+  const std::string script = fs::path(spec.png).replace_extension(".gp").string();
+  {
+    std::ofstream out(script);
+    if (!out) return fail("cannot write " + script);
+    out << gp.str();
+  }
+  if (!gnuplot_available()) return fail("gnuplot is not installed (script kept in " + script + ")");
+  const std::string cmd = "gnuplot " + quote(script) + " 2>" + quote(script + ".log");
+  if (std::system(cmd.c_str()) != 0) return fail("gnuplot failed; see " + script + ".log");
+  std::error_code ec;
+  fs::remove(script + ".log", ec);
+  return true;
+}
+
+std::vector<std::string> plot_run(const std::string& dir) {
+  std::vector<std::string> made;
+  const std::string metrics = (fs::path(dir) / "metrics.csv").string();
+  if (fs::exists(metrics)) {
+    PlotSpec acc{(fs::path(dir) / "curves.png").string(), "accuracy per epoch: " + dir, "epoch", "accuracy", false,
+                 {{metrics, "epoch", "train_acc", "train accuracy"}, {metrics, "epoch", "test_top1", "test top-1"}},
+                 "", ""};
+    if (plot(acc)) made.push_back(acc.png);
+    PlotSpec loss{(fs::path(dir) / "loss.png").string(), "loss per epoch: " + dir, "epoch", "cross-entropy", true,
+                  {{metrics, "epoch", "train_loss", "train loss"}, {metrics, "epoch", "test_loss", "test loss"}},
+                  "", ""};
+    if (plot(loss)) made.push_back(loss.png);
+  }
+  const std::string telemetry = (fs::path(dir) / "telemetry.csv").string();
+  if (fs::exists(telemetry)) {
+    // One series per layer: the layer names are the distinct values of the "layer" column.
+    std::ifstream in(telemetry);
+    std::string line;
+    std::getline(in, line);
+    const auto header = split_csv_line(line);
+    int layer_col = -1;
+    for (size_t i = 0; i < header.size(); ++i)
+      if (header[i] == "layer") layer_col = static_cast<int>(i);
+    std::vector<std::string> layers;
+    std::set<std::string> seen;
+    while (layer_col >= 0 && std::getline(in, line)) {
+      const auto cols = split_csv_line(line);
+      if (static_cast<int>(cols.size()) > layer_col && seen.insert(cols[layer_col]).second)
+        layers.push_back(cols[layer_col]);
+    }
+    if (!layers.empty()) {
+      // A script per layer would be unwieldy: draw all layers in one plot, filtered per series.
+      std::ostringstream gp;
+      const std::string png = (fs::path(dir) / "trust_ratios.png").string();
+      const int step = column_index(telemetry, "step"), ratio = column_index(telemetry, "trust_ratio");
+      gp << "set datafile separator ','\nset terminal pngcairo size 1200,700 noenhanced\nset output " << quote(png)
+         << "\nset title " << quote("layer-wise trust ratio (LNR, incl. phi_t): " + dir)
+         << "\nset xlabel 'step'\nset ylabel 'trust ratio'\nset logscale y\nset key outside right font ',7'\n"
+         << "set grid\nplot ";
+      for (size_t i = 0; i < layers.size(); ++i) {
+        gp << (i ? ", \\\n     " : "") << quote(telemetry) << " using " << step << ":(strcol(" << layer_col + 1
+           << ") eq " << quote(layers[i]) << " ? $" << ratio << " : 1/0) every ::1 with lines title "
+           << quote(layers[i]);
+      }
+      gp << "\n";
+      const std::string script = fs::path(png).replace_extension(".gp").string();
+      std::ofstream(script) << gp.str();
+      if (gnuplot_available() && std::system(("gnuplot " + quote(script) + " 2>/dev/null").c_str()) == 0)
+        made.push_back(png);
+    }
+  }
+  return made;
+}
+
+}  // namespace report
+}  // namespace largebatch
