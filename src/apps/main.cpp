@@ -9,7 +9,72 @@
 #include <iostream>
 #include <stdexcept>
 
+#include <nlohmann/json.hpp>
+
+#include <sstream>
+
 namespace lo = largebatch::optim;
+
+namespace {
+
+// Config files: JSON (an object whose keys are option names, as written to config.json) or CLI11's TOML.
+// Keys without a section belong to the subcommand given on the command line (e.g. train).
+class JsonOrTomlConfig : public CLI::ConfigTOML {
+ public:
+  explicit JsonOrTomlConfig(const CLI::App* app) : app_(app) {}
+
+  std::vector<CLI::ConfigItem> from_config(std::istream& input) const override {
+    auto items = parse(input);
+    const auto subcommands = app_->get_subcommands();
+    if (!subcommands.empty()) {
+      for (auto& item : items)
+        if (item.parents.empty()) item.parents.push_back(subcommands.front()->get_name());
+    }
+    return items;
+  }
+
+ private:
+  const CLI::App* app_;
+
+  std::vector<CLI::ConfigItem> parse(std::istream& input) const {
+    std::stringstream ss;
+    ss << input.rdbuf();
+    const std::string text = ss.str();
+    const auto first = text.find_first_not_of(" \t\r\n");
+    if (first == std::string::npos || text[first] != '{') {
+      std::istringstream again(text);
+      return CLI::ConfigTOML::from_config(again);
+    }
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::parse_error& e) {
+      throw CLI::ConversionError("--config: not valid JSON: " + std::string(e.what()));
+    }
+    std::vector<CLI::ConfigItem> items;
+    for (auto it = j.begin(); it != j.end(); ++it) {
+      CLI::ConfigItem item;
+      item.name = it.key();
+      auto text_of = [](const nlohmann::json& v) {
+        if (v.is_string()) return v.get<std::string>();
+        if (v.is_boolean()) return std::string(v.get<bool>() ? "true" : "false");
+        return v.dump();
+      };
+      if (it.value().is_array()) {
+        for (const auto& v : it.value()) item.inputs.push_back(text_of(v));
+        if (item.inputs.empty()) continue;  // an empty list sets nothing
+      } else if (it.value().is_object()) {
+        throw CLI::ConversionError("--config: key '" + it.key() + "' holds an object; expected a value or a list");
+      } else {
+        item.inputs.push_back(text_of(it.value()));
+      }
+      items.push_back(std::move(item));
+    }
+    return items;
+  }
+};
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"largebatch: large-batch training with layer-wise adaptive optimizers (LARS, TVLARS, LAMB)"};
@@ -36,6 +101,11 @@ int main(int argc, char** argv) {
   phi->add_option("--gamma-min", tv.gamma_min, "floor gamma_min (>= 0)")->capture_default_str();
   phi->add_option("--steps", phi_steps, "number of steps")->capture_default_str()->check(CLI::PositiveNumber);
 
+  app.config_formatter(std::make_shared<JsonOrTomlConfig>(&app));
+  app.set_config("--config", "",
+                 "Read a subcommand's options from a JSON or TOML file (keys = option names, as in a run's "
+                 "config.json); flags given on the command line win")
+      ->check(CLI::ExistingFile);
   auto run_train = largebatch::apps::add_train_command(app);
 
   try {

@@ -6,7 +6,6 @@
 #include <largebatch/optim/factory.h>
 #include <largebatch/train/trainer.h>
 
-#include <nlohmann/json.hpp>
 
 #include <csignal>
 #include <cstdio>
@@ -18,47 +17,6 @@ namespace largebatch {
 namespace apps {
 
 namespace {
-
-// Config files: JSON (an object whose keys are option names, as written to config.json) or CLI11's TOML.
-class JsonOrTomlConfig : public CLI::ConfigTOML {
- public:
-  std::vector<CLI::ConfigItem> from_config(std::istream& input) const override {
-    std::stringstream ss;
-    ss << input.rdbuf();
-    const std::string text = ss.str();
-    const auto first = text.find_first_not_of(" \t\r\n");
-    if (first == std::string::npos || text[first] != '{') {
-      std::istringstream again(text);
-      return CLI::ConfigTOML::from_config(again);
-    }
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::parse_error& e) {
-      throw CLI::ConversionError("--config: not valid JSON: " + std::string(e.what()));
-    }
-    std::vector<CLI::ConfigItem> items;
-    for (auto it = j.begin(); it != j.end(); ++it) {
-      CLI::ConfigItem item;
-      item.name = it.key();
-      auto text_of = [](const nlohmann::json& v) {
-        if (v.is_string()) return v.get<std::string>();
-        if (v.is_boolean()) return std::string(v.get<bool>() ? "true" : "false");
-        return v.dump();
-      };
-      if (it.value().is_array()) {
-        for (const auto& v : it.value()) item.inputs.push_back(text_of(v));
-        if (item.inputs.empty()) continue;  // an empty list sets nothing
-      } else if (it.value().is_object()) {
-        throw CLI::ConversionError("--config: key '" + it.key() + "' holds an object; expected a value or a list");
-      } else {
-        item.inputs.push_back(text_of(it.value()));
-      }
-      items.push_back(std::move(item));
-    }
-    return items;
-  }
-};
 
 void on_signal(int) {
   train::request_stop();
@@ -79,8 +37,7 @@ Runner add_train_command(CLI::App& app) {
   auto config = std::make_shared<train::TrainConfig>();
   auto opts = std::make_shared<std::vector<std::string>>();
   auto& c = *config;
-  cmd->config_formatter(std::make_shared<JsonOrTomlConfig>());
-  cmd->set_config("--config", "", "Read options from a JSON or TOML file (keys = option names, as in config.json)");
+  cmd->fallthrough();  // --config belongs to the program and may follow the subcommand
 
   std::vector<std::string> optimizers;
   for (const auto& p : optim::layerwise_presets()) optimizers.push_back(p.name);

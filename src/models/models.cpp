@@ -137,6 +137,22 @@ class CompactCNN : public ClassifierImpl {
   nn::Linear fc1{nullptr}, fc{nullptr};
 };
 
+// A two-layer perceptron without BatchNorm: the model for which gradient accumulation over
+// micro-batches equals one big batch exactly (up to summation order).
+class MLP : public ClassifierImpl {
+ public:
+  MLP(int64_t in_features, int64_t num_classes) {
+    fc1 = register_module("fc1", nn::Linear(in_features, 256));
+    fc = register_module("fc", nn::Linear(256, num_classes));
+  }
+  torch::Tensor features(const torch::Tensor& x) override { return torch::relu(fc1(x.flatten(1))); }
+  torch::Tensor forward(const torch::Tensor& x) override { return fc(features(x)); }
+  int64_t feature_dim() const override { return 256; }
+
+ private:
+  nn::Linear fc1{nullptr}, fc{nullptr};
+};
+
 // ------------------------------------------------------------------ EfficientNet-B0
 
 // A Sequential with a plain Tensor forward, so Sequentials can nest (torchvision's layout nests them).
@@ -234,7 +250,7 @@ std::string join(const std::vector<std::string>& v) {
 }  // namespace
 
 const std::vector<std::string>& model_names() {
-  static const std::vector<std::string> names = {"cnn", "resnet20", "resnet18", "resnet34", "resnet50",
+  static const std::vector<std::string> names = {"cnn", "mlp", "resnet20", "resnet18", "resnet34", "resnet50",
                                                  "resnet18-cifar", "resnet34-cifar", "resnet50-cifar",
                                                  "efficientnet-b0"};
   return names;
@@ -277,6 +293,7 @@ Classifier make_model(const ModelOptions& o) {
   const std::string& n = o.name;
   const std::vector<int64_t> widths = {64, 128, 256, 512};
   if (n == "cnn") model = std::make_shared<CompactCNN>(o.in_channels, o.image_size, o.num_classes);
+  else if (n == "mlp") model = std::make_shared<MLP>(o.in_channels * o.image_size * o.image_size, o.num_classes);
   else if (n == "resnet20") model = std::make_shared<ResNet>(std::vector<int64_t>{3, 3, 3}, std::vector<int64_t>{16, 32, 64}, false, false, o.in_channels, o.num_classes);
   else if (n == "resnet18" || n == "resnet18-cifar") model = std::make_shared<ResNet>(std::vector<int64_t>{2, 2, 2, 2}, widths, false, n == "resnet18", o.in_channels, o.num_classes);
   else if (n == "resnet34" || n == "resnet34-cifar") model = std::make_shared<ResNet>(std::vector<int64_t>{3, 4, 6, 3}, widths, false, n == "resnet34", o.in_channels, o.num_classes);

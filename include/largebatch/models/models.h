@@ -31,7 +31,8 @@ struct ModelOptions {
 };
 
 // resnet18, resnet34, resnet50 (ImageNet stem), resnet18-cifar, resnet34-cifar, resnet50-cifar (3x3 stem,
-// no max-pool), efficientnet-b0, resnet20 (CIFAR ResNet of He et al.), cnn (compact CNN for 28x28/32x32).
+// no max-pool), efficientnet-b0, resnet20 (CIFAR ResNet of He et al.), cnn (compact CNN for 28x28/32x32),
+// mlp (two layers, no BatchNorm).
 const std::vector<std::string>& model_names();
 // default (each model's own: torchvision's for the ResNets), xavier-uniform, xavier-normal, kaiming-uniform,
 // kaiming-normal. Non-default methods re-initialise every conv and linear weight and zero their biases.

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Bad input to `largebatch train`: each case must exit with code 2 and a one-line message naming the
+# file, field or flag, with no stack trace.
+set -u
+BIN="$1"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+passed=0
+failed=0
+
+expect() {  # expect NAME EXPECTED_CODE PATTERN -- ARGS...
+  local name="$1" code="$2" pattern="$3"
+  shift 4
+  local out rc
+  out=$("$BIN" "$@" 2>&1)
+  rc=$?
+  if [ "$rc" -eq "$code" ] && grep -q -- "$pattern" <<<"$out" && ! grep -q -E "terminate called|Exception raised from|what\(\):" <<<"$out"; then
+    passed=$((passed + 1))
+  else
+    failed=$((failed + 1))
+    echo "FAIL $name: exit $rc (expected $code), output:"
+    echo "$out" | head -5
+  fi
+}
+
+T="train --progress none --no-plots --threads 1 --epochs 1"
+
+# A missing data set, corrupt and truncated files.
+expect missing-dir 2 "$WORK/nowhere" -- $T --data mnist --data-dir "$WORK/nowhere" --out "$WORK/o1"
+mkdir -p "$WORK/badmagic"
+printf '\x00\x00\x08\x04\x00\x00\x00\x01\x00\x00\x00\x1c\x00\x00\x00\x1c' > "$WORK/badmagic/train-images-idx3-ubyte"
+printf '\x00\x00\x08\x01\x00\x00\x00\x01\x05' > "$WORK/badmagic/train-labels-idx1-ubyte"
+cp "$WORK/badmagic/train-images-idx3-ubyte" "$WORK/badmagic/t10k-images-idx3-ubyte"
+cp "$WORK/badmagic/train-labels-idx1-ubyte" "$WORK/badmagic/t10k-labels-idx1-ubyte"
+expect bad-magic 2 "train-images-idx3-ubyte.*magic" -- $T --data mnist --data-dir "$WORK/badmagic" --out "$WORK/o2"
+mkdir -p "$WORK/trunc"
+printf '\x00\x00\x08\x03\x00\x00\x00\x02\x00\x00\x00\x1c\x00\x00\x00\x1c\x01\x02\x03' > "$WORK/trunc/train-images-idx3-ubyte"
+printf '\x00\x00\x08\x01\x00\x00\x00\x02\x05\x01' > "$WORK/trunc/train-labels-idx1-ubyte"
+cp "$WORK/trunc/"* "$WORK/badmagic/" 2>/dev/null
+cp "$WORK/trunc/train-images-idx3-ubyte" "$WORK/trunc/t10k-images-idx3-ubyte"
+cp "$WORK/trunc/train-labels-idx1-ubyte" "$WORK/trunc/t10k-labels-idx1-ubyte"
+expect truncated 2 "train-images-idx3-ubyte.*truncated" -- $T --data mnist --data-dir "$WORK/trunc" --out "$WORK/o3"
+mkdir -p "$WORK/cifar"
+head -c 3072 /dev/zero > "$WORK/cifar/data_batch_1.bin"
+expect cifar-size 2 "data_batch_1.bin" -- $T --data cifar10 --data-dir "$WORK/cifar" --out "$WORK/o4"
+mkdir -p "$WORK/labels"
+printf '\x00\x00\x08\x03\x00\x00\x00\x01\x00\x00\x00\x1c\x00\x00\x00\x1c' > "$WORK/labels/train-images-idx3-ubyte"
+head -c 784 /dev/zero >> "$WORK/labels/train-images-idx3-ubyte"
+printf '\x00\x00\x08\x01\x00\x00\x00\x01\x0c' > "$WORK/labels/train-labels-idx1-ubyte"
+cp "$WORK/labels/train-images-idx3-ubyte" "$WORK/labels/t10k-images-idx3-ubyte"
+cp "$WORK/labels/train-labels-idx1-ubyte" "$WORK/labels/t10k-labels-idx1-ubyte"
+expect label-range 2 "label 12 out of range" -- $T --data mnist --data-dir "$WORK/labels" --out "$WORK/o5"
+
+# Unknown names and contradictory flags.
+S="$T --data synthetic --synthetic-size 256 --batch-size 64"
+expect unknown-data 2 "--data: unknown data set 'imagenet'" -- $T --data imagenet --out "$WORK/o6"
+expect unknown-model 2 "--model" -- $S --model vgg --out "$WORK/o7"
+expect unknown-optimizer 2 "unknown optimizer 'adamax'" -- $S --optimizer adamax --out "$WORK/o8"
+expect unknown-opt-key 2 "unknown optimizer option 'momentun'" -- $S --opt momentun=0.9 --out "$WORK/o9"
+expect bad-opt-value 2 "momentum = 1.5" -- $S --opt momentum=1.5 --out "$WORK/o10"
+expect opt-not-kv 2 "not key=value" -- $S --opt momentum --out "$WORK/o11"
+expect micro-batch 2 "--micro-batch 48 does not divide --batch-size 64" -- $S --micro-batch 48 --out "$WORK/o12"
+expect schedule 2 "--schedule" -- $S --schedule step --out "$WORK/o13"
+expect warmup 2 "--warmup-epochs" -- $S --schedule warmup-cosine --warmup-epochs 5 --out "$WORK/o14"
+expect no-checkpoint 2 "--resume: no checkpoint" -- $S --resume --out "$WORK/o15"
+expect not-a-number 2 "batch-size" -- $S --batch-size many --out "$WORK/o16"
+expect unknown-flag 2 "--frobnicate" -- $S --frobnicate --out "$WORK/o17"
+echo '{"lr": "fast"}' > "$WORK/bad.json"
+expect config-type 2 "lr" -- $S --config "$WORK/bad.json" --out "$WORK/o18"
+expect config-missing 2 "$WORK/none.json" -- $S --config "$WORK/none.json" --out "$WORK/o19"
+
+# An existing run is not overwritten; a resumed run must match the checkpointed one.
+"$BIN" $S --out "$WORK/run" >/dev/null 2>&1
+expect overwrite 2 "already holds a run" -- $S --out "$WORK/run"
+expect resume-mismatch 2 "--model differs" -- $S --model mlp --resume --out "$WORK/run"
+
+# A JSON config written by a run is accepted back (the saved config.json).
+out=$("$BIN" train --config "$WORK/run/config.json" --out "$WORK/again" --epochs 1 2>&1)
+if [ $? -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL config-roundtrip: $out" | head -5; fi
+
+# Divergence: exit 3 with the step and the layer with the largest trust ratio.
+expect diverged 3 "non-finite loss.*at step.*largest trust ratio" -- $S --optimizer lars --lr 1e30 --out "$WORK/o20"
+
+echo "cli bad input: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,266 @@
+// Models, initialisation, and the trainer: end-to-end runs on synthetic data, resume equivalence,
+// micro-batch equivalence, divergence handling and bad input.
+#include <largebatch/largebatch.h>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+namespace fs = std::filesystem;
+namespace lm = largebatch::models;
+namespace lt = largebatch::train;
+
+namespace {
+
+fs::path scratch(const std::string& name) {
+  std::random_device rd;
+  fs::path p = fs::temp_directory_path() / ("largebatch_" + name + "_" + std::to_string(rd()));
+  fs::remove_all(p);
+  return p;
+}
+
+struct ScratchDir {
+  explicit ScratchDir(const std::string& name) : path(scratch(name)) {}
+  ~ScratchDir() { fs::remove_all(path); }
+  fs::path path;
+};
+
+// ------------------------------------------------------------------ models
+
+TEST(Models, EveryModelBuildsAndClassifies) {
+  for (const auto& name : lm::model_names()) {
+    SCOPED_TRACE(name);
+    lm::ModelOptions o;
+    o.name = name;
+    o.in_channels = 3;
+    o.image_size = 32;
+    o.num_classes = 7;
+    auto model = lm::make_model(o);
+    model->eval();
+    torch::NoGradGuard no_grad;
+    const auto logits = model->forward(torch::randn({2, 3, 32, 32}));
+    EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{2, 7}));
+    EXPECT_EQ(model->features(torch::randn({2, 3, 32, 32})).size(1), model->feature_dim());
+  }
+}
+
+TEST(Models, TorchvisionLayoutAndSizes) {
+  lm::ModelOptions o;
+  o.name = "resnet18";
+  o.in_channels = 3;
+  o.image_size = 32;
+  o.num_classes = 1000;
+  auto r18 = lm::make_model(o);
+  const auto params = r18->named_parameters();
+  EXPECT_TRUE(params.contains("layer1.0.conv1.weight"));
+  EXPECT_TRUE(params.contains("layer2.0.downsample.0.weight"));
+  EXPECT_TRUE(params.contains("fc.weight"));
+  EXPECT_EQ(lm::parameter_count(*r18), 11689512);  // torchvision resnet18
+  o.name = "resnet50";
+  EXPECT_EQ(lm::parameter_count(*lm::make_model(o)), 25557032);  // torchvision resnet50
+  o.name = "efficientnet-b0";
+  EXPECT_EQ(lm::parameter_count(*lm::make_model(o)), 5288548);  // torchvision efficientnet_b0
+  o.name = "resnet20";
+  o.num_classes = 10;
+  EXPECT_NEAR(static_cast<double>(lm::parameter_count(*lm::make_model(o))), 0.27e6, 0.03e6);
+}
+
+double weight_std(const std::string& init) {
+  lm::ModelOptions o;
+  o.name = "cnn";
+  o.init = init;
+  return lm::make_model(o)->named_parameters()["conv2.weight"].std().item<double>();
+}
+
+TEST(Models, InitReallyChangesWeightStatistics) {
+  // conv2: 32 -> 64 channels, 3x3: fan_in = 288, fan_out = 576.
+  const double fan_in = 288, fan_out = 576;
+  EXPECT_NEAR(weight_std("default"), std::sqrt(2.0 / fan_out), 0.1 * std::sqrt(2.0 / fan_out));
+  EXPECT_NEAR(weight_std("kaiming-normal"), std::sqrt(2.0 / fan_in), 0.1 * std::sqrt(2.0 / fan_in));
+  EXPECT_NEAR(weight_std("kaiming-uniform"), std::sqrt(2.0 / fan_in), 0.1 * std::sqrt(2.0 / fan_in));
+  EXPECT_NEAR(weight_std("xavier-normal"), std::sqrt(2.0 / (fan_in + fan_out)), 0.1 * std::sqrt(2.0 / (fan_in + fan_out)));
+  EXPECT_NEAR(weight_std("xavier-uniform"), std::sqrt(2.0 / (fan_in + fan_out)), 0.1 * std::sqrt(2.0 / (fan_in + fan_out)));
+  // Uniform methods stay inside their bound; normal ones do not.
+  lm::ModelOptions o;
+  o.name = "cnn";
+  o.init = "xavier-uniform";
+  const double bound = std::sqrt(6.0 / (fan_in + fan_out));
+  EXPECT_LE(lm::make_model(o)->named_parameters()["conv2.weight"].abs().max().item<double>(), bound);
+  o.init = "kaiming-normal";
+  const auto params = lm::make_model(o)->named_parameters();
+  EXPECT_GT(params["conv2.weight"].abs().max().item<double>(), std::sqrt(6.0 / fan_in));
+  EXPECT_EQ(params["fc.bias"].abs().max().item<double>(), 0.0);  // biases zeroed
+}
+
+TEST(Models, BadOptionsAreNamed) {
+  lm::ModelOptions o;
+  o.name = "vgg16";
+  EXPECT_THROW(lm::make_model(o), std::invalid_argument);
+  o.name = "cnn";
+  o.init = "orthogonal";
+  try {
+    lm::make_model(o);
+    ADD_FAILURE();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("init"), std::string::npos);
+  }
+}
+
+// ------------------------------------------------------------------ trainer
+
+lt::TrainConfig small_run(const fs::path& out) {
+  lt::TrainConfig c;
+  c.data = "synthetic";
+  c.synthetic_size = 512;
+  c.model = "cnn";
+  c.batch_size = 128;
+  c.epochs = 3;
+  c.threads = 1;
+  c.loader_workers = 1;
+  c.progress = "none";
+  c.plots = false;
+  c.out = out.string();
+  return c;
+}
+
+lm::Classifier load_model(const fs::path& path, const std::string& name = "cnn") {
+  lm::ModelOptions o;
+  o.name = name;
+  auto model = lm::make_model(o);
+  torch::serialize::InputArchive archive;
+  archive.load_from(path.string());
+  model->load(archive);
+  return model;
+}
+
+TEST(Trainer, ShortRunOnSyntheticDataLearnsAndWritesEveryOutput) {
+  ScratchDir dir("run");
+  auto c = small_run(dir.path);
+  c.optimizer = "tvlars";
+  c.lr = 1.0;
+  c.batch_size = 64;
+  c.epochs = 4;
+  c.telemetry_every = 2;
+  const auto s = lt::run_training(c);
+  EXPECT_EQ(s.status, "completed");
+  ASSERT_EQ(s.history.size(), 4u);
+  EXPECT_LT(s.history.back().train_loss, 0.5 * s.history.front().train_loss);
+  EXPECT_GT(s.final_test_top1, 0.9);  // 10 classes: chance is 0.1
+  for (const char* f : {"config.json", "metrics.csv", "summary.json", "checkpoint.pt", "model.pt", "telemetry.csv"})
+    EXPECT_TRUE(fs::exists(dir.path / f)) << f;
+  std::ifstream metrics(dir.path / "metrics.csv");
+  std::string line;
+  int rows = -1;
+  while (std::getline(metrics, line)) ++rows;
+  EXPECT_EQ(rows, 4);
+  std::ifstream summary(dir.path / "summary.json");
+  const auto j = nlohmann::json::parse(summary);
+  EXPECT_EQ(j["status"], "completed");
+  EXPECT_EQ(j["best_test_top1"].get<double>(), s.best_test_top1);
+  // The saved config reloads to the same configuration.
+  std::ifstream cfg(dir.path / "config.json");
+  std::stringstream ss;
+  ss << cfg.rdbuf();
+  EXPECT_EQ(lt::TrainConfig::from_json(ss.str(), "config.json").to_json(), c.to_json());
+}
+
+TEST(Trainer, ResumeEqualsAnUninterruptedRun) {
+  ScratchDir straight("straight"), split("split");
+  auto a = small_run(straight.path);
+  a.optimizer = "lamb";
+  a.augment = "paper";  // augmentation randomness must continue identically too
+  lt::run_training(a);
+
+  auto b = small_run(split.path);
+  b.optimizer = "lamb";
+  b.augment = "paper";
+  b.epochs = 1;
+  lt::run_training(b);
+  b.epochs = 3;
+  b.resume = true;
+  const auto s = lt::run_training(b);
+  EXPECT_EQ(s.history.size(), 3u);
+
+  auto ma = load_model(straight.path / "model.pt"), mb = load_model(split.path / "model.pt");
+  const auto pa = ma->named_parameters(), pb = mb->named_parameters();
+  for (const auto& item : pa) EXPECT_TRUE(torch::equal(item.value(), pb[item.key()])) << item.key();
+  const auto ba = ma->named_buffers(), bb = mb->named_buffers();
+  for (const auto& item : ba) EXPECT_TRUE(torch::equal(item.value(), bb[item.key()])) << item.key();
+}
+
+TEST(Trainer, MicroBatchesEqualOneBigBatchWithoutBatchNorm) {
+  ScratchDir whole("whole"), micro("micro");
+  auto a = small_run(whole.path);
+  a.model = "mlp";
+  a.optimizer = "lars";
+  a.lr = 2.0;
+  a.epochs = 2;
+  lt::run_training(a);
+  auto b = a;
+  b.out = micro.path.string();
+  b.micro_batch = 32;
+  lt::run_training(b);
+  auto ma = load_model(whole.path / "model.pt", "mlp"), mb = load_model(micro.path / "model.pt", "mlp");
+  const auto pa = ma->named_parameters(), pb = mb->named_parameters();
+  for (const auto& item : pa) {
+    EXPECT_TRUE(torch::allclose(item.value(), pb[item.key()], 1e-4, 1e-6)) << item.key();
+  }
+}
+
+TEST(Trainer, DivergenceStopsAndNamesTheStepAndLayer) {
+  ScratchDir dir("diverge");
+  auto c = small_run(dir.path);
+  c.optimizer = "lars";
+  c.lr = 1e30;
+  const auto s = lt::run_training(c);
+  EXPECT_EQ(s.status, "diverged");
+  EXPECT_NE(s.message.find("non-finite loss"), std::string::npos) << s.message;
+  EXPECT_NE(s.message.find("at step"), std::string::npos) << s.message;
+  EXPECT_NE(s.message.find("largest trust ratio"), std::string::npos) << s.message;
+  std::ifstream summary(dir.path / "summary.json");
+  EXPECT_EQ(nlohmann::json::parse(summary)["status"], "diverged");
+}
+
+TEST(Trainer, BadInputIsAUsageErrorNamingTheFlag) {
+  ScratchDir dir("bad");
+  auto expect_usage = [&](lt::TrainConfig c, const std::string& needle) {
+    try {
+      lt::run_training(c);
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const lt::UsageError& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  auto c = small_run(dir.path);
+  auto bad = c;
+  bad.micro_batch = 100;
+  expect_usage(bad, "--micro-batch 100 does not divide --batch-size 128");
+  bad = c;
+  bad.model = "vgg";
+  expect_usage(bad, "--model");
+  bad = c;
+  bad.optimizer = "adamax";
+  expect_usage(bad, "--optimizer");
+  bad = c;
+  bad.optimizer_options["momentun"] = "0.9";
+  expect_usage(bad, "momentun");
+  bad = c;
+  bad.resume = true;
+  expect_usage(bad, "--resume: no checkpoint");
+  bad = c;
+  bad.device = "cuda";
+  if (!torch::cuda::is_available()) expect_usage(bad, "--device cuda");
+  // An existing run is never overwritten.
+  lt::run_training(c);
+  expect_usage(c, "already holds a run");
+  bad = c;
+  bad.resume = true;
+  bad.batch_size = 64;
+  expect_usage(bad, "--batch-size differs");
+}
+
+}  // namespace
