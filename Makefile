@@ -4,7 +4,7 @@ BUILD_TYPE ?= Release
 JOBS       ?= 2
 CMAKE_ARGS ?=
 
-.PHONY: all setup configure build test install clean
+.PHONY: all setup configure build test install clean demo
 
 all: build
 
@@ -21,6 +21,9 @@ build: setup configure
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+
+demo: build
+	bash scripts/demo.sh $(BUILD_DIR)/largebatch
 
 install: build
 	cmake --install $(BUILD_DIR) $(if $(PREFIX),--prefix $(PREFIX),)

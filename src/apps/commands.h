@@ -10,6 +10,8 @@ namespace apps {
 using Runner = std::function<int()>;
 
 Runner add_train_command(CLI::App& app);
+Runner add_summarize_command(CLI::App& app);
+Runner add_bench_command(CLI::App& app);
 
 // Exit codes: 0 success, 1 failure at run time, 2 bad input (flags, config, data files), 3 diverged,
 // 130 interrupted by a signal.

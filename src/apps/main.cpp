@@ -107,6 +107,8 @@ int main(int argc, char** argv) {
                  "config.json); flags given on the command line win")
       ->check(CLI::ExistingFile);
   auto run_train = largebatch::apps::add_train_command(app);
+  auto run_summarize = largebatch::apps::add_summarize_command(app);
+  auto run_bench = largebatch::apps::add_bench_command(app);
 
   try {
     app.parse(argc, argv);
@@ -120,6 +122,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (int rc = run_train(); rc >= 0) return rc;
+    if (int rc = run_summarize(); rc >= 0) return rc;
+    if (int rc = run_bench(); rc >= 0) return rc;
     if (list->parsed()) {
       for (const auto& p : lo::layerwise_presets()) {
         std::cout << p.name << "  (" << p.schedule << " schedule)\n  " << p.description << "\n  "

@@ -1,0 +1,120 @@
+// `largebatch bench pipeline`: input-pipeline images/s against training images/s, measured in one run.
+#include "commands.h"
+
+#include <largebatch/data/pipeline.h>
+#include <largebatch/models/models.h>
+#include <largebatch/optim/factory.h>
+#include <largebatch/train/trainer.h>
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+namespace largebatch {
+namespace apps {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+data::AugmentOptions augment_named(const std::string& name) {
+  data::AugmentOptions a;
+  a.random_crop = name == "crop-flip" || name == "paper";
+  a.horizontal_flip = name != "none";
+  a.max_rotation_deg = name == "paper" ? 15.0 : 0.0;
+  return a;
+}
+
+}  // namespace
+
+Runner add_bench_command(CLI::App& app) {
+  auto* bench = app.add_subcommand("bench", "Measure speed");
+  bench->require_subcommand(1);
+  auto* pipe = bench->add_subcommand("pipeline", "Input-pipeline images/s against training images/s, in one run");
+  struct Args {
+    std::string data = "fashion-mnist", data_dir, augment = "paper", model = "cnn", optimizer = "tvlars";
+    int64_t batch = 4096, batches = 12, threads = 0;
+    std::vector<int64_t> workers{1, 2};
+  };
+  auto a = std::make_shared<Args>();
+  pipe->add_option("--data", a->data, "Data set")->capture_default_str();
+  pipe->add_option("--data-dir", a->data_dir, "Directory of the data set");
+  pipe->add_option("--augment", a->augment, "none, flip, crop-flip, paper")->capture_default_str();
+  pipe->add_option("--model", a->model, "Model trained for the training rate")->capture_default_str();
+  pipe->add_option("--optimizer", a->optimizer, "Optimizer of the training step")->capture_default_str();
+  pipe->add_option("--batch-size", a->batch, "Batch size")->capture_default_str()->check(CLI::PositiveNumber);
+  pipe->add_option("--batches", a->batches, "Batches timed per measurement")->capture_default_str()->check(CLI::PositiveNumber);
+  pipe->add_option("--workers", a->workers, "Loader worker counts to measure")->capture_default_str();
+  pipe->add_option("--threads", a->threads, "Intra-op threads of training (0: all cores)")->capture_default_str();
+
+  return [pipe, a]() -> int {
+    if (!pipe->parsed()) return -1;
+    try {
+      const int threads = a->threads > 0 ? static_cast<int>(a->threads)
+                                         : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+      torch::set_num_threads(threads);
+      const auto split = data::load_dataset(a->data, a->data_dir);
+      std::printf("largebatch bench pipeline: %s, batch %lld, augment %s, %lld batches per measurement\n",
+                  a->data.c_str(), static_cast<long long>(a->batch), a->augment.c_str(),
+                  static_cast<long long>(a->batches));
+      std::printf("| what | images/s | ratio to training |\n| --- | --- | --- |\n");
+
+      // Training rate: forward, backward and optimizer step on batches already in memory.
+      models::ModelOptions mo;
+      mo.name = a->model;
+      mo.num_classes = split.train.num_classes;
+      mo.in_channels = split.train.channels();
+      mo.image_size = split.train.height();
+      auto model = models::make_model(mo);
+      auto opt = optim::make_optimizer({a->optimizer, train::default_lr(a->optimizer, a->batch), a->batch, {}},
+                                       model->named_parameters());
+      data::LoaderOptions lo;
+      lo.batch_size = a->batch;
+      lo.augment = augment_named(a->augment);
+      lo.workers = 1;
+      data::BatchLoader warm(split.train, lo);
+      warm.start_epoch(0);
+      data::Batch batch;
+      warm.next(batch);
+      auto step = [&]() {
+        opt->zero_grad();
+        torch::nn::functional::cross_entropy(model->forward(batch.images), batch.labels).backward();
+        opt->step();
+      };
+      step();  // warm-up
+      auto t0 = Clock::now();
+      for (int64_t i = 0; i < a->batches; ++i) step();
+      const double train_rate = static_cast<double>(a->batch * a->batches) / since(t0);
+      std::printf("| training step (%s, %s, %d threads) | %.0f | 1.00 |\n", a->model.c_str(), a->optimizer.c_str(),
+                  threads, train_rate);
+
+      // Pipeline rate: batches assembled and augmented by the loader, nothing else running.
+      for (int64_t workers : a->workers) {
+        lo.workers = workers;
+        data::BatchLoader loader(split.train, lo);
+        int64_t images = 0;
+        auto t1 = Clock::now();
+        for (int64_t epoch = 0; images < a->batch * a->batches; ++epoch) {
+          loader.start_epoch(epoch);
+          while (images < a->batch * a->batches && loader.next(batch)) images += batch.labels.size(0);
+        }
+        const double rate = static_cast<double>(images) / since(t1);
+        std::printf("| input pipeline, %lld worker%s | %.0f | %.2f |\n", static_cast<long long>(workers),
+                    workers == 1 ? "" : "s", rate, rate / train_rate);
+      }
+      return 0;
+    } catch (const data::DataError& e) {
+      std::fprintf(stderr, "largebatch bench: %s\n", e.what());
+      return kExitBadInput;
+    } catch (const std::invalid_argument& e) {
+      std::fprintf(stderr, "largebatch bench: %s\n", e.what());
+      return kExitBadInput;
+    }
+  };
+}
+
+}  // namespace apps
+}  // namespace largebatch
