@@ -11,8 +11,8 @@ echo "== largebatch demo: Fashion-MNIST, batch 4096, $EPOCHS epochs per optimize
 for opt in tvlars wa-lars; do
   echo
   echo "== $opt"
-  "$BIN" train --optimizer "$opt" --batch-size 4096 --epochs "$EPOCHS" --telemetry-every 5 --progress lines \
-    --out "$OUT/$opt"
+  "$BIN" train --optimizer "$opt" --batch-size 4096 --epochs "$EPOCHS" --warmup-epochs 1 --telemetry-every 5 \
+    --progress lines --out "$OUT/$opt"
 done
 echo
 echo "== comparison"

@@ -78,6 +78,11 @@ expect resume-mismatch 2 "--model differs" -- $S --model mlp --resume --out "$WO
 out=$("$BIN" train --config "$WORK/run/config.json" --out "$WORK/again" --epochs 1 2>&1)
 if [ $? -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL config-roundtrip: $out" | head -5; fi
 
+# summarize: a table row for a run, exit 2 naming a directory that holds none.
+out=$("$BIN" summarize "$WORK/run" 2>&1)
+if [ $? -eq 0 ] && grep -q "| $WORK/run | tvlars | 64 | 1 |" <<<"$out"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL summarize: $out" | head -5; fi
+expect summarize-not-a-run 2 "$WORK/badmagic: no summary.json" -- summarize "$WORK/badmagic"
+
 # Divergence: exit 3 with the step and the layer with the largest trust ratio.
 expect diverged 3 "non-finite loss.*at step.*largest trust ratio" -- $S --optimizer lars --lr 1e30 --out "$WORK/o20"
 

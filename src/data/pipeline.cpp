@@ -362,14 +362,17 @@ bool BatchLoader::next(Batch& batch) {
   const int64_t index = next_to_return_;
   const auto t0 = std::chrono::steady_clock::now();
   auto waited = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
-  if (workers_.empty()) {  // workers == 0: assemble on the caller's thread
-    Batch b;
+  // Assembles on the caller's thread; the time counts as waiting, also when it throws.
+  auto assemble_here = [&] {
     try {
-      b = assemble(epoch_, index, order_);
+      return assemble(epoch_, index, order_);
     } catch (...) {
       wait_seconds_ += waited();
       throw;
     }
+  };
+  if (workers_.empty()) {  // workers == 0: assemble on the caller's thread
+    Batch b = assemble_here();
     wait_seconds_ += waited();
     std::lock_guard<std::mutex> lock(mutex_);
     ++next_to_return_;
@@ -383,13 +386,7 @@ bool BatchLoader::next(Batch& batch) {
     // The worker failed on this batch: rethrow its exception here. It stays pending, so that a
     // retry fails the same way.
     lock.unlock();
-    Batch b;
-    try {
-      b = assemble(epoch_, index, order_);
-    } catch (...) {
-      wait_seconds_ += waited();
-      throw;
-    }
+    Batch b = assemble_here();
     lock.lock();
     it = ready_.find(index);
     it->second = std::move(b);

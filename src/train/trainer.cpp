@@ -206,8 +206,6 @@ void TrainConfig::validate() const {
   if (lr != -1 && !(lr >= 0 && std::isfinite(lr))) usage("--lr must be finite and >= 0");
   if (weight_decay != -1 && !(weight_decay >= 0 && std::isfinite(weight_decay))) usage("--weight-decay must be >= 0");
   if (!(warmup_epochs >= 0)) usage("--warmup-epochs must be >= 0");
-  if (warmup_epochs > epochs && (schedule == "warmup-cosine"))
-    usage("--warmup-epochs " + std::to_string(warmup_epochs) + " is longer than --epochs " + std::to_string(epochs));
   if (!(final_ratio >= 0 && final_ratio <= 1)) usage("--final-ratio must be in [0, 1]");
   if (out.empty()) usage("--out must not be empty");
   if (!(device == "cpu" || device.rfind("cuda", 0) == 0)) usage("--device: '" + device + "' is not cpu or cuda[:N]");
@@ -216,7 +214,9 @@ void TrainConfig::validate() const {
 double default_lr(const std::string& optimizer, int64_t batch_size) {
   const std::string name = lo::resolve_optimizer_name(optimizer);
   const double scale = static_cast<double>(batch_size) / 256.0;
-  if (name.rfind("lars", 0) == 0 || name.rfind("tvlars", 0) == 0) return 10.0;  // trust ratio sets the scale
+  // LARS family: the trust ratio sets each layer's scale; 4 was the best of 1, 3, 4, 5, 8 for the default
+  // CNN on Fashion-MNIST at B = 4096 (the 1-D tensors take plain SGD at this rate, so higher is noisier).
+  if (name.rfind("lars", 0) == 0 || name.rfind("tvlars", 0) == 0) return 4.0;
   if (name.rfind("lamb", 0) == 0) return 0.01;
   if (name == "sgd") return 0.1 * scale;
   if (name == "rmsprop") return 1e-3;
@@ -446,6 +446,12 @@ TrainSummary run_training(const TrainConfig& config) {
   const auto t_start = Clock::now();
   config.validate();
   const Resolved resolved = resolve(config);
+  if (resolved.schedule == "warmup-cosine" && config.warmup_epochs > static_cast<double>(config.epochs)) {
+    std::ostringstream msg;
+    msg << "--warmup-epochs " << config.warmup_epochs << " is longer than --epochs " << config.epochs
+        << " (the " << config.optimizer << " schedule is warmup-cosine)";
+    usage(msg.str());
+  }
   torch::set_num_threads(config.threads > 0 ? static_cast<int>(config.threads)
                                             : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   const torch::Device device = parse_device(config.device);
@@ -514,11 +520,11 @@ TrainSummary run_training(const TrainConfig& config) {
   std::unique_ptr<torch::optim::Optimizer> optimizer;
   try {
     auto options = resolved.optimizer_options;
-    // TVLARS's phi_t is the only schedule: unless --opt lambda is given, lambda = 3 / T makes phi fall from
-    // about 0.9 to about 0.05 over the run (T = total steps), whatever the batch size and epochs.
+    // TVLARS's phi_t is the only schedule: unless --opt lambda is given, lambda = 2 / T makes phi fall from
+    // about 0.9 to about 0.13 over the run (T = total steps), whatever the batch size and epochs.
     if (lo::resolve_optimizer_name(config.optimizer).rfind("tvlars", 0) == 0 && !options.count("lambda")) {
       std::ostringstream lambda;
-      lambda << std::setprecision(6) << 3.0 / static_cast<double>(total_steps);
+      lambda << std::setprecision(6) << 2.0 / static_cast<double>(total_steps);
       options["lambda"] = lambda.str();
     }
     optimizer = lo::make_optimizer({config.optimizer, resolved.lr, config.batch_size, options},
