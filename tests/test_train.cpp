@@ -145,6 +145,7 @@ TEST(Trainer, ShortRunOnSyntheticDataLearnsAndWritesEveryOutput) {
   c.batch_size = 64;
   c.epochs = 4;
   c.telemetry_every = 2;
+  c.plots = true;
   const auto s = lt::run_training(c);
   EXPECT_EQ(s.status, "completed");
   ASSERT_EQ(s.history.size(), 4u);
@@ -161,6 +162,15 @@ TEST(Trainer, ShortRunOnSyntheticDataLearnsAndWritesEveryOutput) {
   const auto j = nlohmann::json::parse(summary);
   EXPECT_EQ(j["status"], "completed");
   EXPECT_EQ(j["best_test_top1"].get<double>(), s.best_test_top1);
+  // Plots: one line per layer from inline data blocks (interleaved CSV rows would break filtered lines).
+  if (largebatch::report::gnuplot_available()) {
+    for (const char* f : {"curves.png", "loss.png", "trust_ratios.png"}) EXPECT_GT(fs::file_size(dir.path / f), 1000u) << f;
+    std::ifstream gp(dir.path / "trust_ratios.gp");
+    std::stringstream script;
+    script << gp.rdbuf();
+    EXPECT_NE(script.str().find("$L3 << EOD"), std::string::npos);  // conv1, conv2, fc1, fc: four layers
+    EXPECT_NE(script.str().find("title 'fc1.weight'"), std::string::npos);
+  }
   // The saved config reloads to the same configuration.
   std::ifstream cfg(dir.path / "config.json");
   std::stringstream ss;

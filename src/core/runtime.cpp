@@ -5,6 +5,7 @@
 
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 namespace largebatch {
 
@@ -42,7 +43,8 @@ std::string runtime_summary() {
   std::string blas = loaded_blas();
   os << "largebatch " << version() << " | LibTorch " << TORCH_VERSION << " | BLAS "
      << (blas.empty() ? "none loaded" : blas) << " | allocator " << (tcmalloc_loaded() ? "tcmalloc" : "system malloc")
-     << " | threads " << torch::get_num_threads() << " | CUDA "
+     << " | intra-op threads " << torch::get_num_threads() << " of " << std::thread::hardware_concurrency()
+     << " cores (train sets --threads) | CUDA "
      << (torch::cuda::is_available() ? std::to_string(torch::cuda::device_count()) + " device(s)" : "unavailable");
   return os.str();
 }

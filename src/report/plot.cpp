@@ -3,8 +3,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <algorithm>
 #include <map>
-#include <set>
 #include <sstream>
 
 namespace fs = std::filesystem;
@@ -22,14 +22,18 @@ std::vector<std::string> split_csv_line(const std::string& line) {
   return out;
 }
 
+int index_of(const std::vector<std::string>& columns, const std::string& name) {
+  for (size_t i = 0; i < columns.size(); ++i)
+    if (columns[i] == name) return static_cast<int>(i);
+  return -1;
+}
+
 int column_index(const std::string& csv, const std::string& column) {
   std::ifstream in(csv);
   std::string header;
   if (!std::getline(in, header)) return -1;
-  const auto cols = split_csv_line(header);
-  for (size_t i = 0; i < cols.size(); ++i)
-    if (cols[i] == column) return static_cast<int>(i) + 1;  // gnuplot columns are 1-based
-  return -1;
+  const int i = index_of(split_csv_line(header), column);
+  return i < 0 ? -1 : i + 1;  // gnuplot columns are 1-based
 }
 
 std::string quote(const std::string& s) {
@@ -106,30 +110,30 @@ std::vector<std::string> plot_run(const std::string& dir) {
     std::string line;
     std::getline(in, line);
     const auto header = split_csv_line(line);
-    int layer_col = -1;
-    for (size_t i = 0; i < header.size(); ++i)
-      if (header[i] == "layer") layer_col = static_cast<int>(i);
+    const int layer_col = index_of(header, "layer"), step_col = index_of(header, "step"),
+              ratio_col = index_of(header, "trust_ratio");
+    // Rows of the layers interleave, so a filtered column would leave every line broken: the script
+    // carries one inline data block per layer instead (and stays self-contained).
     std::vector<std::string> layers;
-    std::set<std::string> seen;
-    while (layer_col >= 0 && std::getline(in, line)) {
+    std::map<std::string, std::string> points;
+    while (layer_col >= 0 && step_col >= 0 && ratio_col >= 0 && std::getline(in, line)) {
       const auto cols = split_csv_line(line);
-      if (static_cast<int>(cols.size()) > layer_col && seen.insert(cols[layer_col]).second)
-        layers.push_back(cols[layer_col]);
+      const int needed = std::max({layer_col, step_col, ratio_col});
+      if (static_cast<int>(cols.size()) <= needed) continue;
+      if (!points.count(cols[layer_col])) layers.push_back(cols[layer_col]);
+      points[cols[layer_col]] += cols[step_col] + "," + cols[ratio_col] + "\n";
     }
     if (!layers.empty()) {
-      // A script per layer would be unwieldy: draw all layers in one plot, filtered per series.
       std::ostringstream gp;
       const std::string png = (fs::path(dir) / "trust_ratios.png").string();
-      const int step = column_index(telemetry, "step"), ratio = column_index(telemetry, "trust_ratio");
-      gp << "set datafile separator ','\nset terminal pngcairo size 1200,700 noenhanced\nset output " << quote(png)
+      gp << "set datafile separator ','\n";
+      for (size_t i = 0; i < layers.size(); ++i) gp << "$L" << i << " << EOD\n" << points[layers[i]] << "EOD\n";
+      gp << "set terminal pngcairo size 1200,700 noenhanced\nset output " << quote(png)
          << "\nset title " << quote("layer-wise trust ratio (LNR, incl. phi_t): " + dir)
          << "\nset xlabel 'step'\nset ylabel 'trust ratio'\nset logscale y\nset key outside right font ',7'\n"
          << "set grid\nplot ";
-      for (size_t i = 0; i < layers.size(); ++i) {
-        gp << (i ? ", \\\n     " : "") << quote(telemetry) << " using " << step << ":(strcol(" << layer_col + 1
-           << ") eq " << quote(layers[i]) << " ? $" << ratio << " : 1/0) every ::1 with lines title "
-           << quote(layers[i]);
-      }
+      for (size_t i = 0; i < layers.size(); ++i)
+        gp << (i ? ", \\\n     " : "") << "$L" << i << " using 1:2 with linespoints title " << quote(layers[i]);
       gp << "\n";
       const std::string script = fs::path(png).replace_extension(".gp").string();
       std::ofstream(script) << gp.str();
