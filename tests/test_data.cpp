@@ -663,6 +663,25 @@ TEST(PipelineTest, LoadDatasetDispatchAndErrors) {
   EXPECT_EQ(load_dataset("synthetic", "").train.size(), 2048);
 }
 
+TEST(PipelineTest, AugmentPresetsByName) {
+  const AugmentOptions none = augment_preset("none");
+  EXPECT_FALSE(none.random_crop || none.horizontal_flip || none.max_rotation_deg != 0);
+  const AugmentOptions flip = augment_preset("flip");
+  EXPECT_TRUE(flip.horizontal_flip && !flip.random_crop);
+  const AugmentOptions crop_flip = augment_preset("crop-flip");
+  EXPECT_TRUE(crop_flip.horizontal_flip && crop_flip.random_crop && crop_flip.max_rotation_deg == 0);
+  EXPECT_EQ(augment_preset("paper").max_rotation_deg, 15.0);
+  EXPECT_TRUE(augment_preset("auto", "cifar10").random_crop);
+  EXPECT_TRUE(augment_preset("auto", "tiny-imagenet").random_crop);
+  EXPECT_FALSE(augment_preset("auto", "fashion-mnist").horizontal_flip);
+  try {
+    augment_preset("mixup");
+    ADD_FAILURE() << "unknown preset accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("mixup"), std::string::npos);
+  }
+}
+
 // =====================================================================================================
 // Loader
 // =====================================================================================================

@@ -20,14 +20,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-data::AugmentOptions augment_named(const std::string& name) {
-  data::AugmentOptions a;
-  a.random_crop = name == "crop-flip" || name == "paper";
-  a.horizontal_flip = name != "none";
-  a.max_rotation_deg = name == "paper" ? 15.0 : 0.0;
-  return a;
-}
-
 }  // namespace
 
 Runner add_bench_command(CLI::App& app) {
@@ -42,7 +34,9 @@ Runner add_bench_command(CLI::App& app) {
   auto a = std::make_shared<Args>();
   pipe->add_option("--data", a->data, "Data set")->capture_default_str();
   pipe->add_option("--data-dir", a->data_dir, "Directory of the data set");
-  pipe->add_option("--augment", a->augment, "none, flip, crop-flip, paper")->capture_default_str();
+  pipe->add_option("--augment", a->augment, "none, flip, crop-flip, paper")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "none", "flip", "crop-flip", "paper"}));
   pipe->add_option("--model", a->model, "Model trained for the training rate")->capture_default_str();
   pipe->add_option("--optimizer", a->optimizer, "Optimizer of the training step")->capture_default_str();
   pipe->add_option("--batch-size", a->batch, "Batch size")->capture_default_str()->check(CLI::PositiveNumber);
@@ -73,7 +67,7 @@ Runner add_bench_command(CLI::App& app) {
                                        model->named_parameters());
       data::LoaderOptions lo;
       lo.batch_size = a->batch;
-      lo.augment = augment_named(a->augment);
+      lo.augment = data::augment_preset(a->augment, a->data);
       lo.workers = 1;
       data::BatchLoader warm(split.train, lo);
       warm.start_epoch(0);

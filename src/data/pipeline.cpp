@@ -400,5 +400,18 @@ bool BatchLoader::next(Batch& batch) {
   return true;
 }
 
+AugmentOptions augment_preset(const std::string& name, const std::string& data_set) {
+  std::string preset = name;
+  if (preset == "auto")
+    preset = (data_set == "cifar10" || data_set == "cifar100" || data_set == "tiny-imagenet") ? "crop-flip" : "none";
+  if (preset != "none" && preset != "flip" && preset != "crop-flip" && preset != "paper")
+    throw std::invalid_argument("augmentation '" + name + "' is not auto, none, flip, crop-flip or paper");
+  AugmentOptions a;
+  a.random_crop = preset == "crop-flip" || preset == "paper";
+  a.horizontal_flip = preset != "none";
+  a.max_rotation_deg = preset == "paper" ? 15.0 : 0.0;
+  return a;
+}
+
 }  // namespace data
 }  // namespace largebatch

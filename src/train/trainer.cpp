@@ -250,11 +250,7 @@ Resolved resolve(const TrainConfig& c) {
     r.optimizer_options["weight_decay"] = name == "adamw" ? "0.05" : "5e-4";
   if (!is_layerwise(raw) && !r.optimizer_options.count("decay_mask")) r.optimizer_options["decay_mask"] = "ndim<=1";
   if (c.weight_decay >= 0) r.optimizer_options["weight_decay"] = std::to_string(c.weight_decay);
-  std::string aug = c.augment;
-  if (aug == "auto") aug = (c.data == "cifar10" || c.data == "cifar100" || c.data == "tiny-imagenet") ? "crop-flip" : "none";
-  r.augment.random_crop = aug == "crop-flip" || aug == "paper";
-  r.augment.horizontal_flip = aug != "none";
-  r.augment.max_rotation_deg = aug == "paper" ? 15.0 : 0.0;
+  r.augment = data::augment_preset(c.augment, c.data);  // the name was checked by validate()
   return r;
 }
 

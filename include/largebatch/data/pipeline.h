@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -26,6 +27,11 @@ struct AugmentOptions {
   double max_rotation_deg = 0;    // uniform in [-max, max], bilinear, zero fill
   bool normalize = true;          // (x / 255 - mean) / std with the data set's mean and std
 };
+
+// Named augmentation presets shared by every command: "none", "flip", "crop-flip" (pad-4 crop + flip) and
+// "paper" (crop + flip + rotation up to 15 degrees, as in the paper's code); "auto" picks crop-flip for the
+// colour data sets (CIFAR, Tiny-ImageNet) and none otherwise. Throws std::invalid_argument on other names.
+AugmentOptions augment_preset(const std::string& name, const std::string& data_set = "");
 
 struct LoaderOptions {
   int64_t batch_size = 256;
