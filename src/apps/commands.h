@@ -12,12 +12,15 @@ using Runner = std::function<int()>;
 Runner add_train_command(CLI::App& app);
 Runner add_summarize_command(CLI::App& app);
 Runner add_bench_command(CLI::App& app);
+Runner add_launch_command(CLI::App& app);
 
 // Exit codes: 0 success, 1 failure at run time, 2 bad input (flags, config, data files), 3 diverged,
-// 130 interrupted by a signal.
+// 4 a data-parallel peer was lost, 130 interrupted by a signal.
 constexpr int kExitBadInput = 2;
 constexpr int kExitDiverged = 3;
 constexpr int kExitInterrupted = 130;
+// A data-parallel peer died or stopped answering (the message names it).
+constexpr int kExitPeerLost = 4;
 
 }  // namespace apps
 }  // namespace largebatch

@@ -109,6 +109,7 @@ int main(int argc, char** argv) {
   auto run_train = largebatch::apps::add_train_command(app);
   auto run_summarize = largebatch::apps::add_summarize_command(app);
   auto run_bench = largebatch::apps::add_bench_command(app);
+  auto run_launch = largebatch::apps::add_launch_command(app);
 
   try {
     app.parse(argc, argv);
@@ -124,6 +125,7 @@ int main(int argc, char** argv) {
     if (int rc = run_train(); rc >= 0) return rc;
     if (int rc = run_summarize(); rc >= 0) return rc;
     if (int rc = run_bench(); rc >= 0) return rc;
+    if (int rc = run_launch(); rc >= 0) return rc;
     if (list->parsed()) {
       for (const auto& p : lo::layerwise_presets()) {
         std::cout << p.name << "  (" << p.schedule << " schedule)\n  " << p.description << "\n  "

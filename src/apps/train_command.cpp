@@ -4,6 +4,7 @@
 #include <largebatch/data/dataset.h>
 #include <largebatch/models/models.h>
 #include <largebatch/optim/factory.h>
+#include <largebatch/dist/dist.h>
 #include <largebatch/train/trainer.h>
 
 
@@ -84,6 +85,14 @@ Runner add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--resume", c.resume, "Continue the run in --out from its last checkpoint");
   cmd->add_option("--progress", c.progress, "auto (a bar on a terminal), bar, lines, none")->capture_default_str();
+  cmd->add_flag("--sync-bn", c.sync_bn,
+                "Data parallel: BatchNorm statistics over the global batch (default: per rank, as DDP)");
+  cmd->add_option("--dist-timeout", c.dist_timeout,
+                  "Data parallel: seconds to wait for the rendezvous and for any collective before naming the rank "
+                  "that stopped answering and exiting")->capture_default_str();
+  cmd->add_option("--bucket-mb", c.bucket_mb,
+                  "Data parallel: gradient all-reduce bucket size in MiB (smaller = more overlap with backward)")
+      ->capture_default_str();
   cmd->add_flag("--plots,!--no-plots", c.plots,
                 "Draw curves.png, loss.png (and trust_ratios.png) with gnuplot (default: on)");
 
@@ -109,10 +118,14 @@ Runner add_train_command(CLI::App& app) {
         std::fprintf(stderr, "largebatch train: %s\n", summary.message.c_str());
         return kExitInterrupted;
       }
+      if (summary.rank != 0) return 0;  // rank 0 reports for the job
       std::printf("done: final test top-1 %.4f, best %.4f (epoch %lld), %.1f s; outputs in %s\n",
                   summary.final_test_top1, summary.best_test_top1, static_cast<long long>(summary.best_epoch),
                   summary.wall_seconds, config->out.c_str());
       return 0;
+    } catch (const dist::PeerError& e) {
+      std::fprintf(stderr, "largebatch train: %s\n", e.what());
+      return kExitPeerLost;
     } catch (const train::UsageError& e) {
       std::fprintf(stderr, "largebatch train: %s\n", e.what());
       return kExitBadInput;

@@ -22,7 +22,7 @@ void torchvision_resnet_init(nn::Module& m) {
   for (auto& module : m.modules(/*include_self=*/false)) {
     if (auto* c = module->as<nn::Conv2d>()) {
       nn::init::kaiming_normal_(c->weight, 0.0, torch::kFanOut, torch::kReLU);
-    } else if (auto* bn = module->as<nn::BatchNorm2d>()) {
+    } else if (auto* bn = module->as<SyncableBatchNorm2dImpl>()) {
       nn::init::ones_(bn->weight);
       nn::init::zeros_(bn->bias);
     }
@@ -36,19 +36,19 @@ struct BlockImpl : nn::Module {
     const int64_t out = bottleneck ? planes * 4 : planes;
     if (bottleneck) {
       conv1 = register_module("conv1", conv(in, planes, 1));
-      bn1 = register_module("bn1", nn::BatchNorm2d(planes));
+      bn1 = register_module("bn1", SyncableBatchNorm2d(planes));
       conv2 = register_module("conv2", conv(planes, planes, 3, stride));
-      bn2 = register_module("bn2", nn::BatchNorm2d(planes));
+      bn2 = register_module("bn2", SyncableBatchNorm2d(planes));
       conv3 = register_module("conv3", conv(planes, out, 1));
-      bn3 = register_module("bn3", nn::BatchNorm2d(out));
+      bn3 = register_module("bn3", SyncableBatchNorm2d(out));
     } else {
       conv1 = register_module("conv1", conv(in, planes, 3, stride));
-      bn1 = register_module("bn1", nn::BatchNorm2d(planes));
+      bn1 = register_module("bn1", SyncableBatchNorm2d(planes));
       conv2 = register_module("conv2", conv(planes, planes, 3));
-      bn2 = register_module("bn2", nn::BatchNorm2d(planes));
+      bn2 = register_module("bn2", SyncableBatchNorm2d(planes));
     }
     if (stride != 1 || in != out) {
-      downsample = register_module("downsample", nn::Sequential(conv(in, out, 1, stride), nn::BatchNorm2d(out)));
+      downsample = register_module("downsample", nn::Sequential(conv(in, out, 1, stride), SyncableBatchNorm2d(out)));
     }
   }
   torch::Tensor forward(const torch::Tensor& x) {
@@ -59,7 +59,7 @@ struct BlockImpl : nn::Module {
   }
   bool bottleneck;
   nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
-  nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
+  SyncableBatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
   nn::Sequential downsample{nullptr};
 };
 TORCH_MODULE(Block);
@@ -73,7 +73,7 @@ class ResNet : public ClassifierImpl {
     const int64_t stem = widths[0];
     conv1 = register_module("conv1", imagenet_stem ? nn::Conv2d(nn::Conv2dOptions(in_channels, stem, 7).stride(2).padding(3).bias(false))
                                                    : conv(in_channels, stem, 3));
-    bn1 = register_module("bn1", nn::BatchNorm2d(stem));
+    bn1 = register_module("bn1", SyncableBatchNorm2d(stem));
     int64_t in = stem;
     for (size_t s = 0; s < stages.size(); ++s) {
       nn::Sequential layer;
@@ -101,7 +101,7 @@ class ResNet : public ClassifierImpl {
   bool imagenet_stem_;
   int64_t feature_dim_ = 0;
   nn::Conv2d conv1{nullptr};
-  nn::BatchNorm2d bn1{nullptr};
+  SyncableBatchNorm2d bn1{nullptr};
   std::vector<nn::Sequential> layers_;
   nn::Linear fc{nullptr};
 };
@@ -115,9 +115,9 @@ class CompactCNN : public ClassifierImpl {
  public:
   CompactCNN(int64_t in_channels, int64_t image_size, int64_t num_classes) {
     conv1 = register_module("conv1", conv(in_channels, 32, 3));
-    bn1 = register_module("bn1", nn::BatchNorm2d(32));
+    bn1 = register_module("bn1", SyncableBatchNorm2d(32));
     conv2 = register_module("conv2", conv(32, 64, 3));
-    bn2 = register_module("bn2", nn::BatchNorm2d(64));
+    bn2 = register_module("bn2", SyncableBatchNorm2d(64));
     const int64_t side = image_size / 4;
     fc1 = register_module("fc1", nn::Linear(64 * side * side, 128));
     fc = register_module("fc", nn::Linear(128, num_classes));
@@ -133,7 +133,7 @@ class CompactCNN : public ClassifierImpl {
 
  private:
   nn::Conv2d conv1{nullptr}, conv2{nullptr};
-  nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
+  SyncableBatchNorm2d bn1{nullptr}, bn2{nullptr};
   nn::Linear fc1{nullptr}, fc{nullptr};
 };
 
@@ -181,10 +181,10 @@ struct MBConvImpl : nn::Module {
       : residual(stride == 1 && in == out) {
     const int64_t hidden = in * expand;
     block = register_module("block", nn::Sequential());
-    if (expand != 1) block->push_back(Stack(conv(in, hidden, 1), nn::BatchNorm2d(hidden), nn::SiLU()));
-    block->push_back(Stack(conv(hidden, hidden, kernel, stride, hidden), nn::BatchNorm2d(hidden), nn::SiLU()));
+    if (expand != 1) block->push_back(Stack(conv(in, hidden, 1), SyncableBatchNorm2d(hidden), nn::SiLU()));
+    block->push_back(Stack(conv(hidden, hidden, kernel, stride, hidden), SyncableBatchNorm2d(hidden), nn::SiLU()));
     block->push_back(SqueezeExcitation(hidden, std::max<int64_t>(1, in / 4)));
-    block->push_back(Stack(conv(hidden, out, 1), nn::BatchNorm2d(out)));
+    block->push_back(Stack(conv(hidden, out, 1), SyncableBatchNorm2d(out)));
   }
   torch::Tensor forward(const torch::Tensor& x) {
     auto y = block->forward(x);
@@ -202,7 +202,7 @@ class EfficientNetB0 : public ClassifierImpl {
     const std::vector<Stage> stages = {{1, 16, 1, 1, 3}, {6, 24, 2, 2, 3}, {6, 40, 2, 2, 5}, {6, 80, 3, 2, 3},
                                        {6, 112, 3, 1, 5}, {6, 192, 4, 2, 5}, {6, 320, 1, 1, 3}};
     features_ = register_module("features", nn::Sequential());
-    features_->push_back(Stack(conv(in_channels, 32, 3, 2), nn::BatchNorm2d(32), nn::SiLU()));
+    features_->push_back(Stack(conv(in_channels, 32, 3, 2), SyncableBatchNorm2d(32), nn::SiLU()));
     int64_t in = 32;
     for (const auto& s : stages) {
       Stack stage;
@@ -212,7 +212,7 @@ class EfficientNetB0 : public ClassifierImpl {
       }
       features_->push_back(stage);
     }
-    features_->push_back(Stack(conv(in, 1280, 1), nn::BatchNorm2d(1280), nn::SiLU()));
+    features_->push_back(Stack(conv(in, 1280, 1), SyncableBatchNorm2d(1280), nn::SiLU()));
     classifier = register_module("classifier", nn::Sequential(nn::Dropout(0.2), nn::Linear(1280, num_classes)));
     // torchvision: kaiming_normal fan_out for convs, uniform(+-1/sqrt(out)) for the linear layer.
     for (auto& module : modules(false)) {
@@ -308,6 +308,76 @@ int64_t parameter_count(const nn::Module& module) {
   int64_t n = 0;
   for (const auto& p : module.parameters()) n += p.numel();
   return n;
+}
+
+SyncableBatchNorm2dImpl::SyncableBatchNorm2dImpl(const torch::nn::BatchNormOptions& options) : options(options) {
+  reset();
+}
+
+void SyncableBatchNorm2dImpl::reset() {
+  const int64_t c = options.num_features();
+  if (options.affine()) {
+    weight = register_parameter("weight", torch::ones({c}));
+    bias = register_parameter("bias", torch::zeros({c}));
+  }
+  if (options.track_running_stats()) {
+    running_mean = register_buffer("running_mean", torch::zeros({c}));
+    running_var = register_buffer("running_var", torch::ones({c}));
+    num_batches_tracked = register_buffer("num_batches_tracked", torch::tensor(0, torch::kLong));
+  }
+}
+
+void SyncableBatchNorm2dImpl::pretty_print(std::ostream& stream) const {
+  stream << "largebatch::SyncableBatchNorm2d(" << options.num_features() << ", eps=" << options.eps()
+         << ", momentum=" << (options.momentum() ? std::to_string(*options.momentum()) : std::string("None"))
+         << ", affine=" << options.affine() << ", track_running_stats=" << options.track_running_stats()
+         << ", synchronised=" << synchronised() << ")";
+}
+
+torch::Tensor SyncableBatchNorm2dImpl::forward(const torch::Tensor& input) {
+  TORCH_CHECK(input.dim() == 4, "SyncableBatchNorm2d: expected a 4-D input, got ", input.dim(), "-D");
+  const bool track = options.track_running_stats() && is_training();
+  double momentum = options.momentum() ? *options.momentum() : 0.0;
+  if (track) {
+    torch::NoGradGuard no_grad;
+    num_batches_tracked += 1;
+    if (!options.momentum()) momentum = 1.0 / static_cast<double>(num_batches_tracked.item<int64_t>());
+  }
+  if (!is_training() || !cross_rank_sum_) {
+    // torch::nn::BatchNorm2d's computation (batch statistics in training, running ones in eval).
+    return torch::batch_norm(input, weight, bias, running_mean, running_var,
+                             is_training() || !options.track_running_stats(), momentum, options.eps(),
+                             at::globalContext().userEnabledCuDNN());
+  }
+  const int64_t channels = input.size(1);
+  const auto shape = std::vector<int64_t>{1, channels, 1, 1};
+  const double local_count = channels ? static_cast<double>(input.numel() / channels) : 0.0;
+  // Pass 1: global mean (the element count rides along in the same sum).
+  auto sums = cross_rank_sum_(torch::cat({input.sum({0, 2, 3}), torch::full({1}, local_count, input.options())}));
+  const auto count = sums.narrow(0, channels, 1).detach();
+  const auto mean = sums.narrow(0, 0, channels) / count;
+  const auto centred = input - mean.view(shape);
+  // Pass 2: biased variance of the global batch.
+  const auto var = cross_rank_sum_(centred.pow(2).sum({0, 2, 3})) / count;
+  auto out = centred * torch::rsqrt(var + options.eps()).view(shape);
+  if (options.affine()) out = out * weight.view(shape) + bias.view(shape);
+  if (track) {
+    torch::NoGradGuard no_grad;
+    running_mean.mul_(1 - momentum).add_(mean.detach(), momentum);
+    running_var.mul_(1 - momentum).add_(var.detach() * (count / (count - 1).clamp_min(1)), momentum);
+  }
+  return out;
+}
+
+int64_t synchronise_batchnorm(torch::nn::Module& module, const CrossRankSum& sum) {
+  int64_t count = 0;
+  for (auto& m : module.modules()) {
+    if (auto* bn = m->as<SyncableBatchNorm2dImpl>()) {
+      bn->set_cross_rank_sum(sum);
+      ++count;
+    }
+  }
+  return count;
 }
 
 }  // namespace models

@@ -3,14 +3,48 @@
 // CPU-sized models (CIFAR-style ResNet-20, a compact CNN). Parameter names follow torchvision
 // ("layer1.0.conv1.weight", "fc.weight") so masks and telemetry read the same as in PyTorch.
 #include <torch/nn/module.h>
+#include <torch/nn/cloneable.h>
+#include <torch/nn/options/batchnorm.h>
 #include <torch/types.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 namespace largebatch {
 namespace models {
+
+// Sum of a tensor over the ranks of a data-parallel job, differentiable (see dist::all_reduce_sum_differentiable).
+using CrossRankSum = std::function<torch::Tensor(const torch::Tensor&)>;
+
+// BatchNorm2d with the parameters, buffers, names and eval/train behaviour of torch::nn::BatchNorm2d, whose
+// training-mode statistics can span every rank: with a CrossRankSum set, mean and variance are those of the
+// global batch (two passes: mean, then centred squares, each summed over ranks) and gradients flow through
+// the sums. Without one it computes exactly what torch::nn::BatchNorm2d does. Every model of the zoo uses it.
+// (A separate module rather than a subclass: LibTorch does not export BatchNormImplBase's vtable entries.)
+class SyncableBatchNorm2dImpl : public torch::nn::Cloneable<SyncableBatchNorm2dImpl> {
+ public:
+  explicit SyncableBatchNorm2dImpl(int64_t num_features)
+      : SyncableBatchNorm2dImpl(torch::nn::BatchNormOptions(num_features)) {}
+  explicit SyncableBatchNorm2dImpl(const torch::nn::BatchNormOptions& options);
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+  torch::Tensor forward(const torch::Tensor& input);
+  void set_cross_rank_sum(CrossRankSum sum) { cross_rank_sum_ = std::move(sum); }
+  bool synchronised() const { return static_cast<bool>(cross_rank_sum_); }
+
+  torch::nn::BatchNormOptions options;
+  torch::Tensor weight, bias, running_mean, running_var, num_batches_tracked;
+
+ private:
+  CrossRankSum cross_rank_sum_;
+};
+TORCH_MODULE(SyncableBatchNorm2d);
+
+// Sets sum on every SyncableBatchNorm2d of module (an empty function restores per-rank statistics); returns
+// how many there are.
+int64_t synchronise_batchnorm(torch::nn::Module& module, const CrossRankSum& sum);
 
 // A classifier = a feature extractor + a linear head. Self-supervised training uses features() alone.
 class ClassifierImpl : public torch::nn::Module {

@@ -51,6 +51,10 @@ struct TrainConfig {
   bool resume = false;
   std::string progress = "auto";  // auto (bar on a terminal) | bar | lines | none
   bool plots = true;
+  // Data parallelism (world size and rank come from the launcher's environment, see dist/dist.h).
+  bool sync_bn = false;           // BatchNorm statistics over the global batch instead of per rank
+  double dist_timeout = 300;      // seconds: rendezvous and every collective
+  double bucket_mb = 1;           // gradient all-reduce bucket size
 
   // Every field, with the command line's option names as keys.
   std::string to_json() const;
@@ -70,6 +74,8 @@ struct EpochRecord {
   double train_loss = 0, train_acc = 0;
   double test_loss = 0, test_top1 = 0, test_top5 = 0;
   double epoch_seconds = 0, images_per_second = 0, data_wait_seconds = 0;
+  // Training time split: forward + backward (incl. all-reduce hidden behind it), all-reduce not hidden, optimizer.
+  double compute_seconds = 0, allreduce_seconds = 0, optimizer_seconds = 0;
 };
 
 struct TrainSummary {
@@ -79,6 +85,9 @@ struct TrainSummary {
   double final_test_top1 = 0, best_test_top1 = 0;
   int64_t best_epoch = 0;
   double wall_seconds = 0;
+  int64_t world_size = 1;
+  int64_t rank = 0;                 // of this process (only rank 0 writes files)
+  int64_t replica_mismatches = 0;   // data parallel: parameter elements that differ from rank 0's at the end
   std::vector<EpochRecord> history;
 };
 
