@@ -17,6 +17,7 @@ PACKAGES=(
   nlohmann-json3-dev
   dataset-fashion-mnist   # real data present on every machine
   gnuplot-nox             # plots in reports
+  iproute2                # network namespaces: the two-host data-parallel test
 )
 
 missing=()

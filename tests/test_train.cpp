@@ -96,6 +96,43 @@ TEST(Models, InitReallyChangesWeightStatistics) {
   EXPECT_EQ(params["fc.bias"].abs().max().item<double>(), 0.0);  // biases zeroed
 }
 
+// The synchronised path of SyncableBatchNorm2d with an identity "sum over ranks" (one rank) must compute
+// what LibTorch's batch_norm computes: output, gradients of input, weight and bias, running statistics.
+TEST(Models, SyncBatchNormPathMatchesLibTorchBatchNorm) {
+  torch::manual_seed(3);
+  for (auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    lm::SyncableBatchNorm2d native(6), synced(6);
+    synced->set_cross_rank_sum([](const torch::Tensor& t) { return t.clone(); });
+    {
+      torch::NoGradGuard g;
+      native->weight.uniform_(0.5, 1.5);
+      native->bias.uniform_(-0.5, 0.5);
+      synced->weight.copy_(native->weight);
+      synced->bias.copy_(native->bias);
+    }
+    native->to(dtype);
+    synced->to(dtype);
+    auto x = (torch::randn({8, 6, 5, 5}, dtype) * 3 + 1).requires_grad_(true);
+    auto x2 = x.detach().clone().requires_grad_(true);
+    auto upstream = torch::randn({8, 6, 5, 5}, dtype);
+    auto y1 = native->forward(x), y2 = synced->forward(x2);
+    (y1 * upstream).sum().backward();
+    (y2 * upstream).sum().backward();
+    const double tol = dtype == torch::kFloat64 ? 1e-12 : 2e-5;
+    EXPECT_TRUE(torch::allclose(y1, y2, tol, tol)) << dtype;
+    EXPECT_TRUE(torch::allclose(x.grad(), x2.grad(), tol, tol)) << (x.grad() - x2.grad()).abs().max();
+    EXPECT_TRUE(torch::allclose(native->weight.grad(), synced->weight.grad(), tol, tol));
+    EXPECT_TRUE(torch::allclose(native->bias.grad(), synced->bias.grad(), tol, tol));
+    EXPECT_TRUE(torch::allclose(native->running_mean, synced->running_mean, tol, tol));
+    EXPECT_TRUE(torch::allclose(native->running_var, synced->running_var, tol, tol));
+    EXPECT_EQ(native->num_batches_tracked.item<int64_t>(), synced->num_batches_tracked.item<int64_t>());
+    EXPECT_TRUE(synced->synchronised());
+  }
+  // Every model's BatchNorms can be synchronised (the CNN has two).
+  auto model = lm::make_model({});
+  EXPECT_EQ(lm::synchronise_batchnorm(*model, [](const torch::Tensor& t) { return t; }), 2);
+}
+
 TEST(Models, BadOptionsAreNamed) {
   lm::ModelOptions o;
   o.name = "vgg16";

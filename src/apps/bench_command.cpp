@@ -1,4 +1,5 @@
 // `largebatch bench pipeline`: input-pipeline images/s against training images/s, measured in one run.
+// `largebatch compare A B`: tensor-by-tensor difference of two saved models or checkpoints.
 #include "commands.h"
 
 #include <largebatch/data/pipeline.h>
@@ -9,7 +10,9 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <map>
 #include <thread>
 
 namespace largebatch {
@@ -105,6 +108,98 @@ Runner add_bench_command(CLI::App& app) {
       return kExitBadInput;
     } catch (const std::invalid_argument& e) {
       std::fprintf(stderr, "largebatch bench: %s\n", e.what());
+      return kExitBadInput;
+    }
+  };
+}
+
+namespace {
+
+// Every tensor of a LibTorch archive (model.pt, or checkpoint.pt's nested archives), by dotted path.
+void collect_tensors(torch::serialize::InputArchive& archive, const std::string& prefix,
+                     std::map<std::string, torch::Tensor>& out) {
+  for (const auto& key : archive.keys()) {
+    torch::Tensor t;
+    torch::serialize::InputArchive child;
+    if (archive.try_read(key, t) || archive.try_read(key, t, /*is_buffer=*/true)) out[prefix + key] = t;
+    else if (archive.try_read(key, child)) collect_tensors(child, prefix + key + ".", out);
+  }
+}
+
+std::map<std::string, torch::Tensor> load_tensors(const std::string& path) {
+  torch::serialize::InputArchive archive;
+  try {
+    archive.load_from(path);
+  } catch (const c10::Error& e) {
+    throw std::invalid_argument(path + ": not a LibTorch archive (" + std::string(e.what_without_backtrace()) + ")");
+  }
+  std::map<std::string, torch::Tensor> tensors;
+  collect_tensors(archive, "", tensors);
+  return tensors;
+}
+
+}  // namespace
+
+Runner add_compare_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand(
+      "compare", "Compare two saved models or checkpoints tensor by tensor (exit 0 when all are within tolerance)");
+  struct Args {
+    std::string a, b;
+    double rtol = 1e-5, atol = 1e-6;
+    bool quiet = false;
+  };
+  auto args = std::make_shared<Args>();
+  cmd->add_option("A", args->a, "model.pt or checkpoint.pt")->required()->check(CLI::ExistingFile);
+  cmd->add_option("B", args->b, "model.pt or checkpoint.pt")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--rtol", args->rtol, "Relative tolerance: |a - b| <= atol + rtol |b|")->capture_default_str();
+  cmd->add_option("--atol", args->atol, "Absolute tolerance")->capture_default_str();
+  cmd->add_flag("--quiet", args->quiet, "Print only the verdict");
+  return [cmd, args]() -> int {
+    if (!cmd->parsed()) return -1;
+    try {
+      const auto a = load_tensors(args->a), b = load_tensors(args->b);
+      int64_t failures = 0;
+      double worst_share = 0;
+      std::string worst_name;
+      for (const auto& [name, ta] : a) {
+        const auto it = b.find(name);
+        if (it == b.end()) {
+          std::printf("%s: only in %s\n", name.c_str(), args->a.c_str());
+          ++failures;
+          continue;
+        }
+        const auto& tb = it->second;
+        if (ta.sizes() != tb.sizes()) {
+          std::printf("%s: shape differs\n", name.c_str());
+          ++failures;
+          continue;
+        }
+        if (ta.numel() == 0) continue;
+        const auto x = ta.to(torch::kFloat64), y = tb.to(torch::kFloat64);
+        const auto diff = (x - y).abs();
+        const double max_abs = diff.max().item<double>();
+        // Share of the tolerance used by the worst element (> 1 fails).
+        const double share = (diff / (args->atol + args->rtol * y.abs())).max().item<double>();
+        if (share > worst_share || std::isnan(share)) {
+          worst_share = share;
+          worst_name = name;
+        }
+        const bool ok = share <= 1;
+        failures += ok ? 0 : 1;
+        if (!args->quiet && (!ok || max_abs > 0))
+          std::printf("%-48s max |a-b| %.3g  %s\n", name.c_str(), max_abs, ok ? "ok" : "OUT OF TOLERANCE");
+      }
+      for (const auto& kv : b)
+        if (!a.count(kv.first)) {
+          std::printf("%s: only in %s\n", kv.first.c_str(), args->b.c_str());
+          ++failures;
+        }
+      std::printf("%zu tensors compared; worst %s uses %.3g of the tolerance (atol %g, rtol %g): %s\n", a.size(),
+                  worst_name.empty() ? "-" : worst_name.c_str(), worst_share, args->atol, args->rtol,
+                  failures ? "DIFFERENT" : "equal within tolerance");
+      return failures ? 1 : 0;
+    } catch (const std::invalid_argument& e) {
+      std::fprintf(stderr, "largebatch compare: %s\n", e.what());
       return kExitBadInput;
     }
   };

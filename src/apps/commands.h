@@ -13,6 +13,7 @@ Runner add_train_command(CLI::App& app);
 Runner add_summarize_command(CLI::App& app);
 Runner add_bench_command(CLI::App& app);
 Runner add_launch_command(CLI::App& app);
+Runner add_compare_command(CLI::App& app);
 
 // Exit codes: 0 success, 1 failure at run time, 2 bad input (flags, config, data files), 3 diverged,
 // 4 a data-parallel peer was lost, 130 interrupted by a signal.

@@ -351,20 +351,26 @@ torch::Tensor SyncableBatchNorm2dImpl::forward(const torch::Tensor& input) {
   }
   const int64_t channels = input.size(1);
   const auto shape = std::vector<int64_t>{1, channels, 1, 1};
+  // Reductions in double on CPU (float on CUDA), as LibTorch's own batch norm kernels accumulate: in float the
+  // sums over N*H*W elements drift from the single-rank result by ~1e-4 relative within one step.
+  const auto acc = input.is_cuda() ? torch::kFloat32 : torch::kFloat64;
+  const auto x = input.to(acc);
   const double local_count = channels ? static_cast<double>(input.numel() / channels) : 0.0;
   // Pass 1: global mean (the element count rides along in the same sum).
-  auto sums = cross_rank_sum_(torch::cat({input.sum({0, 2, 3}), torch::full({1}, local_count, input.options())}));
+  auto sums = cross_rank_sum_(torch::cat({x.sum({0, 2, 3}), torch::full({1}, local_count, x.options())}));
   const auto count = sums.narrow(0, channels, 1).detach();
   const auto mean = sums.narrow(0, 0, channels) / count;
-  const auto centred = input - mean.view(shape);
+  const auto centred = x - mean.view(shape);
   // Pass 2: biased variance of the global batch.
   const auto var = cross_rank_sum_(centred.pow(2).sum({0, 2, 3})) / count;
-  auto out = centred * torch::rsqrt(var + options.eps()).view(shape);
-  if (options.affine()) out = out * weight.view(shape) + bias.view(shape);
+  auto normalised = centred * torch::rsqrt(var + options.eps()).view(shape);
+  if (options.affine()) normalised = normalised * weight.to(acc).view(shape) + bias.to(acc).view(shape);
+  auto out = normalised.to(input.scalar_type());
   if (track) {
     torch::NoGradGuard no_grad;
-    running_mean.mul_(1 - momentum).add_(mean.detach(), momentum);
-    running_var.mul_(1 - momentum).add_(var.detach() * (count / (count - 1).clamp_min(1)), momentum);
+    running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.scalar_type()), momentum);
+    running_var.mul_(1 - momentum)
+        .add_((var.detach() * (count / (count - 1).clamp_min(1))).to(running_var.scalar_type()), momentum);
   }
   return out;
 }
