@@ -12,3 +12,4 @@
 #include <largebatch/models/models.h>
 #include <largebatch/report/plot.h>
 #include <largebatch/train/trainer.h>
+#include <largebatch/dist/dist.h>

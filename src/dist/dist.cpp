@@ -4,6 +4,11 @@
 #include <torch/torch.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
+// The Gloo header declares its class only under USE_C10D_GLOO; Debian's LibTorch exports the definition,
+// some other builds do not (LibTorch itself is always built with Gloo on Linux).
+#ifndef USE_C10D_GLOO
+#define USE_C10D_GLOO
+#endif
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef LARGEBATCH_WITH_NCCL

@@ -231,7 +231,8 @@ double default_lr(const std::string& optimizer, int64_t batch_size) {
   // kTrainerLarsEta) beat lr 1, 3, 4, 5, 8 with eta 1e-3: same layer-wise steps, calmer 1-D tensors.
   if (name.rfind("lars", 0) == 0 || name.rfind("tvlars", 0) == 0) return 2.0;
   if (name.rfind("lamb", 0) == 0) return 0.01;
-  if (name == "sgd") return 0.1 * scale;
+  // SGD: the square-root rule. ResNet recipes' linear 0.1 B/256 (1.6 at B = 4096) blew up the default CNN.
+  if (name == "sgd") return 0.1 * std::sqrt(scale);
   if (name == "rmsprop") return 1e-3;
   if (name == "adagrad") return 0.05;
   return 1e-3 * std::sqrt(scale);  // adam, adamw
