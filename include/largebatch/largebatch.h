@@ -12,4 +12,5 @@
 #include <largebatch/models/models.h>
 #include <largebatch/report/plot.h>
 #include <largebatch/train/trainer.h>
+#include <largebatch/train/barlow_twins.h>
 #include <largebatch/dist/dist.h>
