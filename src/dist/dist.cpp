@@ -20,6 +20,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
@@ -82,6 +83,14 @@ std::string first_line(const std::string& text) {
 }
 
 const std::string kAliveKey = "largebatch/alive/";
+constexpr int kProbePeriods = 4;  // heartbeat periods the liveness check waits
+
+// A collective waits the configured timeout minus the liveness check that follows a failure (and a second
+// of slack), so that a rank that stopped answering is named within --dist-timeout.
+std::chrono::milliseconds collective_timeout(const CommunicatorOptions& o) {
+  const auto reserved = o.heartbeat * kProbePeriods + std::chrono::milliseconds(1000);
+  return std::max(o.timeout - reserved, std::chrono::milliseconds(1000));
+}
 
 // Backend-specific collectives over one c10d process group type (Gloo or NCCL: same member functions in
 // LibTorch 1.13, where they derive from ProcessGroup, and 2.x, where they derive from Backend).
@@ -143,7 +152,7 @@ class GroupCommunicator final : public Communicator {
         return c;
       };
       const auto before = counters();
-      std::this_thread::sleep_for(options_.heartbeat * 4);
+      std::this_thread::sleep_for(options_.heartbeat * kProbePeriods);
       const auto after = counters();
       std::vector<int64_t> silent;
       for (int64_t r = 0; r < world_; ++r)
@@ -154,7 +163,7 @@ class GroupCommunicator final : public Communicator {
         msg << ": rank" << (silent.size() > 1 ? "s" : "");
         for (size_t i = 0; i < silent.size(); ++i) msg << (i ? ", " : " ") << silent[i];
         msg << " stopped answering (no heartbeat for "
-            << std::chrono::duration<double>(options_.heartbeat * 4).count() << " s)";
+            << std::chrono::duration<double>(options_.heartbeat * kProbePeriods).count() << " s)";
       }
     } catch (const std::exception&) {
       msg << ": rank 0 (host of the rendezvous store at " << env_.master_addr << ":" << env_.master_port
@@ -254,7 +263,7 @@ std::shared_ptr<Communicator> Communicator::connect(const LaunchEnv& env, torch:
     if (device.is_cuda()) {
 #ifdef LARGEBATCH_WITH_NCCL
       auto o = c10d::ProcessGroupNCCL::Options::create();
-      o->timeout = options.timeout;
+      o->timeout = collective_timeout(options);
       auto group = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, static_cast<int>(env.rank),
                                                                static_cast<int>(env.world), o);
       return std::make_shared<GroupCommunicator<c10d::ProcessGroupNCCL>>(env, store, group, "nccl", options);
@@ -263,7 +272,7 @@ std::shared_ptr<Communicator> Communicator::connect(const LaunchEnv& env, torch:
                                   ": this build has no NCCL (configure against a CUDA LibTorch)");
 #endif
     }
-    auto o = c10d::ProcessGroupGloo::Options::create(options.timeout);
+    auto o = c10d::ProcessGroupGloo::Options::create(collective_timeout(options));
     if (const char* ifname = env_or_null("GLOO_SOCKET_IFNAME"))
       o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
     else

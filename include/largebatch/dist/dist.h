@@ -41,7 +41,9 @@ class PeerError : public std::runtime_error {
 };
 
 struct CommunicatorOptions {
-  std::chrono::milliseconds timeout{std::chrono::minutes(5)};  // rendezvous and every collective
+  // Rendezvous; a collective waits this minus the liveness check (about 3 s), so a lost rank is named
+  // within it.
+  std::chrono::milliseconds timeout{std::chrono::minutes(5)};
   std::chrono::milliseconds heartbeat{500};                    // liveness counter period in the store
 };
 
