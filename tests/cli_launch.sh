@@ -48,23 +48,28 @@ else
   bad "environment: exit $rc"
 fi
 
-# 2. A failing worker: the launcher exits with its code, names it, and does not wait for the others.
-echo "checking: worker rank 1 exits 7 -> launcher exits 7 at once, the other worker is terminated"
-run --nproc-per-node 2 --exec -- sh -c 'if [ $RANK = 1 ]; then exit 7; fi; sleep 30'
-if [ "$rc" -eq 7 ] && [ "$secs" -le 5 ] && grep -q "worker rank 1 (local 1, pid [0-9]*) exited with code 7" "$WORK/err"; then
-  ok "failing worker (exit $rc after ${secs} s)"
-else
-  bad "failing worker: exit $rc after ${secs} s (expected 7 within 5 s)"
-fi
+# A worker that fails: the launcher exits with its code (128 + N for signal N) within 5 s, names it, and
+# does not wait for the others. Arguments: label, expected exit code, message pattern, launch arguments.
+expect_worker_failure() {
+  local label=$1 code=$2 pattern=$3
+  shift 3
+  run "$@"
+  if [ "$rc" -eq "$code" ] && [ "$secs" -le 5 ] && grep -q "$pattern" "$WORK/err"; then
+    ok "$label (exit $rc after ${secs} s)"
+  else
+    bad "$label: exit $rc after ${secs} s (expected $code within 5 s)"
+  fi
+}
 
-# 3. A worker killed by a signal: exit 128 + 9.
+# 2. A failing worker.
+echo "checking: worker rank 1 exits 7 -> launcher exits 7 at once, the other worker is terminated"
+expect_worker_failure "failing worker" 7 "worker rank 1 (local 1, pid [0-9]*) exited with code 7" \
+  --nproc-per-node 2 --exec -- sh -c 'if [ $RANK = 1 ]; then exit 7; fi; sleep 30'
+
+# 3. A worker killed by a signal.
 echo "checking: worker rank 0 killed by SIGKILL -> launcher exits 137"
-run --nproc-per-node 2 --exec -- sh -c 'if [ $RANK = 0 ]; then kill -9 $$; fi; sleep 30'
-if [ "$rc" -eq 137 ] && [ "$secs" -le 5 ] && grep -q "worker rank 0 (local 0, pid [0-9]*) was killed by signal 9" "$WORK/err"; then
-  ok "killed worker (exit $rc after ${secs} s)"
-else
-  bad "killed worker: exit $rc after ${secs} s (expected 137 within 5 s)"
-fi
+expect_worker_failure "killed worker" 137 "worker rank 0 (local 0, pid [0-9]*) was killed by signal 9" \
+  --nproc-per-node 2 --exec -- sh -c 'if [ $RANK = 0 ]; then kill -9 $$; fi; sleep 30'
 
 # 4. SIGTERM sent to the launcher reaches every worker; the launcher exits when they have.
 D="$WORK/term"
