@@ -13,4 +13,5 @@
 #include <largebatch/report/plot.h>
 #include <largebatch/train/trainer.h>
 #include <largebatch/train/barlow_twins.h>
+#include <largebatch/train/self_supervised.h>
 #include <largebatch/dist/dist.h>

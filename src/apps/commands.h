@@ -14,6 +14,12 @@ Runner add_summarize_command(CLI::App& app);
 Runner add_bench_command(CLI::App& app);
 Runner add_launch_command(CLI::App& app);
 Runner add_compare_command(CLI::App& app);
+Runner add_pretrain_command(CLI::App& app);
+Runner add_linear_eval_command(CLI::App& app);
+
+// Runs a training-like command's body with Ctrl-C / SIGTERM asking it to stop after the current step, and maps
+// its exceptions to one line on stderr prefixed with "largebatch <command>:" and the exit codes below.
+int run_training_command(const char* command, const std::function<int()>& body);
 
 // Exit codes: 0 success, 1 failure at run time, 2 bad input (flags, config, data files), 3 diverged,
 // 4 a data-parallel peer was lost, 130 interrupted by a signal.

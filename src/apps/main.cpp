@@ -111,6 +111,8 @@ int main(int argc, char** argv) {
   auto run_bench = largebatch::apps::add_bench_command(app);
   auto run_launch = largebatch::apps::add_launch_command(app);
   auto run_compare = largebatch::apps::add_compare_command(app);
+  auto run_pretrain = largebatch::apps::add_pretrain_command(app);
+  auto run_linear_eval = largebatch::apps::add_linear_eval_command(app);
 
   try {
     app.parse(argc, argv);
@@ -128,6 +130,8 @@ int main(int argc, char** argv) {
     if (int rc = run_bench(); rc >= 0) return rc;
     if (int rc = run_launch(); rc >= 0) return rc;
     if (int rc = run_compare(); rc >= 0) return rc;
+    if (int rc = run_pretrain(); rc >= 0) return rc;
+    if (int rc = run_linear_eval(); rc >= 0) return rc;
     if (list->parsed()) {
       for (const auto& p : lo::layerwise_presets()) {
         std::cout << p.name << "  (" << p.schedule << " schedule)\n  " << p.description << "\n  "

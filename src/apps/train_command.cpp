@@ -33,6 +33,29 @@ std::string list(const std::vector<std::string>& names) {
 
 }  // namespace
 
+int run_training_command(const char* command, const std::function<int()>& body) {
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  try {
+    return body();
+  } catch (const dist::PeerError& e) {
+    std::fprintf(stderr, "largebatch %s: %s\n", command, e.what());
+    return kExitPeerLost;
+  } catch (const train::UsageError& e) {
+    std::fprintf(stderr, "largebatch %s: %s\n", command, e.what());
+    return kExitBadInput;
+  } catch (const data::DataError& e) {
+    std::fprintf(stderr, "largebatch %s: %s\n", command, e.what());
+    return kExitBadInput;
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "largebatch %s: %s\n", command, e.what());
+    return kExitBadInput;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "largebatch %s: error: %s\n", command, e.what());
+    return 1;
+  }
+}
+
 Runner add_train_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("train", "Train an image classifier with any optimizer");
   auto config = std::make_shared<train::TrainConfig>();
@@ -106,9 +129,7 @@ Runner add_train_command(CLI::App& app) {
       std::fprintf(stderr, "largebatch train: --opt: %s\n", e.what());
       return kExitBadInput;
     }
-    std::signal(SIGINT, on_signal);
-    std::signal(SIGTERM, on_signal);
-    try {
+    return run_training_command("train", [&]() -> int {
       const auto summary = train::run_training(*config);
       if (summary.status == "diverged") {
         std::fprintf(stderr, "largebatch train: %s\n", summary.message.c_str());
@@ -123,22 +144,7 @@ Runner add_train_command(CLI::App& app) {
                   summary.final_test_top1, summary.best_test_top1, static_cast<long long>(summary.best_epoch),
                   summary.wall_seconds, config->out.c_str());
       return 0;
-    } catch (const dist::PeerError& e) {
-      std::fprintf(stderr, "largebatch train: %s\n", e.what());
-      return kExitPeerLost;
-    } catch (const train::UsageError& e) {
-      std::fprintf(stderr, "largebatch train: %s\n", e.what());
-      return kExitBadInput;
-    } catch (const data::DataError& e) {
-      std::fprintf(stderr, "largebatch train: %s\n", e.what());
-      return kExitBadInput;
-    } catch (const std::invalid_argument& e) {
-      std::fprintf(stderr, "largebatch train: %s\n", e.what());
-      return kExitBadInput;
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "largebatch train: error: %s\n", e.what());
-      return 1;
-    }
+    });
   };
 }
 

@@ -277,6 +277,8 @@ Batch BatchLoader::assemble(int64_t epoch, int64_t index, const std::vector<int6
   const int64_t C = data_.channels(), H = data_.height(), W = data_.width(), chw = C * H * W;
   Batch batch;
   batch.index = index;
+  batch.global_size = global;
+  batch.offset = offset;
   batch.images = torch::empty({count, C, H, W}, torch::kFloat32);
   batch.labels = torch::empty({count}, torch::kInt64);
   const Normaliser norm = make_normaliser(data_, options_.augment);

@@ -231,6 +231,7 @@ class EfficientNetB0 : public ClassifierImpl {
   }
   torch::Tensor forward(const torch::Tensor& x) override { return classifier->forward(features(x)); }
   int64_t feature_dim() const override { return 1280; }
+  std::string head_name() const override { return "classifier"; }
 
  private:
   nn::Sequential features_{nullptr};
@@ -302,6 +303,14 @@ Classifier make_model(const ModelOptions& o) {
   else bad("model", n, "expected one of " + join(model_names()));
   apply_init(*model, o.init);
   return model;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> backbone_parameters(ClassifierImpl& model) {
+  const std::string head = model.head_name() + ".";
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& item : model.named_parameters())
+    if (item.key().rfind(head, 0) != 0) out.emplace_back(item.key(), item.value());
+  return out;
 }
 
 int64_t parameter_count(const nn::Module& module) {

@@ -93,7 +93,17 @@ bool plot(const PlotSpec& spec, std::string* error) {
 std::vector<std::string> plot_run(const std::string& dir) {
   std::vector<std::string> made;
   const std::string metrics = (fs::path(dir) / "metrics.csv").string();
-  if (fs::exists(metrics)) {
+  std::string header;
+  if (std::ifstream in{metrics}) std::getline(in, header);
+  if (header.find("on_diagonal") != std::string::npos) {
+    // Barlow Twins pre-training: the loss and its two terms.
+    PlotSpec loss{(fs::path(dir) / "loss.png").string(), "Barlow Twins loss per epoch: " + dir, "epoch",
+                  "loss (mean over the epoch's steps)", true,
+                  {{metrics, "epoch", "train_loss", "loss"}, {metrics, "epoch", "on_diagonal", "on-diagonal sum (1 - C_ii)^2"},
+                   {metrics, "epoch", "off_diagonal", "off-diagonal sum C_ij^2 (unweighted)"}},
+                  "", ""};
+    if (plot(loss)) made.push_back(loss.png);
+  } else if (fs::exists(metrics)) {
     PlotSpec acc{(fs::path(dir) / "curves.png").string(), "accuracy per epoch: " + dir, "epoch", "accuracy", false,
                  {{metrics, "epoch", "train_acc", "train accuracy"}, {metrics, "epoch", "test_top1", "test top-1"}},
                  "", ""};

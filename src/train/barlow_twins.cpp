@@ -38,7 +38,7 @@ torch::Tensor as_image_mask(const torch::Tensor& m) { return m.view({-1, 1, 1, 1
 }  // namespace
 
 torch::Tensor barlow_twins_loss(const torch::Tensor& z1, const torch::Tensor& z2, double lambda,
-                                dist::Communicator* comm) {
+                                dist::Communicator* comm, BarlowTwinsTerms* terms) {
   if (z1.dim() != 2 || z1.sizes() != z2.sizes())
     throw std::invalid_argument("barlow_twins_loss: embeddings must be two [n, D] tensors of the same shape");
   double count = static_cast<double>(z1.size(0));
@@ -54,6 +54,10 @@ torch::Tensor barlow_twins_loss(const torch::Tensor& z1, const torch::Tensor& z2
   const auto diagonal = c.diagonal();
   const auto on_diagonal = (1 - diagonal).pow(2).sum();
   const auto off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum();
+  if (terms) {
+    terms->on_diagonal = on_diagonal.detach();
+    terms->off_diagonal = off_diagonal.detach();
+  }
   return on_diagonal + lambda * off_diagonal;
 }
 

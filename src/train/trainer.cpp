@@ -23,50 +23,25 @@
 #include <sstream>
 #include <thread>
 
+#include "run_support.h"
+
 namespace fs = std::filesystem;
 namespace lo = largebatch::optim;
 using nlohmann::json;
+using namespace largebatch::train::detail;
 
 namespace largebatch {
 namespace train {
 
 namespace {
 
-std::atomic<bool> g_stop_requested{false};
-
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-[[noreturn]] void usage(const std::string& message) { throw UsageError(message); }
-
-bool one_of(const std::string& v, std::initializer_list<const char*> options) {
-  for (const char* o : options)
-    if (v == o) return true;
-  return false;
-}
-
 bool is_layerwise(const std::string& optimizer) {
   return lo::resolve_optimizer_name(optimizer).find(':') != std::string::npos;
 }
 
-// Writes text to path atomically: a crash leaves either the old file or the new one, never half of one.
-void write_atomically(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw std::runtime_error("cannot write " + tmp.string());
-    out << text;
-    out.flush();
-    if (!out) throw std::runtime_error("write failed: " + tmp.string());
-  }
-  fs::rename(tmp, path);
-}
-
 }  // namespace
 
-void request_stop() { g_stop_requested = true; }
+void request_stop() { stop_flag() = true; }
 
 // ------------------------------------------------------------------ config
 
@@ -271,19 +246,6 @@ Resolved resolve(const TrainConfig& c) {
   return r;
 }
 
-torch::Device parse_device(const std::string& name) {
-  if (name == "cpu") return torch::kCPU;
-  if (!torch::cuda::is_available()) usage("--device " + name + ": CUDA is not available in this build or machine");
-  try {
-    torch::Device d(name);
-    if (d.has_index() && d.index() >= static_cast<int>(torch::cuda::device_count()))
-      usage("--device " + name + ": only " + std::to_string(torch::cuda::device_count()) + " CUDA device(s)");
-    return d;
-  } catch (const c10::Error&) {
-    usage("--device: cannot parse '" + name + "'");
-  }
-}
-
 struct Evaluation {
   double loss = 0, top1 = 0, top5 = 0;
 };
@@ -345,49 +307,6 @@ Evaluation evaluate(models::ClassifierImpl& model, const data::ImageDataset& tes
   return e;
 }
 
-std::string metrics_header() {
-  return "epoch,step,lr,phi,train_loss,train_acc,test_loss,test_top1,test_top5,epoch_seconds,img_per_s,data_wait_s,"
-         "compute_s,allreduce_s,optimizer_s\n";
-}
-
-std::string metrics_row(const EpochRecord& r) {
-  char buf[512];
-  std::snprintf(buf, sizeof(buf), "%lld,%lld,%.9g,%.9g,%.6f,%.6f,%.6f,%.6f,%.6f,%.3f,%.1f,%.3f,%.3f,%.3f,%.3f\n",
-                static_cast<long long>(r.epoch), static_cast<long long>(r.step), r.lr, r.phi, r.train_loss,
-                r.train_acc, r.test_loss, r.test_top1, r.test_top5, r.epoch_seconds, r.images_per_second,
-                r.data_wait_seconds, r.compute_seconds, r.allreduce_seconds, r.optimizer_seconds);
-  return buf;
-}
-
-json record_json(const EpochRecord& r) {
-  return json{{"epoch", r.epoch}, {"step", r.step}, {"lr", r.lr}, {"phi", r.phi}, {"train_loss", r.train_loss},
-              {"train_acc", r.train_acc}, {"test_loss", r.test_loss}, {"test_top1", r.test_top1},
-              {"test_top5", r.test_top5}, {"epoch_seconds", r.epoch_seconds},
-              {"img_per_s", r.images_per_second}, {"data_wait_s", r.data_wait_seconds},
-              {"compute_s", r.compute_seconds}, {"allreduce_s", r.allreduce_seconds},
-              {"optimizer_s", r.optimizer_seconds}};
-}
-
-EpochRecord record_from(const json& j) {
-  EpochRecord r;
-  r.epoch = j.at("epoch");
-  r.step = j.at("step");
-  r.lr = j.at("lr");
-  r.phi = j.at("phi");
-  r.train_loss = j.at("train_loss");
-  r.train_acc = j.at("train_acc");
-  r.test_loss = j.at("test_loss");
-  r.test_top1 = j.at("test_top1");
-  r.test_top5 = j.at("test_top5");
-  r.epoch_seconds = j.at("epoch_seconds");
-  r.images_per_second = j.at("img_per_s");
-  r.data_wait_seconds = j.at("data_wait_s");
-  r.compute_seconds = j.value("compute_s", 0.0);
-  r.allreduce_seconds = j.value("allreduce_s", 0.0);
-  r.optimizer_seconds = j.value("optimizer_s", 0.0);
-  return r;
-}
-
 void write_summary(const fs::path& out, const TrainSummary& s, const TrainConfig& c) {
   json j{{"status", s.status},
          {"message", s.message},
@@ -406,84 +325,6 @@ void write_summary(const fs::path& out, const TrainSummary& s, const TrainConfig
   write_atomically(out / "summary.json", j.dump(2) + "\n");
 }
 
-// The checkpoint: model, optimizer state (with its options and masks), RNG state and the run's history.
-void save_checkpoint(const fs::path& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-                     const json& meta) {
-  torch::serialize::OutputArchive root;
-  torch::serialize::OutputArchive model_archive, optimizer_archive;
-  model.save(model_archive);
-  optimizer.save(optimizer_archive);
-  root.write("model", model_archive);
-  root.write("optimizer", optimizer_archive);
-  root.write("meta", c10::IValue(meta.dump()));
-  {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    root.write("rng_cpu", gen.get_state());
-  }
-  const std::string tmp = path.string() + ".tmp";
-  root.save_to(tmp);
-  fs::rename(tmp, path);
-}
-
-json load_checkpoint(const fs::path& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-                     torch::Device device) {
-  torch::serialize::InputArchive root;
-  try {
-    root.load_from(path.string(), device);
-  } catch (const c10::Error& e) {
-    usage("--resume: cannot read checkpoint " + path.string() + " (damaged or not a largebatch checkpoint)");
-  }
-  torch::serialize::InputArchive model_archive, optimizer_archive;
-  root.read("model", model_archive);
-  root.read("optimizer", optimizer_archive);
-  model.load(model_archive);
-  optimizer.load(optimizer_archive);
-  c10::IValue meta;
-  root.read("meta", meta);
-  torch::Tensor rng;
-  root.read("rng_cpu", rng);
-  {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(rng.cpu());
-  }
-  return json::parse(meta.toStringRef());
-}
-
-class Progress {
- public:
-  Progress(const std::string& mode, int64_t epochs, int64_t steps_per_epoch)
-      : epochs_(epochs), steps_(steps_per_epoch) {
-    bar_ = mode == "bar" || (mode == "auto" && isatty(fileno(stderr)));
-    quiet_ = mode == "none";
-  }
-  void step(int64_t epoch, int64_t index, double loss, double acc, double img_s) {
-    if (!bar_) return;
-    const int width = 30;
-    const int filled = static_cast<int>(width * (index + 1) / std::max<int64_t>(1, steps_));
-    std::fprintf(stderr, "\repoch %lld/%lld [%s%s] %lld/%lld loss %.4f acc %.4f %.0f img/s   ",
-                 static_cast<long long>(epoch + 1), static_cast<long long>(epochs_),
-                 std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
-                 static_cast<long long>(index + 1), static_cast<long long>(steps_), loss, acc, img_s);
-    std::fflush(stderr);
-  }
-  void epoch(const EpochRecord& r, int64_t epochs) {
-    if (quiet_) return;
-    if (bar_) std::fprintf(stderr, "\r%120s\r", "");
-    std::printf("epoch %3lld/%lld  step %6lld  lr %.4g  phi %.4f  train loss %.4f acc %.4f  test loss %.4f "
-                "top1 %.4f top5 %.4f  %.1fs %.0f img/s\n",
-                static_cast<long long>(r.epoch), static_cast<long long>(epochs), static_cast<long long>(r.step), r.lr,
-                r.phi, r.train_loss, r.train_acc, r.test_loss, r.test_top1, r.test_top5, r.epoch_seconds,
-                r.images_per_second);
-    std::fflush(stdout);
-  }
-
- private:
-  int64_t epochs_, steps_;
-  bool bar_ = false, quiet_ = false;
-};
-
 }  // namespace
 
 TrainSummary run_training(const TrainConfig& config) {
@@ -496,8 +337,7 @@ TrainSummary run_training(const TrainConfig& config) {
         << " (the " << config.optimizer << " schedule is warmup-cosine)";
     usage(msg.str());
   }
-  torch::set_num_threads(config.threads > 0 ? static_cast<int>(config.threads)
-                                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  set_threads(config.threads);
   const torch::Device device = parse_device(config.device);
   const fs::path out(config.out);
 
@@ -519,31 +359,18 @@ TrainSummary run_training(const TrainConfig& config) {
           std::to_string(local_batch) + " (--batch-size / WORLD_SIZE)");
   const fs::path checkpoint_path = out / "checkpoint.pt";
 
-  // Never overwrite a previous run's results; resuming needs its checkpoint.
-  std::error_code ec;
-  if (config.resume) {
-    if (!fs::exists(checkpoint_path)) usage("--resume: no checkpoint at " + checkpoint_path.string());
-    std::ifstream saved_config(out / "config.json");
-    if (saved_config) {
-      std::stringstream ss;
-      ss << saved_config.rdbuf();
-      const TrainConfig before = TrainConfig::from_json(ss.str(), (out / "config.json").string());
-      auto same = [&](const std::string& flag, const auto& a, const auto& b) {
-        if (a != b) usage("--resume: " + flag + " differs from the checkpointed run in " + out.string());
-      };
-      same("--data", config.data, before.data);
-      same("--model", config.model, before.model);
-      same("--optimizer", config.optimizer, before.optimizer);
-      same("--batch-size", config.batch_size, before.batch_size);
-      same("--seed", config.seed, before.seed);
-    }
-  } else if (fs::exists(out / "metrics.csv") || fs::exists(checkpoint_path)) {
-    usage("--out " + out.string() + " already holds a run; pass --resume to continue it or choose another --out");
-  }
-  if (lead) {
-    fs::create_directories(out, ec);
-    if (ec) usage("--out: cannot create " + out.string() + ": " + ec.message());
-  }
+  // Never overwrite a previous run's results; resuming needs its checkpoint and the same identity.
+  prepare_output_dir(out, config.resume, lead, [&](const std::string& saved) {
+    const TrainConfig before = TrainConfig::from_json(saved, (out / "config.json").string());
+    auto same = [&](const std::string& flag, const auto& a, const auto& b) {
+      if (a != b) usage("--resume: " + flag + " differs from the checkpointed run in " + out.string());
+    };
+    same("--data", config.data, before.data);
+    same("--model", config.model, before.model);
+    same("--optimizer", config.optimizer, before.optimizer);
+    same("--batch-size", config.batch_size, before.batch_size);
+    same("--seed", config.seed, before.seed);
+  });
 
   // Data, model, optimizer, schedule.
   data::DatasetSplit split;
@@ -668,23 +495,7 @@ TrainSummary run_training(const TrainConfig& config) {
 
   std::ofstream telemetry;
   if (config.telemetry_every > 0 && lead) {
-    const fs::path tpath = out / "telemetry.csv";
-    if (config.resume && fs::exists(tpath)) {
-      // Keep only rows of steps the checkpoint covers.
-      std::ifstream in(tpath);
-      std::string line, kept;
-      std::getline(in, line);
-      kept = line + "\n";
-      while (std::getline(in, line)) {
-        if (std::stoll(line.substr(0, line.find(','))) < step) kept += line + "\n";
-      }
-      write_atomically(tpath, kept);
-      telemetry.open(tpath, std::ios::app);
-    } else {
-      telemetry.open(tpath, std::ios::trunc);
-      telemetry << "step,layer,weight_norm,update_norm,trust_ratio,effective_lr,lr,phi\n";
-    }
-    if (!telemetry) usage("--telemetry-every: cannot write " + tpath.string());
+    open_telemetry(telemetry, out / "telemetry.csv", config.resume, step);
     if (!layerwise) std::printf("note: --telemetry-every records layer-wise optimizers only; %s has no trust ratio\n",
                                 config.optimizer.c_str());
   }
@@ -707,7 +518,7 @@ TrainSummary run_training(const TrainConfig& config) {
   std::fflush(stdout);
 
   Progress progress(lead ? config.progress : "none", config.epochs, steps_per_epoch);
-  g_stop_requested = false;
+  stop_flag() = false;
   summary.status = "completed";
   for (const auto& r : summary.history) {
     if (r.test_top1 > summary.best_test_top1) {
@@ -759,7 +570,7 @@ TrainSummary run_training(const TrainConfig& config) {
       // Loss, accuracy and a stop request are agreed by every rank, so all of them take the same decisions.
       double batch_loss = local_loss_sum / static_cast<double>(global_b);
       int64_t batch_correct = local_correct;
-      bool stop_now = g_stop_requested;
+      bool stop_now = stop_flag();
       if (comm) {
         averager->finish();
         auto agreed = torch::tensor({local_loss_sum, static_cast<double>(local_correct), stop_now ? 1.0 : 0.0},
@@ -773,14 +584,7 @@ TrainSummary run_training(const TrainConfig& config) {
       if (!std::isfinite(batch_loss)) {
         std::ostringstream msg;
         msg << "non-finite loss (" << batch_loss << ") at step " << step << " (epoch " << epoch + 1 << ")";
-        if (layerwise && !layerwise->last_telemetry().layers.empty()) {
-          const auto& layers = layerwise->last_telemetry().layers;
-          const auto worst = std::max_element(layers.begin(), layers.end(), [](const auto& a, const auto& b2) {
-            return !(a.trust_ratio >= b2.trust_ratio);  // NaN counts as the largest
-          });
-          msg << "; largest trust ratio at step " << layerwise->last_telemetry().step << ": " << worst->name
-              << " (r = " << worst->trust_ratio << ", lr*r = " << worst->effective_lr << ")";
-        }
+        msg << largest_trust_ratio(layerwise);
         msg << "; the last good checkpoint is " << (fs::exists(checkpoint_path) ? checkpoint_path.string() : "none");
         summary.status = "diverged";
         summary.message = msg.str();
@@ -789,19 +593,16 @@ TrainSummary run_training(const TrainConfig& config) {
       t_phase = Clock::now();
       optimizer->step();
       optimizer_s += seconds_since(t_phase);
-      if (telemetry.is_open() && layerwise && step % config.telemetry_every == 0) {
-        const auto& t = layerwise->last_telemetry();
-        for (const auto& l : t.layers)
-          telemetry << step << "," << l.name << "," << l.weight_norm << "," << l.update_norm << "," << l.trust_ratio
-                    << "," << l.effective_lr << "," << t.lr << "," << t.phi << "\n";
-      }
+      if (telemetry.is_open() && layerwise && step % config.telemetry_every == 0)
+        write_telemetry(telemetry, step, layerwise->last_telemetry());
       ++step;
       loss_sum += batch_loss * static_cast<double>(global_b);
       correct += batch_correct;
       seen += global_b;
-      progress.step(epoch, index++, loss_sum / static_cast<double>(seen),
-                    static_cast<double>(correct) / static_cast<double>(seen),
-                    static_cast<double>(seen) / seconds_since(t_epoch));
+      progress.step(epoch, index++,
+                    format("loss %.4f acc %.4f %.0f img/s", loss_sum / static_cast<double>(seen),
+                           static_cast<double>(correct) / static_cast<double>(seen),
+                           static_cast<double>(seen) / seconds_since(t_epoch)));
       if (stop_now) {
         summary.status = "interrupted";
         summary.message = "stopped by a signal at step " + std::to_string(step) + "; resume from " +
@@ -847,7 +648,12 @@ TrainSummary run_training(const TrainConfig& config) {
       std::ofstream metrics(out / "metrics.csv", std::ios::app);
       metrics << metrics_row(r);
     }
-    progress.epoch(r, config.epochs);
+    progress.epoch_line(format(
+        "epoch %3lld/%lld  step %6lld  lr %.4g  phi %.4f  train loss %.4f acc %.4f  test loss %.4f top1 %.4f "
+        "top5 %.4f  %.1fs %.0f img/s",
+        static_cast<long long>(r.epoch), static_cast<long long>(config.epochs), static_cast<long long>(r.step), r.lr,
+        r.phi, r.train_loss, r.train_acc, r.test_loss, r.test_top1, r.test_top5, r.epoch_seconds,
+        r.images_per_second));
   }
 
   summary.steps = step;
@@ -857,28 +663,14 @@ TrainSummary run_training(const TrainConfig& config) {
   summary.world_size = world;
   summary.rank = env.rank;
   if (comm) {
-    // Replicas must be bit-identical: every rank compares its parameters with rank 0's. The final barrier keeps
-    // rank 0 (host of the rendezvous store) alive until everyone is done with collectives.
-    torch::NoGradGuard no_grad;
-    std::vector<torch::Tensor> flat;
-    for (const auto& p : model->parameters()) flat.push_back(p.detach().reshape(-1));
-    const torch::Tensor mine = torch::cat(flat);
-    std::vector<torch::Tensor> reference{mine.clone()};
-    dist::guarded(*comm, [&] { comm->broadcast(reference, 0); });
-    auto mismatches = reference[0].ne(mine).sum().to(torch::kFloat64).reshape({1});
-    dist::guarded(*comm, [&] { comm->all_reduce_sum(mismatches); });
-    summary.replica_mismatches = static_cast<int64_t>(mismatches.item<double>());
-    if (summary.replica_mismatches != 0 && lead)
-      std::fprintf(stderr, "warning: %lld parameter elements differ between ranks at the end of the run\n",
-                   static_cast<long long>(summary.replica_mismatches));
+    // Replicas must be bit-identical; the final barrier keeps rank 0 (host of the rendezvous store) alive
+    // until everyone is done with collectives.
+    summary.replica_mismatches = replica_mismatches(*model, *comm, lead);
     dist::guarded(*comm, [&] { comm->barrier(); });
   }
   if (!lead) return summary;
   if (summary.status == "completed") {
-    torch::serialize::OutputArchive archive;
-    model->save(archive);
-    archive.save_to((out / "model.pt").string() + ".tmp");
-    fs::rename((out / "model.pt").string() + ".tmp", out / "model.pt");
+    save_module(out / "model.pt", *model);
   }
   write_summary(out, summary, config);
   if (config.plots) {

@@ -50,6 +50,8 @@ struct Batch {
   torch::Tensor images;  // float [b, C, H, W]
   torch::Tensor labels;  // int64 [b]
   int64_t index = 0;     // batch number within the epoch
+  int64_t global_size = 0;  // images in the whole (global) batch, over all ranks
+  int64_t offset = 0;       // first row of this rank's shard within the global batch
 };
 
 class BatchLoader {

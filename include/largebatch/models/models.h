@@ -52,7 +52,13 @@ class ClassifierImpl : public torch::nn::Module {
   virtual torch::Tensor features(const torch::Tensor& images) = 0;  // [B, feature_dim]
   virtual torch::Tensor forward(const torch::Tensor& images) = 0;   // logits [B, num_classes]
   virtual int64_t feature_dim() const = 0;
+  // Name of the submodule that maps features to logits ("fc", "classifier"): its parameters are those a
+  // self-supervised backbone leaves out.
+  virtual std::string head_name() const { return "fc"; }
 };
+
+// The parameters of features() alone, i.e. all but the head's (names as in named_parameters()).
+std::vector<std::pair<std::string, torch::Tensor>> backbone_parameters(ClassifierImpl& model);
 using Classifier = std::shared_ptr<ClassifierImpl>;
 
 struct ModelOptions {

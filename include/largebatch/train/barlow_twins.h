@@ -15,8 +15,12 @@ namespace train {
 // global batch of N = sum over ranks of n images, and C is summed over ranks. Every rank gets the same
 // loss; with comm == nullptr the batch is the global one. Gradients flow through every cross-rank sum,
 // so averaging the ranks' gradients gives the gradient of this loss (the trainer's GradientAverager).
+// terms, when given, receives the two sums (detached, unweighted) for logging without a host sync.
+struct BarlowTwinsTerms {
+  torch::Tensor on_diagonal, off_diagonal;
+};
 torch::Tensor barlow_twins_loss(const torch::Tensor& z1, const torch::Tensor& z2, double lambda = 0.005,
-                                dist::Communicator* comm = nullptr);
+                                dist::Communicator* comm = nullptr, BarlowTwinsTerms* terms = nullptr);
 
 // The two views' augmentation of Barlow Twins (view 0 / view 1): random resized crop (scale 0.08..1, ratio
 // 3/4..4/3) with horizontal flip (p 0.5); colour jitter with p 0.8 (brightness 0.4, contrast 0.4,

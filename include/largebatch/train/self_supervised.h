@@ -1,0 +1,121 @@
+#pragma once
+// Self-supervised pre-training with Barlow Twins, and linear evaluation of a frozen backbone.
+//
+// `largebatch pretrain` trains a zoo model's feature extractor (its classifier head is left out) followed by
+// a projector MLP on the Barlow Twins loss of two augmented views (train/barlow_twins.h), with any optimizer
+// and schedule, data-parallel like `train`. Outputs in `out`: config.json, metrics.csv (per epoch: lr, phi,
+// loss and its on- / off-diagonal terms, timings), summary.json, telemetry.csv (when asked), checkpoint.pt,
+// backbone.pt (the classifier module with an untrained head; `linear-eval --backbone` reads it), plots.
+//
+// `largebatch linear-eval` freezes a backbone in eval mode, standardises its features with the training set's
+// per-dimension mean and standard deviation (a BatchNorm without affine parameters, as in MAE's linear probe,
+// so a random backbone's unscaled features get a fair chance), and trains a linear head with SGD (momentum
+// 0.9, lr 0.3, weight decay, cosine stepped per epoch). Test images get no augmentation; top-1 and top-5 on
+// the full test set. Outputs as `train`: config.json, metrics.csv, summary.json, checkpoint.pt, head.pt, plots.
+#include <largebatch/train/trainer.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace largebatch {
+namespace train {
+
+struct PretrainConfig {
+  // data (labels are not used)
+  std::string data = "fashion-mnist";
+  std::string data_dir;
+  int64_t loader_workers = 2;
+  int64_t synthetic_size = 2048;
+  // model
+  std::string model = "cnn";
+  std::string init = "default";
+  std::string projector = "1024-1024-1024";  // output sizes of the projector's linear layers
+  double lambda = 0.005;                      // weight of the off-diagonal term (lambda_BT)
+  double min_scale = 0.08;                    // of the random resized crop
+  // optimizer and schedule (as `train`)
+  std::string optimizer = "lamb";
+  std::map<std::string, std::string> optimizer_options;
+  double lr = -1;                 // < 0: default_pretrain_lr
+  double weight_decay = -1;       // < 0: the preset's
+  std::string schedule = "auto";  // auto: warm-up + cosine, except constant for lars / tvlars / lamb ... as train
+  double warmup_epochs = 2;       // of this run's epochs
+  double final_ratio = 0.001;
+  // run
+  int64_t batch_size = 1024;
+  int64_t epochs = 10;
+  uint64_t seed = 0;
+  int64_t threads = 0;
+  std::string device = "cpu";
+  std::string out = "runs/pretrain";
+  int64_t telemetry_every = 0;
+  bool resume = false;
+  std::string progress = "auto";
+  bool plots = true;
+  bool sync_bn = false;
+  double dist_timeout = 300;
+  double bucket_mb = 1;
+
+  std::string to_json() const;
+  static PretrainConfig from_json(const std::string& text, const std::string& source);
+  void validate() const;
+};
+
+// Learning rate when --lr is not given: LAMB family 0.01 (scale-free, like Adam); LARS family 0.2 with the
+// presets' eta (the Barlow Twins paper's 0.2 per 256 images for weights); SGD 0.05 sqrt(B / 256); Adam(W) 1e-3.
+double default_pretrain_lr(const std::string& optimizer, int64_t batch_size);
+
+struct PretrainRecord {
+  int64_t epoch = 0, step = 0;
+  double lr = 0, phi = 1;
+  double train_loss = 0, on_diagonal = 0, off_diagonal = 0;  // means over the epoch's steps (off not weighted)
+  double epoch_seconds = 0, images_per_second = 0, data_wait_seconds = 0;
+  double compute_seconds = 0, allreduce_seconds = 0, optimizer_seconds = 0;
+};
+
+struct PretrainSummary {
+  std::string status;  // completed | diverged | interrupted
+  std::string message;
+  int64_t epochs_done = 0, steps = 0;
+  double final_loss = 0;
+  double wall_seconds = 0;
+  int64_t world_size = 1, rank = 0, replica_mismatches = 0;
+  std::vector<PretrainRecord> history;
+};
+
+PretrainSummary run_pretraining(const PretrainConfig& config);
+
+struct LinearEvalConfig {
+  std::string backbone;           // backbone.pt of `pretrain`, model.pt of `train`, or "random"
+  std::string data = "fashion-mnist";
+  std::string data_dir;
+  int64_t synthetic_size = 2048;
+  std::string model;              // "" = the backbone run's config.json; required with --backbone random
+  std::string init = "default";   // of --backbone random
+  std::string augment = "none";   // training images: none (features computed once), flip, crop-flip
+  bool standardize = true;
+  double lr = 0.3;
+  double momentum = 0.9;
+  double weight_decay = 1e-6;
+  int64_t batch_size = 256;
+  int64_t eval_batch_size = 2000;
+  int64_t epochs = 100;
+  uint64_t seed = 0;
+  int64_t threads = 0;
+  std::string device = "cpu";
+  std::string out = "runs/linear-eval";
+  bool resume = false;
+  std::string progress = "auto";
+  bool plots = true;
+
+  std::string to_json() const;
+  static LinearEvalConfig from_json(const std::string& text, const std::string& source);
+  void validate() const;
+};
+
+// The summary's optimizer field is "sgd (linear head)"; history rows are metrics.csv's.
+TrainSummary run_linear_eval(const LinearEvalConfig& config);
+
+}  // namespace train
+}  // namespace largebatch

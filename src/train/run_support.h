@@ -1,0 +1,98 @@
+#pragma once
+// What every training command shares (train, pretrain, linear-eval): output files written atomically,
+// checkpoints, the device flag, the output-directory rules and the progress display. Internal to the library.
+#include <largebatch/dist/dist.h>
+#include <largebatch/optim/layerwise.h>
+#include <largebatch/train/trainer.h>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <filesystem>
+#include <functional>
+#include <string>
+
+namespace largebatch {
+namespace train {
+namespace detail {
+
+using Clock = std::chrono::steady_clock;
+inline double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+[[noreturn]] inline void usage(const std::string& message) { throw UsageError(message); }
+
+bool one_of(const std::string& value, std::initializer_list<const char*> options);
+
+// Writes text to path atomically: a crash leaves either the old file or the new one, never half of one.
+void write_atomically(const std::filesystem::path& path, const std::string& text);
+
+// "cpu", "cuda", "cuda:N"; UsageError naming --device when CUDA is missing or the index does not exist.
+torch::Device parse_device(const std::string& name);
+
+// Intra-op threads: n > 0, or every core for 0.
+void set_threads(int64_t n);
+
+// The output directory's rules: a fresh run never overwrites a previous one's results (metrics.csv or
+// checkpoint.pt present), a resumed run needs its checkpoint, and check_resumed (given the saved
+// config.json's text) refuses a resume whose identity flags differ. Creates the directory on the lead rank.
+void prepare_output_dir(const std::filesystem::path& out, bool resume, bool lead,
+                        const std::function<void(const std::string& saved_config)>& check_resumed);
+
+// Checkpoint: the module, the optimizer's state, the CPU generator's state and a JSON "meta" record, written
+// to a temporary file and renamed into place.
+void save_checkpoint(const std::filesystem::path& path, torch::nn::Module& module, torch::optim::Optimizer& optimizer,
+                     const nlohmann::json& meta);
+// Restores what save_checkpoint wrote and returns meta; UsageError naming the file if it cannot be read.
+nlohmann::json load_checkpoint(const std::filesystem::path& path, torch::nn::Module& module,
+                               torch::optim::Optimizer& optimizer, torch::Device device);
+
+// Saves a module's parameters and buffers (torch::serialize) atomically.
+void save_module(const std::filesystem::path& path, torch::nn::Module& module);
+
+// metrics.csv of classification runs (train, linear-eval): the header, one row per epoch, and the same record
+// as JSON (kept in checkpoints so a resume can rewrite the CSV).
+std::string metrics_header();
+std::string metrics_row(const EpochRecord& r);
+nlohmann::json record_json(const EpochRecord& r);
+EpochRecord record_from(const nlohmann::json& j);
+
+// The stop request of request_stop() (signal handlers set it; loops poll it once per step).
+std::atomic<bool>& stop_flag();
+
+// telemetry.csv (step,layer,weight_norm,update_norm,trust_ratio,effective_lr,lr,phi): opens it fresh, or on
+// resume keeps only the rows of steps before `step` and appends. UsageError naming the file if unwritable.
+void open_telemetry(std::ofstream& file, const std::filesystem::path& path, bool resume, int64_t step);
+void write_telemetry(std::ofstream& file, int64_t step, const optim::StepTelemetry& telemetry);
+
+// "; largest trust ratio at step t: <layer> (r = ..., lr*r = ...)" from the optimizer's last step, or "" when
+// there is none: the likely culprit of a divergence.
+std::string largest_trust_ratio(const optim::LayerwiseOptimizer* optimizer);
+
+// Data parallel: how many parameter elements differ from rank 0's (0 when replicas are bit-identical); warns
+// on the lead rank otherwise.
+int64_t replica_mismatches(torch::nn::Module& module, dist::Communicator& comm, bool lead);
+
+// A progress bar on stderr (per step) and one line per epoch on stdout; mode auto | bar | lines | none.
+class Progress {
+ public:
+  Progress(const std::string& mode, int64_t epochs, int64_t steps_per_epoch);
+  // fields: what follows the bar, e.g. "loss 0.1234 acc 0.9 1200 img/s".
+  void step(int64_t epoch, int64_t index, const std::string& fields);
+  void epoch_line(const std::string& line);
+
+ private:
+  int64_t epochs_, steps_;
+  bool bar_ = false, quiet_ = false;
+};
+
+// printf into a std::string.
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
+}  // namespace detail
+}  // namespace train
+}  // namespace largebatch
