@@ -86,5 +86,28 @@ expect summarize-not-a-run 2 "$WORK/badmagic: no summary.json" -- summarize "$WO
 # Divergence: exit 3 with the step and the layer with the largest trust ratio.
 expect diverged 3 "non-finite loss.*at step.*largest trust ratio" -- $S --optimizer lars --lr 1e30 --out "$WORK/o20"
 
+# pretrain and linear-eval: the same rules, their own flags.
+P="pretrain --progress none --no-plots --threads 1 --epochs 1 --data synthetic --synthetic-size 128 --batch-size 32"
+expect pre-projector 2 "--projector: '64-x'" -- $P --projector 64-x --out "$WORK/p1"
+expect pre-batch 2 "--batch-size must be >= 2" -- pretrain --progress none --data synthetic --batch-size 1 --out "$WORK/p2"
+expect pre-lambda 2 "--lambda" -- $P --lambda -1 --out "$WORK/p3"
+expect pre-min-scale 2 "--min-scale" -- $P --min-scale 0 --out "$WORK/p4"
+expect pre-optimizer 2 "unknown optimizer 'adamax'" -- $P --optimizer adamax --out "$WORK/p5"
+expect pre-warmup 2 "--warmup-epochs 3 is longer than --epochs 1" -- $P --schedule warmup-cosine --warmup-epochs 3 --out "$WORK/p6"
+"$BIN" $P --projector 32-32 --out "$WORK/pre" >/dev/null 2>&1
+expect pre-overwrite 2 "already holds a run" -- $P --projector 32-32 --out "$WORK/pre"
+expect pre-resume-mismatch 2 "--projector differs" -- $P --projector 64-64 --resume --out "$WORK/pre"
+echo '{"lambda": "big"}' > "$WORK/badpre.json"
+expect pre-config-type 2 "lambda = big" -- pretrain --config "$WORK/badpre.json" --out "$WORK/p7"
+L="linear-eval --progress none --no-plots --threads 1 --epochs 1 --data synthetic --synthetic-size 128"
+expect le-no-backbone 2 "--backbone is required" -- $L --out "$WORK/l1"
+expect le-missing 2 "--backbone: no such file $WORK/none.pt" -- $L --backbone "$WORK/none.pt" --out "$WORK/l2"
+expect le-random-model 2 "--backbone random needs --model" -- $L --backbone random --out "$WORK/l3"
+expect le-augment 2 "--augment: 'paper'" -- $L --backbone random --model cnn --augment paper --out "$WORK/l4"
+expect le-not-a-model 2 "$WORK/bad.json: not a model file" -- $L --backbone "$WORK/bad.json" --model cnn --out "$WORK/l5"
+expect le-wrong-model 2 "does not hold a resnet20" -- $L --backbone "$WORK/pre/backbone.pt" --model resnet20 --out "$WORK/l6"
+WORLD_SIZE=2 RANK=0 expect le-world 2 "linear-eval runs in one process" -- $L --backbone "$WORK/pre/backbone.pt" --out "$WORK/l8"
+expect le-lr 2 "--lr must be" -- $L --backbone random --model cnn --lr 0 --out "$WORK/l9"
+
 echo "cli bad input: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

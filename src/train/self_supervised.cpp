@@ -412,7 +412,6 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
     same("--projector", config.projector, before.projector);
     same("--optimizer", config.optimizer, before.optimizer);
     same("--batch-size", config.batch_size, before.batch_size);
-    same("--epochs", config.epochs, before.epochs);
     same("--seed", config.seed, before.seed);
   });
 
@@ -798,7 +797,6 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
     same("--backbone", config.backbone, before.backbone);
     same("--data", config.data, before.data);
     same("--batch-size", config.batch_size, before.batch_size);
-    same("--epochs", config.epochs, before.epochs);
     same("--seed", config.seed, before.seed);
   });
 
