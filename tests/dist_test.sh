@@ -1,7 +1,8 @@
 #!/bin/bash
 # Data-parallel acceptance tests of `largebatch train` over c10d/Gloo, with real processes:
 #  1. world 2 == world 1 at the same global batch after 20 steps (MLP without BatchNorm; CNN with --sync-bn),
-#     replicas bit-identical; a CNN with per-rank BatchNorm differs (the comparison has teeth);
+#     replicas bit-identical; a CNN with per-rank BatchNorm differs (the comparison has teeth); the same for
+#     Barlow Twins pre-training (2 steps);
 #  2. a rank killed (SIGKILL) or stopped (SIGSTOP) makes the other exit 4 naming it, within --dist-timeout;
 #  3. resume with a different world size (2 -> 1 -> 2);
 #  4. two hosts with their own addresses: two network namespaces joined by a veth pair (root and iproute2
@@ -68,6 +69,29 @@ if out=$("$LB" compare "$W/cnn1-step/model.pt" "$W/cnn2-step/model.pt" --rtol 1e
 else
   bad "cnn --sync-bn: world 2 != world 1 after 1 step: $out"
 fi
+# Barlow Twins: the cross-correlation is summed over ranks and BatchNorm (backbone and projector) synchronised,
+# so two ranks take the single-process step. One SGD step at lr 1e-3 (Barlow Twins gradients are large: at
+# the default lr one step dwarfs the weights, and float noise in the gradient then shows as a relative
+# difference of weights); with per-rank BatchNorm the same step differs by thousands of times the tolerance.
+PRE=(pretrain --data synthetic --synthetic-size 128 --batch-size 128 --epochs 1 --projector 64-64 --threads 1
+     --optimizer sgd --schedule constant --lr 1e-3 --loader-workers 1 --progress none --no-plots)
+next_port
+"$LB" "${PRE[@]}" --out "$W/bt1" > "$W/log.bt" 2>&1 &&
+  "$LB" launch --nproc-per-node 2 --master-port "$port" -- "${PRE[@]}" --sync-bn --out "$W/bt2" >> "$W/log.bt" 2>&1 &&
+  { next_port; "$LB" launch --nproc-per-node 2 --master-port "$port" -- "${PRE[@]}" --out "$W/bt2-local" >> "$W/log.bt" 2>&1; } ||
+  { bad "barlow twins runs"; cat "$W/log.bt"; }
+if out=$("$LB" compare "$W/bt1/backbone.pt" "$W/bt2/backbone.pt" --rtol 1e-4 --atol 1e-6 --quiet); then
+  ok "pretrain --sync-bn: world 2 == world 1 after 1 step ($out)"
+else
+  bad "pretrain --sync-bn: world 2 != world 1: $out"
+fi
+if out=$("$LB" compare "$W/bt1/backbone.pt" "$W/bt2-local/backbone.pt" --rtol 1e-4 --atol 1e-6 --quiet); then
+  bad "pretrain: per-rank BatchNorm equals world 1, so the comparison proves nothing ($out)"
+else
+  ok "pretrain with per-rank BatchNorm differs from world 1 (the comparison has teeth: $out)"
+fi
+identical_replicas "$W/bt2" && ok "pretrain: replicas bit-identical" || bad "pretrain: replicas differ"
+
 world1 --model cnn --epochs 2 --out "$W/cnn1" && world1 --model cnn --epochs 2 --threads 2 --out "$W/cnn1-t2" &&
   world2 --model cnn --epochs 2 --sync-bn --out "$W/cnn2" && world2 --model cnn --epochs 2 --out "$W/cnn2-local" ||
   bad "cnn runs"
