@@ -15,6 +15,7 @@ PACKAGES=(
   zlib1g-dev              # gzip-compressed IDX files
   libjpeg62-turbo-dev     # Tiny-ImageNet JPEG decoding
   nlohmann-json3-dev
+  libtomlplusplus-dev     # TOML grid files of `largebatch sweep`
   dataset-fashion-mnist   # real data present on every machine
   gnuplot-nox             # plots in reports
   iproute2                # network namespaces: the two-host data-parallel test

@@ -14,4 +14,6 @@
 #include <largebatch/train/trainer.h>
 #include <largebatch/train/barlow_twins.h>
 #include <largebatch/train/self_supervised.h>
+#include <largebatch/train/sharpness.h>
+#include <largebatch/report/study.h>
 #include <largebatch/dist/dist.h>

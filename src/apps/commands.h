@@ -16,6 +16,8 @@ Runner add_launch_command(CLI::App& app);
 Runner add_compare_command(CLI::App& app);
 Runner add_pretrain_command(CLI::App& app);
 Runner add_linear_eval_command(CLI::App& app);
+Runner add_sweep_command(CLI::App& app);
+Runner add_report_command(CLI::App& app);
 
 // Runs a training-like command's body with Ctrl-C / SIGTERM asking it to stop after the current step, and maps
 // its exceptions to one line on stderr prefixed with "largebatch <command>:" and the exit codes below.

@@ -113,6 +113,8 @@ int main(int argc, char** argv) {
   auto run_compare = largebatch::apps::add_compare_command(app);
   auto run_pretrain = largebatch::apps::add_pretrain_command(app);
   auto run_linear_eval = largebatch::apps::add_linear_eval_command(app);
+  auto run_sweep = largebatch::apps::add_sweep_command(app);
+  auto run_report = largebatch::apps::add_report_command(app);
 
   try {
     app.parse(argc, argv);
@@ -132,6 +134,8 @@ int main(int argc, char** argv) {
     if (int rc = run_compare(); rc >= 0) return rc;
     if (int rc = run_pretrain(); rc >= 0) return rc;
     if (int rc = run_linear_eval(); rc >= 0) return rc;
+    if (int rc = run_sweep(); rc >= 0) return rc;
+    if (int rc = run_report(); rc >= 0) return rc;
     if (list->parsed()) {
       for (const auto& p : lo::layerwise_presets()) {
         std::cout << p.name << "  (" << p.schedule << " schedule)\n  " << p.description << "\n  "

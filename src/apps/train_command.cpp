@@ -106,6 +106,13 @@ Runner add_train_command(CLI::App& app) {
   cmd->add_option("--telemetry-every", c.telemetry_every,
                   "Write per-layer |w|, |d|, trust ratio and lr*r every N steps to telemetry.csv (0: off)")
       ->capture_default_str();
+  cmd->add_option("--sharpness-every", c.sharpness_every,
+                  "Every N steps, estimate the top Hessian eigenvalue of the training loss on a fixed batch (power "
+                  "iteration on Hessian-vector products) into sharpness.csv (0: off)")->capture_default_str();
+  cmd->add_option("--sharpness-batch", c.sharpness_batch, "Images of the fixed sharpness batch (the first ones)")
+      ->capture_default_str();
+  cmd->add_option("--sharpness-iterations", c.sharpness_iterations, "Most power iterations per estimate")
+      ->capture_default_str();
   cmd->add_flag("--resume", c.resume, "Continue the run in --out from its last checkpoint");
   cmd->add_option("--progress", c.progress, "auto (a bar on a terminal), bar, lines, none")->capture_default_str();
   cmd->add_flag("--sync-bn", c.sync_bn,

@@ -434,7 +434,7 @@ torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
         torch::Tensor r = torch::where(w_norm.gt(0).logical_and(d_norm.gt(0)), ratio, torch::ones_like(ratio));
         d = d.mul(r);
         if (record) {
-          recorded.push_back(torch::stack({w_norm, d_norm, r}).to(torch::kDouble));
+          recorded.push_back(torch::stack({w_norm, d_norm, r, g.norm()}).to(torch::kDouble));
           recorded_names.push_back(st.name());
           recorded_lr.push_back(lr);
         }
@@ -466,7 +466,7 @@ torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
       auto acc = host.accessor<double, 2>();
       for (size_t i = 0; i < recorded.size(); ++i) {
         telemetry.layers.push_back(LayerTelemetry{recorded_names[i], acc[i][0], acc[i][1], acc[i][2],
-                                                  recorded_lr[i] * acc[i][2]});
+                                                  recorded_lr[i] * acc[i][2], acc[i][3]});
       }
     }
     last_telemetry_ = std::move(telemetry);

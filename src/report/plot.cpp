@@ -60,6 +60,7 @@ bool plot(const PlotSpec& spec, std::string* error) {
      << "set xlabel " << quote(spec.x_label) << "\nset ylabel " << quote(spec.y_label) << "\n"
      << "set key outside right\nset grid\n";
   if (spec.log_y) gp << "set logscale y\n";
+  if (!spec.y2_label.empty()) gp << "set y2label " << quote(spec.y2_label) << "\nset y2tics\nset ytics nomirror\n";
   gp << "plot ";
   bool first = true;
   for (const auto& s : spec.series) {
@@ -72,7 +73,7 @@ bool plot(const PlotSpec& spec, std::string* error) {
       using_y = "(strcol(" + std::to_string(f) + ") eq " + quote(spec.filter) + " ? $" + std::to_string(y) + " : 1/0)";
     }
     gp << (first ? "" : ", \\\n     ") << quote(s.csv) << " using " << x << ":" << using_y
-       << " every ::1 with linespoints title " << quote(s.title);
+       << " every ::1" << (s.second_axis ? " axes x1y2" : "") << " with linespoints title " << quote(s.title);
     first = false;
   }
   gp << "\n";
@@ -112,6 +113,15 @@ std::vector<std::string> plot_run(const std::string& dir) {
                   {{metrics, "epoch", "train_loss", "train loss"}, {metrics, "epoch", "test_loss", "test loss"}},
                   "", ""};
     if (plot(loss)) made.push_back(loss.png);
+  }
+  const std::string sharpness = (fs::path(dir) / "sharpness.csv").string();
+  if (fs::exists(sharpness) && fs::exists(metrics)) {
+    PlotSpec sharp{(fs::path(dir) / "sharpness.png").string(), "sharpness and accuracy: " + dir, "step",
+                   "top Hessian eigenvalue (fixed batch)", false,
+                   {{sharpness, "step", "top_eigenvalue", "sharpness"},
+                    {metrics, "step", "test_top1", "test top-1 (per epoch)", true}},
+                   "", "", "test top-1"};
+    if (plot(sharp)) made.push_back(sharp.png);
   }
   const std::string telemetry = (fs::path(dir) / "telemetry.csv").string();
   if (fs::exists(telemetry)) {

@@ -176,16 +176,16 @@ std::atomic<bool>& stop_flag() {
   return flag;
 }
 
-void open_telemetry(std::ofstream& file, const fs::path& path, bool resume, int64_t step) {
+void open_csv_log(std::ofstream& file, const fs::path& path, const std::string& header, bool resume,
+                  int64_t keep_below, const std::string& flag) {
   if (resume && fs::exists(path)) {
-    // Keep only rows of steps the checkpoint covers.
     std::ifstream in(path);
     std::string line, kept;
     std::getline(in, line);
     kept = line + "\n";
     while (std::getline(in, line)) {
       try {
-        if (std::stoll(line.substr(0, line.find(','))) < step) kept += line + "\n";
+        if (std::stoll(line.substr(0, line.find(','))) < keep_below) kept += line + "\n";
       } catch (const std::exception&) {
         // a torn last line of an interrupted run: dropped
       }
@@ -194,14 +194,20 @@ void open_telemetry(std::ofstream& file, const fs::path& path, bool resume, int6
     file.open(path, std::ios::app);
   } else {
     file.open(path, std::ios::trunc);
-    file << "step,layer,weight_norm,update_norm,trust_ratio,effective_lr,lr,phi\n";
+    file << header << "\n";
   }
-  if (!file) usage("--telemetry-every: cannot write " + path.string());
+  if (!file) usage(flag + ": cannot write " + path.string());
+}
+
+void open_telemetry(std::ofstream& file, const fs::path& path, bool resume, int64_t step) {
+  open_csv_log(file, path, "step,layer,weight_norm,update_norm,grad_norm,trust_ratio,effective_lr,lr,phi", resume,
+               step, "--telemetry-every");
 }
 
 void write_telemetry(std::ofstream& file, int64_t step, const optim::StepTelemetry& t) {
   for (const auto& l : t.layers)
-    file << step << "," << l.name << "," << l.weight_norm << "," << l.update_norm << "," << l.trust_ratio << ","
+    file << step << "," << l.name << "," << l.weight_norm << "," << l.update_norm << "," << l.grad_norm << ","
+         << l.trust_ratio << ","
          << l.effective_lr << "," << t.lr << "," << t.phi << "\n";
 }
 

@@ -64,9 +64,13 @@ EpochRecord record_from(const nlohmann::json& j);
 // The stop request of request_stop() (signal handlers set it; loops poll it once per step).
 std::atomic<bool>& stop_flag();
 
-// telemetry.csv (step,layer,weight_norm,update_norm,trust_ratio,effective_lr,lr,phi): opens it fresh, or on
+// telemetry.csv (step,layer,weight_norm,update_norm,grad_norm,trust_ratio,effective_lr,lr,phi): opens it fresh, or on
 // resume keeps only the rows of steps before `step` and appends. UsageError naming the file if unwritable.
 void open_telemetry(std::ofstream& file, const std::filesystem::path& path, bool resume, int64_t step);
+// Any per-step CSV log whose first column is a step: fresh with header, or on resume keeping only rows whose
+// step is below keep_below (rows the checkpoint covers) and appending. UsageError names flag if unwritable.
+void open_csv_log(std::ofstream& file, const std::filesystem::path& path, const std::string& header, bool resume,
+                  int64_t keep_below, const std::string& flag);
 void write_telemetry(std::ofstream& file, int64_t step, const optim::StepTelemetry& telemetry);
 
 // "; largest trust ratio at step t: <layer> (r = ..., lr*r = ...)" from the optimizer's last step, or "" when

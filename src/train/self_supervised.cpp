@@ -813,7 +813,14 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
     try {
       archive.load_from(config.backbone);
     } catch (const c10::Error&) {
-      usage("--backbone " + config.backbone + ": not a model file (backbone.pt of pretrain or model.pt of train)");
+      usage("--backbone " + config.backbone +
+            ": not a model file (backbone.pt or checkpoint.pt of pretrain, model.pt of train)");
+    }
+    // A pretrain checkpoint.pt holds the whole network: its "backbone" part is the classifier module.
+    {
+      torch::serialize::InputArchive model_part, backbone_part;
+      if (archive.try_read("model", model_part) && model_part.try_read("backbone", backbone_part))
+        archive = std::move(backbone_part);
     }
     int64_t classes = split.train.num_classes;
     {

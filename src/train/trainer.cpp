@@ -5,6 +5,7 @@
 #include <largebatch/models/models.h>
 #include <largebatch/optim/factory.h>
 #include <largebatch/report/plot.h>
+#include <largebatch/train/sharpness.h>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -74,6 +75,9 @@ std::string TrainConfig::to_json() const {
   j["device"] = device;
   j["out"] = out;
   j["telemetry-every"] = telemetry_every;
+  j["sharpness-every"] = sharpness_every;
+  j["sharpness-batch"] = sharpness_batch;
+  j["sharpness-iterations"] = sharpness_iterations;
   j["progress"] = progress;
   j["plots"] = plots;
   j["sync-bn"] = sync_bn;
@@ -140,6 +144,9 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& s
     else if (k == "device") c.device = str();
     else if (k == "out") c.out = str();
     else if (k == "telemetry-every") c.telemetry_every = integer();
+    else if (k == "sharpness-every") c.sharpness_every = integer();
+    else if (k == "sharpness-batch") c.sharpness_batch = integer();
+    else if (k == "sharpness-iterations") c.sharpness_iterations = integer();
     else if (k == "progress") c.progress = str();
     else if (k == "plots") c.plots = boolean();
     else if (k == "sync-bn") c.sync_bn = boolean();
@@ -185,6 +192,9 @@ void TrainConfig::validate() const {
   if (synthetic_size <= 0) usage("--synthetic-size must be > 0");
   if (threads < 0) usage("--threads must be >= 0");
   if (telemetry_every < 0) usage("--telemetry-every must be >= 0");
+  if (sharpness_every < 0) usage("--sharpness-every must be >= 0");
+  if (sharpness_batch <= 0) usage("--sharpness-batch must be > 0");
+  if (sharpness_iterations <= 0) usage("--sharpness-iterations must be > 0");
   if (lr != -1 && !(lr >= 0 && std::isfinite(lr))) usage("--lr must be finite and >= 0");
   if (weight_decay != -1 && !(weight_decay >= 0 && std::isfinite(weight_decay))) usage("--weight-decay must be >= 0");
   if (!(warmup_epochs >= 0)) usage("--warmup-epochs must be >= 0");
@@ -500,6 +510,45 @@ TrainSummary run_training(const TrainConfig& config) {
                                 config.optimizer.c_str());
   }
 
+  // Sharpness: a fixed batch (the first training images, unaugmented), estimated on rank 0 after every N steps.
+  std::ofstream sharpness_log;
+  data::Batch sharpness_batch;
+  if (config.sharpness_every > 0 && lead) {
+    data::LoaderOptions so_opts;
+    so_opts.batch_size = std::min(config.sharpness_batch, train_set.size());
+    so_opts.shuffle = false;
+    data::BatchLoader first(train_set, so_opts);
+    first.start_epoch(0);
+    first.next(sharpness_batch);
+    open_csv_log(sharpness_log, out / "sharpness.csv", "step,epoch,top_eigenvalue,iterations,converged,seconds",
+                 config.resume, step + 1, "--sharpness-every");
+  }
+  auto measure_sharpness = [&](int64_t epoch) {
+    const auto t0 = Clock::now();
+    // Training-mode forward (the loss being minimised) without disturbing BatchNorm's running statistics.
+    std::vector<torch::Tensor> saved;
+    for (const auto& b : model->buffers()) saved.push_back(b.detach().clone());
+    std::vector<torch::Tensor> params;
+    for (const auto& p : model->parameters())
+      if (p.requires_grad()) params.push_back(p);
+    const auto x = sharpness_batch.images.to(device), y = sharpness_batch.labels.to(device);
+    SharpnessOptions so;
+    so.max_iterations = config.sharpness_iterations;
+    so.seed = config.seed;
+    const auto e = top_hessian_eigenvalue(
+        [&] { return torch::nn::functional::cross_entropy(model->forward(x), y); }, params, so);
+    {
+      torch::NoGradGuard no_grad;
+      size_t i = 0;
+      for (auto& b : model->buffers()) b.copy_(saved[i++]);
+    }
+    const double seconds = seconds_since(t0);
+    sharpness_log << step << "," << epoch + 1 << "," << format("%.9g", e.eigenvalue) << "," << e.iterations << ","
+                  << (e.converged ? 1 : 0) << "," << format("%.3f", seconds) << "\n";
+    sharpness_log.flush();
+    return seconds;
+  };
+
   if (lead) std::printf("largebatch train: %s (%lld train / %lld test) | %s (%lld parameters) | %s lr %.4g (%s schedule) | "
               "batch %lld%s | %lld epochs x %lld steps | %s\n",
               config.data.c_str(), static_cast<long long>(train_set.size()),
@@ -536,7 +585,7 @@ TrainSummary run_training(const TrainConfig& config) {
     double loss_sum = 0;
     int64_t correct = 0, seen = 0, index = 0;
     double lr_t = 0, phi_t = 1;
-    double compute_s = 0, allreduce_s = 0, optimizer_s = 0;
+    double compute_s = 0, allreduce_s = 0, optimizer_s = 0, sharpness_s = 0;
     while (loader.next(batch)) {
       lr_t = schedule.at(step);
       phi_t = tv ? lo::tv_phi(*tv, step) : 1.0;
@@ -596,6 +645,7 @@ TrainSummary run_training(const TrainConfig& config) {
       if (telemetry.is_open() && layerwise && step % config.telemetry_every == 0)
         write_telemetry(telemetry, step, layerwise->last_telemetry());
       ++step;
+      if (sharpness_log.is_open() && step % config.sharpness_every == 0) sharpness_s += measure_sharpness(epoch);
       loss_sum += batch_loss * static_cast<double>(global_b);
       correct += batch_correct;
       seen += global_b;
@@ -612,7 +662,7 @@ TrainSummary run_training(const TrainConfig& config) {
     }
     if (summary.status != "completed") break;
     if (telemetry.is_open()) telemetry.flush();
-    const double train_seconds = seconds_since(t_epoch);
+    const double train_seconds = seconds_since(t_epoch) - sharpness_s;  // images/s of training alone
 
     // Without --sync-bn each rank's BatchNorm running statistics saw only its shards: evaluate (and save)
     // rank 0's, as DistributedDataParallel does by broadcasting buffers.

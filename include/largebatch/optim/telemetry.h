@@ -14,6 +14,7 @@ struct LayerTelemetry {
   double update_norm;    // |d| (LARS) or |s| (LAMB) before the ratio (unclamped)
   double trust_ratio;    // r, including phi_t
   double effective_lr;   // lr_t * r
+  double grad_norm = 0;  // |g|, the raw gradient
 };
 
 struct StepTelemetry {

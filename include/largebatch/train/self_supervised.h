@@ -97,7 +97,7 @@ struct LinearEvalConfig {
   bool standardize = true;
   double lr = 0.3;
   double momentum = 0.9;
-  double weight_decay = 1e-6;
+  double weight_decay = 5e-4;    // the paper's linear evaluation (Barlow Twins itself used 1e-6)
   int64_t batch_size = 256;
   int64_t eval_batch_size = 2000;
   int64_t epochs = 100;

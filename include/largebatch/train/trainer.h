@@ -48,6 +48,10 @@ struct TrainConfig {
   std::string device = "cpu";     // cpu | cuda | cuda:N
   std::string out = "runs/latest";
   int64_t telemetry_every = 0;    // 0: no telemetry.csv
+  // Sharpness (top Hessian eigenvalue of the training loss on a fixed batch) every N steps to sharpness.csv.
+  int64_t sharpness_every = 0;    // 0: off
+  int64_t sharpness_batch = 1024; // the first images of the training set, unaugmented
+  int64_t sharpness_iterations = 20;
   bool resume = false;
   std::string progress = "auto";  // auto (bar on a terminal) | bar | lines | none
   bool plots = true;

@@ -1,0 +1,672 @@
+// `largebatch sweep` (runs as child processes) and `largebatch report` (tables and gnuplot plots from CSVs).
+#include <largebatch/report/plot.h>
+#include <largebatch/report/study.h>
+
+#include <nlohmann/json.hpp>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <thread>
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace largebatch {
+namespace report {
+
+namespace {
+
+std::atomic<bool> g_sweep_stop{false};
+
+std::string format(const char* fmt, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), fmt, v);
+  return buf;
+}
+
+void write_atomically(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw std::runtime_error("cannot write " + tmp.string());
+    out << text;
+    if (!out.flush()) throw std::runtime_error("write failed: " + tmp.string());
+  }
+  fs::rename(tmp, path);
+}
+
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// The status a finished run left in summary.json ("" when there is none or it cannot be read).
+std::string summary_status(const fs::path& dir, json* summary = nullptr) {
+  try {
+    const json j = json::parse(read_text(dir / "summary.json"));
+    if (summary) *summary = j;
+    return j.value("status", "");
+  } catch (const std::exception&) {
+    return "";
+  }
+}
+
+bool has_setting(const PlannedRun& run, const std::string& key) {
+  for (const auto& kv : run.settings)
+    if (kv.first == key) return true;
+  return false;
+}
+
+struct RunRecord {
+  std::string status = "pending";  // pending | skipped-<status> | completed | diverged | failed | interrupted
+  int exit_code = -1;
+  double seconds = 0;
+};
+
+std::string sweep_csv(const SweepGrid& grid, const std::vector<RunRecord>& records, const fs::path& out) {
+  std::string csv = "run,status,exit_code,seconds,final_test_top1,best_test_top1,settings\n";
+  for (size_t i = 0; i < grid.runs.size(); ++i) {
+    json summary;
+    summary_status(out / grid.runs[i].name, &summary);
+    std::string settings;
+    for (const auto& kv : grid.runs[i].settings) settings += (settings.empty() ? "" : " ") + kv.first + "=" + kv.second;
+    csv += grid.runs[i].name + "," + records[i].status + "," + std::to_string(records[i].exit_code) + "," +
+           format("%.1f", records[i].seconds) + "," +
+           (summary.contains("final_test_top1") ? format("%.6f", summary["final_test_top1"].get<double>()) : "") + "," +
+           (summary.contains("best_test_top1") ? format("%.6f", summary["best_test_top1"].get<double>()) : "") + ",\"" +
+           settings + "\"\n";
+  }
+  return csv;
+}
+
+}  // namespace
+
+void request_sweep_stop() { g_sweep_stop = true; }
+
+SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
+  if (o.jobs <= 0) throw std::invalid_argument("--jobs must be > 0");
+  if (o.out.empty()) throw std::invalid_argument("--out must not be empty");
+  const fs::path out(o.out);
+  std::error_code ec;
+  fs::create_directories(out, ec);
+  if (ec) throw std::invalid_argument("--out: cannot create " + out.string() + ": " + ec.message());
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t threads = std::max<int64_t>(1, cores / o.jobs);
+
+  SweepResult result;
+  result.total = static_cast<int64_t>(grid.runs.size());
+  std::vector<RunRecord> records(grid.runs.size());
+  std::vector<size_t> pending;
+  for (size_t i = 0; i < grid.runs.size(); ++i) {
+    const fs::path dir = out / grid.runs[i].name;
+    const std::string status = summary_status(dir);
+    if (status == "completed" || status == "diverged") {
+      records[i].status = "skipped-" + status;
+      ++result.skipped;
+    } else {
+      pending.push_back(i);
+    }
+    if (o.dry_run) {
+      std::string settings;
+      for (const auto& kv : grid.runs[i].settings) settings += " --" + kv.first + "=" + kv.second;
+      const bool resumable = fs::exists(dir / "checkpoint.pt");
+      std::printf("%-12s %s:%s\n",
+                  !records[i].status.rfind("skipped", 0) ? "finished" : resumable ? "resume" : "run",
+                  grid.runs[i].name.c_str(), settings.c_str());
+    }
+  }
+  if (o.dry_run) return result;
+  std::printf("sweep: %lld runs (%lld finished before, %zu to run), %lld at a time, %lld thread(s) each unless set; "
+              "outputs in %s\n",
+              static_cast<long long>(result.total), static_cast<long long>(result.skipped), pending.size(),
+              static_cast<long long>(o.jobs), static_cast<long long>(threads), out.string().c_str());
+  std::fflush(stdout);
+  write_atomically(out / "sweep.csv", sweep_csv(grid, records, out));
+
+  std::map<pid_t, std::pair<size_t, std::chrono::steady_clock::time_point>> active;
+  size_t next = 0, done = 0;
+  g_sweep_stop = false;
+  bool stop_sent = false;
+  while (next < pending.size() || !active.empty()) {
+    while (!g_sweep_stop && next < pending.size() && static_cast<int64_t>(active.size()) < o.jobs) {
+      const size_t i = pending[next++];
+      const PlannedRun& run = grid.runs[i];
+      const fs::path dir = out / run.name;
+      const bool resume = fs::exists(dir / "checkpoint.pt");
+      if (!resume) {
+        // A run stopped before its first checkpoint, or one that failed: start it afresh.
+        fs::remove_all(dir, ec);
+      }
+      fs::create_directories(dir, ec);
+      std::vector<std::string> args{o.executable, grid.command, "--out=" + dir.string()};
+      if (!has_setting(run, "progress")) args.push_back("--progress=none");
+      if (!has_setting(run, "threads")) args.push_back("--threads=" + std::to_string(threads));
+      if (resume) args.push_back("--resume");
+      for (const auto& kv : run.settings) args.push_back("--" + kv.first + "=" + kv.second);
+      const std::string log = (dir / "log.txt").string();
+      const pid_t pid = fork();
+      if (pid < 0) throw std::runtime_error("sweep: fork failed");
+      if (pid == 0) {
+        const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+          dup2(fd, 1);
+          dup2(fd, 2);
+          close(fd);
+        }
+        std::vector<char*> argv;
+        for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+        argv.push_back(nullptr);
+        execv(argv[0], argv.data());
+        std::fprintf(stderr, "sweep: cannot execute %s\n", argv[0]);
+        _exit(127);
+      }
+      active[pid] = {i, std::chrono::steady_clock::now()};
+      records[i].status = "running";
+      std::printf("[start] %s%s\n", run.name.c_str(), resume ? " (resumed from its checkpoint)" : "");
+      std::fflush(stdout);
+    }
+    if (g_sweep_stop && !stop_sent) {
+      // Ask the runs to stop at their next step; they keep their checkpoints for the next invocation.
+      for (const auto& a : active) kill(a.first, SIGTERM);
+      stop_sent = true;
+    }
+    // Polled rather than blocking: a stop request must reach the running runs at once.
+    int status = 0;
+    const pid_t pid = waitpid(-1, &status, WNOHANG);
+    if (pid == 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      continue;
+    }
+    if (pid < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    const auto found = active.find(pid);
+    if (found == active.end()) continue;
+    const size_t i = found->second.first;
+    RunRecord& r = records[i];
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - found->second.second).count();
+    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    active.erase(found);
+    const std::string finished = summary_status(out / grid.runs[i].name);
+    if (r.exit_code == 0 && finished == "completed") {
+      r.status = "completed";
+      ++result.completed;
+    } else if (r.exit_code == 3 && finished == "diverged") {
+      r.status = "diverged";  // a result, not a failure: the study reports it
+      ++result.diverged;
+    } else if (r.exit_code == 130 || (g_sweep_stop && r.exit_code == 128 + SIGTERM)) {
+      r.status = "interrupted";
+      ++result.interrupted;
+    } else {
+      r.status = "failed";
+      ++result.failed;
+    }
+    ++done;
+    std::string tail;
+    if (r.status == "failed") {
+      const std::string log = read_text(out / grid.runs[i].name / "log.txt");
+      const auto cut = log.find_last_of('\n', log.size() > 1 ? log.size() - 2 : 0);
+      tail = " -- " + log.substr(cut == std::string::npos ? 0 : cut + 1);
+      while (!tail.empty() && tail.back() == '\n') tail.pop_back();
+    }
+    std::printf("[%zu/%zu] %s: %s (exit %d, %.1f s)%s\n", done, pending.size(), grid.runs[i].name.c_str(),
+                r.status.c_str(), r.exit_code, r.seconds, tail.c_str());
+    std::fflush(stdout);
+    write_atomically(out / "sweep.csv", sweep_csv(grid, records, out));
+  }
+  for (size_t k = next; k < pending.size(); ++k) records[pending[k]].status = "not started";
+  result.stopped = g_sweep_stop;
+  write_atomically(out / "sweep.csv", sweep_csv(grid, records, out));
+  return result;
+}
+
+// ====================================================================== report
+
+namespace {
+
+struct Csv {
+  std::vector<std::string> header;
+  std::vector<std::vector<std::string>> rows;
+  int column(const std::string& name) const {
+    for (size_t i = 0; i < header.size(); ++i)
+      if (header[i] == name) return static_cast<int>(i);
+    return -1;
+  }
+  double number(size_t row, int col) const {
+    if (col < 0 || col >= static_cast<int>(rows[row].size())) return NAN;
+    try {
+      return std::stod(rows[row][col]);
+    } catch (const std::exception&) {
+      return NAN;
+    }
+  }
+};
+
+Csv read_csv(const fs::path& path) {
+  Csv csv;
+  std::ifstream in(path);
+  std::string line;
+  auto split = [](const std::string& l) {
+    std::vector<std::string> out;
+    std::stringstream ss(l);
+    std::string item;
+    while (std::getline(ss, item, ',')) out.push_back(item);
+    return out;
+  };
+  if (std::getline(in, line)) csv.header = split(line);
+  while (std::getline(in, line))
+    if (!line.empty()) csv.rows.push_back(split(line));
+  return csv;
+}
+
+struct Run {
+  std::string name;       // folder, relative to the report's directory
+  fs::path dir;
+  json config;
+  Csv metrics;
+  bool has_telemetry = false, has_sharpness = false;
+};
+
+// Options that identify a configuration (a seed axis or bookkeeping options do not).
+bool identifying(const std::string& key) {
+  static const std::set<std::string> ignored{"seed", "out", "progress", "threads", "plots", "data-dir",
+                                             "loader-workers", "eval-batch-size", "resume", "dist-timeout",
+                                             "bucket-mb", "telemetry-every", "sharpness-every",
+                                             "sharpness-batch", "sharpness-iterations"};
+  return !ignored.count(key);
+}
+
+std::string optimizer_label(const json& config) {
+  std::string label = config.value("optimizer", "?");
+  if (config.contains("opt") && config["opt"].is_array())
+    for (const auto& o : config["opt"]) label += " " + o.get<std::string>();
+  return label;
+}
+
+std::string text_of(const json& v) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_number_float()) return format("%.6g", v.get<double>());
+  return v.dump();
+}
+
+struct Group {
+  std::string key;                 // identifying config, as JSON text
+  json config;                     // of its first run
+  std::vector<const Run*> runs;    // one per seed
+};
+
+struct Stats {
+  double mean = NAN, std = NAN;
+  int n = 0;
+};
+
+Stats stats(const std::vector<double>& v) {
+  Stats s;
+  std::vector<double> x;
+  for (double d : v)
+    if (!std::isnan(d)) x.push_back(d);
+  s.n = static_cast<int>(x.size());
+  if (x.empty()) return s;
+  double sum = 0;
+  for (double d : x) sum += d;
+  s.mean = sum / s.n;
+  if (s.n > 1) {
+    double ss = 0;
+    for (double d : x) ss += (d - s.mean) * (d - s.mean);
+    s.std = std::sqrt(ss / (s.n - 1));
+  }
+  return s;
+}
+
+std::string percent(const Stats& s) {
+  if (s.n == 0) return "–";
+  if (s.n == 1) return format("%.2f", 100 * s.mean);
+  return format("%.2f", 100 * s.mean) + " ± " + format("%.2f", 100 * s.std);
+}
+
+std::string quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
+  return out + "'";
+}
+
+std::string slug(const std::string& text) {
+  std::string out;
+  for (char c : text) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '-';
+    out += ok ? c : '_';
+  }
+  return out;
+}
+
+// Runs gnuplot on a script written next to the PNG; returns whether the PNG was made.
+bool render(const fs::path& script_path, const std::string& script, std::vector<std::string>& made) {
+  write_atomically(script_path, script);
+  made.push_back(script_path.string());
+  if (!gnuplot_available()) return false;
+  const std::string cmd = "cd " + quote(script_path.parent_path().string()) + " && gnuplot " +
+                          quote(script_path.filename().string()) + " 2>/dev/null";
+  if (std::system(cmd.c_str()) != 0) return false;
+  made.push_back(fs::path(script_path).replace_extension(".png").string());
+  return true;
+}
+
+std::string header_lines(const std::string& png, const std::string& title, int width = 1100, int height = 650) {
+  return "set datafile separator ','\nset terminal pngcairo size " + std::to_string(width) + "," +
+         std::to_string(height) + " noenhanced\nset output " + quote(png) + "\nset title " + quote(title) +
+         "\nset grid\nset key outside right font ',8'\n";
+}
+
+}  // namespace
+
+std::vector<std::string> write_report(const std::string& dir_text, const ReportOptions& options) {
+  const fs::path dir(dir_text);
+  if (!fs::is_directory(dir)) throw std::invalid_argument(dir_text + ": not a directory");
+  // The runs: DIR itself or its sub-folders, every one holding config.json and metrics.csv.
+  std::vector<fs::path> candidates{dir};
+  for (const auto& entry : fs::directory_iterator(dir))
+    if (entry.is_directory() && entry.path().filename() != "report") candidates.push_back(entry.path());
+  std::vector<Run> runs;
+  for (const auto& d : candidates) {
+    if (!fs::exists(d / "config.json") || !fs::exists(d / "metrics.csv")) continue;
+    Run r;
+    r.dir = d;
+    r.name = d == dir ? "." : d.filename().string();
+    try {
+      r.config = json::parse(read_text(d / "config.json"));
+    } catch (const std::exception&) {
+      throw std::invalid_argument((d / "config.json").string() + ": not valid JSON");
+    }
+    r.metrics = read_csv(d / "metrics.csv");
+    if (r.metrics.column("test_top1") < 0) continue;  // not a classification run (e.g. pretrain)
+    r.has_telemetry = fs::exists(d / "telemetry.csv");
+    r.has_sharpness = fs::exists(d / "sharpness.csv");
+    runs.push_back(std::move(r));
+  }
+  if (runs.empty()) throw std::invalid_argument(dir_text + ": no classification runs (folders with config.json and metrics.csv)");
+  std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.name < b.name; });
+
+  // Configurations: runs that differ only in seed (and bookkeeping) form one group.
+  std::vector<Group> groups;
+  for (const auto& r : runs) {
+    json id = json::object();
+    for (auto it = r.config.begin(); it != r.config.end(); ++it)
+      if (identifying(it.key())) id[it.key()] = it.value();
+    const std::string key = id.dump();
+    auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& x) { return x.key == key; });
+    if (g == groups.end()) {
+      groups.push_back({key, id, {}});
+      g = groups.end() - 1;
+    }
+    g->runs.push_back(&r);
+  }
+  // Which identifying options vary between groups (besides optimizer, opt and batch size): table columns.
+  std::vector<std::string> varying;
+  for (auto it = groups.front().config.begin(); it != groups.front().config.end(); ++it) {
+    const std::string& k = it.key();
+    if (k == "optimizer" || k == "opt" || k == "batch-size") continue;
+    for (const auto& g : groups)
+      if (!g.config.contains(k) || g.config[k] != it.value()) {
+        varying.push_back(k);
+        break;
+      }
+  }
+  std::sort(groups.begin(), groups.end(), [](const Group& a, const Group& b) {
+    const auto ba = a.config.value("batch-size", 0), bb = b.config.value("batch-size", 0);
+    if (ba != bb) return ba < bb;
+    return a.key < b.key;
+  });
+  auto group_label = [&](const Group& g) {
+    std::string label = optimizer_label(g.config);
+    for (const auto& k : varying)
+      if (g.config.contains(k)) label += " " + k + "=" + text_of(g.config[k]);
+    return label;
+  };
+
+  const fs::path assets = dir / "report";
+  fs::create_directories(assets);
+  std::vector<std::string> made;
+  std::ostringstream md;
+  md << "# Report: " << dir.filename().string() << "\n\n"
+     << runs.size() << " runs in " << groups.size() << " configurations (runs that differ only in their seed are "
+     << "one configuration; mean ± sample standard deviation over seeds). Regenerate with `largebatch report "
+     << dir.filename().string() << "`: the same CSV files give the same report.\n\n";
+
+  // ---- table 1: every configuration
+  md << "## Test top-1 per configuration\n\n"
+     << "Target for the last two columns: " << format("%.2f", 100 * options.target)
+     << " % test top-1 (epochs and training seconds until the first epoch that reaches it, mean over the seeds "
+        "that did).\n\n"
+     << "| optimizer | batch |";
+  for (const auto& k : varying) md << " " << k << " |";
+  md << " seeds | final top-1 % | best top-1 % | epochs | reached | epochs to target | seconds to target |\n|---|---|";
+  for (size_t i = 0; i < varying.size(); ++i) md << "---|";
+  md << "---|---|---|---|---|---|---|\n";
+  for (const auto& g : groups) {
+    std::vector<double> finals, bests, epochs_to, seconds_to;
+    int reached = 0;
+    double epochs = 0;
+    for (const Run* r : g.runs) {
+      const Csv& m = r->metrics;
+      const int top1 = m.column("test_top1"), secs = m.column("epoch_seconds");
+      double best = NAN, elapsed = 0;
+      bool hit = false;
+      for (size_t row = 0; row < m.rows.size(); ++row) {
+        const double a = m.number(row, top1);
+        if (std::isnan(best) || a > best) best = a;
+        elapsed += std::isnan(m.number(row, secs)) ? 0 : m.number(row, secs);
+        if (!hit && a >= options.target) {
+          hit = true;
+          epochs_to.push_back(static_cast<double>(row + 1));
+          seconds_to.push_back(elapsed);
+        }
+      }
+      reached += hit ? 1 : 0;
+      finals.push_back(m.rows.empty() ? NAN : m.number(m.rows.size() - 1, top1));
+      bests.push_back(best);
+      epochs = std::max(epochs, static_cast<double>(m.rows.size()));
+    }
+    md << "| " << optimizer_label(g.config) << " | " << g.config.value("batch-size", 0) << " |";
+    for (const auto& k : varying) md << " " << (g.config.contains(k) ? text_of(g.config[k]) : "") << " |";
+    const Stats e = stats(epochs_to), s = stats(seconds_to);
+    md << " " << g.runs.size() << " | " << percent(stats(finals)) << " | " << percent(stats(bests)) << " | "
+       << static_cast<int>(epochs) << " | " << reached << "/" << g.runs.size() << " | "
+       << (e.n ? format("%.1f", e.mean) : "–") << " | " << (s.n ? format("%.0f", s.mean) : "–") << " |\n";
+  }
+
+  // ---- table 2: optimizer x batch size, the best configuration of each cell by mean final top-1
+  std::vector<std::string> optimizers;
+  std::vector<int64_t> batches;
+  for (const auto& g : groups) {
+    const std::string o = optimizer_label(g.config);
+    if (std::find(optimizers.begin(), optimizers.end(), o) == optimizers.end()) optimizers.push_back(o);
+    const int64_t b = g.config.value("batch-size", 0);
+    if (std::find(batches.begin(), batches.end(), b) == batches.end()) batches.push_back(b);
+  }
+  std::sort(optimizers.begin(), optimizers.end());
+  std::sort(batches.begin(), batches.end());
+  md << "\n## Final test top-1 %, optimizer × batch size\n\nEach cell: the configuration with the best mean final "
+        "top-1 among those of that optimizer and batch size";
+  if (!varying.empty()) {
+    md << " (over";
+    for (const auto& k : varying) md << " " << k;
+    md << ")";
+  }
+  md << ".\n\n| optimizer |";
+  for (auto b : batches) md << " B = " << b << " |";
+  md << "\n|---|";
+  for (size_t i = 0; i < batches.size(); ++i) md << "---|";
+  md << "\n";
+  for (const auto& o : optimizers) {
+    md << "| " << o << " |";
+    for (auto b : batches) {
+      const Group* best = nullptr;
+      Stats best_stats;
+      for (const auto& g : groups) {
+        if (optimizer_label(g.config) != o || g.config.value("batch-size", 0) != b) continue;
+        std::vector<double> finals;
+        for (const Run* r : g.runs) {
+          const int c = r->metrics.column("test_top1");
+          finals.push_back(r->metrics.rows.empty() ? NAN : r->metrics.number(r->metrics.rows.size() - 1, c));
+        }
+        const Stats s = stats(finals);
+        if (s.n && (!best || s.mean > best_stats.mean)) {
+          best = &g;
+          best_stats = s;
+        }
+      }
+      md << " " << (best ? percent(best_stats) : "–");
+      if (best)
+        for (const auto& k : varying)
+          if (best->config.contains(k)) md << " (" << k << " " << text_of(best->config[k]) << ")";
+      md << " |";
+    }
+    md << "\n";
+  }
+
+  // ---- plots: accuracy per epoch, one plot per batch size, mean over seeds
+  md << "\n## Plots\n\n";
+  for (auto b : batches) {
+    std::vector<const Group*> in;
+    for (const auto& g : groups)
+      if (g.config.value("batch-size", 0) == b) in.push_back(&g);
+    size_t epochs = 0;
+    for (const Group* g : in)
+      for (const Run* r : g->runs) epochs = std::max(epochs, r->metrics.rows.size());
+    std::string csv = "epoch";
+    for (size_t i = 0; i < in.size(); ++i) csv += ",config" + std::to_string(i);
+    csv += "\n";
+    for (size_t e = 0; e < epochs; ++e) {
+      csv += std::to_string(e + 1);
+      for (const Group* g : in) {
+        std::vector<double> v;
+        for (const Run* r : g->runs)
+          v.push_back(e < r->metrics.rows.size() ? r->metrics.number(e, r->metrics.column("test_top1")) : NAN);
+        const Stats s = stats(v);
+        csv += "," + (s.n ? format("%.6f", s.mean) : std::string("NaN"));
+      }
+      csv += "\n";
+    }
+    const std::string base = "accuracy_b" + std::to_string(b);
+    write_atomically(assets / (base + ".csv"), csv);
+    made.push_back((assets / (base + ".csv")).string());
+    std::string gp = header_lines(base + ".png", "test top-1 per epoch, batch " + std::to_string(b) +
+                                                     " (mean over seeds)") +
+                     "set xlabel 'epoch'\nset ylabel 'test top-1'\nplot ";
+    for (size_t i = 0; i < in.size(); ++i)
+      gp += (i ? ", \\\n     " : "") + quote(base + ".csv") + " using 1:" + std::to_string(i + 2) +
+            " every ::1 with linespoints title " + quote(group_label(*in[i]));
+    gp += "\n";
+    render(assets / (base + ".gp"), gp, made);
+    md << "![test top-1 per epoch, B = " << b << "](report/" << base << ".png)\n\n";
+  }
+
+  // ---- per configuration (its first seed's run): schedule, trust ratios, norms, sharpness
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    const Group& g = groups[gi];
+    const Run& r = *g.runs.front();
+    if (!r.has_telemetry && !r.has_sharpness) continue;
+    const std::string base = "config" + std::to_string(gi) + "_" + slug(r.name);
+    md << "### " << group_label(g) << ", B = " << g.config.value("batch-size", 0) << " (run " << r.name << ")\n\n";
+    if (r.has_telemetry) {
+      const Csv t = read_csv(r.dir / "telemetry.csv");
+      const int c_step = t.column("step"), c_layer = t.column("layer"), c_ratio = t.column("trust_ratio"),
+                c_w = t.column("weight_norm"), c_g = t.column("grad_norm"), c_lr = t.column("lr"), c_phi = t.column("phi");
+      std::vector<std::string> layers;
+      std::map<std::string, size_t> layer_index;
+      std::vector<std::string> steps;
+      std::map<std::string, size_t> step_index;
+      for (const auto& row : t.rows) {
+        if (static_cast<int>(row.size()) <= std::max({c_step, c_layer, c_ratio})) continue;
+        if (!layer_index.count(row[c_layer])) {
+          layer_index[row[c_layer]] = layers.size();
+          layers.push_back(row[c_layer]);
+        }
+        if (!step_index.count(row[c_step])) {
+          step_index[row[c_step]] = steps.size();
+          steps.push_back(row[c_step]);
+        }
+      }
+      // Long form: one row per (step, layer) with the layer's index, for heat map and lines alike.
+      std::string data = "step,layer_index,trust_ratio,weight_norm,grad_norm\n", schedule = "step,lr,phi\n";
+      std::set<std::string> scheduled;
+      for (size_t i = 0; i < t.rows.size(); ++i) {
+        const auto& row = t.rows[i];
+        if (static_cast<int>(row.size()) <= std::max({c_step, c_layer, c_ratio})) continue;
+        data += row[c_step] + "," + std::to_string(layer_index[row[c_layer]]) + "," + row[c_ratio] + "," +
+                (c_w >= 0 ? row[c_w] : "NaN") + "," + (c_g >= 0 && c_g < static_cast<int>(row.size()) ? row[c_g] : "NaN") + "\n";
+        if (c_lr >= 0 && c_phi >= 0 && scheduled.insert(row[c_step]).second)
+          schedule += row[c_step] + "," + row[c_lr] + "," + row[c_phi] + "\n";
+      }
+      write_atomically(assets / (base + "_layers.csv"), data);
+      write_atomically(assets / (base + "_schedule.csv"), schedule);
+      made.push_back((assets / (base + "_layers.csv")).string());
+      made.push_back((assets / (base + "_schedule.csv")).string());
+      std::string ytics;
+      for (size_t i = 0; i < layers.size(); ++i) ytics += (i ? ", " : "") + quote(layers[i]) + " " + std::to_string(i);
+      // Heat map: layer x step, colour = log10 trust ratio.
+      std::string gp = header_lines(base + "_lnr_heatmap.png", "log10 trust ratio (LNR, incl. phi_t): " + group_label(g), 1100,
+                                    std::max(400, 120 + 22 * static_cast<int>(layers.size()))) +
+                       "set xlabel 'step'\nset ytics (" + ytics + ") font ',7'\nset yrange [-0.5:" +
+                       std::to_string(layers.size()) + "-0.5]\nset cblabel 'log10 r'\nset palette rgb 33,13,10\n"
+                       "unset key\nplot " + quote(base + "_layers.csv") +
+                       " using 1:2:(log10($3)) every ::1 with points pt 5 ps 0.6 lc palette\n";
+      if (render(assets / (base + "_lnr_heatmap.gp"), gp, made))
+        md << "![LNR heat map](report/" << base << "_lnr_heatmap.png)\n\n";
+      auto per_layer = [&](const std::string& name, const std::string& title, const std::string& ylabel, int column) {
+        std::string s = header_lines(base + "_" + name + ".png", title + ": " + group_label(g)) +
+                        "set xlabel 'step'\nset ylabel " + quote(ylabel) + "\nset logscale y\nplot ";
+        for (size_t i = 0; i < layers.size(); ++i)
+          s += (i ? ", \\\n     " : "") + quote(base + "_layers.csv") + " using 1:(int($2) == " + std::to_string(i) +
+               " ? $" + std::to_string(column) + " : 1/0) every ::1 with lines title " + quote(layers[i]);
+        s += "\n";
+        if (render(assets / (base + "_" + name + ".gp"), s, made))
+          md << "![" << title << "](report/" << base << "_" << name << ".png)\n\n";
+      };
+      per_layer("lnr_lines", "trust ratio per layer", "trust ratio", 3);
+      per_layer("weight_norms", "weight norm |w| per layer", "|w|", 4);
+      if (c_g >= 0) per_layer("grad_norms", "gradient norm |g| per layer", "|g|", 5);
+      std::string sg = header_lines(base + "_schedule.png", "lr_t and phi_t per step: " + group_label(g)) +
+                       "set xlabel 'step'\nset ylabel 'lr_t'\nset y2label 'phi_t'\nset y2tics\nset ytics nomirror\n"
+                       "plot " + quote(base + "_schedule.csv") + " using 1:2 every ::1 with lines title 'lr_t', \\\n     " +
+                       quote(base + "_schedule.csv") + " using 1:3 every ::1 axes x1y2 with lines title 'phi_t'\n";
+      if (render(assets / (base + "_schedule.gp"), sg, made))
+        md << "![lr and phi](report/" << base << "_schedule.png)\n\n";
+    }
+    if (r.has_sharpness) {
+      const std::string sharp = fs::relative(r.dir / "sharpness.csv", assets).string();
+      const std::string metrics = fs::relative(r.dir / "metrics.csv", assets).string();
+      std::string gp = header_lines(base + "_sharpness.png", "sharpness and test top-1: " + group_label(g)) +
+                       "set xlabel 'step'\nset ylabel 'top Hessian eigenvalue'\nset y2label 'test top-1'\nset y2tics\n"
+                       "set ytics nomirror\nplot " + quote(sharp) + " using 1:3 every ::1 with linespoints title 'sharpness', \\\n     " +
+                       quote(metrics) + " using 2:8 every ::1 axes x1y2 with linespoints title 'test top-1'\n";
+      if (render(assets / (base + "_sharpness.gp"), gp, made))
+        md << "![sharpness](report/" << base << "_sharpness.png)\n\n";
+    }
+  }
+  if (!gnuplot_available()) md << "(gnuplot is not installed: the scripts are in report/, the PNGs are missing.)\n";
+  write_atomically(dir / "report.md", md.str());
+  made.insert(made.begin(), (dir / "report.md").string());
+  return made;
+}
+
+}  // namespace report
+}  // namespace largebatch
