@@ -109,5 +109,12 @@ expect le-wrong-model 2 "does not hold a resnet20" -- $L --backbone "$WORK/pre/b
 WORLD_SIZE=2 RANK=0 expect le-world 2 "linear-eval runs in one process" -- $L --backbone "$WORK/pre/backbone.pt" --out "$WORK/l8"
 expect le-lr 2 "--lr must be" -- $L --backbone random --model cnn --lr 0 --out "$WORK/l9"
 
+# sweep and report.
+expect sweep-missing 2 "no grid file $WORK/nogrid.json" -- sweep "$WORK/nogrid.json"
+echo '{"axes": {"lr": [1, 1]}}' > "$WORK/grid.json"
+expect sweep-duplicate 2 "$WORK/grid.json: two runs would share the folder 'lr-1'" -- sweep "$WORK/grid.json" --out "$WORK/sw"
+expect sweep-jobs 2 "--jobs" -- sweep "$WORK/grid.json" --jobs 0
+expect report-empty 2 "no classification runs" -- report "$WORK/badmagic"
+
 echo "cli bad input: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

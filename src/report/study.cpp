@@ -364,8 +364,13 @@ bool render(const fs::path& script_path, const std::string& script, std::vector<
   if (!gnuplot_available()) return false;
   const std::string cmd = "cd " + quote(script_path.parent_path().string()) + " && gnuplot " +
                           quote(script_path.filename().string()) + " 2>/dev/null";
-  if (std::system(cmd.c_str()) != 0) return false;
-  made.push_back(fs::path(script_path).replace_extension(".png").string());
+  const fs::path png = fs::path(script_path).replace_extension(".png");
+  if (std::system(cmd.c_str()) != 0) {
+    std::error_code ec;
+    fs::remove(png, ec);  // gnuplot opens the output before it fails: no half-drawn picture is left
+    return false;
+  }
+  made.push_back(png.string());
   return true;
 }
 
@@ -397,7 +402,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     }
     r.metrics = read_csv(d / "metrics.csv");
     if (r.metrics.column("test_top1") < 0) continue;  // not a classification run (e.g. pretrain)
-    r.has_telemetry = fs::exists(d / "telemetry.csv");
+    r.has_telemetry = fs::exists(d / "telemetry.csv") && read_csv(d / "telemetry.csv").rows.size() > 0;
     r.has_sharpness = fs::exists(d / "sharpness.csv");
     runs.push_back(std::move(r));
   }
@@ -575,8 +580,45 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
       gp += (i ? ", \\\n     " : "") + quote(base + ".csv") + " using 1:" + std::to_string(i + 2) +
             " every ::1 with linespoints title " + quote(group_label(*in[i]));
     gp += "\n";
-    render(assets / (base + ".gp"), gp, made);
-    md << "![test top-1 per epoch, B = " << b << "](report/" << base << ".png)\n\n";
+    if (render(assets / (base + ".gp"), gp, made))
+      md << "![test top-1 per epoch, B = " << b << "](report/" << base << ".png)\n\n";
+
+    // lr_t and phi_t of every configuration (first seed): per step from telemetry.csv, else per epoch from
+    // metrics.csv. Warm-up + cosine against TVLARS's constant lr and decaying phi.
+    const std::string sbase = "schedules_b" + std::to_string(b);
+    std::string lr_plot, phi_plot;
+    for (size_t i = 0; i < in.size(); ++i) {
+      const Run& r = *in[i]->runs.front();
+      std::string data = "step,lr,phi\n";
+      if (r.has_telemetry) {
+        const Csv t = read_csv(r.dir / "telemetry.csv");
+        const int c_step = t.column("step"), c_lr = t.column("lr"), c_phi = t.column("phi");
+        std::set<std::string> seen;
+        for (const auto& row : t.rows)
+          if (c_phi >= 0 && c_phi < static_cast<int>(row.size()) && seen.insert(row[c_step]).second)
+            data += row[c_step] + "," + row[c_lr] + "," + row[c_phi] + "\n";
+      } else {
+        const Csv& m = r.metrics;
+        const int c_step = m.column("step"), c_lr = m.column("lr"), c_phi = m.column("phi");
+        for (const auto& row : m.rows)
+          if (c_phi >= 0 && c_phi < static_cast<int>(row.size()))
+            data += row[c_step] + "," + row[c_lr] + "," + row[c_phi] + "\n";
+      }
+      const std::string file = sbase + "_config" + std::to_string(i) + ".csv";
+      write_atomically(assets / file, data);
+      made.push_back((assets / file).string());
+      const std::string style = r.has_telemetry ? " with lines" : " with linespoints";
+      lr_plot += (i ? ", \\\n     " : "") + quote(file) + " using 1:2 every ::1" + style + " title " + quote(group_label(*in[i]));
+      phi_plot += (i ? ", \\\n     " : "") + quote(file) + " using 1:3 every ::1" + style + " title " + quote(group_label(*in[i]));
+    }
+    std::string sg = "set datafile separator ','\nset terminal pngcairo size 1100,800 noenhanced\nset output " +
+                     quote(sbase + ".png") + "\nset multiplot layout 2,1 title " +
+                     quote("learning rate lr_t and TVLARS factor phi_t, batch " + std::to_string(b) +
+                           " (per step with telemetry, else per epoch)") +
+                     "\nset grid\nset key outside right font ',8'\nset offsets 0, 0, graph 0.05, 0\nset ylabel 'lr_t'\nplot " + lr_plot +
+                     "\nset xlabel 'step'\nset ylabel 'phi_t'\nplot " + phi_plot + "\nunset multiplot\n";
+    if (render(assets / (sbase + ".gp"), sg, made))
+      md << "![lr and phi, B = " << b << "](report/" << sbase << ".png)\n\n";
   }
 
   // ---- per configuration (its first seed's run): schedule, trust ratios, norms, sharpness
