@@ -92,6 +92,15 @@ else
 fi
 identical_replicas "$W/bt2" && ok "pretrain: replicas bit-identical" || bad "pretrain: replicas differ"
 
+# Sharpness in a data-parallel run: every rank measures (no rank waits in a collective), rank 0 writes.
+if world2 --model cnn --epochs 2 --synthetic-size 512 --sync-bn --sharpness-every 2 \
+     --sharpness-batch 128 --sharpness-iterations 5 --out "$W/sharp2" &&
+   [ "$(wc -l < "$W/sharp2/sharpness.csv")" -eq 3 ] && identical_replicas "$W/sharp2"; then
+  ok "--sharpness-every with 2 ranks and --sync-bn: 2 estimates, replicas bit-identical"
+else
+  bad "--sharpness-every with 2 ranks"
+fi
+
 world1 --model cnn --epochs 2 --out "$W/cnn1" && world1 --model cnn --epochs 2 --threads 2 --out "$W/cnn1-t2" &&
   world2 --model cnn --epochs 2 --sync-bn --out "$W/cnn2" && world2 --model cnn --epochs 2 --out "$W/cnn2-local" ||
   bad "cnn runs"

@@ -115,14 +115,21 @@ TEST(Pretrain, LowersTheLossAndWritesEveryOutput) {
 TEST(Pretrain, ResumeEqualsAnUninterruptedRun) {
   ScratchDir straight("straight"), split("split");
   auto a = small_pretrain(straight.path);
-  lt::run_pretraining(a);
+  const auto sa = lt::run_pretraining(a);
+  ASSERT_EQ(sa.status, "completed");
   auto b = small_pretrain(split.path);
   b.epochs = 1;
-  lt::run_pretraining(b);
+  ASSERT_EQ(lt::run_pretraining(b).status, "completed");
   b.epochs = 3;
   b.resume = true;
   const auto s = lt::run_pretraining(b);
+  ASSERT_EQ(s.status, "completed");
   ASSERT_EQ(s.history.size(), 3u);
+  // The step counter continues (it drives the schedule, phi_t and telemetry), and so does the loss.
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(s.history[i].step, sa.history[i].step) << i;
+    EXPECT_EQ(s.history[i].train_loss, sa.history[i].train_loss) << i;
+  }
   const auto ta = load_tensors(straight.path / "backbone.pt", cnn()), tb = load_tensors(split.path / "backbone.pt", cnn());
   for (const auto& item : ta) EXPECT_TRUE(torch::equal(item.value(), tb[item.key()])) << item.key();
   // metrics.csv has one row per epoch after the resume.

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 #include <toml++/toml.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -213,7 +214,7 @@ std::string safe_name(const std::string& text) {
 }
 
 std::string value_label(const Axis& axis, const AxisValue& v) {
-  if (!v.label.empty()) return safe_name(v.label);
+  if (!v.label.empty()) return safe_name(v.label);  // checked by check_label
   if (v.settings.size() == 1 && v.settings[0].first == axis.name) return safe_name(axis.name + "-" + v.settings[0].second);
   std::string out;
   for (const auto& kv : v.settings) out += (out.empty() ? "" : "_") + kv.first + "-" + kv.second;
@@ -258,6 +259,9 @@ SweepGrid read_grid(const std::string& path) {
       if (!set_by.count(kv.first)) settings.push_back(kv);
     settings.insert(settings.end(), from_axes.begin(), from_axes.end());
     if (run.name.empty()) run.name = "run";
+    // Folder names stay strict children of the sweep's folder, apart from the report's own folder.
+    if (run.name[0] == '.' || run.name == "report")
+      bad(path, "run folder name '" + run.name + "' is not allowed (starts with '.' or is 'report'); change the label");
     if (!names.insert(run.name).second) bad(path, "two runs would share the folder '" + run.name + "'; give labels");
     run.settings = std::move(settings);
     grid.runs.push_back(std::move(run));

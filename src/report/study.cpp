@@ -161,9 +161,24 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
       if (resume) args.push_back("--resume");
       for (const auto& kv : run.settings) args.push_back("--" + kv.first + "=" + kv.second);
       const std::string log = (dir / "log.txt").string();
+      // Signals are blocked across fork so a stop request cannot hit the child before it runs the program
+      // with default handlers. The child gets its own process group: a terminal's Ctrl-C reaches only the
+      // sweep, which then asks each run to stop (SIGTERM) exactly once.
+      sigset_t block, previous;
+      sigemptyset(&block);
+      sigaddset(&block, SIGINT);
+      sigaddset(&block, SIGTERM);
+      sigprocmask(SIG_BLOCK, &block, &previous);
       const pid_t pid = fork();
-      if (pid < 0) throw std::runtime_error("sweep: fork failed");
+      if (pid < 0) {
+        sigprocmask(SIG_SETMASK, &previous, nullptr);
+        throw std::runtime_error("sweep: fork failed");
+      }
       if (pid == 0) {
+        setpgid(0, 0);
+        signal(SIGINT, SIG_DFL);
+        signal(SIGTERM, SIG_DFL);
+        sigprocmask(SIG_SETMASK, &previous, nullptr);
         const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
         if (fd >= 0) {
           dup2(fd, 1);
@@ -177,6 +192,7 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
         std::fprintf(stderr, "sweep: cannot execute %s\n", argv[0]);
         _exit(127);
       }
+      sigprocmask(SIG_SETMASK, &previous, nullptr);
       active[pid] = {i, std::chrono::steady_clock::now()};
       records[i].status = "running";
       std::printf("[start] %s%s\n", run.name.c_str(), resume ? " (resumed from its checkpoint)" : "");
@@ -425,11 +441,14 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   }
   // Which identifying options vary between groups (besides optimizer, opt and batch size): table columns.
   std::vector<std::string> varying;
-  for (auto it = groups.front().config.begin(); it != groups.front().config.end(); ++it) {
-    const std::string& k = it.key();
+  std::set<std::string> keys;  // over every group: a key only some runs have varies too
+  for (const auto& g : groups)
+    for (auto it = g.config.begin(); it != g.config.end(); ++it) keys.insert(it.key());
+  for (const auto& k : keys) {
     if (k == "optimizer" || k == "opt" || k == "batch-size") continue;
+    const json first = groups.front().config.value(k, json());
     for (const auto& g : groups)
-      if (!g.config.contains(k) || g.config[k] != it.value()) {
+      if (g.config.value(k, json()) != first) {
         varying.push_back(k);
         break;
       }
@@ -448,6 +467,12 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
 
   const fs::path assets = dir / "report";
   fs::create_directories(assets);
+  // Files of an earlier report (other configurations) must not linger beside this one's.
+  for (const auto& entry : fs::directory_iterator(assets)) {
+    const std::string f = entry.path().filename().string();
+    if (entry.is_regular_file() && (f.rfind("config", 0) == 0 || f.rfind("accuracy_b", 0) == 0 || f.rfind("schedules_b", 0) == 0))
+      fs::remove(entry.path());
+  }
   std::vector<std::string> made;
   std::ostringstream md;
   md << "# Report: " << dir.filename().string() << "\n\n"

@@ -182,6 +182,9 @@ void open_csv_log(std::ofstream& file, const fs::path& path, const std::string& 
     std::ifstream in(path);
     std::string line, kept;
     std::getline(in, line);
+    if (line != header)
+      usage("--resume: " + path.string() + " has the columns \"" + line + "\", this version writes \"" + header +
+            "\"; move the file away to resume");
     kept = line + "\n";
     while (std::getline(in, line)) {
       try {

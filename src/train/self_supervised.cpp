@@ -811,7 +811,7 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
     // The file's head may have another number of classes (pre-trained on another data set): read its size.
     torch::serialize::InputArchive archive;
     try {
-      archive.load_from(config.backbone);
+      archive.load_from(config.backbone, torch::kCPU);  // a GPU-trained file loads anywhere; moved below
     } catch (const c10::Error&) {
       usage("--backbone " + config.backbone +
             ": not a model file (backbone.pt or checkpoint.pt of pretrain, model.pt of train)");

@@ -405,15 +405,15 @@ TrainSummary run_training(const TrainConfig& config) {
   model->to(device);
 
   std::shared_ptr<dist::Communicator> comm;
+  models::CrossRankSum cross_rank_sum;
   if (env.distributed()) {
     dist::CommunicatorOptions co;
     co.timeout = std::chrono::milliseconds(std::llround(config.dist_timeout * 1000));
     comm = dist::Communicator::connect(env, device, co);
     if (config.sync_bn) {
       dist::Communicator* c = comm.get();
-      models::synchronise_batchnorm(*model, [c](const torch::Tensor& t) {
-        return dist::all_reduce_sum_differentiable(t, *c);
-      });
+      cross_rank_sum = [c](const torch::Tensor& t) { return dist::all_reduce_sum_differentiable(t, *c); };
+      models::synchronise_batchnorm(*model, cross_rank_sum);
     }
   }
 
@@ -510,24 +510,35 @@ TrainSummary run_training(const TrainConfig& config) {
                                 config.optimizer.c_str());
   }
 
-  // Sharpness: a fixed batch (the first training images, unaugmented), estimated on rank 0 after every N steps.
+  // Sharpness: a fixed batch (the first training images, unaugmented), estimated after every N steps. Every
+  // rank computes it (identical replicas, same batch, no collective: BatchNorm is made local for it), so no
+  // rank waits in a collective meanwhile; rank 0 writes it.
   std::ofstream sharpness_log;
   data::Batch sharpness_batch;
-  if (config.sharpness_every > 0 && lead) {
+  if (config.sharpness_every > 0) {
     data::LoaderOptions so_opts;
     so_opts.batch_size = std::min(config.sharpness_batch, train_set.size());
     so_opts.shuffle = false;
     data::BatchLoader first(train_set, so_opts);
     first.start_epoch(0);
     first.next(sharpness_batch);
-    open_csv_log(sharpness_log, out / "sharpness.csv", "step,epoch,top_eigenvalue,iterations,converged,seconds",
-                 config.resume, step + 1, "--sharpness-every");
+    if (lead)
+      open_csv_log(sharpness_log, out / "sharpness.csv", "step,epoch,top_eigenvalue,iterations,converged,seconds",
+                   config.resume, step + 1, "--sharpness-every");
   }
   auto measure_sharpness = [&](int64_t epoch) {
     const auto t0 = Clock::now();
-    // Training-mode forward (the loss being minimised) without disturbing BatchNorm's running statistics.
+    // Training-mode forward (the loss being minimised) without disturbing BatchNorm's running statistics or
+    // the random stream (dropout draws from it).
     std::vector<torch::Tensor> saved;
     for (const auto& b : model->buffers()) saved.push_back(b.detach().clone());
+    torch::Tensor rng_state;
+    {
+      auto gen = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      rng_state = gen.get_state();
+    }
+    if (comm && config.sync_bn) models::synchronise_batchnorm(*model, {});
     std::vector<torch::Tensor> params;
     for (const auto& p : model->parameters())
       if (p.requires_grad()) params.push_back(p);
@@ -537,12 +548,17 @@ TrainSummary run_training(const TrainConfig& config) {
     so.seed = config.seed;
     const auto e = top_hessian_eigenvalue(
         [&] { return torch::nn::functional::cross_entropy(model->forward(x), y); }, params, so);
+    if (comm && config.sync_bn) models::synchronise_batchnorm(*model, cross_rank_sum);
     {
       torch::NoGradGuard no_grad;
       size_t i = 0;
       for (auto& b : model->buffers()) b.copy_(saved[i++]);
+      auto gen = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(rng_state);
     }
     const double seconds = seconds_since(t0);
+    if (!sharpness_log.is_open()) return seconds;
     sharpness_log << step << "," << epoch + 1 << "," << format("%.9g", e.eigenvalue) << "," << e.iterations << ","
                   << (e.converged ? 1 : 0) << "," << format("%.3f", seconds) << "\n";
     sharpness_log.flush();
@@ -645,7 +661,7 @@ TrainSummary run_training(const TrainConfig& config) {
       if (telemetry.is_open() && layerwise && step % config.telemetry_every == 0)
         write_telemetry(telemetry, step, layerwise->last_telemetry());
       ++step;
-      if (sharpness_log.is_open() && step % config.sharpness_every == 0) sharpness_s += measure_sharpness(epoch);
+      if (config.sharpness_every > 0 && step % config.sharpness_every == 0) sharpness_s += measure_sharpness(epoch);
       loss_sum += batch_loss * static_cast<double>(global_b);
       correct += batch_correct;
       seen += global_b;
