@@ -184,3 +184,11 @@ TEST(Sharpness, MeasuringDuringTrainingChangesNothingElse) {
   fs::remove_all(a);
   fs::remove_all(b);
 }
+
+TEST(Grid, TheShippedStudyExpands) {
+  // studies/fashion-mnist/grid.json: 9 optimizer settings x 3 batch sizes x 3 seeds.
+  const auto g = lr::read_grid(std::string(LARGEBATCH_SOURCE_DIR) + "/studies/fashion-mnist/grid.json");
+  ASSERT_EQ(g.runs.size(), 81u);
+  EXPECT_EQ(g.runs.front().name, "sgd__batch-size-1024__seed-0");
+  EXPECT_EQ(g.runs.back().name, "tvlars-paper__batch-size-16384__seed-2");
+}
