@@ -5,6 +5,8 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "scratch.h"
+
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -17,15 +19,7 @@ namespace lo = largebatch::optim;
 
 namespace {
 
-struct ScratchDir {
-  explicit ScratchDir(const std::string& name) {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("largebatch_ssl_" + name + "_" + std::to_string(rd()));
-    fs::remove_all(path);
-  }
-  ~ScratchDir() { fs::remove_all(path); }
-  fs::path path;
-};
+using largebatch_test::ScratchDir;
 
 lt::PretrainConfig small_pretrain(const fs::path& out) {
   lt::PretrainConfig c;

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "scratch.h"
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -15,15 +17,8 @@ namespace lt = largebatch::train;
 
 namespace {
 
-struct ScratchFile {
-  explicit ScratchFile(const std::string& text, const std::string& ext) {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("largebatch_grid_" + std::to_string(rd()) + ext);
-    std::ofstream(path) << text;
-  }
-  ~ScratchFile() { fs::remove(path); }
-  fs::path path;
-};
+using largebatch_test::ScratchDir;
+using largebatch_test::ScratchFile;
 
 std::vector<std::pair<std::string, std::string>> kv(std::initializer_list<std::pair<std::string, std::string>> l) {
   return l;
@@ -131,9 +126,8 @@ TEST(Sharpness, MatchesTheTopEigenvalueOfAQuadratic) {
 }
 
 TEST(Sharpness, MeasuringDuringTrainingChangesNothingElse) {
-  std::random_device rd;
-  const fs::path a = fs::temp_directory_path() / ("largebatch_sharp_a_" + std::to_string(rd()));
-  const fs::path b = fs::temp_directory_path() / ("largebatch_sharp_b_" + std::to_string(rd()));
+  ScratchDir dir_a("sharp_a"), dir_b("sharp_b");
+  const fs::path a = dir_a.path, b = dir_b.path;
   auto config = [](const fs::path& out) {
     lt::TrainConfig c;
     c.data = "synthetic";
@@ -181,8 +175,6 @@ TEST(Sharpness, MeasuringDuringTrainingChangesNothingElse) {
     EXPECT_GT(eigenvalue, 0) << line;
   }
   EXPECT_EQ(rows, 4);
-  fs::remove_all(a);
-  fs::remove_all(b);
 }
 
 TEST(Grid, TheShippedStudyExpands) {

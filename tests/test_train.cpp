@@ -6,6 +6,8 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "scratch.h"
+
 #include <cstdlib>
 #include <optional>
 #include <filesystem>
@@ -21,18 +23,7 @@ namespace lt = largebatch::train;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  std::random_device rd;
-  fs::path p = fs::temp_directory_path() / ("largebatch_" + name + "_" + std::to_string(rd()));
-  fs::remove_all(p);
-  return p;
-}
-
-struct ScratchDir {
-  explicit ScratchDir(const std::string& name) : path(scratch(name)) {}
-  ~ScratchDir() { fs::remove_all(path); }
-  fs::path path;
-};
+using largebatch_test::ScratchDir;
 
 // ------------------------------------------------------------------ models
 

@@ -293,6 +293,13 @@ Csv read_csv(const fs::path& path) {
   return csv;
 }
 
+// A CSV file with a header and at least one row (without reading the rest of a long file).
+bool has_data_rows(const fs::path& path) {
+  std::ifstream in(path);
+  std::string line;
+  return std::getline(in, line) && std::getline(in, line) && !line.empty();
+}
+
 struct Run {
   std::string name;       // folder, relative to the report's directory
   fs::path dir;
@@ -418,7 +425,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     }
     r.metrics = read_csv(d / "metrics.csv");
     if (r.metrics.column("test_top1") < 0) continue;  // not a classification run (e.g. pretrain)
-    r.has_telemetry = fs::exists(d / "telemetry.csv") && read_csv(d / "telemetry.csv").rows.size() > 0;
+    r.has_telemetry = has_data_rows(d / "telemetry.csv");
     r.has_sharpness = fs::exists(d / "sharpness.csv");
     runs.push_back(std::move(r));
   }

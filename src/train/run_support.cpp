@@ -1,5 +1,7 @@
 #include "run_support.h"
 
+#include <largebatch/optim/factory.h>
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -49,6 +51,48 @@ torch::Device parse_device(const std::string& name) {
 
 void set_threads(int64_t n) {
   torch::set_num_threads(n > 0 ? static_cast<int>(n) : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+}
+
+bool is_layerwise(const std::string& optimizer) {
+  return optim::resolve_optimizer_name(optimizer).find(':') != std::string::npos;
+}
+
+data::DatasetSplit load_data(const std::string& name, const std::string& dir, int64_t synthetic_size, uint64_t seed) {
+  if (name == "synthetic") {
+    data::SyntheticOptions so;
+    so.train_size = synthetic_size;
+    so.test_size = std::max<int64_t>(synthetic_size / 4, 64);
+    so.seed = seed;
+    return data::make_synthetic(so);
+  }
+  return data::load_dataset(name, dir, seed);
+}
+
+models::Classifier make_classifier(const std::string& name, const data::ImageDataset& d, const std::string& init,
+                                   uint64_t seed, int64_t num_classes) {
+  models::ModelOptions mo;
+  mo.name = name;
+  mo.num_classes = num_classes;
+  mo.in_channels = d.channels();
+  mo.image_size = d.height();
+  mo.init = init;
+  mo.seed = seed;
+  return models::make_model(mo);
+}
+
+std::shared_ptr<dist::Communicator> connect_ranks(const dist::LaunchEnv& env, torch::Device device, double timeout,
+                                                  bool sync_bn, torch::nn::Module& module,
+                                                  models::CrossRankSum* cross_rank_sum) {
+  dist::CommunicatorOptions co;
+  co.timeout = std::chrono::milliseconds(std::llround(timeout * 1000));
+  auto comm = dist::Communicator::connect(env, device, co);
+  if (sync_bn) {
+    dist::Communicator* c = comm.get();
+    const models::CrossRankSum sum = [c](const torch::Tensor& t) { return dist::all_reduce_sum_differentiable(t, *c); };
+    models::synchronise_batchnorm(module, sum);
+    if (cross_rank_sum) *cross_rank_sum = sum;
+  }
+  return comm;
 }
 
 void prepare_output_dir(const fs::path& out, bool resume, bool lead,

@@ -1,7 +1,9 @@
 #pragma once
 // What every training command shares (train, pretrain, linear-eval): output files written atomically,
 // checkpoints, the device flag, the output-directory rules and the progress display. Internal to the library.
+#include <largebatch/data/dataset.h>
 #include <largebatch/dist/dist.h>
+#include <largebatch/models/models.h>
 #include <largebatch/optim/layerwise.h>
 #include <largebatch/train/trainer.h>
 
@@ -36,6 +38,29 @@ torch::Device parse_device(const std::string& name);
 
 // Intra-op threads: n > 0, or every core for 0.
 void set_threads(int64_t n);
+
+// A layer-wise preset (lars, tvlars, lamb and their variants) rather than a LibTorch optimizer.
+bool is_layerwise(const std::string& optimizer);
+
+// The data set by name; "synthetic" is made with synthetic_size training images (a quarter as many, at least
+// 64, for test).
+data::DatasetSplit load_data(const std::string& name, const std::string& dir, int64_t synthetic_size, uint64_t seed);
+
+// A zoo model for images of data set d.
+models::Classifier make_classifier(const std::string& name, const data::ImageDataset& d, const std::string& init,
+                                   uint64_t seed, int64_t num_classes);
+
+// Data parallel: connects to the other ranks (timeout in seconds) and, with sync_bn, makes every
+// SyncableBatchNorm2d of module use the global batch; *cross_rank_sum (if given) receives that sum.
+std::shared_ptr<dist::Communicator> connect_ranks(const dist::LaunchEnv& env, torch::Device device, double timeout,
+                                                  bool sync_bn, torch::nn::Module& module,
+                                                  models::CrossRankSum* cross_rank_sum = nullptr);
+
+// For prepare_output_dir's resume check: UsageError if an identity flag differs from the saved run's.
+template <class T>
+void require_same_on_resume(const std::string& flag, const T& now, const T& saved, const std::filesystem::path& out) {
+  if (now != saved) usage("--resume: " + flag + " differs from the checkpointed run in " + out.string());
+}
 
 // The output directory's rules: a fresh run never overwrites a previous one's results (metrics.csv or
 // checkpoint.pt present), a resumed run needs its checkpoint, and check_resumed (given the saved

@@ -218,29 +218,6 @@ uint64_t view_seed(uint64_t seed, int64_t epoch, int64_t index) {
   return mix64(mix64(mix64(seed) ^ static_cast<uint64_t>(epoch)) ^ static_cast<uint64_t>(index));
 }
 
-data::DatasetSplit load_data(const std::string& name, const std::string& dir, int64_t synthetic_size, uint64_t seed) {
-  if (name == "synthetic") {
-    data::SyntheticOptions so;
-    so.train_size = synthetic_size;
-    so.test_size = std::max<int64_t>(synthetic_size / 4, 64);
-    so.seed = seed;
-    return data::make_synthetic(so);
-  }
-  return data::load_dataset(name, dir, seed);
-}
-
-models::Classifier make_classifier(const std::string& name, const data::ImageDataset& d, const std::string& init,
-                                   uint64_t seed, int64_t num_classes) {
-  models::ModelOptions mo;
-  mo.name = name;
-  mo.num_classes = num_classes;
-  mo.in_channels = d.channels();
-  mo.image_size = d.height();
-  mo.init = init;
-  mo.seed = seed;
-  return models::make_model(mo);
-}
-
 // ------------------------------------------------------------------ the pre-training network
 
 // Barlow Twins' projector: Linear (no bias) - BatchNorm - ReLU for every layer but the last, which is a bare
@@ -287,10 +264,6 @@ class BarlowTwinsNetImpl : public torch::nn::Module {
   Projector projector;
 };
 TORCH_MODULE(BarlowTwinsNet);
-
-bool is_layerwise(const std::string& optimizer) {
-  return lo::resolve_optimizer_name(optimizer).find(':') != std::string::npos;
-}
 
 std::string pretrain_metrics_header() {
   return "epoch,step,lr,phi,train_loss,on_diagonal,off_diagonal,epoch_seconds,img_per_s,data_wait_s,augment_s,"
@@ -404,15 +377,12 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
   const fs::path checkpoint_path = out / "checkpoint.pt";
   prepare_output_dir(out, config.resume, lead, [&](const std::string& saved) {
     const PretrainConfig before = PretrainConfig::from_json(saved, (out / "config.json").string());
-    auto same = [&](const std::string& flag, const auto& a, const auto& b) {
-      if (a != b) usage("--resume: " + flag + " differs from the checkpointed run in " + out.string());
-    };
-    same("--data", config.data, before.data);
-    same("--model", config.model, before.model);
-    same("--projector", config.projector, before.projector);
-    same("--optimizer", config.optimizer, before.optimizer);
-    same("--batch-size", config.batch_size, before.batch_size);
-    same("--seed", config.seed, before.seed);
+    require_same_on_resume("--data", config.data, before.data, out);
+    require_same_on_resume("--model", config.model, before.model, out);
+    require_same_on_resume("--projector", config.projector, before.projector, out);
+    require_same_on_resume("--optimizer", config.optimizer, before.optimizer, out);
+    require_same_on_resume("--batch-size", config.batch_size, before.batch_size, out);
+    require_same_on_resume("--seed", config.seed, before.seed, out);
   });
 
   const data::DatasetSplit split = load_data(config.data, config.data_dir, config.synthetic_size, config.seed);
@@ -425,15 +395,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
   net->to(device);
 
   std::shared_ptr<dist::Communicator> comm;
-  if (env.distributed()) {
-    dist::CommunicatorOptions co;
-    co.timeout = std::chrono::milliseconds(std::llround(config.dist_timeout * 1000));
-    comm = dist::Communicator::connect(env, device, co);
-    if (config.sync_bn) {
-      dist::Communicator* c = comm.get();
-      models::synchronise_batchnorm(*net, [c](const torch::Tensor& t) { return dist::all_reduce_sum_differentiable(t, *c); });
-    }
-  }
+  if (env.distributed()) comm = connect_ranks(env, device, config.dist_timeout, config.sync_bn, *net);
 
   // The loader yields raw pixels in [0, 1]; the views are drawn per global batch and then normalised.
   data::LoaderOptions loader_options;
@@ -597,7 +559,10 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
       }
       allreduce_s += seconds_since(t_phase);
       // The loss is the same on every rank (C is summed over ranks), so every rank takes the same decision.
-      const double loss_value = loss.item<double>();
+      // One host copy per step for the loss and its two terms.
+      const auto logged = torch::stack({loss.detach(), terms.on_diagonal, terms.off_diagonal}).to(torch::kCPU,
+                                                                                                 torch::kFloat64);
+      const double loss_value = logged[0].item<double>();
       if (!std::isfinite(loss_value)) {
         summary.status = "diverged";
         summary.message = format("non-finite loss (%g) at step %lld (epoch %lld)", loss_value,
@@ -614,8 +579,8 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
       ++step;
       ++steps_done;
       loss_sum += loss_value;
-      on_sum += terms.on_diagonal.item<double>();
-      off_sum += terms.off_diagonal.item<double>();
+      on_sum += logged[1].item<double>();
+      off_sum += logged[2].item<double>();
       seen += batch.global_size;
       progress.step(epoch, index++,
                     format("loss %.2f %.0f img/s", loss_sum / static_cast<double>(steps_done),
@@ -791,13 +756,10 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
   const fs::path checkpoint_path = out / "checkpoint.pt";
   prepare_output_dir(out, config.resume, true, [&](const std::string& saved) {
     const LinearEvalConfig before = LinearEvalConfig::from_json(saved, (out / "config.json").string());
-    auto same = [&](const std::string& flag, const auto& a, const auto& b) {
-      if (a != b) usage("--resume: " + flag + " differs from the checkpointed run in " + out.string());
-    };
-    same("--backbone", config.backbone, before.backbone);
-    same("--data", config.data, before.data);
-    same("--batch-size", config.batch_size, before.batch_size);
-    same("--seed", config.seed, before.seed);
+    require_same_on_resume("--backbone", config.backbone, before.backbone, out);
+    require_same_on_resume("--data", config.data, before.data, out);
+    require_same_on_resume("--batch-size", config.batch_size, before.batch_size, out);
+    require_same_on_resume("--seed", config.seed, before.seed, out);
   });
 
   const data::DatasetSplit split = load_data(config.data, config.data_dir, config.synthetic_size, config.seed);

@@ -36,10 +36,6 @@ namespace train {
 
 namespace {
 
-bool is_layerwise(const std::string& optimizer) {
-  return lo::resolve_optimizer_name(optimizer).find(':') != std::string::npos;
-}
-
 }  // namespace
 
 void request_stop() { stop_flag() = true; }
@@ -372,50 +368,23 @@ TrainSummary run_training(const TrainConfig& config) {
   // Never overwrite a previous run's results; resuming needs its checkpoint and the same identity.
   prepare_output_dir(out, config.resume, lead, [&](const std::string& saved) {
     const TrainConfig before = TrainConfig::from_json(saved, (out / "config.json").string());
-    auto same = [&](const std::string& flag, const auto& a, const auto& b) {
-      if (a != b) usage("--resume: " + flag + " differs from the checkpointed run in " + out.string());
-    };
-    same("--data", config.data, before.data);
-    same("--model", config.model, before.model);
-    same("--optimizer", config.optimizer, before.optimizer);
-    same("--batch-size", config.batch_size, before.batch_size);
-    same("--seed", config.seed, before.seed);
+    require_same_on_resume("--data", config.data, before.data, out);
+    require_same_on_resume("--model", config.model, before.model, out);
+    require_same_on_resume("--optimizer", config.optimizer, before.optimizer, out);
+    require_same_on_resume("--batch-size", config.batch_size, before.batch_size, out);
+    require_same_on_resume("--seed", config.seed, before.seed, out);
   });
 
   // Data, model, optimizer, schedule.
-  data::DatasetSplit split;
-  if (config.data == "synthetic") {
-    data::SyntheticOptions so;
-    so.train_size = config.synthetic_size;
-    so.test_size = std::max<int64_t>(config.synthetic_size / 4, 64);
-    so.seed = config.seed;
-    split = data::make_synthetic(so);
-  } else {
-    split = data::load_dataset(config.data, config.data_dir, config.seed);
-  }
+  const data::DatasetSplit split = load_data(config.data, config.data_dir, config.synthetic_size, config.seed);
   const auto& train_set = split.train;
-  models::ModelOptions mo;
-  mo.name = config.model;
-  mo.num_classes = train_set.num_classes;
-  mo.in_channels = train_set.channels();
-  mo.image_size = train_set.height();
-  mo.init = config.init;
-  mo.seed = config.seed;
-  auto model = models::make_model(mo);
+  auto model = make_classifier(config.model, train_set, config.init, config.seed, train_set.num_classes);
   model->to(device);
 
   std::shared_ptr<dist::Communicator> comm;
   models::CrossRankSum cross_rank_sum;
-  if (env.distributed()) {
-    dist::CommunicatorOptions co;
-    co.timeout = std::chrono::milliseconds(std::llround(config.dist_timeout * 1000));
-    comm = dist::Communicator::connect(env, device, co);
-    if (config.sync_bn) {
-      dist::Communicator* c = comm.get();
-      cross_rank_sum = [c](const torch::Tensor& t) { return dist::all_reduce_sum_differentiable(t, *c); };
-      models::synchronise_batchnorm(*model, cross_rank_sum);
-    }
-  }
+  if (env.distributed())
+    comm = connect_ranks(env, device, config.dist_timeout, config.sync_bn, *model, &cross_rank_sum);
 
   data::LoaderOptions loader_options;
   loader_options.batch_size = config.batch_size;
