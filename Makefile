@@ -4,7 +4,7 @@ BUILD_TYPE ?= Release
 JOBS       ?= 2
 CMAKE_ARGS ?=
 
-.PHONY: all setup configure build test install clean demo
+.PHONY: all setup configure build test install clean demo bench
 
 all: build
 
@@ -21,6 +21,14 @@ build: setup configure
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+
+# Speed against the Python reference and the bandwidth bound (docs/PERFORMANCE.md); needs python3-torch.
+bench: build
+	bash scripts/setup.sh --bench
+	$(BUILD_DIR)/largebatch bench step
+	$(BUILD_DIR)/largebatch bench train --model resnet18 --batch-sizes 64,128,256,512 --out $(BUILD_DIR)/bench
+	$(BUILD_DIR)/largebatch bench train --model cnn --batch-sizes 512,4096
+	$(BUILD_DIR)/largebatch bench pipeline
 
 demo: build
 	bash scripts/demo.sh $(BUILD_DIR)/largebatch

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs every Debian package largebatch needs, skipping what is already present.
 # Idempotent: a second run installs nothing and does not touch the network.
+#   scripts/setup.sh          what building and testing need
+#   scripts/setup.sh --bench  also Debian's python3-torch / python3-torchvision, the Python reference that
+#                             `largebatch bench step|train` measures against (never needed by the product)
 set -euo pipefail
 
 PACKAGES=(
@@ -20,6 +23,9 @@ PACKAGES=(
   gnuplot-nox             # plots in reports
   iproute2                # network namespaces: the two-host data-parallel test
 )
+if [ "${1:-}" = "--bench" ]; then
+  PACKAGES+=(python3-torch python3-torchvision)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -114,7 +114,7 @@ expect sweep-missing 2 "no grid file $WORK/nogrid.json" -- sweep "$WORK/nogrid.j
 echo '{"axes": {"lr": [1, 1]}}' > "$WORK/grid.json"
 expect sweep-duplicate 2 "$WORK/grid.json: two runs would share the folder 'lr-1'" -- sweep "$WORK/grid.json" --out "$WORK/sw"
 expect sweep-jobs 2 "--jobs" -- sweep "$WORK/grid.json" --jobs 0
-expect report-empty 2 "no classification runs" -- report "$WORK/badmagic"
+expect report-empty 2 "no finished classification runs" -- report "$WORK/badmagic"
 
 echo "cli bad input: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

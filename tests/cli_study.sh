@@ -97,6 +97,19 @@ if command -v gnuplot > /dev/null; then
   # accuracy per batch size + per configuration: heat map, LNR lines, |w|, |g|, schedule (sgd has no telemetry)
   [ "$pngs" -ge 6 ] && ok "report plots: $pngs PNG files" || bad "report plots: only $pngs PNG files"
 fi
+# 5. A run without a finished summary (still going, interrupted) is left out of the tables and named.
+sgd_run="$W/s/optimizer-sgd__seed-0"
+cp -r "$sgd_run" "$W/s/zz-unfinished"
+rm "$W/s/zz-unfinished/summary.json"
+"$LB" report "$W/s" > /dev/null 2>&1
+if grep -q "1 unfinished run left out.*zz-unfinished" "$W/s/report.md" &&
+   grep -q "^| sgd | 128 | 2 | [0-9.]* ± [0-9.]* |" "$W/s/report.md"; then
+  ok "unfinished run named and left out of the tables"
+else
+  bad "unfinished run"; head -12 "$W/s/report.md"
+fi
+rm -rf "$W/s/zz-unfinished"
+
 out=$("$LB" report "$W/nothing" 2>&1)
 [ $? -eq 2 ] && grep -q "not a directory" <<<"$out" && ok "report of a missing folder: exit 2, named" || bad "report bad dir: $out"
 

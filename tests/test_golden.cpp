@@ -13,6 +13,7 @@
 #include <fstream>
 #include <iostream>
 #include <sstream>
+#include <tuple>
 
 namespace fs = std::filesystem;
 namespace lo = largebatch::optim;
@@ -83,11 +84,17 @@ bool close(double actual, double expected) {
   return std::isfinite(actual) && std::abs(actual - expected) <= kAbsTol + kRelTol * std::abs(expected);
 }
 
-class GoldenCase : public ::testing::TestWithParam<std::string> {};
+// Every case runs under both step kernels: the fused CPU kernel and per-tensor LibTorch operations.
+using GoldenParam = std::tuple<std::string, lo::StepKernel>;
+class GoldenCase : public ::testing::TestWithParam<GoldenParam> {
+ protected:
+  const std::string& file() const { return std::get<0>(GetParam()); }
+  lo::StepKernel kernel() const { return std::get<1>(GetParam()); }
+};
 
 TEST_P(GoldenCase, MatchesEveryStep) {
-  std::ifstream in(GetParam());
-  ASSERT_TRUE(in) << "cannot read " << GetParam();
+  std::ifstream in(file());
+  ASSERT_TRUE(in) << "cannot read " << file();
   const json c = json::parse(in);
   ASSERT_EQ(c.at("format"), "lbt-golden-1");
 
@@ -98,6 +105,7 @@ TEST_P(GoldenCase, MatchesEveryStep) {
     params.insert(p.at("name"), tensor_from(p.contains("value") ? p.at("value") : p.at("values"), p.at("shape")));
   }
   lo::LayerwiseOptimizer opt(params, options_from(c));
+  opt.set_kernel(kernel());  // kFused: an error if any tensor would fall back to the other path
   opt.set_telemetry(true);
 
   const size_t steps = c.at("grads").size();
@@ -129,7 +137,7 @@ TEST_P(GoldenCase, MatchesEveryStep) {
       auto acc = actual.accessor<double, 1>();
       for (size_t k = 0; k < expected.size(); ++k) {
         track(acc[k], expected[k]);
-        ASSERT_TRUE(close(acc[k], expected[k])) << GetParam() << ": step " << t << ", " << names[i] << "[" << k
+        ASSERT_TRUE(close(acc[k], expected[k])) << file() << ": step " << t << ", " << names[i] << "[" << k
                                                 << "] = " << acc[k] << ", expected " << expected[k];
         ++checked;
       }
@@ -143,7 +151,7 @@ TEST_P(GoldenCase, MatchesEveryStep) {
         ASSERT_NE(found, tel.layers.end()) << names[i] << " has no trust ratio at step " << t;
         track(found->trust_ratio, r.get<double>());
         ASSERT_TRUE(close(found->trust_ratio, r.get<double>()))
-            << GetParam() << ": trust ratio of " << names[i] << " at step " << t << " = " << found->trust_ratio
+            << file() << ": trust ratio of " << names[i] << " at step " << t << " = " << found->trust_ratio
             << ", expected " << r.get<double>();
         EXPECT_DOUBLE_EQ(found->effective_lr, c["lr"][t].get<double>() * found->trust_ratio);
         ++checked;
@@ -151,7 +159,7 @@ TEST_P(GoldenCase, MatchesEveryStep) {
     }
   }
   EXPECT_EQ(opt.steps_taken(), static_cast<int64_t>(steps));
-  std::cout << "[ golden   ] " << fs::path(GetParam()).filename().string() << ": " << steps << " steps, " << checked
+  std::cout << "[ golden   ] " << fs::path(file()).filename().string() << ": " << steps << " steps, " << checked
             << " values, worst error " << worst << " of the bound\n";
   RecordProperty("worst_fraction_of_bound", std::to_string(worst));
   EXPECT_GT(checked, steps * names.size());
@@ -159,7 +167,7 @@ TEST_P(GoldenCase, MatchesEveryStep) {
 
 // The schedule of the case reproduces its lr column.
 TEST_P(GoldenCase, ScheduleReproducesLearningRates) {
-  std::ifstream in(GetParam());
+  std::ifstream in(file());
   const json c = json::parse(in);
   const json& s = c.at("lr_schedule");
   const int64_t steps = c.at("steps");
@@ -190,14 +198,17 @@ TEST_P(GoldenCase, ScheduleReproducesLearningRates) {
   }
 }
 
-std::string case_name(const ::testing::TestParamInfo<std::string>& info) {
-  std::string stem = fs::path(info.param).stem().string();
+std::string case_name(const ::testing::TestParamInfo<GoldenParam>& info) {
+  std::string stem = fs::path(std::get<0>(info.param)).stem().string();
   for (auto& ch : stem)
     if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  return stem;
+  return stem + (std::get<1>(info.param) == lo::StepKernel::kFused ? "_fused" : "_tensor_ops");
 }
 
-INSTANTIATE_TEST_SUITE_P(Golden, GoldenCase, ::testing::ValuesIn(golden_files()), case_name);
+INSTANTIATE_TEST_SUITE_P(Golden, GoldenCase,
+                         ::testing::Combine(::testing::ValuesIn(golden_files()),
+                                            ::testing::Values(lo::StepKernel::kFused, lo::StepKernel::kTensorOps)),
+                         case_name);
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(GoldenCase);
 
 // The directory must hold cases: an empty or missing one is a failure, not a silent pass.

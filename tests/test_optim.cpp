@@ -433,6 +433,136 @@ TEST(Factory, OverridesApplyAndTorchOptimizersGetDecayGroups) {
   for (const auto& g : sgd->param_groups()) EXPECT_EQ(g.options().get_lr(), 0.25);
 }
 
+// ------------------------------------------------------------------ step kernels
+
+// Parameters large enough to span several of the fused kernel's chunks, in float and double.
+lo::NamedParameters kernel_params(torch::ScalarType type) {
+  torch::manual_seed(7);
+  lo::NamedParameters p;
+  p.insert("conv.weight", torch::randn({64, 32, 3, 3}, type) * 0.1);  // 18432 elements
+  p.insert("fc.weight", torch::randn({300, 400}, type) * 0.05);       // 120000: four chunks
+  p.insert("fc.bias", torch::randn({300}, type) * 0.01);
+  p.insert("zero.weight", torch::zeros({10, 10}, type));               // |w| = 0: r = 1
+  return p;
+}
+
+void kernel_grads(lo::NamedParameters& params, int64_t t) {
+  int64_t i = 0;
+  for (auto& item : params) {
+    torch::manual_seed(500 + 13 * t + i++);
+    item.value().mutable_grad() = torch::randn(item.value().sizes(), item.value().options()) * 0.1;
+  }
+}
+
+// Runs `steps` steps with one kernel and returns the parameters and every telemetry record.
+std::pair<lo::NamedParameters, std::vector<lo::StepTelemetry>> run_kernel(const lo::LayerwiseOptions& o,
+                                                                          lo::StepKernel kernel,
+                                                                          torch::ScalarType type, int steps) {
+  auto p = kernel_params(type);
+  lo::LayerwiseOptimizer opt(p, o);
+  opt.set_kernel(kernel);
+  opt.set_telemetry(true);
+  std::vector<lo::StepTelemetry> records;
+  for (int t = 0; t < steps; ++t) {
+    kernel_grads(p, t);
+    opt.step();
+    records.push_back(opt.last_telemetry());
+  }
+  return {p, records};
+}
+
+TEST(StepKernels, FusedAgreesWithTensorOperationsForEveryOption) {
+  std::vector<std::pair<std::string, lo::LayerwiseOptions>> cases = {
+      {"lars", lo::LayerwiseOptions::lars(2.0)},
+      {"lars nesterov sum larc", lo::LayerwiseOptions::lars(2.0).nesterov(true).larc_clip(true).trust_denominator(
+                                     lo::TrustDenominator::kSum).trust_eps(1e-3)},
+      {"lars no momentum, clamps", lo::LayerwiseOptions::lars(1.0).momentum(0).weight_norm_clamp(lo::Range{0, 2})
+                                       .update_norm_clamp(lo::Range{0.5, 10}).trust_ratio_clamp(lo::Range{0, 0.01})},
+      {"tvlars", lo::LayerwiseOptions::lars(2.0).time_varying(lo::TimeVarying{})},
+      {"lamb", lo::LayerwiseOptions::lamb(0.01)},
+      {"lamb sum, no bias correction, all adapted",
+       lo::LayerwiseOptions::lamb(0.01).bias_correction(false).trust_denominator(lo::TrustDenominator::kSum)
+           .adapt_mask(lo::ParamMask::all()).decay_mask(lo::ParamMask::all())},
+  };
+  for (const auto type : {torch::kFloat, torch::kDouble}) {
+    const double tol = type == torch::kFloat ? 2e-5 : 1e-12;
+    for (const auto& [label, o] : cases) {
+      SCOPED_TRACE(label + (type == torch::kFloat ? " float" : " double"));
+      auto [fused, fused_tel] = run_kernel(o, lo::StepKernel::kFused, type, 5);
+      auto [ops, ops_tel] = run_kernel(o, lo::StepKernel::kTensorOps, type, 5);
+      for (const auto& item : fused) {
+        const auto& other = ops[item.key()];
+        const double scale = other.abs().max().item<double>() + 1e-12;
+        EXPECT_LE((item.value() - other).abs().max().item<double>(), tol * scale) << item.key();
+        EXPECT_FALSE(torch::equal(item.value(), kernel_params(type)[item.key()])) << item.key() << " did not move";
+      }
+      for (size_t t = 0; t < fused_tel.size(); ++t) {
+        ASSERT_EQ(fused_tel[t].layers.size(), ops_tel[t].layers.size());
+        EXPECT_EQ(fused_tel[t].step, ops_tel[t].step);
+        EXPECT_EQ(fused_tel[t].phi, ops_tel[t].phi);
+        for (size_t k = 0; k < fused_tel[t].layers.size(); ++k) {
+          const auto& a = fused_tel[t].layers[k];
+          const auto& b = ops_tel[t].layers[k];
+          EXPECT_EQ(a.name, b.name);
+          EXPECT_NEAR(a.weight_norm, b.weight_norm, tol * b.weight_norm + 1e-12) << a.name;
+          EXPECT_NEAR(a.update_norm, b.update_norm, tol * b.update_norm + 1e-12) << a.name;
+          EXPECT_NEAR(a.trust_ratio, b.trust_ratio, tol * b.trust_ratio + 1e-12) << a.name;
+          EXPECT_NEAR(a.grad_norm, b.grad_norm, tol * b.grad_norm + 1e-12) << a.name;
+        }
+      }
+      // The zero tensor keeps r = 1 on both paths.
+      for (const auto& l : fused_tel[0].layers)
+        if (l.name == "zero.weight") EXPECT_EQ(l.trust_ratio, 1.0);
+    }
+  }
+}
+
+TEST(StepKernels, FusedResultsDoNotDependOnTheThreadCount) {
+  const int before = torch::get_num_threads();
+  torch::set_num_threads(1);
+  auto [one, one_tel] = run_kernel(lo::LayerwiseOptions::lamb(0.01), lo::StepKernel::kFused, torch::kFloat, 3);
+  torch::set_num_threads(2);
+  auto [two, two_tel] = run_kernel(lo::LayerwiseOptions::lamb(0.01), lo::StepKernel::kFused, torch::kFloat, 3);
+  torch::set_num_threads(before);
+  for (const auto& item : one) EXPECT_TRUE(torch::equal(item.value(), two[item.key()])) << item.key();
+  for (size_t k = 0; k < one_tel.back().layers.size(); ++k)
+    EXPECT_EQ(one_tel.back().layers[k].update_norm, two_tel.back().layers[k].update_norm);
+}
+
+TEST(StepKernels, AutoFallsBackPerTensorAndFusedNamesWhatItCannotTake) {
+  auto make = [] {
+    lo::NamedParameters p;
+    p.insert("dense.weight", torch::ones({8, 8}));
+    p.insert("strided.weight", torch::ones({8, 8}));
+    return p;
+  };
+  auto grads = [](lo::NamedParameters& p) {
+    p["dense.weight"].mutable_grad() = torch::full({8, 8}, 0.5);
+    p["strided.weight"].mutable_grad() = torch::full({8, 16}, 0.5).slice(1, 0, 16, 2);  // not contiguous
+  };
+  auto a = make(), b = make();
+  lo::LayerwiseOptimizer automatic(a, lo::LayerwiseOptions::lars(1.0));
+  lo::LayerwiseOptimizer reference(b, lo::LayerwiseOptions::lars(1.0));
+  reference.set_kernel(lo::StepKernel::kTensorOps);
+  grads(a);
+  grads(b);
+  automatic.step();
+  reference.step();
+  for (const auto& item : a) EXPECT_TRUE(torch::allclose(item.value(), b[item.key()], 1e-6, 1e-7)) << item.key();
+
+  auto c = make();
+  lo::LayerwiseOptimizer forced(c, lo::LayerwiseOptions::lars(1.0));
+  forced.set_kernel(lo::StepKernel::kFused);
+  grads(c);
+  try {
+    forced.step();
+    FAIL() << "a strided gradient was accepted by the fused kernel";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("strided.weight"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("gradient"), std::string::npos) << e.what();
+  }
+}
+
 // ------------------------------------------------------------------ runtime
 
 TEST(Runtime, OpenBlasAndTcmallocAreInUse) {

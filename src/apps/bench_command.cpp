@@ -1,4 +1,5 @@
-// `largebatch bench pipeline`: input-pipeline images/s against training images/s, measured in one run.
+// `largebatch bench pipeline`: input-pipeline images/s against training images/s, measured in one run
+// (bench step and bench train are in bench_speed.cpp).
 // `largebatch compare A B`: tensor-by-tensor difference of two saved models or checkpoints.
 #include "commands.h"
 
@@ -47,7 +48,10 @@ Runner add_bench_command(CLI::App& app) {
   pipe->add_option("--workers", a->workers, "Loader worker counts to measure")->capture_default_str();
   pipe->add_option("--threads", a->threads, "Intra-op threads of training (0: all cores)")->capture_default_str();
 
-  return [pipe, a]() -> int {
+  Runner step = add_bench_step_command(*bench), train = add_bench_train_command(*bench);
+  return [pipe, a, step, train]() -> int {
+    if (const int code = step(); code != -1) return code;
+    if (const int code = train(); code != -1) return code;
     if (!pipe->parsed()) return -1;
     try {
       const int threads = a->threads > 0 ? static_cast<int>(a->threads)

@@ -3,9 +3,14 @@
 
 #include <torch/torch.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 namespace largebatch {
 
@@ -47,6 +52,32 @@ std::string runtime_summary() {
      << " cores (train sets --threads) | CUDA "
      << (torch::cuda::is_available() ? std::to_string(torch::cuda::device_count()) + " device(s)" : "unavailable");
   return os.str();
+}
+
+}  // namespace largebatch
+
+namespace largebatch {
+
+double stream_triad_bandwidth(int64_t elements, int repeats) {
+  std::vector<double> a(static_cast<size_t>(elements)), b(a.size(), 1.0), c(a.size(), 2.0);
+  const double scalar = 3.0;
+  double* pa = a.data();
+  const double* pb = b.data();
+  const double* pc = c.data();
+  auto triad = [&] {
+    at::parallel_for(0, elements, int64_t{1} << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) pa[i] = pb[i] + scalar * pc[i];
+    });
+  };
+  triad();  // first touch: pages mapped outside the timing
+  double best = 0;
+  for (int r = 0; r < std::max(1, repeats); ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    triad();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 3.0 * sizeof(double) * static_cast<double>(elements) / s);
+  }
+  return best;
 }
 
 }  // namespace largebatch

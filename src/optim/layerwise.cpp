@@ -1,5 +1,7 @@
 #include <largebatch/optim/layerwise.h>
 
+#include "step_kernels.h"
+
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -281,10 +283,6 @@ std::unordered_map<const void*, std::string> names_of(
   return names;
 }
 
-torch::Tensor clamp_norm(const torch::Tensor& norm, const c10::optional<Range>& range) {
-  return range ? norm.clamp(range->lo, range->hi) : norm;
-}
-
 }  // namespace
 
 LayerwiseOptimizer::LayerwiseOptimizer(std::vector<torch::optim::OptimizerParamGroup> param_groups,
@@ -349,6 +347,25 @@ int64_t LayerwiseOptimizer::steps_taken() const {
   return steps;
 }
 
+int64_t LayerwiseOptimizer::step_memory_traffic() const {
+  int64_t bytes = 0;
+  for (const auto& group : param_groups_) {
+    const auto& o = static_cast<const LayerwiseOptions&>(group.options());
+    for (const auto& p : group.params()) {
+      const bool adapt = state_of(p).adapt();
+      int64_t accesses = 0;  // element reads and writes
+      if (o.direction() == Direction::kAdam)
+        accesses = (adapt ? 6 : 5) + 4;  // g, m, v (+ w) read, m, v written; then m, v, w read, w written
+      else if (o.momentum() != 0)
+        accesses = (adapt ? 2 : 0) + 5;  // w, g read for the norms; then w, g, mu read, w, mu written
+      else
+        accesses = (adapt ? 2 : 0) + 3;
+      bytes += accesses * p.numel() * static_cast<int64_t>(p.element_size());
+    }
+  }
+  return bytes;
+}
+
 torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
   torch::Tensor loss;
   if (closure) {
@@ -357,16 +374,10 @@ torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
   }
   torch::NoGradGuard no_grad;
 
-  const bool record = telemetry_enabled_;
-  std::vector<torch::Tensor> recorded;  // per adapted tensor: stack(|w|, |d|, r)
-  std::vector<std::string> recorded_names;
-  std::vector<double> recorded_lr;
-  StepTelemetry telemetry;
-  bool first = true;
-
+  // Gather the tensors that have a gradient, in parameter order.
+  std::vector<detail::StepEntry> entries;
   for (auto& group : param_groups_) {
     auto& o = static_cast<LayerwiseOptions&>(group.options());
-    const double lr = o.lr();
     for (auto& p : group.params()) {
       if (!p.grad().defined()) continue;
       // Parameters added after construction (add_param_group) get their masks on first use.
@@ -379,95 +390,68 @@ torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
         found = state_.emplace(key_of(p), std::move(state)).first;
       }
       auto& st = static_cast<LayerwiseParamState&>(*found->second);
-      const int64_t t = st.step();
-      const double phi = o.time_varying() ? tv_phi(*o.time_varying(), t) : 1.0;
-      if (first) {
-        telemetry.step = t;
-        telemetry.lr = lr;
-        telemetry.phi = phi;
-        first = false;
-      }
-      const torch::Tensor& g = p.grad();
-
-      // Stage 1: direction.
-      torch::Tensor u;
-      if (o.direction() == Direction::kAdam) {
-        if (!st.exp_avg().defined()) {
-          st.exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-          st.exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        }
-        auto& m = st.exp_avg();
-        auto& v = st.exp_avg_sq();
-        m.mul_(o.beta1()).add_(g, 1 - o.beta1());
-        v.mul_(o.beta2()).addcmul_(g, g, 1 - o.beta2());
-        if (o.bias_correction()) {
-          const double bc1 = 1 - std::pow(o.beta1(), static_cast<double>(t + 1));
-          const double bc2 = 1 - std::pow(o.beta2(), static_cast<double>(t + 1));
-          u = (m / bc1).div_((v / bc2).sqrt_().add_(o.eps()));
-        } else {
-          u = m / v.sqrt().add_(o.eps());
-        }
-      } else {
-        u = g;
-      }
-
-      // Stage 2: weight decay.
-      const bool decay = st.decay() && o.weight_decay() != 0;
-      torch::Tensor d = decay ? u.add(p, o.weight_decay()) : u;
-
-      // Stage 3: trust ratio (adapted tensors only).
-      if (st.adapt()) {
-        torch::Tensor w_norm = p.norm();
-        torch::Tensor d_norm;
-        if (o.trust_denominator() == TrustDenominator::kExact) {
-          d_norm = d.norm();
-        } else {
-          d_norm = u.norm();
-          if (decay) d_norm = d_norm + o.weight_decay() * w_norm;
-          if (o.trust_eps() != 0) d_norm = d_norm + o.trust_eps();
-        }
-        torch::Tensor ratio =
-            clamp_norm(w_norm, o.weight_norm_clamp()) * (o.eta() * phi) / clamp_norm(d_norm, o.update_norm_clamp());
-        if (o.larc_clip() && lr > 0) ratio = ratio.div(lr).clamp_max(1.0);
-        if (o.trust_ratio_clamp()) ratio = ratio.clamp(o.trust_ratio_clamp()->lo, o.trust_ratio_clamp()->hi);
-        // r = 1 exactly where either norm is zero: no NaN, no stuck zero-initialised tensor.
-        torch::Tensor r = torch::where(w_norm.gt(0).logical_and(d_norm.gt(0)), ratio, torch::ones_like(ratio));
-        d = d.mul(r);
-        if (record) {
-          recorded.push_back(torch::stack({w_norm, d_norm, r, g.norm()}).to(torch::kDouble));
-          recorded_names.push_back(st.name());
-          recorded_lr.push_back(lr);
-        }
-      }
-
-      // Stage 4: heavy-ball momentum (LARS), then stage 5: learning rate.
-      if (o.direction() == Direction::kMomentum && o.momentum() != 0) {
-        if (!st.momentum_buffer().defined()) {
-          st.momentum_buffer(d.clone(torch::MemoryFormat::Preserve));  // mu_0 = 0 * m + d
-        } else {
-          st.momentum_buffer().mul_(o.momentum()).add_(d);
-        }
-        const torch::Tensor& mu = st.momentum_buffer();
-        if (o.nesterov())
-          p.add_(d.add(mu, o.momentum()), -lr);
-        else
-          p.add_(mu, -lr);
-      } else {
-        p.add_(d, -lr);
-      }
-      st.step(t + 1);
+      detail::StepEntry e;
+      e.param = p;
+      e.grad = p.grad();
+      e.state = &st;
+      e.options = &o;
+      e.t = st.step();
+      e.phi = o.time_varying() ? tv_phi(*o.time_varying(), e.t) : 1.0;
+      entries.push_back(std::move(e));
     }
   }
 
+  // Split between the fused CPU kernel and per-tensor operations.
+  std::vector<detail::StepEntry> fused;
+  std::vector<size_t> fused_index, ops_index;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const std::string why = kernel_ == StepKernel::kTensorOps ? "tensor operations chosen" : detail::why_not_fusable(entries[i]);
+    if (why.empty()) {
+      fused.push_back(entries[i]);
+      fused_index.push_back(i);
+    } else if (kernel_ == StepKernel::kFused) {
+      throw std::invalid_argument("LayerwiseOptimizer: the fused kernel cannot step " + entries[i].state->name() +
+                                  ": " + why);
+    } else {
+      ops_index.push_back(i);
+    }
+  }
+
+  const bool record = telemetry_enabled_;
+  std::vector<detail::LayerNorms> fused_norms;
+  if (!fused.empty()) detail::fused_step(fused, record ? &fused_norms : nullptr);
+  std::vector<torch::Tensor> recorded(entries.size());  // per adapted tensor of the operations path
+  for (size_t i : ops_index) recorded[i] = detail::tensor_ops_step(entries[i], record);
+  for (auto& e : entries) e.state->step(e.t + 1);
+
   if (record) {
-    // One device-to-host copy per step, only when telemetry is on.
-    if (!recorded.empty()) {
-      torch::Tensor host = torch::stack(recorded).cpu().contiguous();
-      auto acc = host.accessor<double, 2>();
-      for (size_t i = 0; i < recorded.size(); ++i) {
-        telemetry.layers.push_back(LayerTelemetry{recorded_names[i], acc[i][0], acc[i][1], acc[i][2],
-                                                  recorded_lr[i] * acc[i][2], acc[i][3]});
+    StepTelemetry telemetry;
+    if (!entries.empty()) {
+      telemetry.step = entries.front().t;
+      telemetry.lr = entries.front().options->lr();
+      telemetry.phi = entries.front().phi;
+    }
+    std::vector<detail::LayerNorms> norms(entries.size());
+    for (size_t k = 0; k < fused_index.size(); ++k) norms[fused_index[k]] = fused_norms[k];
+    // One device-to-host copy for everything the operations path recorded.
+    std::vector<torch::Tensor> on_device;
+    std::vector<size_t> on_device_index;
+    for (size_t i : ops_index)
+      if (recorded[i].defined()) {
+        on_device.push_back(recorded[i]);
+        on_device_index.push_back(i);
       }
+    if (!on_device.empty()) {
+      const torch::Tensor host = torch::stack(on_device).cpu().contiguous();
+      auto acc = host.accessor<double, 2>();
+      for (size_t k = 0; k < on_device_index.size(); ++k)
+        norms[on_device_index[k]] = detail::LayerNorms{acc[k][0], acc[k][1], acc[k][2], acc[k][3]};
+    }
+    for (size_t i = 0; i < entries.size(); ++i) {
+      if (!entries[i].state->adapt()) continue;
+      const detail::LayerNorms& n = norms[i];
+      telemetry.layers.push_back(LayerTelemetry{entries[i].state->name(), n.weight, n.update, n.ratio,
+                                                entries[i].options->lr() * n.ratio, n.grad});
     }
     last_telemetry_ = std::move(telemetry);
     if (telemetry_callback_) telemetry_callback_(last_telemetry_);

@@ -60,6 +60,7 @@ bool plot(const PlotSpec& spec, std::string* error) {
      << "set xlabel " << quote(spec.x_label) << "\nset ylabel " << quote(spec.y_label) << "\n"
      << "set key outside right\nset grid\n";
   if (spec.log_y) gp << "set logscale y\n";
+  if (spec.log_x) gp << "set logscale x 2\n";
   if (!spec.y2_label.empty()) gp << "set y2label " << quote(spec.y2_label) << "\nset y2tics\nset ytics nomirror\n";
   gp << "plot ";
   bool first = true;

@@ -397,6 +397,11 @@ bool render(const fs::path& script_path, const std::string& script, std::vector<
   return true;
 }
 
+// Line style of the i-th series: gnuplot cycles 8 colours, so series beyond 8 are told apart by dashes.
+std::string series_style(size_t i) {
+  return " lc " + std::to_string(i % 8 + 1) + " dt " + std::to_string((i / 8) % 5 + 1) + " pt " + std::to_string(i % 13 + 1);
+}
+
 std::string header_lines(const std::string& png, const std::string& title, int width = 1100, int height = 650) {
   return "set datafile separator ','\nset terminal pngcairo size " + std::to_string(width) + "," +
          std::to_string(height) + " noenhanced\nset output " + quote(png) + "\nset title " + quote(title) +
@@ -413,6 +418,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   for (const auto& entry : fs::directory_iterator(dir))
     if (entry.is_directory() && entry.path().filename() != "report") candidates.push_back(entry.path());
   std::vector<Run> runs;
+  std::vector<std::string> unfinished;
   for (const auto& d : candidates) {
     if (!fs::exists(d / "config.json") || !fs::exists(d / "metrics.csv")) continue;
     Run r;
@@ -425,11 +431,28 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     }
     r.metrics = read_csv(d / "metrics.csv");
     if (r.metrics.column("test_top1") < 0) continue;  // not a classification run (e.g. pretrain)
+    // Only finished runs are results: a run still going, interrupted or failed has no summary saying
+    // completed or diverged, and its partial curve would pass for a short run.
+    std::string status = "unfinished";
+    if (fs::exists(d / "summary.json")) {
+      try {
+        status = json::parse(read_text(d / "summary.json")).value("status", status);
+      } catch (const std::exception&) {
+      }
+    }
+    if (status != "completed" && status != "diverged") {
+      unfinished.push_back(r.name);
+      continue;
+    }
     r.has_telemetry = has_data_rows(d / "telemetry.csv");
     r.has_sharpness = fs::exists(d / "sharpness.csv");
     runs.push_back(std::move(r));
   }
-  if (runs.empty()) throw std::invalid_argument(dir_text + ": no classification runs (folders with config.json and metrics.csv)");
+  std::sort(unfinished.begin(), unfinished.end());
+  if (runs.empty())
+    throw std::invalid_argument(dir_text + ": no finished classification runs (folders with config.json, metrics.csv "
+                                "and a summary.json saying completed or diverged)" +
+                                (unfinished.empty() ? std::string() : "; unfinished: " + std::to_string(unfinished.size())));
   std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.name < b.name; });
 
   // Configurations: runs that differ only in seed (and bookkeeping) form one group.
@@ -486,6 +509,12 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
      << runs.size() << " runs in " << groups.size() << " configurations (runs that differ only in their seed are "
      << "one configuration; mean ± sample standard deviation over seeds). Regenerate with `largebatch report "
      << dir.filename().string() << "`: the same CSV files give the same report.\n\n";
+  if (!unfinished.empty()) {
+    md << "**" << unfinished.size() << " unfinished run" << (unfinished.size() == 1 ? "" : "s")
+       << " left out** (no summary saying completed or diverged: still running, interrupted or failed):";
+    for (const auto& name : unfinished) md << " `" << name << "`";
+    md << ".\n\n";
+  }
 
   // ---- table 1: every configuration
   md << "## Test top-1 per configuration\n\n"
@@ -579,6 +608,38 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     md << "\n";
   }
 
+  // ---- table 3: sharpness, where it was measured
+  bool any_sharpness = false;
+  for (const auto& g : groups)
+    for (const Run* r : g.runs) any_sharpness = any_sharpness || r->has_sharpness;
+  if (any_sharpness) {
+    md << "\n## Sharpness\n\n"
+       << "Top eigenvalue of the training-loss Hessian on a fixed batch (power iteration), mean ± std over seeds: at "
+          "the first measurement, the largest, and the last.\n\n"
+       << "| optimizer | batch | seeds | first | largest | last |\n|---|---|---|---|---|---|\n";
+    auto plain = [](const Stats& s) {
+      if (s.n == 0) return std::string("–");
+      return s.n == 1 ? format("%.1f", s.mean) : format("%.1f", s.mean) + " ± " + format("%.1f", s.std);
+    };
+    for (const auto& g : groups) {
+      std::vector<double> first, largest, last;
+      for (const Run* r : g.runs) {
+        if (!r->has_sharpness) continue;
+        const Csv c = read_csv(r->dir / "sharpness.csv");
+        const int col = c.column("top_eigenvalue");
+        if (col < 0 || c.rows.empty()) continue;
+        double top = -INFINITY;
+        for (size_t i = 0; i < c.rows.size(); ++i) top = std::max(top, c.number(i, col));
+        first.push_back(c.number(0, col));
+        largest.push_back(top);
+        last.push_back(c.number(c.rows.size() - 1, col));
+      }
+      if (first.empty()) continue;
+      md << "| " << group_label(g) << " | " << g.config.value("batch-size", 0) << " | " << first.size() << " | "
+         << plain(stats(first)) << " | " << plain(stats(largest)) << " | " << plain(stats(last)) << " |\n";
+    }
+  }
+
   // ---- plots: accuracy per epoch, one plot per batch size, mean over seeds
   md << "\n## Plots\n\n";
   for (auto b : batches) {
@@ -610,7 +671,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
                      "set xlabel 'epoch'\nset ylabel 'test top-1'\nplot ";
     for (size_t i = 0; i < in.size(); ++i)
       gp += (i ? ", \\\n     " : "") + quote(base + ".csv") + " using 1:" + std::to_string(i + 2) +
-            " every ::1 with linespoints title " + quote(group_label(*in[i]));
+            " every ::1 with linespoints" + series_style(i) + " title " + quote(group_label(*in[i]));
     gp += "\n";
     if (render(assets / (base + ".gp"), gp, made))
       md << "![test top-1 per epoch, B = " << b << "](report/" << base << ".png)\n\n";
@@ -640,15 +701,18 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
       write_atomically(assets / file, data);
       made.push_back((assets / file).string());
       const std::string style = r.has_telemetry ? " with lines" : " with linespoints";
-      lr_plot += (i ? ", \\\n     " : "") + quote(file) + " using 1:2 every ::1" + style + " title " + quote(group_label(*in[i]));
-      phi_plot += (i ? ", \\\n     " : "") + quote(file) + " using 1:3 every ::1" + style + " title " + quote(group_label(*in[i]));
+      lr_plot += (i ? ", \\\n     " : "") + quote(file) + " using 1:2 every ::1" + style + series_style(i) +
+                 " title " + quote(group_label(*in[i]));
+      phi_plot += (i ? ", \\\n     " : "") + quote(file) + " using 1:3 every ::1" + style + series_style(i) +
+                  " title " + quote(group_label(*in[i]));
     }
     std::string sg = "set datafile separator ','\nset terminal pngcairo size 1100,800 noenhanced\nset output " +
                      quote(sbase + ".png") + "\nset multiplot layout 2,1 title " +
                      quote("learning rate lr_t and TVLARS factor phi_t, batch " + std::to_string(b) +
                            " (per step with telemetry, else per epoch)") +
-                     "\nset grid\nset key outside right font ',8'\nset offsets 0, 0, graph 0.05, 0\nset ylabel 'lr_t'\nplot " + lr_plot +
-                     "\nset xlabel 'step'\nset ylabel 'phi_t'\nplot " + phi_plot + "\nunset multiplot\n";
+                     "\nset grid\nset key outside right font ',8'\nset offsets 0, 0, graph 0.05, 0\n"
+                     "set ylabel 'lr_t (log scale)'\nset logscale y\nplot " + lr_plot +
+                     "\nunset logscale y\nset xlabel 'step'\nset ylabel 'phi_t'\nplot " + phi_plot + "\nunset multiplot\n";
     if (render(assets / (sbase + ".gp"), sg, made))
       md << "![lr and phi, B = " << b << "](report/" << sbase << ".png)\n\n";
   }
@@ -696,28 +760,62 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
       made.push_back((assets / (base + "_schedule.csv")).string());
       std::string ytics;
       for (size_t i = 0; i < layers.size(); ++i) ytics += (i ? ", " : "") + quote(layers[i]) + " " + std::to_string(i);
+      // Cells as wide as the telemetry interval (the smallest gap between logged steps), so the map is filled.
+      double cell_half_width = 0.5;
+      {
+        std::vector<double> at;
+        for (const auto& st : steps) at.push_back(std::atof(st.c_str()));
+        std::sort(at.begin(), at.end());
+        double gap = 0;
+        for (size_t i = 1; i < at.size(); ++i)
+          if (at[i] > at[i - 1] && (gap == 0 || at[i] - at[i - 1] < gap)) gap = at[i] - at[i - 1];
+        if (gap > 0) cell_half_width = gap / 2;
+      }
       // Heat map: layer x step, colour = log10 trust ratio.
       std::string gp = header_lines(base + "_lnr_heatmap.png", "log10 trust ratio (LNR, incl. phi_t): " + group_label(g), 1100,
                                     std::max(400, 120 + 22 * static_cast<int>(layers.size()))) +
                        "set xlabel 'step'\nset ytics (" + ytics + ") font ',7'\nset yrange [-0.5:" +
                        std::to_string(layers.size()) + "-0.5]\nset cblabel 'log10 r'\nset palette rgb 33,13,10\n"
-                       "unset key\nplot " + quote(base + "_layers.csv") +
-                       " using 1:2:(log10($3)) every ::1 with points pt 5 ps 0.6 lc palette\n";
+                       "unset key\nset autoscale xfix\nset style fill solid noborder\nplot " + quote(base + "_layers.csv") +
+                       " using 1:2:(" + std::to_string(cell_half_width) +
+                       "):(0.5):(log10($3)) every ::1 with boxxyerror lc palette\n";
       if (render(assets / (base + "_lnr_heatmap.gp"), gp, made))
         md << "![LNR heat map](report/" << base << "_lnr_heatmap.png)\n\n";
-      auto per_layer = [&](const std::string& name, const std::string& title, const std::string& ylabel, int column) {
+      // Wide form for the line plots: one row per step, (r, |w|, |g|) of layer i in columns 2 + 3i .. 4 + 3i
+      // (gnuplot draws a line only between consecutive valid rows, so the long form cannot be filtered).
+      std::map<std::string, std::vector<std::string>> wide;
+      for (const auto& row : t.rows) {
+        if (static_cast<int>(row.size()) <= std::max({c_step, c_layer, c_ratio})) continue;
+        auto& cells = wide[row[c_step]];
+        if (cells.empty()) cells.assign(3 * layers.size(), "NaN");
+        const size_t i = layer_index[row[c_layer]];
+        cells[3 * i] = row[c_ratio];
+        if (c_w >= 0 && c_w < static_cast<int>(row.size())) cells[3 * i + 1] = row[c_w];
+        if (c_g >= 0 && c_g < static_cast<int>(row.size())) cells[3 * i + 2] = row[c_g];
+      }
+      std::string wide_csv = "step";
+      for (const auto& l : layers) wide_csv += "," + l + " r," + l + " |w|," + l + " |g|";
+      wide_csv += "\n";
+      for (const auto& st : steps) {
+        wide_csv += st;
+        for (const auto& c : wide[st]) wide_csv += "," + c;
+        wide_csv += "\n";
+      }
+      write_atomically(assets / (base + "_layers_wide.csv"), wide_csv);
+      made.push_back((assets / (base + "_layers_wide.csv")).string());
+      auto per_layer = [&](const std::string& name, const std::string& title, const std::string& ylabel, int offset) {
         std::string s = header_lines(base + "_" + name + ".png", title + ": " + group_label(g)) +
                         "set xlabel 'step'\nset ylabel " + quote(ylabel) + "\nset logscale y\nplot ";
         for (size_t i = 0; i < layers.size(); ++i)
-          s += (i ? ", \\\n     " : "") + quote(base + "_layers.csv") + " using 1:(int($2) == " + std::to_string(i) +
-               " ? $" + std::to_string(column) + " : 1/0) every ::1 with lines title " + quote(layers[i]);
+          s += (i ? ", \\\n     " : "") + quote(base + "_layers_wide.csv") + " using 1:" +
+               std::to_string(2 + 3 * i + offset) + " every ::1 with lines" + series_style(i) + " title " + quote(layers[i]);
         s += "\n";
         if (render(assets / (base + "_" + name + ".gp"), s, made))
           md << "![" << title << "](report/" << base << "_" << name << ".png)\n\n";
       };
-      per_layer("lnr_lines", "trust ratio per layer", "trust ratio", 3);
-      per_layer("weight_norms", "weight norm |w| per layer", "|w|", 4);
-      if (c_g >= 0) per_layer("grad_norms", "gradient norm |g| per layer", "|g|", 5);
+      per_layer("lnr_lines", "trust ratio per layer", "trust ratio", 0);
+      per_layer("weight_norms", "weight norm |w| per layer", "|w|", 1);
+      if (c_g >= 0) per_layer("grad_norms", "gradient norm |g| per layer", "|g|", 2);
       std::string sg = header_lines(base + "_schedule.png", "lr_t and phi_t per step: " + group_label(g)) +
                        "set xlabel 'step'\nset ylabel 'lr_t'\nset y2label 'phi_t'\nset y2tics\nset ytics nomirror\n"
                        "plot " + quote(base + "_schedule.csv") + " using 1:2 every ::1 with lines title 'lr_t', \\\n     " +

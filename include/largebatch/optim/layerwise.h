@@ -3,7 +3,8 @@
 //   direction (gradient, or Adam moments) -> weight decay (decay mask) -> trust ratio with phi_t
 //   (adaptation mask) -> heavy-ball momentum (optional) -> learning rate.
 // LARS, TVLARS and LAMB are presets of it (see factory.h), exactly as specified in algorithms.md.
-// The step never reads a tensor value on the host, so it runs on CUDA without synchronisation.
+// The step never reads a tensor value on the host, so it runs on CUDA without synchronisation; on the CPU a
+// fused kernel computes all norms in one pass and updates each element once (see set_kernel).
 #include <largebatch/optim/mask.h>
 #include <largebatch/optim/schedule.h>
 #include <largebatch/optim/telemetry.h>
@@ -36,6 +37,15 @@ enum class Direction : int64_t {
 enum class TrustDenominator : int64_t {
   kExact = 0,  // |g + wd w| (|s| for LAMB): algorithms.md
   kSum = 1,    // |g| + wd |w| + trust_eps (the LARS paper, apex, MLPerf)
+};
+
+// Which code applies a step.
+enum class StepKernel : int64_t {
+  // The fused CPU kernel for dense contiguous float/double CPU tensors (two passes over memory, no
+  // per-tensor dispatch), per-tensor LibTorch operations for the rest (CUDA, other types, strided gradients).
+  kAuto = 0,
+  kFused = 1,      // the fused kernel for every tensor; a tensor it cannot take is an error naming it
+  kTensorOps = 2,  // per-tensor LibTorch operations for every tensor (the device-agnostic reference)
 };
 
 struct Range {
@@ -127,6 +137,14 @@ class LayerwiseOptimizer : public torch::optim::Optimizer {
   const std::string& name_of(const torch::Tensor& param) const;
   // Steps taken so far (the largest per-tensor step counter).
   int64_t steps_taken() const;
+  // Bytes one steady-state step must move through memory, for every parameter: a pass reading what the
+  // norms need (w and g; LAMB also the moments, which it updates) and a pass reading w, g and the state and
+  // writing w and the state once. Benchmarks divide it by a measured bandwidth to get the bound.
+  int64_t step_memory_traffic() const;
+
+  // Which code applies the step (results agree to float rounding; the golden tests run both).
+  void set_kernel(StepKernel kernel) { kernel_ = kernel; }
+  StepKernel kernel() const { return kernel_; }
 
   // Telemetry is off by default; when off, step() does no extra work.
   void set_telemetry(bool enabled) { telemetry_enabled_ = enabled; }
@@ -140,6 +158,7 @@ class LayerwiseOptimizer : public torch::optim::Optimizer {
   void init_states(const std::unordered_map<const void*, std::string>& names);
   LayerwiseParamState& state_of(const torch::Tensor& param) const;
 
+  StepKernel kernel_ = StepKernel::kAuto;
   bool telemetry_enabled_ = false;
   TelemetryCallback telemetry_callback_;
   StepTelemetry last_telemetry_;

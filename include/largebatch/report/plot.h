@@ -25,6 +25,7 @@ struct PlotSpec {
   std::string filter;     // optional: only rows whose column `filter_column` equals this value
   std::string filter_column;
   std::string y2_label;   // set when a series uses the second axis
+  bool log_x = false;     // base-2 logarithmic x axis (batch sizes)
 };
 
 // Writes the script and runs gnuplot; returns false (and says why in *error) if it could not plot.

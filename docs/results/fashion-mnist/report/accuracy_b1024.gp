@@ -1,0 +1,17 @@
+set datafile separator ','
+set terminal pngcairo size 1100,650 noenhanced
+set output 'accuracy_b1024.png'
+set title 'test top-1 per epoch, batch 1024 (mean over seeds)'
+set grid
+set key outside right font ',8'
+set xlabel 'epoch'
+set ylabel 'test top-1'
+plot 'accuracy_b1024.csv' using 1:2 every ::1 with linespoints lc 1 dt 1 pt 1 title 'tvlars lambda=0.001', \
+     'accuracy_b1024.csv' using 1:3 every ::1 with linespoints lc 2 dt 1 pt 2 title 'tvlars lambda=0.01', \
+     'accuracy_b1024.csv' using 1:4 every ::1 with linespoints lc 3 dt 1 pt 3 title 'lamb', \
+     'accuracy_b1024.csv' using 1:5 every ::1 with linespoints lc 4 dt 1 pt 4 title 'lars', \
+     'accuracy_b1024.csv' using 1:6 every ::1 with linespoints lc 5 dt 1 pt 5 title 'sgd', \
+     'accuracy_b1024.csv' using 1:7 every ::1 with linespoints lc 6 dt 1 pt 6 title 'tvlars', \
+     'accuracy_b1024.csv' using 1:8 every ::1 with linespoints lc 7 dt 1 pt 7 title 'tvlars:paper', \
+     'accuracy_b1024.csv' using 1:9 every ::1 with linespoints lc 8 dt 1 pt 8 title 'wa-lamb', \
+     'accuracy_b1024.csv' using 1:10 every ::1 with linespoints lc 1 dt 2 pt 9 title 'wa-lars'

@@ -1,0 +1,11 @@
+set datafile separator ','
+set terminal pngcairo size 1100,650 noenhanced
+set output 'config16_wa-lamb__batch-size-4096__seed-0_grad_norms.png'
+set title 'gradient norm |g| per layer: wa-lamb'
+set grid
+set key outside right font ',8'
+set xlabel 'step'
+set ylabel '|g|'
+set logscale y
+plot 'config16_wa-lamb__batch-size-4096__seed-0_layers_wide.csv' using 1:4 every ::1 with lines lc 1 dt 1 pt 1 title 'fc1.weight', \
+     'config16_wa-lamb__batch-size-4096__seed-0_layers_wide.csv' using 1:7 every ::1 with lines lc 2 dt 1 pt 2 title 'fc.weight'

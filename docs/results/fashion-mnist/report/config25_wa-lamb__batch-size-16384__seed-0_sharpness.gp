@@ -1,0 +1,13 @@
+set datafile separator ','
+set terminal pngcairo size 1100,650 noenhanced
+set output 'config25_wa-lamb__batch-size-16384__seed-0_sharpness.png'
+set title 'sharpness and test top-1: wa-lamb'
+set grid
+set key outside right font ',8'
+set xlabel 'step'
+set ylabel 'top Hessian eigenvalue'
+set y2label 'test top-1'
+set y2tics
+set ytics nomirror
+plot '../wa-lamb__batch-size-16384__seed-0/sharpness.csv' using 1:3 every ::1 with linespoints title 'sharpness', \
+     '../wa-lamb__batch-size-16384__seed-0/metrics.csv' using 2:8 every ::1 axes x1y2 with linespoints title 'test top-1'

@@ -1,0 +1,31 @@
+set datafile separator ','
+set terminal pngcairo size 1100,800 noenhanced
+set output 'schedules_b1024.png'
+set multiplot layout 2,1 title 'learning rate lr_t and TVLARS factor phi_t, batch 1024 (per step with telemetry, else per epoch)'
+set grid
+set key outside right font ',8'
+set offsets 0, 0, graph 0.05, 0
+set ylabel 'lr_t (log scale)'
+set logscale y
+plot 'schedules_b1024_config0.csv' using 1:2 every ::1 with lines lc 1 dt 1 pt 1 title 'tvlars lambda=0.001', \
+     'schedules_b1024_config1.csv' using 1:2 every ::1 with lines lc 2 dt 1 pt 2 title 'tvlars lambda=0.01', \
+     'schedules_b1024_config2.csv' using 1:2 every ::1 with lines lc 3 dt 1 pt 3 title 'lamb', \
+     'schedules_b1024_config3.csv' using 1:2 every ::1 with lines lc 4 dt 1 pt 4 title 'lars', \
+     'schedules_b1024_config4.csv' using 1:2 every ::1 with linespoints lc 5 dt 1 pt 5 title 'sgd', \
+     'schedules_b1024_config5.csv' using 1:2 every ::1 with lines lc 6 dt 1 pt 6 title 'tvlars', \
+     'schedules_b1024_config6.csv' using 1:2 every ::1 with lines lc 7 dt 1 pt 7 title 'tvlars:paper', \
+     'schedules_b1024_config7.csv' using 1:2 every ::1 with lines lc 8 dt 1 pt 8 title 'wa-lamb', \
+     'schedules_b1024_config8.csv' using 1:2 every ::1 with lines lc 1 dt 2 pt 9 title 'wa-lars'
+unset logscale y
+set xlabel 'step'
+set ylabel 'phi_t'
+plot 'schedules_b1024_config0.csv' using 1:3 every ::1 with lines lc 1 dt 1 pt 1 title 'tvlars lambda=0.001', \
+     'schedules_b1024_config1.csv' using 1:3 every ::1 with lines lc 2 dt 1 pt 2 title 'tvlars lambda=0.01', \
+     'schedules_b1024_config2.csv' using 1:3 every ::1 with lines lc 3 dt 1 pt 3 title 'lamb', \
+     'schedules_b1024_config3.csv' using 1:3 every ::1 with lines lc 4 dt 1 pt 4 title 'lars', \
+     'schedules_b1024_config4.csv' using 1:3 every ::1 with linespoints lc 5 dt 1 pt 5 title 'sgd', \
+     'schedules_b1024_config5.csv' using 1:3 every ::1 with lines lc 6 dt 1 pt 6 title 'tvlars', \
+     'schedules_b1024_config6.csv' using 1:3 every ::1 with lines lc 7 dt 1 pt 7 title 'tvlars:paper', \
+     'schedules_b1024_config7.csv' using 1:3 every ::1 with lines lc 8 dt 1 pt 8 title 'wa-lamb', \
+     'schedules_b1024_config8.csv' using 1:3 every ::1 with lines lc 1 dt 2 pt 9 title 'wa-lars'
+unset multiplot

@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""The Python reference that `largebatch bench` measures against (needs Debian's python3-torch).
+
+Not part of the product: the C++ benchmark runs it in the same session, so both sides see the same machine.
+The optimizers are written the way the paper's released code is (a per-tensor loop of torch operations with a
+scalar read per layer for logging); the rule is algorithms.md's.
+
+    reference_bench.py step  --shapes FILE --optimizer lars|tvlars|lamb --repeats N --threads T
+    reference_bench.py train --model resnet18|cnn|mlp --batch-size B --steps N --threads T --optimizer lars
+
+Prints one JSON object on its last line.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ReferenceLayerwise(torch.optim.Optimizer):
+    """LARS / TVLARS / LAMB as in the released code: one tensor at a time, .item() per layer for logging."""
+
+    def __init__(self, params, kind, lr, momentum=0.9, weight_decay=5e-4, eta=1e-3, lam=1e-3,
+                 betas=(0.9, 0.999), eps=1e-6):
+        super().__init__(params, dict(lr=lr))
+        self.kind, self.momentum, self.wd, self.eta, self.lam = kind, momentum, weight_decay, eta, lam
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.ratios = []
+
+    @torch.no_grad()
+    def step(self):
+        phi = 1.0
+        if self.kind == "tvlars":
+            phi = 1.0 / (0.1 + math.exp(self.lam * (self.t + 1)))  # the released HEAD form (alpha 0.1)
+        ratios = []
+        for group in self.param_groups:
+            lr = group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                adapt = p.ndim > 1
+                if self.kind == "lamb":
+                    if not state:
+                        state["m"] = torch.zeros_like(p)
+                        state["v"] = torch.zeros_like(p)
+                    m, v = state["m"], state["v"]
+                    b1, b2 = self.betas
+                    m.mul_(b1).add_(g, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    bc1, bc2 = 1 - b1 ** (self.t + 1), 1 - b2 ** (self.t + 1)
+                    d = (m / bc1) / ((v / bc2).sqrt() + self.eps)
+                    if adapt:
+                        d = d.add(p, alpha=self.wd)
+                        w_norm, d_norm = p.norm(), d.norm()
+                        ratio = torch.where((w_norm > 0) & (d_norm > 0), w_norm / d_norm, torch.ones_like(w_norm))
+                        ratios.append(ratio.item())
+                        d = d.mul(ratio)
+                    p.add_(d, alpha=-lr)
+                else:
+                    d = g
+                    if adapt:
+                        d = g.add(p, alpha=self.wd)
+                        w_norm, d_norm = p.norm(), d.norm()
+                        ratio = torch.where((w_norm > 0) & (d_norm > 0), self.eta * phi * w_norm / d_norm,
+                                            torch.ones_like(w_norm))
+                        ratios.append(ratio.item())
+                        d = d.mul(ratio)
+                    if "mu" not in state:
+                        state["mu"] = d.clone()
+                    else:
+                        state["mu"].mul_(self.momentum).add_(d)
+                    p.add_(state["mu"], alpha=-lr)
+        self.ratios = ratios
+        self.t += 1
+
+
+def bench_step(args):
+    shapes = json.load(open(args.shapes))
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, generator=gen) * 0.05
+        p.grad = torch.randn(shape, generator=gen) * 0.01
+        params.append(p)
+    lr = 0.01 if args.optimizer == "lamb" else 1.0
+    opt = ReferenceLayerwise(params, args.optimizer, lr)
+    for _ in range(2):
+        opt.step()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": args.repeats,
+            "tensors": len(params), "parameters": sum(p.numel() for p in params)}
+
+
+class CompactCNN(nn.Module):
+    """largebatch's `cnn` (models.cpp): conv-pool-BN-ReLU twice, then two linear layers."""
+
+    def __init__(self, in_channels=1, image_size=28, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        side = image_size // 4
+        self.fc1 = nn.Linear(64 * side * side, 128)
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(F.max_pool2d(self.conv1(x), 2)))
+        y = F.relu(self.bn2(F.max_pool2d(self.conv2(y), 2)))
+        return self.fc(F.relu(self.fc1(y.flatten(1))))
+
+
+class MLP(nn.Module):
+    """largebatch's `mlp`: 784-256-10."""
+
+    def __init__(self, in_features=784, num_classes=10):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, 256)
+        self.fc = nn.Linear(256, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.fc1(x.flatten(1))))
+
+
+def bench_train(args):
+    if args.model == "resnet18":
+        import torchvision
+        model = torchvision.models.resnet18(num_classes=10)
+        shape = (args.batch_size, 3, 32, 32)
+    elif args.model == "cnn":
+        model, shape = CompactCNN(), (args.batch_size, 1, 28, 28)
+    elif args.model == "mlp":
+        model, shape = MLP(), (args.batch_size, 1, 28, 28)
+    else:
+        raise SystemExit(f"reference_bench.py: unknown --model {args.model}")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+    lr = 0.01 if args.optimizer == "lamb" else 1.0
+    opt = ReferenceLayerwise(model.parameters(), args.optimizer, lr)
+    model.train()
+
+    def one_step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    for _ in range(args.warmup):
+        one_step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"median_s": median, "images_per_s": args.batch_size / median, "steps": args.steps}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("step")
+    s.add_argument("--shapes", required=True)
+    s.add_argument("--optimizer", choices=["lars", "tvlars", "lamb"], required=True)
+    s.add_argument("--repeats", type=int, default=10)
+    s.add_argument("--threads", type=int, default=0)
+    t = sub.add_parser("train")
+    t.add_argument("--model", required=True)
+    t.add_argument("--batch-size", type=int, default=512)
+    t.add_argument("--steps", type=int, default=5)
+    t.add_argument("--warmup", type=int, default=2)
+    t.add_argument("--optimizer", choices=["lars", "tvlars", "lamb"], default="lars")
+    t.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    result = bench_step(args) if args.what == "step" else bench_train(args)
+    result["threads"] = torch.get_num_threads()
+    result["torch"] = torch.__version__
+    print(json.dumps(result))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

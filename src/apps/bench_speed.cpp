@@ -1,0 +1,370 @@
+// `largebatch bench step`: the optimizer step against per-tensor LibTorch operations, the Python reference and
+// the memory-bandwidth bound; `largebatch bench train`: training images/s against PyTorch Python. Each figure
+// is measured in the same run as its baseline (these machines are noisy).
+#include "commands.h"
+
+#include <largebatch/core/runtime.h>
+#include <largebatch/models/models.h>
+#include <largebatch/optim/factory.h>
+#include <largebatch/optim/layerwise.h>
+#include <largebatch/report/plot.h>
+#include <largebatch/train/trainer.h>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+#include <unistd.h>
+
+namespace largebatch {
+namespace apps {
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+int resolve_threads(int64_t threads) {
+  return threads > 0 ? static_cast<int>(threads) : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+// ---- the Python reference (scripts/reference_bench.py through Debian's python3-torch)
+
+struct Python {
+  std::string interpreter = "python3";
+  std::string script;  // "" = not found
+  bool enabled = true;
+};
+
+std::string find_reference_script(const std::string& given) {
+  if (!given.empty()) {
+    if (!fs::exists(given)) throw std::invalid_argument("--reference: no such file " + given);
+    return given;
+  }
+  if (const char* env = std::getenv("LARGEBATCH_REFERENCE_BENCH"); env && *env) return env;
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  std::vector<fs::path> candidates;
+  if (!ec) candidates.push_back(exe.parent_path() / ".." / "share" / "largebatch" / "reference_bench.py");
+  candidates.push_back(fs::path(LARGEBATCH_SOURCE_DIR) / "scripts" / "reference_bench.py");
+  for (const auto& c : candidates)
+    if (fs::exists(c)) return c.string();
+  return "";
+}
+
+// The allocator this process uses, for the Python side too (same allocator, same machine).
+std::string tcmalloc_path() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    const auto pos = line.find('/');
+    if (pos != std::string::npos && line.find("libtcmalloc", pos) != std::string::npos) return line.substr(pos);
+  }
+  return "";
+}
+
+std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+// Runs the reference with `arguments`; returns its last line as JSON, or null with *why set.
+json run_python(const Python& py, const std::string& arguments, std::string* why) {
+  if (!py.enabled) {
+    *why = "disabled (--no-python)";
+    return nullptr;
+  }
+  if (py.script.empty()) {
+    *why = "scripts/reference_bench.py not found (--reference)";
+    return nullptr;
+  }
+  std::string command;
+  const std::string preload = tcmalloc_path();
+  if (!preload.empty()) command += "LD_PRELOAD=" + shell_quote(preload) + " ";
+  command += shell_quote(py.interpreter) + " " + shell_quote(py.script) + " " + arguments + " 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  if (!pipe) {
+    *why = "cannot start " + py.interpreter;
+    return nullptr;
+  }
+  std::string output, last;
+  char buffer[4096];
+  while (fgets(buffer, sizeof buffer, pipe)) output += buffer;
+  const int status = pclose(pipe);
+  std::istringstream lines(output);
+  for (std::string line; std::getline(lines, line);)
+    if (!line.empty()) last = line;
+  if (status != 0) {
+    *why = py.interpreter + " failed (is python3-torch installed?): " + last;
+    return nullptr;
+  }
+  try {
+    return json::parse(last);
+  } catch (const json::exception&) {
+    *why = "unexpected output from the reference: " + last;
+    return nullptr;
+  }
+}
+
+std::string cell(double value, const char* format) {
+  if (!(value > 0)) return "n/a";
+  char text[64];
+  std::snprintf(text, sizeof text, format, value);
+  return text;
+}
+
+models::ModelOptions bench_model(const std::string& name) {
+  models::ModelOptions mo;
+  mo.name = name;
+  mo.num_classes = 10;
+  const bool small = name == "cnn" || name == "mlp";
+  mo.in_channels = small ? 1 : 3;
+  mo.image_size = small ? 28 : 32;
+  return mo;
+}
+
+void add_python_options(CLI::App* cmd, Python& py, std::string& reference) {
+  cmd->add_option("--python", py.interpreter, "Python with torch for the reference")->capture_default_str();
+  cmd->add_option("--reference", reference, "Path of scripts/reference_bench.py (found by default)");
+  cmd->add_flag("--no-python", [&py](int64_t) { py.enabled = false; }, "Do not run the Python reference");
+}
+
+}  // namespace
+
+Runner add_bench_step_command(CLI::App& bench) {
+  auto* cmd = bench.add_subcommand(
+      "step", "Optimizer step: fused kernel vs per-tensor LibTorch ops vs the Python reference vs the bandwidth bound");
+  struct Args {
+    std::vector<std::string> models{"resnet18", "resnet50"}, optimizers{"lars", "tvlars", "lamb"};
+    int64_t repeats = 20, threads = 0;
+    std::string reference, json_out;
+    Python py;
+  };
+  auto a = std::make_shared<Args>();
+  cmd->add_option("--models", a->models, "Models whose parameter sets are stepped")->capture_default_str()->delimiter(',');
+  cmd->add_option("--optimizers", a->optimizers, "Layer-wise presets")->capture_default_str()->delimiter(',');
+  cmd->add_option("--repeats", a->repeats, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--threads", a->threads, "Intra-op threads for every side (0: all cores)")->capture_default_str();
+  cmd->add_option("--json", a->json_out, "Also write the measurements to this JSON file");
+  add_python_options(cmd, a->py, a->reference);
+
+  return [cmd, a]() -> int {
+    if (!cmd->parsed()) return -1;
+    try {
+      const int threads = resolve_threads(a->threads);
+      torch::set_num_threads(threads);
+      a->py.script = find_reference_script(a->reference);
+      for (const auto& m : a->models) models::make_model(bench_model(m));  // bad names fail before timing
+      std::printf("largebatch bench step: %d thread(s), median of %lld steps; %s\n", threads,
+                  static_cast<long long>(a->repeats), runtime_summary().c_str());
+      const double bandwidth_before = stream_triad_bandwidth();
+      std::printf("STREAM triad: %.1f GB/s\n", bandwidth_before / 1e9);
+      json results = json::array();
+      std::vector<std::string> rows;
+      for (const auto& model_name : a->models) {
+        auto model = models::make_model(bench_model(model_name));
+        const auto named = model->named_parameters();
+        json shapes = json::array();
+        for (const auto& item : named) shapes.push_back(item.value().sizes().vec());
+        char shapes_file[] = "/tmp/largebatch-shapes-XXXXXX";
+        const int fd = mkstemp(shapes_file);
+        if (fd < 0) throw std::runtime_error("cannot create a temporary file in /tmp");
+        close(fd);
+        std::ofstream(shapes_file) << shapes.dump();
+        for (const auto& opt_name : a->optimizers) {
+          if (opt_name != "lars" && opt_name != "tvlars" && opt_name != "lamb")
+            throw std::invalid_argument("--optimizers: '" + opt_name + "' is not one of lars, tvlars, lamb");
+          // Same parameters and gradients for both kernels; fresh optimizer state each.
+          auto time_kernel = [&](optim::StepKernel kernel, int64_t* traffic) {
+            torch::manual_seed(0);
+            optim::NamedParameters params;
+            for (const auto& item : named) {
+              auto p = torch::randn(item.value().sizes()) * 0.05;
+              p.mutable_grad() = torch::randn(item.value().sizes()) * 0.01;
+              params.insert(item.key(), p);
+            }
+            const double lr = opt_name == "lamb" ? 0.01 : 1.0;
+            auto opt = optim::make_optimizer({opt_name, lr, 4096, {}}, params);
+            auto& layerwise = dynamic_cast<optim::LayerwiseOptimizer&>(*opt);
+            layerwise.set_kernel(kernel);
+            for (int i = 0; i < 2; ++i) layerwise.step();  // state allocated, caches warm
+            std::vector<double> times;
+            for (int64_t i = 0; i < a->repeats; ++i) {
+              const auto t0 = Clock::now();
+              layerwise.step();
+              times.push_back(seconds_since(t0));
+            }
+            *traffic = layerwise.step_memory_traffic();
+            return median(times);
+          };
+          int64_t traffic = 0;
+          const double fused = time_kernel(optim::StepKernel::kFused, &traffic);
+          const double ops = time_kernel(optim::StepKernel::kTensorOps, &traffic);
+          std::string why;
+          const json py = run_python(a->py,
+                                     "step --shapes " + shell_quote(shapes_file) + " --optimizer " + opt_name +
+                                         " --repeats " + std::to_string(a->repeats) + " --threads " +
+                                         std::to_string(threads),
+                                     &why);
+          const double python = py.is_null() ? 0.0 : py.at("median_s").get<double>();
+          if (py.is_null()) std::fprintf(stderr, "Python reference skipped: %s\n", why.c_str());
+          int64_t count = 0;
+          for (const auto& item : named) count += item.value().numel();
+          results.push_back({{"model", model_name}, {"optimizer", opt_name}, {"parameters", count},
+                             {"fused_s", fused}, {"tensor_ops_s", ops}, {"python_s", python},
+                             {"bytes", traffic}});
+        }
+        std::remove(shapes_file);
+      }
+      const double bandwidth_after = stream_triad_bandwidth();
+      const double bandwidth = std::max(bandwidth_before, bandwidth_after);  // the faster: the stricter bound
+      std::printf("STREAM triad again: %.1f GB/s; the bound uses %.1f GB/s\n\n", bandwidth_after / 1e9,
+                  bandwidth / 1e9);
+      std::printf("| model | optimizer | parameters | fused ms | tensor ops ms | Python ms | bound ms | fused / bound |"
+                  " tensor ops / fused | Python / fused |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+      for (auto& r : results) {
+        const double fused = r["fused_s"], ops = r["tensor_ops_s"], python = r["python_s"];
+        const double bound = static_cast<double>(r["bytes"].get<int64_t>()) / bandwidth;
+        r["bound_s"] = bound;
+        std::printf("| %s | %s | %.2fM | %.2f | %.2f | %s | %.2f | %.2f | %.2f | %s |\n",
+                    r["model"].get<std::string>().c_str(), r["optimizer"].get<std::string>().c_str(),
+                    r["parameters"].get<int64_t>() / 1e6, fused * 1e3, ops * 1e3, cell(python * 1e3, "%.2f").c_str(),
+                    bound * 1e3, fused / bound, ops / fused, cell(python / fused, "%.2f").c_str());
+      }
+      if (!a->json_out.empty()) {
+        json out = {{"threads", threads}, {"stream_triad_bytes_per_s", bandwidth}, {"results", results}};
+        std::ofstream(a->json_out) << out.dump(2) << "\n";
+      }
+      return 0;
+    } catch (const std::invalid_argument& e) {
+      std::fprintf(stderr, "largebatch bench step: %s\n", e.what());
+      return kExitBadInput;
+    }
+  };
+}
+
+Runner add_bench_train_command(CLI::App& bench) {
+  auto* cmd = bench.add_subcommand("train", "Training images/s against PyTorch Python on the same model, batch, "
+                                            "threads and optimizer (synthetic batch in memory)");
+  struct Args {
+    std::string model = "resnet18", optimizer = "lars", reference, out;
+    std::vector<int64_t> batches{512};
+    int64_t steps = 5, warmup = 2, threads = 0;
+    Python py;
+  };
+  auto a = std::make_shared<Args>();
+  cmd->add_option("--model", a->model, "resnet18 (torchvision layout, 32x32 inputs), cnn or mlp (28x28)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"resnet18", "cnn", "mlp"}));
+  cmd->add_option("--optimizer", a->optimizer, "lars, tvlars or lamb (the Python side uses its reference)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"lars", "tvlars", "lamb"}));
+  cmd->add_option("--batch-sizes", a->batches, "Batch sizes measured")->capture_default_str()->delimiter(',')->check(CLI::PositiveNumber);
+  cmd->add_option("--steps", a->steps, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--threads", a->threads, "Intra-op threads for both sides (0: all cores)")->capture_default_str();
+  cmd->add_option("--out", a->out, "Write bench_train.csv and bench_train.png (step time and images/s against batch size) here");
+  add_python_options(cmd, a->py, a->reference);
+
+  return [cmd, a]() -> int {
+    if (!cmd->parsed()) return -1;
+    try {
+      const int threads = resolve_threads(a->threads);
+      torch::set_num_threads(threads);
+      a->py.script = find_reference_script(a->reference);
+      std::printf("largebatch bench train: %s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
+                  a->model.c_str(), a->optimizer.c_str(), threads, static_cast<long long>(a->steps),
+                  static_cast<long long>(a->warmup), runtime_summary().c_str());
+      std::printf("| batch | largebatch step ms | largebatch img/s | Python step ms | Python img/s | ratio |\n"
+                  "| --- | --- | --- | --- | --- | --- |\n");
+      std::ostringstream csv;
+      csv << "batch_size,largebatch_step_s,largebatch_img_per_s,python_step_s,python_img_per_s,ratio\n";
+      const double lr = a->optimizer == "lamb" ? 0.01 : 1.0;
+      for (int64_t batch : a->batches) {
+        const auto mo = bench_model(a->model);
+        auto model = models::make_model(mo);
+        model->train();
+        auto opt = optim::make_optimizer({a->optimizer, lr, batch, {}}, model->named_parameters());
+        torch::manual_seed(0);
+        const auto x = torch::randn({batch, mo.in_channels, mo.image_size, mo.image_size});
+        const auto y = torch::randint(0, 10, {batch}, torch::kLong);
+        auto one_step = [&] {
+          opt->zero_grad();
+          auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+          loss.backward();
+          opt->step();
+          return loss.item<double>();  // the trainer reads the loss once per step too
+        };
+        for (int64_t i = 0; i < a->warmup; ++i) one_step();
+        std::vector<double> times;
+        for (int64_t i = 0; i < a->steps; ++i) {
+          const auto t0 = Clock::now();
+          one_step();
+          times.push_back(seconds_since(t0));
+        }
+        const double ours = median(times);
+        std::string why;
+        const json py = run_python(a->py,
+                                   "train --model " + a->model + " --optimizer " + a->optimizer + " --batch-size " +
+                                       std::to_string(batch) + " --steps " + std::to_string(a->steps) +
+                                       " --warmup " + std::to_string(a->warmup) + " --threads " +
+                                       std::to_string(threads),
+                                   &why);
+        const double python = py.is_null() ? 0.0 : py.at("median_s").get<double>();
+        if (py.is_null()) std::fprintf(stderr, "Python reference skipped: %s\n", why.c_str());
+        const double ratio = python > 0 ? python / ours : 0.0;
+        std::printf("| %lld | %.1f | %.0f | %s | %s | %s |\n", static_cast<long long>(batch), ours * 1e3,
+                    batch / ours, cell(python * 1e3, "%.1f").c_str(), cell(python > 0 ? batch / python : 0, "%.0f").c_str(),
+                    cell(ratio, "%.2f").c_str());
+        std::fflush(stdout);
+        csv << batch << "," << ours << "," << batch / ours << "," << python << ","
+            << (python > 0 ? batch / python : 0.0) << "," << ratio << "\n";
+      }
+      if (!a->out.empty()) {
+        fs::create_directories(a->out);
+        const std::string csv_path = (fs::path(a->out) / "bench_train.csv").string();
+        std::ofstream(csv_path) << csv.str();
+        report::PlotSpec spec;
+        spec.png = (fs::path(a->out) / "bench_train.png").string();
+        spec.title = "training speed, " + a->model + ", " + a->optimizer + ", " + std::to_string(threads) + " thread(s)";
+        spec.x_label = "batch size";
+        spec.y_label = "images/s";
+        spec.y2_label = "step time (s)";
+        spec.log_x = true;
+        spec.series = {{csv_path, "batch_size", "largebatch_img_per_s", "largebatch images/s", false},
+                       {csv_path, "batch_size", "python_img_per_s", "PyTorch Python images/s", false},
+                       {csv_path, "batch_size", "largebatch_step_s", "largebatch step time", true},
+                       {csv_path, "batch_size", "python_step_s", "PyTorch Python step time", true}};
+        std::string error;
+        if (!report::plot(spec, &error)) std::fprintf(stderr, "no plot: %s\n", error.c_str());
+        std::printf("wrote %s and %s\n", csv_path.c_str(), spec.png.c_str());
+      }
+      return 0;
+    } catch (const std::invalid_argument& e) {
+      std::fprintf(stderr, "largebatch bench train: %s\n", e.what());
+      return kExitBadInput;
+    }
+  };
+}
+
+}  // namespace apps
+}  // namespace largebatch

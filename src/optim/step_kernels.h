@@ -1,0 +1,79 @@
+#pragma once
+// The two ways the layer-wise engine applies one step (private to the library):
+//  - fused_step: CPU, dense contiguous float/double tensors. One pass over all tensors computes every norm
+//    (partial sums per fixed-size chunk, added in chunk order, so results do not depend on the thread count),
+//    the ratios are formed on the host (the norms already are host numbers: no synchronisation), and a second
+//    pass reads each element of w, g and the state once and writes w and the state once.
+//  - tensor_ops_step: per-tensor LibTorch operations, any device; never reads a value on the host.
+// Both follow algorithms.md; trust_ratio() below is the one formula both use.
+#include <largebatch/optim/layerwise.h>
+
+#include <torch/types.h>
+
+#include <vector>
+
+namespace largebatch {
+namespace optim {
+namespace detail {
+
+struct StepEntry {
+  torch::Tensor param;
+  torch::Tensor grad;
+  LayerwiseParamState* state = nullptr;
+  const LayerwiseOptions* options = nullptr;
+  int64_t t = 0;     // updates applied to this tensor before this step
+  double phi = 1;    // phi_t of this tensor
+};
+
+// |w|, the trust-ratio denominator, r and |g| of one adapted tensor (telemetry's numbers).
+struct LayerNorms {
+  double weight = 0, update = 0, ratio = 1, grad = 0;
+};
+
+// Why the fused kernel cannot take this tensor, or "" when it can.
+std::string why_not_fusable(const StepEntry& entry);
+
+// Steps every entry; norms (resized to entries.size()) gets the numbers of adapted entries when given.
+void fused_step(const std::vector<StepEntry>& entries, std::vector<LayerNorms>* norms);
+
+// Steps one tensor; returns stack(|w|, denominator, r, |g|) as double for an adapted tensor when record is
+// set, an undefined tensor otherwise.
+torch::Tensor tensor_ops_step(const StepEntry& entry, bool record);
+
+// ---- the trust ratio, for host doubles and for device tensors alike
+
+inline double clamp_to(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
+inline torch::Tensor clamp_to(const torch::Tensor& x, double lo, double hi) { return x.clamp(lo, hi); }
+inline double at_most(double x, double hi) { return x > hi ? hi : x; }
+inline torch::Tensor at_most(const torch::Tensor& x, double hi) { return x.clamp_max(hi); }
+inline double one_unless_positive(double w, double d, double r) { return (w > 0 && d > 0) ? r : 1.0; }
+inline torch::Tensor one_unless_positive(const torch::Tensor& w, const torch::Tensor& d, const torch::Tensor& r) {
+  return torch::where(w.gt(0).logical_and(d.gt(0)), r, torch::ones_like(r));
+}
+
+// Denominator of the ratio from |u| (the direction before decay), |d| = |u + wd w| and |w|.
+template <typename T>
+T trust_denominator(const T& u_norm, const T& d_norm, const T& w_norm, bool decay, const LayerwiseOptions& o) {
+  if (o.trust_denominator() == TrustDenominator::kExact) return d_norm;
+  T sum = u_norm;
+  if (decay) sum = sum + o.weight_decay() * w_norm;
+  if (o.trust_eps() != 0) sum = sum + o.trust_eps();
+  return sum;
+}
+
+// r = eta phi_t clamp(|w|) / clamp(denominator), LARC clip and ratio clamp when set; exactly 1 where either
+// norm is zero (no NaN, no zero-initialised tensor stuck at zero).
+template <typename T>
+T trust_ratio(const T& w_norm, const T& denominator, const LayerwiseOptions& o, double phi, double lr) {
+  const T w = o.weight_norm_clamp() ? clamp_to(w_norm, o.weight_norm_clamp()->lo, o.weight_norm_clamp()->hi) : w_norm;
+  const T d = o.update_norm_clamp() ? clamp_to(denominator, o.update_norm_clamp()->lo, o.update_norm_clamp()->hi)
+                                    : denominator;
+  T ratio = w * (o.eta() * phi) / d;
+  if (o.larc_clip() && lr > 0) ratio = at_most(ratio / lr, 1.0);
+  if (o.trust_ratio_clamp()) ratio = clamp_to(ratio, o.trust_ratio_clamp()->lo, o.trust_ratio_clamp()->hi);
+  return one_unless_positive(w_norm, denominator, ratio);
+}
+
+}  // namespace detail
+}  // namespace optim
+}  // namespace largebatch
