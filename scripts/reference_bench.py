@@ -7,6 +7,7 @@ scalar read per layer for logging); the rule is algorithms.md's.
 
     reference_bench.py step  --shapes FILE --optimizer lars|tvlars|lamb --repeats N --threads T
     reference_bench.py train --model resnet18|cnn|mlp --batch-size B --steps N --threads T --optimizer lars
+                             [--channels-last]
 
 Prints one JSON object on its last line.
 """
@@ -146,6 +147,8 @@ def bench_train(args):
         raise SystemExit(f"reference_bench.py: unknown --model {args.model}")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen)
+    if args.channels_last:
+        x = x.to(memory_format=torch.channels_last)  # activations only, as largebatch's --channels-last
     y = torch.randint(0, 10, (args.batch_size,), generator=gen)
     lr = 0.01 if args.optimizer == "lamb" else 1.0
     opt = ReferenceLayerwise(model.parameters(), args.optimizer, lr)
@@ -184,6 +187,7 @@ def main():
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--optimizer", choices=["lars", "tvlars", "lamb"], default="lars")
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--channels-last", action="store_true")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -563,6 +563,18 @@ TEST(StepKernels, AutoFallsBackPerTensorAndFusedNamesWhatItCannotTake) {
   }
 }
 
+TEST(StepKernels, MemoryTrafficCountsTheTwoPasses) {
+  lo::NamedParameters p;
+  p.insert("w", torch::zeros({10, 10}));  // adapted
+  p.insert("b", torch::zeros({10}));      // not adapted (1-D)
+  lo::LayerwiseOptimizer lars(p, lo::LayerwiseOptions::lars(1.0));
+  // adapted: w, g read for the norms + w, g, mu read and w, mu written = 7 accesses; 1-D: 5; 4 bytes each
+  EXPECT_EQ(lars.step_memory_traffic(), (7 * 100 + 5 * 10) * 4);
+  lo::LayerwiseOptimizer lamb(p, lo::LayerwiseOptions::lamb(0.01));
+  // adapted: g, m, v, w read and m, v written, then m, v, w read and w written = 10; 1-D: 9
+  EXPECT_EQ(lamb.step_memory_traffic(), (10 * 100 + 9 * 10) * 4);
+}
+
 // ------------------------------------------------------------------ runtime
 
 TEST(Runtime, OpenBlasAndTcmallocAreInUse) {

@@ -48,8 +48,11 @@ int resolve_threads(int64_t threads) {
 
 // ---- the Python reference (scripts/reference_bench.py through Debian's python3-torch)
 
+// Debian's python3-torch is built for the system interpreter, which a pyenv or venv `python3` on PATH hides.
+std::string default_python() { return fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3"; }
+
 struct Python {
-  std::string interpreter = "python3";
+  std::string interpreter = default_python();
   std::string script;  // "" = not found
   bool enabled = true;
 };
@@ -269,6 +272,7 @@ Runner add_bench_train_command(CLI::App& bench) {
     std::string model = "resnet18", optimizer = "lars", reference, out;
     std::vector<int64_t> batches{512};
     int64_t steps = 5, warmup = 2, threads = 0;
+    bool channels_last = false;
     Python py;
   };
   auto a = std::make_shared<Args>();
@@ -282,6 +286,8 @@ Runner add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--steps", a->steps, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_option("--threads", a->threads, "Intra-op threads for both sides (0: all cores)")->capture_default_str();
+  cmd->add_flag("--channels-last", a->channels_last,
+                "Channels-last activations on both sides (train --channels-last; Python's .to(memory_format=))");
   cmd->add_option("--out", a->out, "Write bench_train.csv and bench_train.png (step time and images/s against batch size) here");
   add_python_options(cmd, a->py, a->reference);
 
@@ -291,8 +297,8 @@ Runner add_bench_train_command(CLI::App& bench) {
       const int threads = resolve_threads(a->threads);
       torch::set_num_threads(threads);
       a->py.script = find_reference_script(a->reference);
-      std::printf("largebatch bench train: %s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
-                  a->model.c_str(), a->optimizer.c_str(), threads, static_cast<long long>(a->steps),
+      std::printf("largebatch bench train: %s%s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
+                  a->model.c_str(), a->channels_last ? " (channels-last)" : "", a->optimizer.c_str(), threads, static_cast<long long>(a->steps),
                   static_cast<long long>(a->warmup), runtime_summary().c_str());
       std::printf("| batch | largebatch step ms | largebatch img/s | Python step ms | Python img/s | ratio |\n"
                   "| --- | --- | --- | --- | --- | --- |\n");
@@ -302,6 +308,7 @@ Runner add_bench_train_command(CLI::App& bench) {
       for (int64_t batch : a->batches) {
         const auto mo = bench_model(a->model);
         auto model = models::make_model(mo);
+        model->set_channels_last(a->channels_last);
         model->train();
         auto opt = optim::make_optimizer({a->optimizer, lr, batch, {}}, model->named_parameters());
         torch::manual_seed(0);
@@ -327,7 +334,7 @@ Runner add_bench_train_command(CLI::App& bench) {
                                    "train --model " + a->model + " --optimizer " + a->optimizer + " --batch-size " +
                                        std::to_string(batch) + " --steps " + std::to_string(a->steps) +
                                        " --warmup " + std::to_string(a->warmup) + " --threads " +
-                                       std::to_string(threads),
+                                       std::to_string(threads) + (a->channels_last ? " --channels-last" : ""),
                                    &why);
         const double python = py.is_null() ? 0.0 : py.at("median_s").get<double>();
         if (py.is_null()) std::fprintf(stderr, "Python reference skipped: %s\n", why.c_str());

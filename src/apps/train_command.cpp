@@ -115,6 +115,9 @@ Runner add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--resume", c.resume, "Continue the run in --out from its last checkpoint");
   cmd->add_option("--progress", c.progress, "auto (a bar on a terminal), bar, lines, none")->capture_default_str();
+  cmd->add_flag("--channels-last", c.channels_last,
+                "Channels-last activations for the CPU convolutions: faster (cnn 1.4x), but a data-parallel run then "
+                "matches the single-process one less closely");
   cmd->add_flag("--sync-bn", c.sync_bn,
                 "Data parallel: BatchNorm statistics over the global batch (default: per rank, as DDP)");
   cmd->add_option("--dist-timeout", c.dist_timeout,

@@ -89,7 +89,7 @@ class ResNet : public ClassifierImpl {
     torchvision_resnet_init(*this);
   }
   torch::Tensor features(const torch::Tensor& x) override {
-    torch::Tensor y = torch::relu(bn1(conv1(x)));
+    torch::Tensor y = torch::relu(bn1(conv1(input_layout(x))));
     if (imagenet_stem_) y = torch::max_pool2d(y, 3, 2, 1);
     for (auto& layer : layers_) y = layer->forward(y);
     return torch::adaptive_avg_pool2d(y, {1, 1}).flatten(1);
@@ -124,7 +124,7 @@ class CompactCNN : public ClassifierImpl {
     torchvision_resnet_init(*this);
   }
   torch::Tensor features(const torch::Tensor& x) override {
-    auto y = torch::relu(bn1(torch::max_pool2d(conv1(x), 2)));
+    auto y = torch::relu(bn1(torch::max_pool2d(conv1(input_layout(x)), 2)));
     y = torch::relu(bn2(torch::max_pool2d(conv2(y), 2)));
     return torch::relu(fc1(y.flatten(1)));
   }
@@ -302,7 +302,15 @@ Classifier make_model(const ModelOptions& o) {
   else if (n == "efficientnet-b0") model = std::make_shared<EfficientNetB0>(o.in_channels, o.num_classes);
   else bad("model", n, "expected one of " + join(model_names()));
   apply_init(*model, o.init);
+  model->set_channels_last(o.channels_last);
   return model;
+}
+
+// to() rather than contiguous(): with one channel both layouts have the same strides and contiguous() keeps
+// NCHW's, which the convolution then reads as NCHW; to() restrides (as Python's .to(memory_format=) does).
+torch::Tensor ClassifierImpl::input_layout(const torch::Tensor& x) const {
+  if (!channels_last_ || x.dim() != 4 || !x.device().is_cpu()) return x;
+  return x.to(x.options(), /*non_blocking=*/false, /*copy=*/false, torch::MemoryFormat::ChannelsLast);
 }
 
 std::vector<std::pair<std::string, torch::Tensor>> backbone_parameters(ClassifierImpl& model) {

@@ -102,7 +102,6 @@ struct Plan {
   T* v = nullptr;
   int64_t n = 0;
   bool adam = false, adapt = false, decay = false, momentum = false, first = false, nesterov = false;
-  bool bias_correction = false;
   T wd = 0, beta1 = 0, one_minus_beta1 = 0, beta2 = 0, one_minus_beta2 = 0, bc1 = 1, bc2 = 1, eps = 0;
   T mom = 0, neg_lr = 0;
   T ratio = 1;
@@ -113,10 +112,11 @@ struct Sums {
   double w = 0, d = 0, u = 0, g = 0;
 };
 
+// s = m^ / (sqrt(v^) + eps); without bias correction bc1 = bc2 = 1, and dividing by 1 is exact: one branch-free
+// form for both.
 template <typename T>
 inline T adam_direction(const Plan<T>& p, T m, T v) {
-  if (p.bias_correction) return (m / p.bc1) / (std::sqrt(v / p.bc2) + p.eps);
-  return m / (std::sqrt(v) + p.eps);
+  return (m / p.bc1) / (std::sqrt(v / p.bc2) + p.eps);
 }
 
 // Pass 1, LARS family: norms only (reads w and g).
@@ -253,8 +253,7 @@ Plan<T> plan_of(const StepEntry& e) {
     p.beta2 = static_cast<T>(o.beta2());
     p.one_minus_beta2 = static_cast<T>(1 - o.beta2());
     p.eps = static_cast<T>(o.eps());
-    p.bias_correction = o.bias_correction();
-    if (p.bias_correction) {
+    if (o.bias_correction()) {
       p.bc1 = static_cast<T>(1 - std::pow(o.beta1(), static_cast<double>(e.t + 1)));
       p.bc2 = static_cast<T>(1 - std::pow(o.beta2(), static_cast<double>(e.t + 1)));
     }

@@ -77,6 +77,7 @@ std::string TrainConfig::to_json() const {
   j["progress"] = progress;
   j["plots"] = plots;
   j["sync-bn"] = sync_bn;
+  j["channels-last"] = channels_last;
   j["dist-timeout"] = dist_timeout;
   j["bucket-mb"] = bucket_mb;
   return j.dump(2) + "\n";
@@ -146,6 +147,7 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& s
     else if (k == "progress") c.progress = str();
     else if (k == "plots") c.plots = boolean();
     else if (k == "sync-bn") c.sync_bn = boolean();
+    else if (k == "channels-last") c.channels_last = boolean();
     else if (k == "dist-timeout") c.dist_timeout = num();
     else if (k == "bucket-mb") c.bucket_mb = num();
     else usage(source + ": unknown key '" + k + "'");
@@ -379,6 +381,7 @@ TrainSummary run_training(const TrainConfig& config) {
   const data::DatasetSplit split = load_data(config.data, config.data_dir, config.synthetic_size, config.seed);
   const auto& train_set = split.train;
   auto model = make_classifier(config.model, train_set, config.init, config.seed, train_set.num_classes);
+  model->set_channels_last(config.channels_last);
   model->to(device);
 
   std::shared_ptr<dist::Communicator> comm;

@@ -55,6 +55,20 @@ class ClassifierImpl : public torch::nn::Module {
   // Name of the submodule that maps features to logits ("fc", "classifier"): its parameters are those a
   // self-supervised backbone leaves out.
   virtual std::string head_name() const { return "fc"; }
+
+  // Channels-last (NHWC) activations on the CPU for the convolutional models: oneDNN's convolutions run faster
+  // on them (the compact CNN's training step 1.4x, docs/PERFORMANCE.md). Off by default: the convolutions then
+  // sum in another order, so a data-parallel run no longer matches the single-process one to float rounding.
+  // Weights, gradients, optimizer state and checkpoints keep LibTorch's default layout either way.
+  void set_channels_last(bool on) { channels_last_ = on; }
+  bool channels_last() const { return channels_last_; }
+
+ protected:
+  // The input as the first convolution should read it.
+  torch::Tensor input_layout(const torch::Tensor& x) const;
+
+ private:
+  bool channels_last_ = false;
 };
 
 // The parameters of features() alone, i.e. all but the head's (names as in named_parameters()).
@@ -68,6 +82,7 @@ struct ModelOptions {
   int64_t image_size = 28;    // height = width
   std::string init = "default";  // see init_names()
   uint64_t seed = 0;
+  bool channels_last = false;    // see ClassifierImpl::set_channels_last
 };
 
 // resnet18, resnet34, resnet50 (ImageNet stem), resnet18-cifar, resnet34-cifar, resnet50-cifar (3x3 stem,

@@ -57,6 +57,7 @@ struct TrainConfig {
   bool plots = true;
   // Data parallelism (world size and rank come from the launcher's environment, see dist/dist.h).
   bool sync_bn = false;           // BatchNorm statistics over the global batch instead of per rank
+  bool channels_last = false;     // NHWC activations for convolutions on the CPU (models::ClassifierImpl)
   double dist_timeout = 300;      // seconds: rendezvous and every collective
   double bucket_mb = 1;           // gradient all-reduce bucket size
 
