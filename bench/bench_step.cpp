@@ -1,6 +1,6 @@
 // Google Benchmark of the optimizer step: fused CPU kernel against per-tensor LibTorch operations on the
 // parameter sets of ResNet-18 and ResNet-50, and a STREAM triad for the bandwidth in the same run.
-//   build/bench_step --benchmark_counters_tabular=true
+//   build/bench_step --benchmark_counters_tabular=true        (LARGEBATCH_THREADS=1 for one thread)
 // bytes_per_second is the traffic a step must move (LayerwiseOptimizer::step_memory_traffic) over its time:
 // compare it with the triad's.
 #include <largebatch/largebatch.h>
@@ -8,6 +8,10 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <thread>
 #include <vector>
 
 namespace lo = largebatch::optim;
@@ -59,4 +63,15 @@ LB_STEP(resnet18, lamb)
 LB_STEP(resnet50, lars)
 LB_STEP(resnet50, lamb)
 
-BENCHMARK_MAIN();
+// Threads: LARGEBATCH_THREADS, or every core (LibTorch's own default can be 1 in a program that never sets it).
+int main(int argc, char** argv) {
+  const char* env = std::getenv("LARGEBATCH_THREADS");
+  const int threads = env && *env ? std::atoi(env) : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  torch::set_num_threads(threads);
+  benchmark::AddCustomContext("intra-op threads", std::to_string(torch::get_num_threads()));
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
