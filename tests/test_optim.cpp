@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 
@@ -573,6 +574,77 @@ TEST(StepKernels, MemoryTrafficCountsTheTwoPasses) {
   lo::LayerwiseOptimizer lamb(p, lo::LayerwiseOptions::lamb(0.01));
   // adapted: g, m, v, w read and m, v written, then m, v, w read and w written = 10; 1-D: 9
   EXPECT_EQ(lamb.step_memory_traffic(), (10 * 100 + 9 * 10) * 4);
+}
+
+TEST(StepKernels, MixedTypesMissingGradientsAndSharedMemory) {
+  // float and double in one optimizer, a parameter without a gradient, and a parameter listed twice (its second
+  // entry must not race with the first): kAuto agrees with per-tensor operations.
+  auto make = [] {
+    torch::manual_seed(3);
+    lo::NamedParameters p;
+    p.insert("f.weight", torch::randn({40, 50}));
+    p.insert("d.weight", torch::randn({30, 20}, torch::kDouble));
+    p.insert("nograd.weight", torch::randn({5, 5}));
+    return p;
+  };
+  auto grads = [](lo::NamedParameters& p, int t) {
+    torch::manual_seed(100 + t);
+    p["f.weight"].mutable_grad() = torch::randn({40, 50});
+    p["d.weight"].mutable_grad() = torch::randn({30, 20}, torch::kDouble);
+  };
+  auto run = [&](lo::StepKernel kernel) {
+    auto p = make();
+    std::vector<torch::Tensor> list = p.values();
+    list.push_back(p["f.weight"]);  // the same tensor twice
+    lo::LayerwiseOptimizer opt(list, lo::LayerwiseOptions::lars(1.0));
+    opt.set_kernel(kernel);
+    for (int t = 0; t < 3; ++t) {
+      grads(p, t);
+      opt.step();
+    }
+    return p;
+  };
+  const auto fused = run(lo::StepKernel::kAuto), ops = run(lo::StepKernel::kTensorOps);
+  for (const auto& item : fused)
+    EXPECT_TRUE(torch::allclose(item.value(), ops[item.key()], 1e-5, 1e-7)) << item.key();
+  EXPECT_TRUE(torch::equal(fused["nograd.weight"], make()["nograd.weight"]));
+}
+
+TEST(StepKernels, DenormalWeightsAndGradientsGiveFiniteUpdates) {
+  for (const auto kernel : {lo::StepKernel::kFused, lo::StepKernel::kTensorOps}) {
+    for (const auto& o : {lo::LayerwiseOptions::lars(1.0), lo::LayerwiseOptions::lamb(0.01)}) {
+      lo::NamedParameters p;
+      p.insert("w", torch::full({16, 16}, 1e-40f));  // float denormals
+      lo::LayerwiseOptimizer opt(p, o);
+      opt.set_kernel(kernel);
+      opt.set_telemetry(true);
+      for (int t = 0; t < 3; ++t) {
+        p["w"].mutable_grad() = torch::full({16, 16}, t % 2 ? -3e-41f : 2e-41f);
+        opt.step();
+        EXPECT_TRUE(torch::isfinite(p["w"]).all().item<bool>());
+        const double r = opt.last_telemetry().layers.at(0).trust_ratio;
+        EXPECT_TRUE(std::isfinite(r) && r > 0) << r;
+      }
+    }
+  }
+}
+
+TEST(StepKernels, NonFiniteGradientsStayVisibleInTheWeights) {
+  // The optimizer does not hide a NaN (the trainer's --on-nonfinite decides): it reaches the weights on both
+  // kernels, and the ratio falls back to 1 rather than propagating NaN into other tensors.
+  for (const auto kernel : {lo::StepKernel::kFused, lo::StepKernel::kTensorOps}) {
+    lo::NamedParameters p;
+    p.insert("a", torch::ones({4, 4}));
+    p.insert("b", torch::ones({4, 4}));
+    lo::LayerwiseOptimizer opt(p, lo::LayerwiseOptions::lars(1.0));
+    opt.set_kernel(kernel);
+    p["a"].mutable_grad() = torch::ones({4, 4});
+    p["a"].mutable_grad()[0][0] = std::numeric_limits<float>::quiet_NaN();
+    p["b"].mutable_grad() = torch::full({4, 4}, std::numeric_limits<float>::infinity());
+    opt.step();
+    EXPECT_TRUE(torch::isnan(p["a"]).any().item<bool>());
+    EXPECT_FALSE(torch::isfinite(p["b"]).all().item<bool>());
+  }
 }
 
 // ------------------------------------------------------------------ runtime

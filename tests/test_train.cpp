@@ -268,6 +268,81 @@ TEST(Trainer, DivergenceStopsAndNamesTheStepAndLayer) {
   EXPECT_EQ(nlohmann::json::parse(summary)["status"], "diverged");
 }
 
+// --on-nonfinite: a NaN gradient (injected after the all-reduce, as an overflow leaves it) stops the run naming
+// the step and layer, or is skipped without any state change.
+TEST(OnNonfinite, StopNamesTheStepAndTheLayer) {
+  ScratchDir dir("nonfinite-stop");
+  auto c = small_run(dir.path);
+  c.model = "mlp";
+  c.optimizer = "lars";
+  c.inject_nonfinite_gradient_at = {2};
+  const auto s = lt::run_training(c);
+  EXPECT_EQ(s.status, "diverged");
+  EXPECT_NE(s.message.find("non-finite gradient in fc1.weight at step 2"), std::string::npos) << s.message;
+  EXPECT_NE(s.message.find("--on-nonfinite skip"), std::string::npos) << s.message;
+  std::ifstream summary(dir.path / "summary.json");
+  EXPECT_EQ(nlohmann::json::parse(summary)["status"], "diverged");
+  EXPECT_FALSE(fs::exists(dir.path / "model.pt"));  // nothing presented as a finished model
+}
+
+TEST(OnNonfinite, SkippedStepsChangeNothing) {
+  // mlp (no BatchNorm buffers), constant lr: skipping every step of epoch 2 must leave exactly the weights of
+  // a run that stopped after epoch 1, and the optimizer must have taken only epoch 1's steps.
+  ScratchDir one("nonfinite-one"), skipped("nonfinite-skip");
+  auto a = small_run(one.path);
+  a.model = "mlp";
+  a.optimizer = "lars";
+  a.epochs = 1;
+  lt::run_training(a);
+  auto b = a;
+  b.out = skipped.path.string();
+  b.epochs = 2;
+  b.on_nonfinite = "skip";
+  b.inject_nonfinite_gradient_at = {4, 5, 6, 7};  // 512 images / 128 = 4 steps per epoch
+  const auto s = lt::run_training(b);
+  EXPECT_EQ(s.status, "completed") << s.message;
+  EXPECT_EQ(s.skipped_steps, 4);
+  EXPECT_EQ(s.steps, 8);
+  auto ma = load_model(one.path / "model.pt", "mlp"), mb = load_model(skipped.path / "model.pt", "mlp");
+  const auto pa = ma->named_parameters(), pb = mb->named_parameters();
+  for (const auto& item : pa) EXPECT_TRUE(torch::equal(item.value(), pb[item.key()])) << item.key();
+  std::ifstream summary(skipped.path / "summary.json");
+  EXPECT_EQ(nlohmann::json::parse(summary)["skipped_steps"], 4);
+  // The count survives a resume (it is kept in the checkpoint).
+  b.epochs = 3;
+  b.resume = true;
+  b.inject_nonfinite_gradient_at = {9};
+  const auto r = lt::run_training(b);
+  EXPECT_EQ(r.status, "completed") << r.message;
+  EXPECT_EQ(r.skipped_steps, 5);
+}
+
+TEST(OnNonfinite, SkippingCannotHideARunThatCannotRecover) {
+  ScratchDir dir("nonfinite-limit");
+  auto c = small_run(dir.path);
+  c.model = "mlp";
+  c.optimizer = "lars";
+  c.on_nonfinite = "skip";
+  c.skip_limit = 3;
+  c.inject_nonfinite_gradient_at = {1, 2, 3, 4, 5};
+  const auto s = lt::run_training(c);
+  EXPECT_EQ(s.status, "diverged");
+  EXPECT_EQ(s.skipped_steps, 2);
+  EXPECT_NE(s.message.find("3 steps skipped in a row (--skip-limit 3)"), std::string::npos) << s.message;
+
+  // An absurd learning rate: the losses after the first step are not finite, every step would be skipped.
+  ScratchDir absurd("nonfinite-absurd");
+  auto d = small_run(absurd.path);
+  d.model = "mlp";
+  d.optimizer = "lars";
+  d.lr = 1e30;
+  d.on_nonfinite = "skip";
+  d.skip_limit = 5;  // the run has 12 steps
+  const auto t = lt::run_training(d);
+  EXPECT_EQ(t.status, "diverged") << t.message;
+  EXPECT_FALSE(fs::exists(absurd.path / "model.pt"));
+}
+
 TEST(Trainer, BadInputIsAUsageErrorNamingTheFlag) {
   ScratchDir dir("bad");
   auto expect_usage = [&](lt::TrainConfig c, const std::string& needle) {

@@ -164,9 +164,14 @@ Runner add_bench_step_command(CLI::App& bench) {
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--models", a->models, "Models whose parameter sets are stepped")->capture_default_str()->delimiter(',');
-  cmd->add_option("--optimizers", a->optimizers, "Layer-wise presets")->capture_default_str()->delimiter(',');
+  cmd->add_option("--optimizers", a->optimizers, "Layer-wise presets")
+      ->capture_default_str()
+      ->delimiter(',')
+      ->check(CLI::IsMember({"lars", "tvlars", "lamb"}));
   cmd->add_option("--repeats", a->repeats, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--threads", a->threads, "Intra-op threads for every side (0: all cores)")->capture_default_str();
+  cmd->add_option("--threads", a->threads, "Intra-op threads for every side (0: all cores)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--json", a->json_out, "Also write the measurements to this JSON file");
   add_python_options(cmd, a->py, a->reference);
 
@@ -192,10 +197,10 @@ Runner add_bench_step_command(CLI::App& bench) {
         const int fd = mkstemp(shapes_file);
         if (fd < 0) throw std::runtime_error("cannot create a temporary file in /tmp");
         close(fd);
+        // Removed however this block ends (an exception included).
+        const std::unique_ptr<char, void (*)(char*)> remove_later(shapes_file, [](char* f) { std::remove(f); });
         std::ofstream(shapes_file) << shapes.dump();
         for (const auto& opt_name : a->optimizers) {
-          if (opt_name != "lars" && opt_name != "tvlars" && opt_name != "lamb")
-            throw std::invalid_argument("--optimizers: '" + opt_name + "' is not one of lars, tvlars, lamb");
           // Same parameters and gradients for both kernels; fresh optimizer state each.
           auto time_kernel = [&](optim::StepKernel kernel, int64_t* traffic) {
             torch::manual_seed(0);
@@ -236,7 +241,6 @@ Runner add_bench_step_command(CLI::App& bench) {
                              {"fused_s", fused}, {"tensor_ops_s", ops}, {"python_s", python},
                              {"bytes", traffic}});
         }
-        std::remove(shapes_file);
       }
       const double bandwidth_after = stream_triad_bandwidth();
       const double bandwidth = std::max(bandwidth_before, bandwidth_after);  // the faster: the stricter bound
@@ -285,7 +289,9 @@ Runner add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--batch-sizes", a->batches, "Batch sizes measured")->capture_default_str()->delimiter(',')->check(CLI::PositiveNumber);
   cmd->add_option("--steps", a->steps, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
-  cmd->add_option("--threads", a->threads, "Intra-op threads for both sides (0: all cores)")->capture_default_str();
+  cmd->add_option("--threads", a->threads, "Intra-op threads for both sides (0: all cores)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--channels-last", a->channels_last,
                 "Channels-last activations on both sides (train --channels-last; Python's .to(memory_format=))");
   cmd->add_option("--out", a->out, "Write bench_train.csv and bench_train.png (step time and images/s against batch size) here");

@@ -115,6 +115,14 @@ Runner add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--resume", c.resume, "Continue the run in --out from its last checkpoint");
   cmd->add_option("--progress", c.progress, "auto (a bar on a terminal), bar, lines, none")->capture_default_str();
+  cmd->add_option("--on-nonfinite", c.on_nonfinite,
+                  "A NaN or infinite loss or gradient: stop (the run ends as diverged, naming the step and layer) "
+                  "or skip (the step is dropped without touching weights or optimizer state, and counted)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"stop", "skip"}));
+  cmd->add_option("--skip-limit", c.skip_limit,
+                  "--on-nonfinite skip: this many steps skipped in a row end the run as diverged")
+      ->capture_default_str();
   cmd->add_flag("--channels-last", c.channels_last,
                 "Channels-last activations for the CPU convolutions: faster (cnn 1.4x), but a data-parallel run then "
                 "matches the single-process one less closely");

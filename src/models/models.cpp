@@ -227,7 +227,7 @@ class EfficientNetB0 : public ClassifierImpl {
     }
   }
   torch::Tensor features(const torch::Tensor& x) override {
-    return torch::adaptive_avg_pool2d(features_->forward(x), {1, 1}).flatten(1);
+    return torch::adaptive_avg_pool2d(features_->forward(input_layout(x)), {1, 1}).flatten(1);
   }
   torch::Tensor forward(const torch::Tensor& x) override { return classifier->forward(features(x)); }
   int64_t feature_dim() const override { return 1280; }

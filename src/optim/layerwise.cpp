@@ -9,6 +9,7 @@
 #include <regex>
 #include <sstream>
 #include <stdexcept>
+#include <unordered_set>
 
 namespace largebatch {
 namespace optim {
@@ -352,7 +353,10 @@ int64_t LayerwiseOptimizer::step_memory_traffic() const {
   for (const auto& group : param_groups_) {
     const auto& o = static_cast<const LayerwiseOptions&>(group.options());
     for (const auto& p : group.params()) {
-      const bool adapt = state_of(p).adapt();
+      // A parameter added by add_param_group gets its masks at its first step; until then, the group's mask.
+      const auto found = state_.find(key_of(p));
+      const bool adapt = found != state_.end() ? static_cast<const LayerwiseParamState&>(*found->second).adapt()
+                                               : o.adapt_mask().applies("param", p.dim());
       int64_t accesses = 0;  // element reads and writes
       if (o.direction() == Direction::kAdam)
         accesses = (adapt ? 6 : 5) + 4;  // g, m, v (+ w) read, m, v written; then m, v, w read, w written
@@ -401,11 +405,16 @@ torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
     }
   }
 
-  // Split between the fused CPU kernel and per-tensor operations.
+  // Split between the fused CPU kernel and per-tensor operations. A tensor whose memory another parameter of
+  // this step already uses (listed twice, or views of one storage) goes to the per-tensor path: the fused
+  // passes update all tensors at once and would race on it.
   std::vector<detail::StepEntry> fused;
   std::vector<size_t> fused_index, ops_index;
+  std::unordered_set<const void*> storages;
   for (size_t i = 0; i < entries.size(); ++i) {
-    const std::string why = kernel_ == StepKernel::kTensorOps ? "tensor operations chosen" : detail::why_not_fusable(entries[i]);
+    std::string why = kernel_ == StepKernel::kTensorOps ? "tensor operations chosen" : detail::why_not_fusable(entries[i]);
+    if (why.empty() && !storages.insert(entries[i].param.storage().unsafeGetStorageImpl()).second)
+      why = "its memory is shared with another parameter";
     if (why.empty()) {
       fused.push_back(entries[i]);
       fused_index.push_back(i);
@@ -420,9 +429,12 @@ torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
   const bool record = telemetry_enabled_;
   std::vector<detail::LayerNorms> fused_norms;
   if (!fused.empty()) detail::fused_step(fused, record ? &fused_norms : nullptr);
+  for (size_t i : fused_index) entries[i].state->step(entries[i].t + 1);
   std::vector<torch::Tensor> recorded(entries.size());  // per adapted tensor of the operations path
-  for (size_t i : ops_index) recorded[i] = detail::tensor_ops_step(entries[i], record);
-  for (auto& e : entries) e.state->step(e.t + 1);
+  for (size_t i : ops_index) {
+    recorded[i] = detail::tensor_ops_step(entries[i], record);
+    entries[i].state->step(entries[i].t + 1);  // counters advance with their tensor, even if a later one throws
+  }
 
   if (record) {
     StepTelemetry telemetry;

@@ -316,6 +316,15 @@ void fused_step_of(const std::vector<StepEntry>& entries, const std::vector<size
   at::parallel_for(0, static_cast<int64_t>(second.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) second_pass(plans[second[c].entry], second[c].begin, second[c].end);
   });
+
+  // Written through raw pointers: bump the version counters as in-place operations would, so autograd still
+  // refuses a graph that saved one of these tensors before the step.
+  for (size_t i : which) {
+    const StepEntry& e = entries[i];
+    e.param.unsafeGetTensorImpl()->bump_version();
+    for (const torch::Tensor* t : {&e.state->momentum_buffer(), &e.state->exp_avg(), &e.state->exp_avg_sq()})
+      if (t->defined()) t->unsafeGetTensorImpl()->bump_version();
+  }
 }
 
 }  // namespace
@@ -328,6 +337,7 @@ std::string why_not_fusable(const StepEntry& e) {
     return std::string("element type ") + c10::toString(p.scalar_type());
   if (!p.is_contiguous()) return "not contiguous";
   if (!dense_like(e.grad, p)) return "its gradient is not a dense contiguous CPU tensor of the same type and shape";
+  if (e.grad.is_alias_of(p)) return "its gradient shares memory with it";
   const LayerwiseParamState& st = *e.state;
   for (const torch::Tensor* s : {&st.momentum_buffer(), &st.exp_avg(), &st.exp_avg_sq()})
     if (s->defined() && !dense_like(*s, p)) return "its optimizer state is not dense contiguous CPU memory like it";

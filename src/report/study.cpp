@@ -628,11 +628,14 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
         const Csv c = read_csv(r->dir / "sharpness.csv");
         const int col = c.column("top_eigenvalue");
         if (col < 0 || c.rows.empty()) continue;
-        double top = -INFINITY;
-        for (size_t i = 0; i < c.rows.size(); ++i) top = std::max(top, c.number(i, col));
-        first.push_back(c.number(0, col));
-        largest.push_back(top);
-        last.push_back(c.number(c.rows.size() - 1, col));
+        // Finite estimates only (a diverged run can leave NaN or infinite ones).
+        std::vector<double> values;
+        for (size_t i = 0; i < c.rows.size(); ++i)
+          if (std::isfinite(c.number(i, col))) values.push_back(c.number(i, col));
+        if (values.empty()) continue;
+        first.push_back(values.front());
+        largest.push_back(*std::max_element(values.begin(), values.end()));
+        last.push_back(values.back());
       }
       if (first.empty()) continue;
       md << "| " << group_label(g) << " | " << g.config.value("batch-size", 0) << " | " << first.size() << " | "

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <limits>
 #include <cstdarg>
 #include <cstdio>
 #include <fstream>
@@ -196,19 +197,24 @@ json record_json(const EpochRecord& r) {
 }
 
 EpochRecord record_from(const json& j) {
+  // JSON has no NaN: nlohmann writes it as null (an epoch whose every step was skipped has no train loss).
+  auto number = [&](const char* key) {
+    const json& v = j.at(key);
+    return v.is_null() ? std::numeric_limits<double>::quiet_NaN() : v.get<double>();
+  };
   EpochRecord r;
   r.epoch = j.at("epoch");
   r.step = j.at("step");
-  r.lr = j.at("lr");
-  r.phi = j.at("phi");
-  r.train_loss = j.at("train_loss");
-  r.train_acc = j.at("train_acc");
-  r.test_loss = j.at("test_loss");
-  r.test_top1 = j.at("test_top1");
-  r.test_top5 = j.at("test_top5");
-  r.epoch_seconds = j.at("epoch_seconds");
-  r.images_per_second = j.at("img_per_s");
-  r.data_wait_seconds = j.at("data_wait_s");
+  r.lr = number("lr");
+  r.phi = number("phi");
+  r.train_loss = number("train_loss");
+  r.train_acc = number("train_acc");
+  r.test_loss = number("test_loss");
+  r.test_top1 = number("test_top1");
+  r.test_top5 = number("test_top5");
+  r.epoch_seconds = number("epoch_seconds");
+  r.images_per_second = number("img_per_s");
+  r.data_wait_seconds = number("data_wait_s");
   r.compute_seconds = j.value("compute_s", 0.0);
   r.allreduce_seconds = j.value("allreduce_s", 0.0);
   r.optimizer_seconds = j.value("optimizer_s", 0.0);
@@ -256,6 +262,33 @@ void write_telemetry(std::ofstream& file, int64_t step, const optim::StepTelemet
     file << step << "," << l.name << "," << l.weight_norm << "," << l.update_norm << "," << l.grad_norm << ","
          << l.trust_ratio << ","
          << l.effective_lr << "," << t.lr << "," << t.phi << "\n";
+}
+
+namespace {
+// Name of the first tensor with a NaN or infinity, "" when all are finite (one host read for all).
+std::string first_nonfinite(const std::vector<std::pair<std::string, torch::Tensor>>& tensors) {
+  std::vector<torch::Tensor> finite;
+  for (const auto& t : tensors) finite.push_back(torch::isfinite(t.second).all());
+  if (finite.empty()) return "";
+  const torch::Tensor host = torch::stack(finite).cpu();
+  const bool* ok = host.data_ptr<bool>();
+  for (size_t i = 0; i < tensors.size(); ++i)
+    if (!ok[i]) return tensors[i].first;
+  return "";
+}
+}  // namespace
+
+std::string first_nonfinite_gradient(torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> grads;
+  for (const auto& item : module.named_parameters())
+    if (item.value().grad().defined()) grads.emplace_back(item.key(), item.value().grad());
+  return first_nonfinite(grads);
+}
+
+std::string first_nonfinite_parameter(torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> params;
+  for (const auto& item : module.named_parameters()) params.emplace_back(item.key(), item.value());
+  return first_nonfinite(params);
 }
 
 std::string largest_trust_ratio(const optim::LayerwiseOptimizer* optimizer) {

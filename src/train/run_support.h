@@ -101,6 +101,10 @@ void write_telemetry(std::ofstream& file, int64_t step, const optim::StepTelemet
 // "; largest trust ratio at step t: <layer> (r = ..., lr*r = ...)" from the optimizer's last step, or "" when
 // there is none: the likely culprit of a divergence.
 std::string largest_trust_ratio(const optim::LayerwiseOptimizer* optimizer);
+// Name of the first parameter whose gradient holds a NaN or an infinity, "" when all are finite (one host read).
+std::string first_nonfinite_gradient(torch::nn::Module& module);
+// The same for the parameters themselves.
+std::string first_nonfinite_parameter(torch::nn::Module& module);
 
 // Data parallel: how many parameter elements differ from rank 0's (0 when replicas are bit-identical); warns
 // on the lead rank otherwise.

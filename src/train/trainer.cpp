@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <limits>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -78,6 +79,8 @@ std::string TrainConfig::to_json() const {
   j["plots"] = plots;
   j["sync-bn"] = sync_bn;
   j["channels-last"] = channels_last;
+  j["on-nonfinite"] = on_nonfinite;
+  j["skip-limit"] = skip_limit;
   j["dist-timeout"] = dist_timeout;
   j["bucket-mb"] = bucket_mb;
   return j.dump(2) + "\n";
@@ -148,6 +151,8 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& s
     else if (k == "plots") c.plots = boolean();
     else if (k == "sync-bn") c.sync_bn = boolean();
     else if (k == "channels-last") c.channels_last = boolean();
+    else if (k == "on-nonfinite") c.on_nonfinite = str();
+    else if (k == "skip-limit") c.skip_limit = integer();
     else if (k == "dist-timeout") c.dist_timeout = num();
     else if (k == "bucket-mb") c.bucket_mb = num();
     else usage(source + ": unknown key '" + k + "'");
@@ -180,6 +185,9 @@ void TrainConfig::validate() const {
   if (!one_of(progress, {"auto", "bar", "lines", "none"})) usage("--progress: '" + progress + "' is not auto, bar, lines or none");
   if (batch_size <= 0) usage("--batch-size must be > 0, got " + std::to_string(batch_size));
   if (epochs <= 0) usage("--epochs must be > 0, got " + std::to_string(epochs));
+  if (on_nonfinite != "stop" && on_nonfinite != "skip")
+    usage("--on-nonfinite must be stop or skip, got '" + on_nonfinite + "'");
+  if (skip_limit < 1) usage("--skip-limit must be >= 1, got " + std::to_string(skip_limit));
   if (micro_batch < 0) usage("--micro-batch must be >= 0, got " + std::to_string(micro_batch));
   if (micro_batch > batch_size)
     usage("--micro-batch " + std::to_string(micro_batch) + " is larger than --batch-size " + std::to_string(batch_size));
@@ -329,7 +337,8 @@ void write_summary(const fs::path& out, const TrainSummary& s, const TrainConfig
          {"data", c.data},
          {"batch_size", c.batch_size},
          {"world_size", s.world_size},
-         {"replica_mismatches", s.replica_mismatches}};
+         {"replica_mismatches", s.replica_mismatches},
+         {"skipped_steps", s.skipped_steps}};
   write_atomically(out / "summary.json", j.dump(2) + "\n");
 }
 
@@ -450,6 +459,7 @@ TrainSummary run_training(const TrainConfig& config) {
     const json meta = load_checkpoint(checkpoint_path, *model, *optimizer, device);
     start_epoch = meta.at("epoch");
     step = meta.at("step");
+    summary.skipped_steps = meta.value("skipped_steps", int64_t{0});
     for (const auto& r : meta.at("history")) summary.history.push_back(record_from(r));
     // Rewrite metrics.csv from the checkpoint: rows of epochs after it (if any) are dropped.
     if (lead) {
@@ -565,6 +575,7 @@ TrainSummary run_training(const TrainConfig& config) {
   }
 
   model->train();
+  int64_t skipped_in_a_row = 0;
   for (int64_t epoch = start_epoch; epoch < config.epochs; ++epoch) {
     const auto t_epoch = Clock::now();
     const double wait_before = loader.wait_seconds();
@@ -618,15 +629,67 @@ TrainSummary run_training(const TrainConfig& config) {
         stop_now = agreed[2].item<double>() > 0;
       }
       allreduce_s += seconds_since(t_phase);
+      // Non-finite loss or gradient (the gradients are the averaged ones: every rank sees the same and decides
+      // alike). One host read per step for all gradients.
+      if (std::find(config.inject_nonfinite_gradient_at.begin(), config.inject_nonfinite_gradient_at.end(), step) !=
+          config.inject_nonfinite_gradient_at.end()) {
+        torch::NoGradGuard no_grad;
+        for (auto& p : model->parameters())
+          if (p.grad().defined()) {
+            p.mutable_grad().view(-1)[0] = std::numeric_limits<float>::quiet_NaN();
+            break;
+          }
+      }
+      std::string nonfinite;
       if (!std::isfinite(batch_loss)) {
+        nonfinite = format("non-finite loss (%g)", batch_loss);
+      } else if (const std::string layer = first_nonfinite_gradient(*model); !layer.empty()) {
+        nonfinite = "non-finite gradient in " + layer;
+      }
+      if (!nonfinite.empty() && config.on_nonfinite == "stop") {
         std::ostringstream msg;
-        msg << "non-finite loss (" << batch_loss << ") at step " << step << " (epoch " << epoch + 1 << ")";
+        msg << nonfinite << " at step " << step << " (epoch " << epoch + 1 << ")";
         msg << largest_trust_ratio(layerwise);
         msg << "; the last good checkpoint is " << (fs::exists(checkpoint_path) ? checkpoint_path.string() : "none");
+        msg << " (--on-nonfinite skip drops such steps instead)";
         summary.status = "diverged";
         summary.message = msg.str();
         break;
       }
+      if (!nonfinite.empty() && !first_nonfinite_parameter(*model).empty()) {
+        // Skipping cannot recover from weights that are already NaN or infinite: every later step would fail.
+        summary.status = "diverged";
+        summary.message = nonfinite + " at step " + std::to_string(step) + " and the weights of " +
+                          first_nonfinite_parameter(*model) + " are no longer finite: skipping cannot recover; the " +
+                          "last good checkpoint is " + (fs::exists(checkpoint_path) ? checkpoint_path.string() : "none");
+        break;
+      }
+      if (!nonfinite.empty() && skipped_in_a_row + 1 >= config.skip_limit) {
+        summary.status = "diverged";
+        summary.message = nonfinite + " at step " + std::to_string(step) + ": " +
+                          std::to_string(skipped_in_a_row + 1) + " steps skipped in a row (--skip-limit " +
+                          std::to_string(config.skip_limit) + "), the run cannot recover; the last good checkpoint is " +
+                          (fs::exists(checkpoint_path) ? checkpoint_path.string() : "none");
+        break;
+      }
+      if (!nonfinite.empty()) {
+        // As gradient scalers do: no update, no optimizer state change; the batch counts as consumed.
+        ++skipped_in_a_row;
+        ++summary.skipped_steps;
+        if (lead)
+          std::fprintf(stderr, "largebatch train: step %lld: %s, step skipped (%lld so far)\n",
+                       static_cast<long long>(step), nonfinite.c_str(), static_cast<long long>(summary.skipped_steps));
+        ++step;
+        ++index;
+        if (stop_now) {
+          summary.status = "interrupted";
+          summary.message = "stopped by a signal at step " + std::to_string(step) + "; resume from " +
+                            (fs::exists(checkpoint_path) ? checkpoint_path.string() : "the start (no checkpoint yet)");
+          break;
+        }
+        continue;
+      }
+      skipped_in_a_row = 0;
       t_phase = Clock::now();
       optimizer->step();
       optimizer_s += seconds_since(t_phase);
@@ -661,8 +724,8 @@ TrainSummary run_training(const TrainConfig& config) {
     r.step = step;
     r.lr = lr_t;
     r.phi = phi_t;
-    r.train_loss = loss_sum / static_cast<double>(seen);
-    r.train_acc = static_cast<double>(correct) / static_cast<double>(seen);
+    r.train_loss = seen ? loss_sum / static_cast<double>(seen) : NAN;  // NaN: every step of the epoch skipped
+    r.train_acc = seen ? static_cast<double>(correct) / static_cast<double>(seen) : NAN;
     r.test_loss = ev.loss;
     r.test_top1 = ev.top1;
     r.test_top5 = ev.top5;
@@ -679,7 +742,7 @@ TrainSummary run_training(const TrainConfig& config) {
     }
 
     // Checkpoint first, then the metrics row: the CSV never runs ahead of what can be resumed.
-    json meta{{"epoch", epoch + 1}, {"step", step}, {"history", json::array()}};
+    json meta{{"epoch", epoch + 1}, {"step", step}, {"skipped_steps", summary.skipped_steps}, {"history", json::array()}};
     for (const auto& h : summary.history) meta["history"].push_back(record_json(h));
     if (lead) {
       save_checkpoint(checkpoint_path, *model, *optimizer, meta);

@@ -58,6 +58,11 @@ struct TrainConfig {
   // Data parallelism (world size and rank come from the launcher's environment, see dist/dist.h).
   bool sync_bn = false;           // BatchNorm statistics over the global batch instead of per rank
   bool channels_last = false;     // NHWC activations for convolutions on the CPU (models::ClassifierImpl)
+  std::string on_nonfinite = "stop";  // a NaN/Inf loss or gradient: stop (diverged, named) | skip the step
+  int64_t skip_limit = 20;        // skip: this many steps skipped in a row end the run as diverged
+  // Fault injection for tests (no flag, not saved): at these global steps the first gradient gets a NaN after
+  // the backward pass and the all-reduce, as an overflow would leave it.
+  std::vector<int64_t> inject_nonfinite_gradient_at;
   double dist_timeout = 300;      // seconds: rendezvous and every collective
   double bucket_mb = 1;           // gradient all-reduce bucket size
 
@@ -93,6 +98,7 @@ struct TrainSummary {
   int64_t world_size = 1;
   int64_t rank = 0;                 // of this process (only rank 0 writes files)
   int64_t replica_mismatches = 0;   // data parallel: parameter elements that differ from rank 0's at the end
+  int64_t skipped_steps = 0;        // --on-nonfinite skip: steps dropped for a non-finite loss or gradient
   std::vector<EpochRecord> history;
 };
 
