@@ -145,10 +145,22 @@ models::ModelOptions bench_model(const std::string& name) {
   return mo;
 }
 
-void add_python_options(CLI::App* cmd, Python& py, std::string& reference) {
+// --threads and the Python reference's options, common to bench step and bench train.
+void add_common_options(CLI::App* cmd, int64_t& threads, Python& py, std::string& reference) {
+  cmd->add_option("--threads", threads, "Intra-op threads for both sides (0: all cores)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--python", py.interpreter, "Python with torch for the reference")->capture_default_str();
   cmd->add_option("--reference", reference, "Path of scripts/reference_bench.py (found by default)");
   cmd->add_flag("--no-python", [&py](int64_t) { py.enabled = false; }, "Do not run the Python reference");
+}
+
+// Sets the thread count for this process (the Python side gets the same) and finds the reference script.
+int start_bench(int64_t threads_flag, Python& py, const std::string& reference) {
+  const int threads = resolve_threads(threads_flag);
+  torch::set_num_threads(threads);
+  py.script = find_reference_script(reference);
+  return threads;
 }
 
 }  // namespace
@@ -169,18 +181,13 @@ Runner add_bench_step_command(CLI::App& bench) {
       ->delimiter(',')
       ->check(CLI::IsMember({"lars", "tvlars", "lamb"}));
   cmd->add_option("--repeats", a->repeats, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--threads", a->threads, "Intra-op threads for every side (0: all cores)")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--json", a->json_out, "Also write the measurements to this JSON file");
-  add_python_options(cmd, a->py, a->reference);
+  add_common_options(cmd, a->threads, a->py, a->reference);
 
   return [cmd, a]() -> int {
     if (!cmd->parsed()) return -1;
     try {
-      const int threads = resolve_threads(a->threads);
-      torch::set_num_threads(threads);
-      a->py.script = find_reference_script(a->reference);
+      const int threads = start_bench(a->threads, a->py, a->reference);
       for (const auto& m : a->models) models::make_model(bench_model(m));  // bad names fail before timing
       std::printf("largebatch bench step: %d thread(s), median of %lld steps; %s\n", threads,
                   static_cast<long long>(a->repeats), runtime_summary().c_str());
@@ -289,20 +296,15 @@ Runner add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--batch-sizes", a->batches, "Batch sizes measured")->capture_default_str()->delimiter(',')->check(CLI::PositiveNumber);
   cmd->add_option("--steps", a->steps, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
-  cmd->add_option("--threads", a->threads, "Intra-op threads for both sides (0: all cores)")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--channels-last", a->channels_last,
                 "Channels-last activations on both sides (train --channels-last; Python's .to(memory_format=))");
   cmd->add_option("--out", a->out, "Write bench_train.csv and bench_train.png (step time and images/s against batch size) here");
-  add_python_options(cmd, a->py, a->reference);
+  add_common_options(cmd, a->threads, a->py, a->reference);
 
   return [cmd, a]() -> int {
     if (!cmd->parsed()) return -1;
     try {
-      const int threads = resolve_threads(a->threads);
-      torch::set_num_threads(threads);
-      a->py.script = find_reference_script(a->reference);
+      const int threads = start_bench(a->threads, a->py, a->reference);
       std::printf("largebatch bench train: %s%s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
                   a->model.c_str(), a->channels_last ? " (channels-last)" : "", a->optimizer.c_str(), threads, static_cast<long long>(a->steps),
                   static_cast<long long>(a->warmup), runtime_summary().c_str());
