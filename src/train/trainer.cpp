@@ -576,6 +576,12 @@ TrainSummary run_training(const TrainConfig& config) {
 
   model->train();
   int64_t skipped_in_a_row = 0;
+  auto last_checkpoint = [&] { return fs::exists(checkpoint_path) ? checkpoint_path.string() : std::string("none"); };
+  auto interrupted = [&] {
+    summary.status = "interrupted";
+    summary.message = "stopped by a signal at step " + std::to_string(step) + "; resume from " +
+                      (fs::exists(checkpoint_path) ? checkpoint_path.string() : "the start (no checkpoint yet)");
+  };
   for (int64_t epoch = start_epoch; epoch < config.epochs; ++epoch) {
     const auto t_epoch = Clock::now();
     const double wait_before = loader.wait_seconds();
@@ -650,29 +656,26 @@ TrainSummary run_training(const TrainConfig& config) {
         std::ostringstream msg;
         msg << nonfinite << " at step " << step << " (epoch " << epoch + 1 << ")";
         msg << largest_trust_ratio(layerwise);
-        msg << "; the last good checkpoint is " << (fs::exists(checkpoint_path) ? checkpoint_path.string() : "none");
-        msg << " (--on-nonfinite skip drops such steps instead)";
+        msg << "; the last good checkpoint is " << last_checkpoint() << " (--on-nonfinite skip drops such steps instead)";
         summary.status = "diverged";
         summary.message = msg.str();
         break;
       }
-      if (!nonfinite.empty() && !first_nonfinite_parameter(*model).empty()) {
-        // Skipping cannot recover from weights that are already NaN or infinite: every later step would fail.
-        summary.status = "diverged";
-        summary.message = nonfinite + " at step " + std::to_string(step) + " and the weights of " +
-                          first_nonfinite_parameter(*model) + " are no longer finite: skipping cannot recover; the " +
-                          "last good checkpoint is " + (fs::exists(checkpoint_path) ? checkpoint_path.string() : "none");
-        break;
-      }
-      if (!nonfinite.empty() && skipped_in_a_row + 1 >= config.skip_limit) {
-        summary.status = "diverged";
-        summary.message = nonfinite + " at step " + std::to_string(step) + ": " +
-                          std::to_string(skipped_in_a_row + 1) + " steps skipped in a row (--skip-limit " +
-                          std::to_string(config.skip_limit) + "), the run cannot recover; the last good checkpoint is " +
-                          (fs::exists(checkpoint_path) ? checkpoint_path.string() : "none");
-        break;
-      }
       if (!nonfinite.empty()) {
+        // Skipping cannot recover from weights that are already NaN or infinite, nor from a run that keeps failing.
+        const std::string bad_weights = first_nonfinite_parameter(*model);
+        std::string hopeless;
+        if (!bad_weights.empty())
+          hopeless = "the weights of " + bad_weights + " are no longer finite";
+        else if (skipped_in_a_row + 1 >= config.skip_limit)
+          hopeless = std::to_string(skipped_in_a_row + 1) + " steps skipped in a row (--skip-limit " +
+                     std::to_string(config.skip_limit) + ")";
+        if (!hopeless.empty()) {
+          summary.status = "diverged";
+          summary.message = nonfinite + " at step " + std::to_string(step) + ": " + hopeless +
+                            ", the run cannot recover; the last good checkpoint is " + last_checkpoint();
+          break;
+        }
         // As gradient scalers do: no update, no optimizer state change; the batch counts as consumed.
         ++skipped_in_a_row;
         ++summary.skipped_steps;
@@ -682,9 +685,7 @@ TrainSummary run_training(const TrainConfig& config) {
         ++step;
         ++index;
         if (stop_now) {
-          summary.status = "interrupted";
-          summary.message = "stopped by a signal at step " + std::to_string(step) + "; resume from " +
-                            (fs::exists(checkpoint_path) ? checkpoint_path.string() : "the start (no checkpoint yet)");
+          interrupted();
           break;
         }
         continue;
@@ -705,9 +706,7 @@ TrainSummary run_training(const TrainConfig& config) {
                            static_cast<double>(correct) / static_cast<double>(seen),
                            static_cast<double>(seen) / seconds_since(t_epoch)));
       if (stop_now) {
-        summary.status = "interrupted";
-        summary.message = "stopped by a signal at step " + std::to_string(step) + "; resume from " +
-                          (fs::exists(checkpoint_path) ? checkpoint_path.string() : "the start (no checkpoint yet)");
+        interrupted();
         break;
       }
     }
