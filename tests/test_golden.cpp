@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <sstream>
 #include <tuple>
 
@@ -24,9 +25,14 @@ namespace {
 constexpr double kAbsTol = 1e-6;
 constexpr double kRelTol = 1e-4;
 
+// The project's reference trajectories live in ../shared/golden; tests/golden is this repository's copy of
+// them, so a clone that stands alone is still checked against the same cases (GoldenCopy checks they agree).
+fs::path shared_golden_dir() { return fs::path(LARGEBATCH_SOURCE_DIR) / ".." / "shared" / "golden"; }
+fs::path vendored_golden_dir() { return fs::path(LARGEBATCH_SOURCE_DIR) / "tests" / "golden"; }
+
 fs::path golden_dir() {
   if (const char* env = std::getenv("GOLDEN_DIR"); env && *env) return env;
-  return fs::path(LARGEBATCH_SOURCE_DIR) / ".." / "shared" / "golden";
+  return fs::is_directory(shared_golden_dir()) ? shared_golden_dir() : vendored_golden_dir();
 }
 
 std::vector<std::string> golden_files() {
@@ -210,6 +216,27 @@ INSTANTIATE_TEST_SUITE_P(Golden, GoldenCase,
                                             ::testing::Values(lo::StepKernel::kFused, lo::StepKernel::kTensorOps)),
                          case_name);
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(GoldenCase);
+
+// Where the shared reference files are present, the repository's copy must be byte-identical to them.
+TEST(GoldenCopy, MatchesTheSharedReferenceFiles) {
+  if (!fs::is_directory(shared_golden_dir())) GTEST_SKIP() << "no " << shared_golden_dir() << " beside this clone";
+  auto read = [](const fs::path& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  size_t compared = 0;
+  for (const auto& entry : fs::directory_iterator(shared_golden_dir())) {
+    if (entry.path().extension() != ".json") continue;
+    const fs::path copy = vendored_golden_dir() / entry.path().filename();
+    ASSERT_TRUE(fs::exists(copy)) << copy << " is missing: copy " << entry.path() << " into tests/golden";
+    EXPECT_EQ(read(entry.path()), read(copy)) << copy << " differs from " << entry.path();
+    ++compared;
+  }
+  size_t copies = 0;
+  for (const auto& entry : fs::directory_iterator(vendored_golden_dir())) copies += entry.path().extension() == ".json";
+  EXPECT_EQ(copies, compared) << "tests/golden holds cases that ../shared/golden does not";
+  EXPECT_GT(compared, 0u);
+}
 
 // The directory must hold cases: an empty or missing one is a failure, not a silent pass.
 TEST(GoldenDirectory, HasCases) {
