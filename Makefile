@@ -3,8 +3,10 @@ BUILD_DIR  ?= build
 BUILD_TYPE ?= Release
 JOBS       ?= 2
 CMAKE_ARGS ?=
+SAN_DIR    ?= build-san
+FUZZ_SECONDS ?= 60
 
-.PHONY: all setup configure build test install clean demo bench
+.PHONY: all setup configure build test install clean demo bench sanitize fuzz
 
 all: build
 
@@ -21,6 +23,23 @@ build: setup configure
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+
+# The test suite under AddressSanitizer + UndefinedBehaviorSanitizer (clang, its own build directory), then
+# every fuzz target for FUZZ_SECONDS (docs/RELIABILITY.md). Options for the sanitizers: scripts/sanitizers.env.
+sanitize:
+	bash scripts/setup.sh --sanitize
+	cmake -S . -B $(SAN_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
+	  -DLARGEBATCH_FUZZ=ON -DLARGEBATCH_FUZZ_SECONDS=$(FUZZ_SECONDS) -DLARGEBATCH_BUILD_EXAMPLES=OFF \
+	  -DLARGEBATCH_BUILD_BENCHMARKS=OFF $(CMAKE_ARGS)
+	cmake --build $(SAN_DIR) -j $(JOBS)
+	set -a && . scripts/sanitizers.env && cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -LE fuzz -E '^package\.'
+	set -a && . scripts/sanitizers.env && cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -L fuzz
+
+# Only the bounded fuzzing (after make sanitize has built $(SAN_DIR)); FUZZ_SECONDS per target.
+fuzz:
+	cmake -S . -B $(SAN_DIR) -DLARGEBATCH_FUZZ_SECONDS=$(FUZZ_SECONDS)
+	cmake --build $(SAN_DIR) -j $(JOBS)
+	set -a && . scripts/sanitizers.env && cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -L fuzz
 
 # Speed against the Python reference and the bandwidth bound (docs/PERFORMANCE.md); needs python3-torch.
 bench: build

@@ -64,7 +64,10 @@ expect opt-not-kv 2 "not key=value" -- $S --opt momentum --out "$WORK/o11"
 expect micro-batch 2 "--micro-batch 48 does not divide --batch-size 64" -- $S --micro-batch 48 --out "$WORK/o12"
 expect schedule 2 "--schedule" -- $S --schedule step --out "$WORK/o13"
 expect warmup 2 "--warmup-epochs" -- $S --schedule warmup-cosine --warmup-epochs 5 --out "$WORK/o14"
-expect no-checkpoint 2 "--resume: no checkpoint" -- $S --resume --out "$WORK/o15"
+# --resume with nothing to resume from starts from the beginning (a retry loop can always pass it).
+expect no-checkpoint-yet 0 "no checkpoint in $WORK/o15 yet, starting from the beginning" -- $S --resume --out "$WORK/o15"
+: > "$WORK/a-file"
+expect out-is-a-file 2 "--out: cannot create $WORK/a-file/run" -- $S --out "$WORK/a-file/run"
 expect not-a-number 2 "batch-size" -- $S --batch-size many --out "$WORK/o16"
 expect unknown-flag 2 "--frobnicate" -- $S --frobnicate --out "$WORK/o17"
 echo '{"lr": "fast"}' > "$WORK/bad.json"
@@ -75,6 +78,12 @@ expect config-missing 2 "$WORK/none.json" -- $S --config "$WORK/none.json" --out
 "$BIN" $S --out "$WORK/run" >/dev/null 2>&1
 expect overwrite 2 "already holds a run" -- $S --out "$WORK/run"
 expect resume-mismatch 2 "--model differs" -- $S --model mlp --resume --out "$WORK/run"
+# A damaged checkpoint is refused before LibTorch reads it (the CRC-32 in its header).
+cp -r "$WORK/run" "$WORK/damaged"
+printf 'XXXX' | dd of="$WORK/damaged/checkpoint.pt" bs=1 seek=2000 conv=notrunc 2>/dev/null
+expect damaged-checkpoint 2 "checkpoint $WORK/damaged/checkpoint.pt: damaged: CRC-32" -- $S --epochs 2 --resume --out "$WORK/damaged"
+truncate -s 1000 "$WORK/damaged/checkpoint.pt"
+expect truncated-checkpoint 2 "checkpoint.pt: truncated" -- $S --epochs 2 --resume --out "$WORK/damaged"
 
 # A JSON config written by a run is accepted back (the saved config.json).
 out=$("$BIN" train --config "$WORK/run/config.json" --out "$WORK/again" --epochs 1 2>&1)

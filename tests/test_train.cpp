@@ -235,6 +235,61 @@ TEST(Trainer, ResumeEqualsAnUninterruptedRun) {
   for (const auto& item : ba) EXPECT_TRUE(torch::equal(item.value(), bb[item.key()])) << item.key();
 }
 
+std::string read_bytes(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+void write_bytes(const fs::path& p, const std::string& bytes) {
+  std::ofstream(p, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+// A resume refuses a truncated, damaged or foreign checkpoint with a message naming the file and the defect,
+// before LibTorch reads it; the intact file still resumes.
+TEST(Checkpoint, TruncatedDamagedAndForeignFilesAreRefused) {
+  ScratchDir dir("damaged");
+  auto c = small_run(dir.path);
+  c.model = "mlp";
+  c.epochs = 1;
+  lt::run_training(c);
+  const fs::path ckpt = dir.path / "checkpoint.pt";
+  const std::string good = read_bytes(ckpt);
+  ASSERT_EQ(good.compare(0, 22, "largebatch-checkpoint\n"), 0);
+  c.resume = true;
+  c.epochs = 2;
+  auto refused = [&](const std::string& bytes, const std::string& why) {
+    write_bytes(ckpt, bytes);
+    try {
+      lt::run_training(c);
+      ADD_FAILURE() << "resumed from a checkpoint that is " << why;
+    } catch (const lt::UsageError& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find(ckpt.string()), std::string::npos) << m;
+      EXPECT_NE(m.find(why), std::string::npos) << m;
+    }
+  };
+  refused(good.substr(0, good.size() / 2), "truncated");
+  refused(good.substr(0, 30), "truncated");
+  std::string flipped = good;
+  flipped[flipped.size() / 2] ^= 0x10;
+  refused(flipped, "damaged: CRC-32");
+  refused(good + "x", "trailing data");
+  refused(good.substr(38), "bare LibTorch archive");  // the payload alone: a zip without our header
+  refused("hello", "not a largebatch checkpoint");
+  std::string version = good;
+  version[22] = 9;
+  refused(version, "format version 9");
+
+  write_bytes(ckpt, good);
+  EXPECT_EQ(lt::run_training(c).history.size(), 2u);
+  // Every reader takes both kinds of file: the verified checkpoint and the bare model.pt.
+  torch::serialize::InputArchive a, b;
+  lt::load_archive(ckpt, a);
+  lt::load_archive(dir.path / "model.pt", b);
+  torch::serialize::InputArchive model_part;
+  EXPECT_TRUE(a.try_read("model", model_part));
+  EXPECT_THROW(lt::load_archive(dir.path / "config.json", b), lt::CheckpointError);
+}
+
 TEST(Trainer, MicroBatchesEqualOneBigBatchWithoutBatchNorm) {
   ScratchDir whole("whole"), micro("micro");
   auto a = small_run(whole.path);

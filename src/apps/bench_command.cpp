@@ -6,6 +6,7 @@
 #include <largebatch/data/pipeline.h>
 #include <largebatch/models/models.h>
 #include <largebatch/optim/factory.h>
+#include <largebatch/train/checkpoint.h>
 #include <largebatch/train/trainer.h>
 
 #include <torch/torch.h>
@@ -133,9 +134,9 @@ void collect_tensors(torch::serialize::InputArchive& archive, const std::string&
 std::map<std::string, torch::Tensor> load_tensors(const std::string& path) {
   torch::serialize::InputArchive archive;
   try {
-    archive.load_from(path);
-  } catch (const c10::Error& e) {
-    throw std::invalid_argument(path + ": not a LibTorch archive (" + std::string(e.what_without_backtrace()) + ")");
+    largebatch::train::load_archive(path, archive);
+  } catch (const largebatch::train::CheckpointError& e) {
+    throw std::invalid_argument(e.what());
   }
   std::map<std::string, torch::Tensor> tensors;
   collect_tensors(archive, "", tensors);

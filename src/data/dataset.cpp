@@ -3,6 +3,8 @@
 // whose message starts with the offending path.
 #include <largebatch/data/dataset.h>
 
+#include "readers.h"
+
 #include <torch/torch.h>
 
 #include <zlib.h>
@@ -22,6 +24,7 @@
 #include <sstream>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include <jpeglib.h>  // after <cstdio>: it uses FILE and size_t
 #include <jerror.h>
@@ -494,6 +497,68 @@ struct PortableRng {
 
 }  // namespace
 
+// --- the readers' parts, for the fuzz targets (src/data/readers.h) -------------------------------------
+
+namespace detail {
+
+std::vector<uint8_t> read_idx_file(const std::string& path, int dims, std::vector<uint32_t>& shape) {
+  return largebatch::data::read_idx_file(path, dims, shape);
+}
+
+void read_cifar_file(const std::string& path, int label_bytes, std::vector<uint8_t>& pixels,
+                     std::vector<int64_t>& labels) {
+  largebatch::data::read_cifar_file(path, label_bytes, pixels, labels);
+}
+
+void decode_tiny_image(const std::string& path, uint8_t* out) { largebatch::data::decode_tiny_image(path, out); }
+
+std::vector<std::string> parse_wnids(const std::vector<uint8_t>& bytes, const std::string& path) {
+  std::vector<std::string> wnids;
+  std::unordered_set<std::string> seen;
+  std::istringstream in(std::string(bytes.begin(), bytes.end()));
+  std::string line;
+  int64_t line_no = 0;
+  while (std::getline(in, line)) {
+    ++line_no;
+    const std::string id = trim(line);
+    if (id.empty()) continue;
+    if (!seen.insert(id).second) fail(path, "duplicate wnid " + id + " at line " + std::to_string(line_no));
+    wnids.push_back(id);
+  }
+  if (wnids.empty()) fail(path, "no wnids listed");
+  return wnids;
+}
+
+std::vector<std::pair<std::string, int64_t>> parse_val_annotations(const std::vector<uint8_t>& bytes,
+                                                                   const std::string& path,
+                                                                   const std::vector<std::string>& wnids,
+                                                                   const std::string& wnids_path) {
+  std::unordered_map<std::string, int64_t> class_of;
+  for (size_t k = 0; k < wnids.size(); ++k) class_of[wnids[k]] = static_cast<int64_t>(k);
+  std::vector<std::pair<std::string, int64_t>> entries;
+  std::istringstream in(std::string(bytes.begin(), bytes.end()));
+  std::string line;
+  int64_t line_no = 0;
+  while (std::getline(in, line)) {
+    ++line_no;
+    if (trim(line).empty()) continue;
+    std::vector<std::string> fields;
+    std::stringstream ls(line);
+    std::string field;
+    while (std::getline(ls, field, '\t')) fields.push_back(trim(field));
+    if (fields.size() < 2 || fields[0].empty())
+      fail(path, "line " + std::to_string(line_no) + ": expected <file>\\t<wnid>\\t<box>, found \"" + trim(line) + "\"");
+    auto it = class_of.find(fields[1]);
+    if (it == class_of.end())
+      fail(path, "unknown wnid " + fields[1] + " at line " + std::to_string(line_no) + " (not in " + wnids_path + ")");
+    entries.emplace_back(fields[0], it->second);
+  }
+  if (entries.empty()) fail(path, "no validation images listed");
+  return entries;
+}
+
+}  // namespace detail
+
 // --- public API --------------------------------------------------------------------------------------
 
 const std::vector<std::string>& dataset_names() {
@@ -559,23 +624,7 @@ DatasetSplit load_tiny_imagenet(const std::string& dir) {
   const fs::path root(dir);
   // Classes: wnids.txt, one per line, index = line order.
   const std::string wnids_path = (root / "wnids.txt").string();
-  std::vector<std::string> wnids;
-  std::unordered_map<std::string, int64_t> class_of;
-  {
-    const std::vector<uint8_t> bytes = read_file(wnids_path);
-    std::istringstream in(std::string(bytes.begin(), bytes.end()));
-    std::string line;
-    int64_t line_no = 0;
-    while (std::getline(in, line)) {
-      ++line_no;
-      const std::string id = trim(line);
-      if (id.empty()) continue;
-      if (class_of.count(id)) fail(wnids_path, "duplicate wnid " + id + " at line " + std::to_string(line_no));
-      class_of[id] = static_cast<int64_t>(wnids.size());
-      wnids.push_back(id);
-    }
-    if (wnids.empty()) fail(wnids_path, "no wnids listed");
-  }
+  const std::vector<std::string> wnids = detail::parse_wnids(read_file(wnids_path), wnids_path);
   // Training images: train/<wnid>/images/*.JPEG, file names sorted.
   std::vector<std::string> train_files;
   std::vector<int64_t> train_labels;
@@ -596,27 +645,9 @@ DatasetSplit load_tiny_imagenet(const std::string& dir) {
   const std::string ann_path = (root / "val" / "val_annotations.txt").string();
   std::vector<std::string> val_files;
   std::vector<int64_t> val_labels;
-  {
-    const std::vector<uint8_t> bytes = read_file(ann_path);
-    std::istringstream in(std::string(bytes.begin(), bytes.end()));
-    std::string line;
-    int64_t line_no = 0;
-    while (std::getline(in, line)) {
-      ++line_no;
-      if (trim(line).empty()) continue;
-      std::vector<std::string> fields;
-      std::stringstream ls(line);
-      std::string field;
-      while (std::getline(ls, field, '\t')) fields.push_back(trim(field));
-      if (fields.size() < 2 || fields[0].empty())
-        fail(ann_path, "line " + std::to_string(line_no) + ": expected <file>\\t<wnid>\\t<box>, found \"" + trim(line) + "\"");
-      auto it = class_of.find(fields[1]);
-      if (it == class_of.end())
-        fail(ann_path, "unknown wnid " + fields[1] + " at line " + std::to_string(line_no) + " (not in " + wnids_path + ")");
-      val_files.push_back((root / "val" / "images" / fields[0]).string());
-      val_labels.push_back(it->second);
-    }
-    if (val_files.empty()) fail(ann_path, "no validation images listed");
+  for (const auto& [file, label] : detail::parse_val_annotations(read_file(ann_path), ann_path, wnids, wnids_path)) {
+    val_files.push_back((root / "val" / "images" / file).string());
+    val_labels.push_back(label);
   }
   const int64_t classes = static_cast<int64_t>(wnids.size());
   DatasetSplit split;

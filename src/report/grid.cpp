@@ -234,6 +234,15 @@ SweepGrid read_grid(const std::string& path) {
   if (raw.command != "train" && raw.command != "pretrain")
     bad(path, "command '" + raw.command + "' is not train or pretrain");
 
+  // A sweep is planned in memory and run one folder per combination: refuse a grid no one could run before
+  // expanding it (a few axes of many values would exhaust memory).
+  constexpr double kMaxRuns = 100000;
+  double combinations = 1;
+  for (const auto& axis : raw.axes) combinations *= static_cast<double>(axis.values.size());
+  if (combinations > kMaxRuns)
+    bad(path, "the axes combine into " + number_text(combinations) + " runs, more than the " +
+                  number_text(kMaxRuns) + " a sweep allows");
+
   SweepGrid grid;
   grid.command = raw.command;
   // Odometer over the axes, the last one varying fastest.

@@ -2,12 +2,15 @@
 
 #include <largebatch/optim/factory.h>
 
+#include <fcntl.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <limits>
 #include <cstdarg>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -25,16 +28,48 @@ bool one_of(const std::string& value, std::initializer_list<const char*> options
   return false;
 }
 
-void write_atomically(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw std::runtime_error("cannot write " + tmp.string());
-    out << text;
-    out.flush();
-    if (!out) throw std::runtime_error("write failed: " + tmp.string());
+namespace {
+
+std::string errno_text() { return std::strerror(errno); }
+
+// Writes all of bytes to fd; false (errno set) on any failure, a short write included.
+bool write_all(int fd, const char* data, size_t size) {
+  while (size > 0) {
+    const ssize_t n = ::write(fd, data, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data += n;
+    size -= static_cast<size_t>(n);
   }
-  fs::rename(tmp, path);
+  return true;
+}
+
+}  // namespace
+
+void write_atomically(const fs::path& path, const std::string& text) {
+  // Temporary file, fsync, rename, fsync of the directory: a kill or a power cut at any moment leaves the old
+  // file or the new one, never half of one; a failed write (full disk) removes the temporary file and names it.
+  const fs::path tmp = path.string() + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw std::runtime_error("cannot write " + tmp.string() + ": " + errno_text());
+  const bool written = write_all(fd, text.data(), text.size()) && ::fsync(fd) == 0;
+  const int write_errno = errno;
+  if (::close(fd) != 0 || !written) {
+    const std::string why = written ? errno_text() : std::strerror(write_errno);
+    ::unlink(tmp.c_str());
+    throw std::runtime_error("cannot write " + tmp.string() + ": " + why + " (" + path.string() + " is unchanged)");
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = errno_text();
+    ::unlink(tmp.c_str());
+    throw std::runtime_error("cannot rename " + tmp.string() + " to " + path.string() + ": " + why);
+  }
+  const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd >= 0) {
+    ::fsync(dir_fd);  // makes the rename itself durable; best effort (some file systems refuse it)
+    ::close(dir_fd);
+  }
 }
 
 torch::Device parse_device(const std::string& name) {
@@ -96,17 +131,23 @@ std::shared_ptr<dist::Communicator> connect_ranks(const dist::LaunchEnv& env, to
   return comm;
 }
 
-void prepare_output_dir(const fs::path& out, bool resume, bool lead,
+bool prepare_output_dir(const fs::path& out, bool resume, bool lead,
                         const std::function<void(const std::string&)>& check_resumed) {
   const fs::path checkpoint = out / "checkpoint.pt";
+  bool resuming = false;
   if (resume) {
-    if (!fs::exists(checkpoint)) usage("--resume: no checkpoint at " + checkpoint.string());
     std::ifstream saved(out / "config.json");
     if (saved && check_resumed) {
       std::stringstream ss;
       ss << saved.rdbuf();
       check_resumed(ss.str());
     }
+    // No checkpoint yet (the run was stopped in its first epoch, or never started): start from the beginning,
+    // so that a retry loop can always pass --resume.
+    resuming = fs::exists(checkpoint);
+    if (!resuming && lead)
+      std::fprintf(stderr, "largebatch: --resume: no checkpoint in %s yet, starting from the beginning\n",
+                   out.string().c_str());
   } else if (fs::exists(out / "metrics.csv") || fs::exists(checkpoint)) {
     usage("--out " + out.string() + " already holds a run; pass --resume to continue it or choose another --out");
   }
@@ -114,8 +155,128 @@ void prepare_output_dir(const fs::path& out, bool resume, bool lead,
     std::error_code ec;
     fs::create_directories(out, ec);
     if (ec) usage("--out: cannot create " + out.string() + ": " + ec.message());
+    if (::access(out.c_str(), W_OK) != 0)
+      usage("--out: cannot write in " + out.string() + ": " + std::strerror(errno));
+  }
+  return resuming;
+}
+
+void append_line(const fs::path& path, const std::string& text) {
+  std::ofstream file(path, std::ios::app | std::ios::binary);
+  file << text;
+  file.flush();
+  if (!file) throw std::runtime_error("cannot append to " + path.string() + ": " + std::strerror(errno));
+}
+
+// --- the checkpoint container ----------------------------------------------------------------------
+
+namespace {
+
+constexpr char kCheckpointMagic[] = "largebatch-checkpoint\n";  // 22 bytes: `head -1 checkpoint.pt` says what it is
+constexpr size_t kMagicBytes = sizeof(kCheckpointMagic) - 1;
+constexpr uint32_t kCheckpointVersion = 1;
+constexpr size_t kHeaderBytes = kMagicBytes + 4 + 8 + 4;  // magic, version, payload size, CRC-32
+
+void put_le(std::string& out, uint64_t v, int bytes) {
+  for (int i = 0; i < bytes; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+uint64_t get_le(const std::string& in, size_t at, int bytes) {
+  uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i) v |= uint64_t{static_cast<unsigned char>(in[at + i])} << (8 * i);
+  return v;
+}
+
+uint32_t crc32_of(const char* data, size_t size) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  while (size > 0) {  // zlib takes uInt lengths
+    const uInt chunk = static_cast<uInt>(std::min<size_t>(size, 1u << 30));
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(data), chunk);
+    data += chunk;
+    size -= chunk;
+  }
+  return static_cast<uint32_t>(crc);
+}
+
+std::string hex8(uint32_t v) {
+  char buf[16];
+  std::snprintf(buf, sizeof(buf), "%08x", v);
+  return buf;
+}
+
+std::string read_whole_file(const fs::path& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw CheckpointError(what + " " + path.string() + ": cannot open: " + std::strerror(errno));
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) throw CheckpointError(what + " " + path.string() + ": read error");
+  return bytes;
+}
+
+}  // namespace
+
+std::string seal_checkpoint(const std::string& payload) {
+  std::string out(kCheckpointMagic, kMagicBytes);
+  out.reserve(kHeaderBytes + payload.size());
+  put_le(out, kCheckpointVersion, 4);
+  put_le(out, payload.size(), 8);
+  put_le(out, crc32_of(payload.data(), payload.size()), 4);
+  out += payload;
+  return out;
+}
+
+bool is_sealed_checkpoint(const std::string& bytes) {
+  return bytes.size() >= kMagicBytes && bytes.compare(0, kMagicBytes, kCheckpointMagic) == 0;
+}
+
+std::pair<size_t, size_t> unseal_checkpoint(const std::string& bytes, const std::string& path) {
+  const std::string where = "checkpoint " + path + ": ";
+  if (!is_sealed_checkpoint(bytes)) {
+    if (bytes.compare(0, 4, "PK\x03\x04") == 0)
+      throw CheckpointError(where + "a bare LibTorch archive without the largebatch header and checksum (written "
+                            "by largebatch 0.1 before checksums, or by another program); it cannot be verified");
+    throw CheckpointError(where + "not a largebatch checkpoint (no \"largebatch-checkpoint\" header)");
+  }
+  if (bytes.size() < kHeaderBytes)
+    throw CheckpointError(where + "truncated: " + std::to_string(bytes.size()) + " bytes, the header alone is " +
+                          std::to_string(kHeaderBytes));
+  const uint64_t version = get_le(bytes, kMagicBytes, 4);
+  if (version != kCheckpointVersion)
+    throw CheckpointError(where + "format version " + std::to_string(version) + ", this largebatch reads version " +
+                          std::to_string(kCheckpointVersion));
+  const uint64_t size = get_le(bytes, kMagicBytes + 4, 8);
+  const uint64_t have = bytes.size() - kHeaderBytes;
+  if (size != have)
+    throw CheckpointError(where + (have < size ? "truncated" : "trailing data") + ": the header promises " +
+                          std::to_string(size) + " bytes of payload, the file holds " + std::to_string(have));
+  const uint32_t stored = static_cast<uint32_t>(get_le(bytes, kMagicBytes + 12, 4));
+  const uint32_t computed = crc32_of(bytes.data() + kHeaderBytes, static_cast<size_t>(size));
+  if (stored != computed)
+    throw CheckpointError(where + "damaged: CRC-32 " + hex8(computed) + " of the payload, the header says " +
+                          hex8(stored));
+  return {kHeaderBytes, static_cast<size_t>(size)};
+}
+
+}  // namespace detail
+
+void load_archive(const fs::path& path, torch::serialize::InputArchive& archive, torch::Device device) {
+  const std::string bytes = detail::read_whole_file(path, "file");
+  if (detail::is_sealed_checkpoint(bytes)) {
+    const auto [offset, size] = detail::unseal_checkpoint(bytes, path.string());
+    try {
+      archive.load_from(bytes.data() + offset, size, device);
+    } catch (const c10::Error& e) {
+      throw CheckpointError("checkpoint " + path.string() + ": the checksum matches but LibTorch cannot read the "
+                            "archive (written by an incompatible LibTorch?)");
+    }
+    return;
+  }
+  try {
+    archive.load_from(bytes.data(), bytes.size(), device);
+  } catch (const c10::Error& e) {
+    throw CheckpointError(path.string() + ": not a LibTorch archive or a largebatch checkpoint");
   }
 }
+
+namespace detail {
 
 void save_checkpoint(const fs::path& path, torch::nn::Module& module, torch::optim::Optimizer& optimizer,
                      const json& meta) {
@@ -131,18 +292,22 @@ void save_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
     std::lock_guard<std::mutex> lock(gen.mutex());
     root.write("rng_cpu", gen.get_state());
   }
-  const std::string tmp = path.string() + ".tmp";
-  root.save_to(tmp);
-  fs::rename(tmp, path);
+  std::ostringstream payload;
+  root.save_to(payload);
+  write_atomically(path, seal_checkpoint(payload.str()));
 }
 
 json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::optim::Optimizer& optimizer,
                      torch::Device device) {
   torch::serialize::InputArchive root;
   try {
-    root.load_from(path.string(), device);
+    const std::string bytes = read_whole_file(path, "checkpoint");
+    const auto [offset, size] = unseal_checkpoint(bytes, path.string());
+    root.load_from(bytes.data() + offset, size, device);
+  } catch (const CheckpointError& e) {
+    usage(std::string("--resume: ") + e.what());
   } catch (const c10::Error& e) {
-    usage("--resume: cannot read checkpoint " + path.string() + " (damaged or not a largebatch checkpoint)");
+    usage("--resume: checkpoint " + path.string() + ": the checksum matches but LibTorch cannot read the archive");
   }
   c10::IValue meta;
   torch::Tensor rng;
@@ -157,20 +322,32 @@ json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
   } catch (const c10::Error& e) {
     usage("--resume: checkpoint " + path.string() + " does not match this run's model or optimizer");
   }
+  json parsed;
+  try {
+    if (!meta.isString()) throw std::runtime_error("not a string");
+    parsed = json::parse(meta.toStringRef());
+    if (!parsed.is_object()) throw std::runtime_error("not an object");
+  } catch (const std::exception& e) {
+    usage("--resume: checkpoint " + path.string() + ": its meta record is not a JSON object");
+  }
   {
     auto gen = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(rng.cpu());
+    try {
+      gen.set_state(rng.cpu());
+    } catch (const c10::Error& e) {
+      usage("--resume: checkpoint " + path.string() + ": its random-number state is not a CPU generator state");
+    }
   }
-  return json::parse(meta.toStringRef());
+  return parsed;
 }
 
 void save_module(const fs::path& path, torch::nn::Module& module) {
   torch::serialize::OutputArchive archive;
   module.save(archive);
-  const std::string tmp = path.string() + ".tmp";
-  archive.save_to(tmp);
-  fs::rename(tmp, path);
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  write_atomically(path, bytes.str());
 }
 
 std::string metrics_header() {

@@ -5,6 +5,7 @@
 #include <largebatch/dist/dist.h>
 #include <largebatch/models/models.h>
 #include <largebatch/optim/layerwise.h>
+#include <largebatch/train/checkpoint.h>
 #include <largebatch/train/trainer.h>
 
 #include <nlohmann/json.hpp>
@@ -16,6 +17,7 @@
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <utility>
 
 namespace largebatch {
 namespace train {
@@ -30,7 +32,9 @@ inline double seconds_since(Clock::time_point t0) {
 
 bool one_of(const std::string& value, std::initializer_list<const char*> options);
 
-// Writes text to path atomically: a crash leaves either the old file or the new one, never half of one.
+// Writes text to path atomically and durably (temporary file, fsync, rename): a kill or power cut leaves the old
+// file or the new one, never half of one. std::runtime_error naming the file and the system's reason (a full
+// disk, no permission) otherwise, with the temporary file removed.
 void write_atomically(const std::filesystem::path& path, const std::string& text);
 
 // "cpu", "cuda", "cuda:N"; UsageError naming --device when CUDA is missing or the index does not exist.
@@ -63,20 +67,31 @@ void require_same_on_resume(const std::string& flag, const T& now, const T& save
 }
 
 // The output directory's rules: a fresh run never overwrites a previous one's results (metrics.csv or
-// checkpoint.pt present), a resumed run needs its checkpoint, and check_resumed (given the saved
-// config.json's text) refuses a resume whose identity flags differ. Creates the directory on the lead rank.
-void prepare_output_dir(const std::filesystem::path& out, bool resume, bool lead,
+// checkpoint.pt present); check_resumed (given the saved config.json's text) refuses a resume whose identity
+// flags differ. Creates the directory on the lead rank (UsageError naming --out if it cannot, or cannot write
+// in it). Returns whether there is a checkpoint to resume from: --resume without one starts from the beginning.
+bool prepare_output_dir(const std::filesystem::path& out, bool resume, bool lead,
                         const std::function<void(const std::string& saved_config)>& check_resumed);
 
-// Checkpoint: the module, the optimizer's state, the CPU generator's state and a JSON "meta" record, written
-// to a temporary file and renamed into place.
+// The checkpoint container (format in <largebatch/train/checkpoint.h>): header + CRC-32 around a payload.
+std::string seal_checkpoint(const std::string& payload);
+bool is_sealed_checkpoint(const std::string& bytes);
+// {offset, size} of the payload of a sealed file's bytes; CheckpointError naming path for any defect.
+std::pair<size_t, size_t> unseal_checkpoint(const std::string& bytes, const std::string& path);
+
+// Appends a row to a log whose content a checkpoint also holds (metrics.csv); std::runtime_error naming the file
+// and the reason (a full disk) if it cannot: the run stops, and a resume rewrites the file from the checkpoint.
+void append_line(const std::filesystem::path& path, const std::string& text);
+
+// Checkpoint: the module, the optimizer's state, the CPU generator's state and a JSON "meta" record, sealed
+// and written atomically (write_atomically).
 void save_checkpoint(const std::filesystem::path& path, torch::nn::Module& module, torch::optim::Optimizer& optimizer,
                      const nlohmann::json& meta);
 // Restores what save_checkpoint wrote and returns meta; UsageError naming the file if it cannot be read.
 nlohmann::json load_checkpoint(const std::filesystem::path& path, torch::nn::Module& module,
                                torch::optim::Optimizer& optimizer, torch::Device device);
 
-// Saves a module's parameters and buffers (torch::serialize) atomically.
+// Saves a module's parameters and buffers as a bare LibTorch archive (torch::load reads it), atomically.
 void save_module(const std::filesystem::path& path, torch::nn::Module& module);
 
 // metrics.csv of classification runs (train, linear-eval): the header, one row per epoch, and the same record

@@ -375,7 +375,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
     usage("--batch-size " + std::to_string(config.batch_size) + " is not divisible by the world size " +
           std::to_string(world) + " (WORLD_SIZE)");
   const fs::path checkpoint_path = out / "checkpoint.pt";
-  prepare_output_dir(out, config.resume, lead, [&](const std::string& saved) {
+  const bool resuming = prepare_output_dir(out, config.resume, lead, [&](const std::string& saved) {
     const PretrainConfig before = PretrainConfig::from_json(saved, (out / "config.json").string());
     require_same_on_resume("--data", config.data, before.data, out);
     require_same_on_resume("--model", config.model, before.model, out);
@@ -463,7 +463,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
   PretrainSummary summary;
   std::vector<double> augment_history;
   int64_t start_epoch = 0, step = 0;
-  if (config.resume) {
+  if (resuming) {
     const json meta = load_checkpoint(checkpoint_path, *net, *optimizer, device);
     start_epoch = meta.at("epoch");
     step = meta.at("step");
@@ -493,7 +493,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
   }
   std::ofstream telemetry;
   if (config.telemetry_every > 0 && lead) {
-    open_telemetry(telemetry, out / "telemetry.csv", config.resume, step);
+    open_telemetry(telemetry, out / "telemetry.csv", resuming, step);
     if (!layerwise) std::printf("note: --telemetry-every records layer-wise optimizers only\n");
   }
 
@@ -617,8 +617,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
       meta["history"].push_back(pretrain_record_json(summary.history[i], augment_history[i]));
     if (lead) {
       save_checkpoint(checkpoint_path, *net, *optimizer, meta);
-      std::ofstream metrics(out / "metrics.csv", std::ios::app);
-      metrics << pretrain_metrics_row(r, augment_s);
+      append_line(out / "metrics.csv", pretrain_metrics_row(r, augment_s));
     }
     progress.epoch_line(format("epoch %3lld/%lld  step %6lld  lr %.4g  phi %.4f  loss %.3f (on-diagonal %.3f, "
                                "off-diagonal %.2f)  %.1fs %.0f img/s (views %.1fs)",
@@ -754,7 +753,7 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
     usage("linear-eval runs in one process (WORLD_SIZE is " + std::to_string(env.world) +
           "): the frozen features make it cheap; start it without a launcher");
   const fs::path checkpoint_path = out / "checkpoint.pt";
-  prepare_output_dir(out, config.resume, true, [&](const std::string& saved) {
+  const bool resuming = prepare_output_dir(out, config.resume, true, [&](const std::string& saved) {
     const LinearEvalConfig before = LinearEvalConfig::from_json(saved, (out / "config.json").string());
     require_same_on_resume("--backbone", config.backbone, before.backbone, out);
     require_same_on_resume("--data", config.data, before.data, out);
@@ -773,7 +772,9 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
     // The file's head may have another number of classes (pre-trained on another data set): read its size.
     torch::serialize::InputArchive archive;
     try {
-      archive.load_from(config.backbone, torch::kCPU);  // a GPU-trained file loads anywhere; moved below
+      load_archive(config.backbone, archive, torch::kCPU);  // a GPU-trained file loads anywhere; moved below
+    } catch (const CheckpointError& e) {
+      usage("--backbone " + config.backbone + ": " + e.what());
     } catch (const c10::Error&) {
       usage("--backbone " + config.backbone +
             ": not a model file (backbone.pt or checkpoint.pt of pretrain, model.pt of train)");
@@ -845,7 +846,7 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
 
   TrainSummary summary;
   int64_t start_epoch = 0, step = 0;
-  if (config.resume) {
+  if (resuming) {
     const json meta = load_checkpoint(checkpoint_path, *probe, optimizer, device);
     start_epoch = meta.at("epoch");
     step = meta.at("step");
@@ -969,10 +970,7 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
     json meta{{"epoch", epoch + 1}, {"step", step}, {"history", json::array()}};
     for (const auto& h : summary.history) meta["history"].push_back(record_json(h));
     save_checkpoint(checkpoint_path, *probe, optimizer, meta);
-    {
-      std::ofstream metrics(out / "metrics.csv", std::ios::app);
-      metrics << metrics_row(r);
-    }
+    append_line(out / "metrics.csv", metrics_row(r));
     progress.epoch_line(format("epoch %3lld/%lld  lr %.4g  train loss %.4f acc %.4f  test loss %.4f top1 %.4f top5 "
                                "%.4f  %.2fs",
                                static_cast<long long>(r.epoch), static_cast<long long>(config.epochs), r.lr,

@@ -376,8 +376,8 @@ TrainSummary run_training(const TrainConfig& config) {
           std::to_string(local_batch) + " (--batch-size / WORLD_SIZE)");
   const fs::path checkpoint_path = out / "checkpoint.pt";
 
-  // Never overwrite a previous run's results; resuming needs its checkpoint and the same identity.
-  prepare_output_dir(out, config.resume, lead, [&](const std::string& saved) {
+  // Never overwrite a previous run's results; a resume needs the same identity.
+  const bool resuming = prepare_output_dir(out, config.resume, lead, [&](const std::string& saved) {
     const TrainConfig before = TrainConfig::from_json(saved, (out / "config.json").string());
     require_same_on_resume("--data", config.data, before.data, out);
     require_same_on_resume("--model", config.model, before.model, out);
@@ -455,7 +455,7 @@ TrainSummary run_training(const TrainConfig& config) {
 
   TrainSummary summary;
   int64_t start_epoch = 0, step = 0;
-  if (config.resume) {
+  if (resuming) {
     const json meta = load_checkpoint(checkpoint_path, *model, *optimizer, device);
     start_epoch = meta.at("epoch");
     step = meta.at("step");
@@ -487,7 +487,7 @@ TrainSummary run_training(const TrainConfig& config) {
 
   std::ofstream telemetry;
   if (config.telemetry_every > 0 && lead) {
-    open_telemetry(telemetry, out / "telemetry.csv", config.resume, step);
+    open_telemetry(telemetry, out / "telemetry.csv", resuming, step);
     if (!layerwise) std::printf("note: --telemetry-every records layer-wise optimizers only; %s has no trust ratio\n",
                                 config.optimizer.c_str());
   }
@@ -506,7 +506,7 @@ TrainSummary run_training(const TrainConfig& config) {
     first.next(sharpness_batch);
     if (lead)
       open_csv_log(sharpness_log, out / "sharpness.csv", "step,epoch,top_eigenvalue,iterations,converged,seconds",
-                   config.resume, step + 1, "--sharpness-every");
+                   resuming, step + 1, "--sharpness-every");
   }
   auto measure_sharpness = [&](int64_t epoch) {
     const auto t0 = Clock::now();
@@ -745,8 +745,7 @@ TrainSummary run_training(const TrainConfig& config) {
     for (const auto& h : summary.history) meta["history"].push_back(record_json(h));
     if (lead) {
       save_checkpoint(checkpoint_path, *model, *optimizer, meta);
-      std::ofstream metrics(out / "metrics.csv", std::ios::app);
-      metrics << metrics_row(r);
+      append_line(out / "metrics.csv", metrics_row(r));
     }
     progress.epoch_line(format(
         "epoch %3lld/%lld  step %6lld  lr %.4g  phi %.4f  train loss %.4f acc %.4f  test loss %.4f top1 %.4f "
