@@ -25,21 +25,21 @@ test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
 
 # The test suite under AddressSanitizer + UndefinedBehaviorSanitizer (clang, its own build directory), then
-# every fuzz target for FUZZ_SECONDS (docs/RELIABILITY.md). Options for the sanitizers: scripts/sanitizers.env.
+# every fuzz target for FUZZ_SECONDS (docs/RELIABILITY.md); the sanitizers' options are set by CMakeLists.txt.
 sanitize:
 	bash scripts/setup.sh --sanitize
 	cmake -S . -B $(SAN_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
 	  -DLARGEBATCH_FUZZ=ON -DLARGEBATCH_FUZZ_SECONDS=$(FUZZ_SECONDS) -DLARGEBATCH_BUILD_EXAMPLES=OFF \
 	  -DLARGEBATCH_BUILD_BENCHMARKS=OFF $(CMAKE_ARGS)
 	cmake --build $(SAN_DIR) -j $(JOBS)
-	set -a && . scripts/sanitizers.env && cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -LE fuzz -E '^package\.'
-	set -a && . scripts/sanitizers.env && cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -L fuzz
+	cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -LE fuzz -E '^package\.'
+	cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -L fuzz
 
 # Only the bounded fuzzing (after make sanitize has built $(SAN_DIR)); FUZZ_SECONDS per target.
 fuzz:
 	cmake -S . -B $(SAN_DIR) -DLARGEBATCH_FUZZ_SECONDS=$(FUZZ_SECONDS)
 	cmake --build $(SAN_DIR) -j $(JOBS)
-	set -a && . scripts/sanitizers.env && cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -L fuzz
+	cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -L fuzz
 
 # Speed against the Python reference and the bandwidth bound (docs/PERFORMANCE.md); needs python3-torch.
 bench: build

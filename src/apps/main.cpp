@@ -48,7 +48,7 @@ class JsonOrTomlConfig : public CLI::ConfigTOML {
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for 1e99999
       throw CLI::ConversionError("--config: not valid JSON: " + std::string(e.what()));
     }
     std::vector<CLI::ConfigItem> items;

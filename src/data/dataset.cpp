@@ -221,11 +221,10 @@ std::vector<uint8_t> read_idx_file(const std::string& path, int dims, std::vecto
   }
   const uint64_t expected = header_bytes + payload;
   std::vector<uint8_t> data;
-  data.reserve(static_cast<size_t>(std::min<uint64_t>(payload, uint64_t{1} << 28)));
-  // Grow as the data arrives, so that a lying header cannot force a huge allocation.
+  // Grow as the data arrives (doubling, from 64 KiB), so that a lying header cannot force a huge allocation.
   uint64_t have = 0;
   while (have < payload) {
-    const uint64_t chunk = std::min<uint64_t>(payload - have, uint64_t{1} << 24);
+    const uint64_t chunk = std::min<uint64_t>({payload - have, std::max<uint64_t>(have, uint64_t{1} << 16), uint64_t{1} << 24});
     data.resize(static_cast<size_t>(have + chunk));
     const uint64_t got = file.read(data.data() + have, chunk);
     have += got;

@@ -243,9 +243,48 @@ LaunchEnv launch_env_from_environment() {
   return env;
 }
 
+namespace {
+
+// Whether another program listens on (or holds) the port rank 0 must host the rendezvous on. Binds the way
+// c10d's server does (IPv6 any, dual-stack, else IPv4 any; SO_REUSEADDR) and lets go at once, so that a taken
+// port is one clear error rather than c10d's log lines and exception.
+bool port_taken(int port) {
+  for (const int family : {AF_INET6, AF_INET}) {
+    const int fd = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) continue;  // no IPv6 here: try IPv4
+    const int one = 1, zero = 0;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    int rc;
+    if (family == AF_INET6) {
+      ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
+      sockaddr_in6 a{};
+      a.sin6_family = AF_INET6;
+      a.sin6_addr = in6addr_any;
+      a.sin6_port = htons(static_cast<uint16_t>(port));
+      rc = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    } else {
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_addr.s_addr = htonl(INADDR_ANY);
+      a.sin_port = htons(static_cast<uint16_t>(port));
+      rc = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    }
+    const int bind_errno = errno;
+    ::close(fd);
+    if (rc == 0) return false;
+    if (bind_errno == EADDRINUSE) return true;
+  }
+  return false;  // some other failure: c10d reports it
+}
+
+}  // namespace
+
 std::shared_ptr<Communicator> Communicator::connect(const LaunchEnv& env, torch::Device device,
                                                     CommunicatorOptions options) {
   const std::string where = env.master_addr + ":" + std::to_string(env.master_port);
+  if (env.rank == 0 && port_taken(env.master_port))
+    throw PeerError("rank 0: cannot host the rendezvous: port " + std::to_string(env.master_port) +
+                    " (MASTER_PORT) is already in use on this machine (another run?); choose another MASTER_PORT");
   c10::intrusive_ptr<c10d::Store> store;
   try {
     c10d::TCPStoreOptions o;

@@ -74,7 +74,7 @@ RawGrid parse_json(const std::string& path, const std::string& text) {
   nlohmann::ordered_json j;
   try {
     j = nlohmann::ordered_json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for 1e99999
     bad(path, std::string("not valid JSON (") + e.what() + ")");
   }
   if (!j.is_object()) bad(path, "expected a JSON object with \"axes\" (and \"fixed\", \"command\")");

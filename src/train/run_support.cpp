@@ -3,6 +3,8 @@
 #include <largebatch/optim/factory.h>
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -57,7 +59,9 @@ void write_atomically(const fs::path& path, const std::string& text) {
   if (::close(fd) != 0 || !written) {
     const std::string why = written ? errno_text() : std::strerror(write_errno);
     ::unlink(tmp.c_str());
-    throw std::runtime_error("cannot write " + tmp.string() + ": " + why + " (" + path.string() + " is unchanged)");
+    std::error_code ec;
+    throw std::runtime_error("cannot write " + tmp.string() + ": " + why + " (" + path.string() +
+                             (fs::exists(path, ec) ? " is unchanged)" : " was not written)"));
   }
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     const std::string why = errno_text();
@@ -155,8 +159,12 @@ bool prepare_output_dir(const fs::path& out, bool resume, bool lead,
     std::error_code ec;
     fs::create_directories(out, ec);
     if (ec) usage("--out: cannot create " + out.string() + ": " + ec.message());
-    if (::access(out.c_str(), W_OK) != 0)
-      usage("--out: cannot write in " + out.string() + ": " + std::strerror(errno));
+    // Try it (access() says yes to root even where nothing can be written, /proc say).
+    const fs::path probe = out / ".largebatch-write-test";
+    const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) usage("--out: cannot write in " + out.string() + ": " + std::strerror(errno));
+    ::close(fd);
+    ::unlink(probe.c_str());
   }
   return resuming;
 }
@@ -195,6 +203,12 @@ uint32_t crc32_of(const char* data, size_t size) {
     size -= chunk;
   }
   return static_cast<uint32_t>(crc);
+}
+
+std::string first_line(const std::string& text) {
+  const auto b = text.find_first_not_of(" \n");
+  if (b == std::string::npos) return "";
+  return text.substr(b, text.find('\n', b) - b);
 }
 
 std::string hex8(uint32_t v) {
@@ -255,25 +269,67 @@ std::pair<size_t, size_t> unseal_checkpoint(const std::string& bytes, const std:
   return {kHeaderBytes, static_cast<size_t>(size)};
 }
 
+// LibTorch 1.13's archive reader can crash rather than throw on a crafted archive (fuzz_checkpoint_payload found
+// SIGSEGV and aborts in its TorchScript type parser, which the unpickler runs on type names read from the file).
+// So it first reads the bytes in a child process: a crash there becomes a CheckpointError here. The child only
+// parses and exits; a child that does not finish within a minute (a lock held across fork) is killed and the
+// read goes ahead in this process, as it would have without the probe.
+void read_archive_guarded(const char* data, size_t size, torch::Device device, torch::serialize::InputArchive& archive,
+                          const std::string& what) {
+  std::fflush(nullptr);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    const int null_fd = ::open("/dev/null", O_WRONLY);
+    if (null_fd >= 0) ::dup2(null_fd, 2);  // the crash is reported by the parent, in one line
+    int code = 0;
+    try {
+      torch::serialize::InputArchive probe;
+      probe.load_from(data, size, torch::kCPU);
+    } catch (...) {
+      code = 3;  // a clean refusal: the parent's own read below throws it again, with its message
+    }
+    ::_exit(code);
+  }
+  if (child > 0) {
+    int status = 0;
+    pid_t done = 0;
+    for (int waited_ms = 0; waited_ms < 60000; waited_ms += 5) {
+      done = ::waitpid(child, &status, WNOHANG);
+      if (done != 0) break;
+      ::usleep(5000);
+    }
+    if (done == 0) {
+      ::kill(child, SIGKILL);
+      ::waitpid(child, &status, 0);
+    } else if (done == child) {
+      const bool crashed = WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) != 0 &&
+                                                   WEXITSTATUS(status) != 3);
+      if (crashed)
+        throw CheckpointError(what + "LibTorch crashes reading it (" +
+                              (WIFSIGNALED(status) ? std::string(strsignal(WTERMSIG(status)))
+                                                   : "exit " + std::to_string(WEXITSTATUS(status))) +
+                              "): the archive is malformed or crafted");
+    }
+  }
+  try {
+    archive.load_from(data, size, device);
+  } catch (const std::exception& e) {  // c10::Error, torch::jit::ErrorReport, ...
+    throw CheckpointError(what + "LibTorch cannot read it (" + first_line(e.what()) + ")");
+  }
+}
+
 }  // namespace detail
 
 void load_archive(const fs::path& path, torch::serialize::InputArchive& archive, torch::Device device) {
   const std::string bytes = detail::read_whole_file(path, "file");
   if (detail::is_sealed_checkpoint(bytes)) {
     const auto [offset, size] = detail::unseal_checkpoint(bytes, path.string());
-    try {
-      archive.load_from(bytes.data() + offset, size, device);
-    } catch (const c10::Error& e) {
-      throw CheckpointError("checkpoint " + path.string() + ": the checksum matches but LibTorch cannot read the "
-                            "archive (written by an incompatible LibTorch?)");
-    }
+    detail::read_archive_guarded(bytes.data() + offset, size, device, archive,
+                                 "checkpoint " + path.string() + ": the checksum matches, but ");
     return;
   }
-  try {
-    archive.load_from(bytes.data(), bytes.size(), device);
-  } catch (const c10::Error& e) {
-    throw CheckpointError(path.string() + ": not a LibTorch archive or a largebatch checkpoint");
-  }
+  detail::read_archive_guarded(bytes.data(), bytes.size(), device, archive,
+                               path.string() + ": not a largebatch checkpoint nor a LibTorch archive: ");
 }
 
 namespace detail {
@@ -303,11 +359,10 @@ json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
   try {
     const std::string bytes = read_whole_file(path, "checkpoint");
     const auto [offset, size] = unseal_checkpoint(bytes, path.string());
-    root.load_from(bytes.data() + offset, size, device);
+    read_archive_guarded(bytes.data() + offset, size, device, root,
+                         "checkpoint " + path.string() + ": the checksum matches, but ");
   } catch (const CheckpointError& e) {
     usage(std::string("--resume: ") + e.what());
-  } catch (const c10::Error& e) {
-    usage("--resume: checkpoint " + path.string() + ": the checksum matches but LibTorch cannot read the archive");
   }
   c10::IValue meta;
   torch::Tensor rng;
@@ -319,7 +374,7 @@ json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
     optimizer.load(optimizer_archive);
     root.read("meta", meta);
     root.read("rng_cpu", rng);
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {  // c10::Error, torch::jit::ErrorReport, ...
     usage("--resume: checkpoint " + path.string() + " does not match this run's model or optimizer");
   }
   json parsed;
@@ -335,7 +390,7 @@ json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
     std::lock_guard<std::mutex> lock(gen.mutex());
     try {
       gen.set_state(rng.cpu());
-    } catch (const c10::Error& e) {
+    } catch (const std::exception& e) {  // c10::Error, torch::jit::ErrorReport, ...
       usage("--resume: checkpoint " + path.string() + ": its random-number state is not a CPU generator state");
     }
   }

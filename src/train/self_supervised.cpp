@@ -160,7 +160,7 @@ Config config_from_json(const std::string& text, const std::string& source, Fiel
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for 1e99999
     usage(source + ": not valid JSON (" + std::string(e.what()) + ")");
   }
   if (!j.is_object()) usage(source + ": expected a JSON object");
@@ -774,8 +774,9 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
     try {
       load_archive(config.backbone, archive, torch::kCPU);  // a GPU-trained file loads anywhere; moved below
     } catch (const CheckpointError& e) {
-      usage("--backbone " + config.backbone + ": " + e.what());
-    } catch (const c10::Error&) {
+      usage("--backbone " + config.backbone +
+            ": not a model file (backbone.pt or checkpoint.pt of pretrain, model.pt of train): " + e.what());
+    } catch (const std::exception&) {  // c10::Error, torch::jit::ErrorReport, ...
       usage("--backbone " + config.backbone +
             ": not a model file (backbone.pt or checkpoint.pt of pretrain, model.pt of train)");
     }
@@ -796,7 +797,7 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
     backbone = make_classifier(model_name, split.train, "default", 0, classes);
     try {
       backbone->load(archive);
-    } catch (const c10::Error&) {
+    } catch (const std::exception&) {  // c10::Error, torch::jit::ErrorReport, ...
       usage("--backbone " + config.backbone + ": does not hold a " + model_name + " for " +
             std::to_string(split.train.channels()) + "x" + std::to_string(split.train.height()) + "x" +
             std::to_string(split.train.width()) + " images of " + config.data);

@@ -90,7 +90,7 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& s
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for 1e99999
     usage(source + ": not valid JSON (" + std::string(e.what()) + ")");
   }
   if (!j.is_object()) usage(source + ": expected a JSON object");

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Kill trials: `largebatch train` killed with SIGKILL at any moment and resumed with --resume ends exactly where
+# an uninterrupted run ends.
+#  - Reference: one uninterrupted run (resnet18 on 128 synthetic images, 3 epochs of 2 steps, one thread: its
+#    checkpoint is ~90 MB, so writing it takes a good share of each epoch), run twice: the two model.pt files
+#    must be byte-identical, so `cmp` is a meaningful test of bit-identical weights (stricter than
+#    `largebatch compare --atol 0 --rtol 0`, which checks the tensors only). Its wall time is T.
+#  - 10 random trials: the same run in a fresh --out, SIGKILL at a uniformly random moment in (0, T) (a run
+#    that finishes first is started again with a new moment, up to 3 times); in the even-numbered trials the
+#    first --resume is also killed at a random moment in (0, T); then --resume until summary.json says
+#    completed (at most 6 resumes).
+#  - 4 targeted trials: SIGKILL 0-80 ms after checkpoint.pt.tmp appears during the write of epoch 1, 2 or 3
+#    (a write lasts ~100-400 ms), and 0-15 ms after model.pt.tmp appears (the final model write, ~30 ms);
+#    then --resume until completed.
+#  After every kill: a checkpoint.pt that exists has the largebatch header and the size its header promises,
+#  and the next --resume never refuses it (exit 2 = "damaged: CRC-32" / "truncated"), a leftover
+#  checkpoint.pt.tmp included. At the end of every trial: status completed, model.pt byte-identical to the
+#  reference, metrics.csv (all but the timing columns) equal to the reference's, no *.tmp file left.
+# Kill moments come from $RANDOM seeded with KILL_SEED (printed; KILL_SEED=N replays the same moments as fractions
+# of T, though what the run is doing at a given moment also depends on the machine's load).
+# Usage: kill_trials.sh path/to/largebatch
+set -u
+LB=$(readlink -f "$1")
+W=$(mktemp -d)
+trap 'jobs -p | xargs -r kill -9 2>/dev/null; rm -rf "$W"' EXIT
+pass=0 fail=0
+ok() { echo "ok   $*"; pass=$((pass + 1)); }
+bad() { echo "FAIL $*"; fail=$((fail + 1)); }
+
+seed=${KILL_SEED:-$(( $(date +%s%N) / 1000 % 1000000 ))}
+echo "kill seed: $seed (replay with KILL_SEED=$seed)"
+RANDOM=$seed
+
+RUN=(train --data synthetic --synthetic-size 128 --batch-size 64 --model resnet18 --epochs 3 --seed 7
+     --threads 1 --loader-workers 1 --progress none --no-plots)
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+sleep_ms() { sleep "$(($1 / 1000)).$(printf %03d $(($1 % 1000)))"; }
+cols() { cut -d, -f1-9 "$1"; }  # metrics.csv without the timing columns
+
+# ---- reference -----------------------------------------------------------------------------------------
+t0=$(now_ms)
+"$LB" "${RUN[@]}" --out "$W/ref" > "$W/ref.log" 2>&1 || { cat "$W/ref.log"; bad "reference run failed"; }
+T=$(( $(now_ms) - t0 ))
+"$LB" "${RUN[@]}" --out "$W/ref2" > "$W/ref2.log" 2>&1 || { cat "$W/ref2.log"; bad "second reference run failed"; }
+if [ -f "$W/ref/model.pt" ] && cmp -s "$W/ref/model.pt" "$W/ref2/model.pt"; then
+  ok "reference: ${T} ms, checkpoint $(stat -c %s "$W/ref/checkpoint.pt") bytes; two runs give byte-identical model.pt"
+else
+  bad "two identical runs give different model.pt: cmp cannot judge the trials"
+fi
+
+in_write=0 over_tmp=0 survived=0 trials=0
+# After a kill: the checkpoint, if any, is whole (header magic, size as promised). Sets $tmp_left.
+after_kill() {  # after_kill OUT LABEL
+  local out=$1 ckpt="$1/checkpoint.pt"
+  tmp_left=0
+  if [ -e "$ckpt.tmp" ]; then tmp_left=1; in_write=$((in_write + 1)); fi
+  [ -e "$ckpt" ] || return 0
+  local size promised
+  size=$(stat -c %s "$ckpt")
+  promised=$(od -An -tu8 -j26 -N8 "$ckpt" | tr -d ' ')
+  if [ "$(head -c 22 "$ckpt")" != "largebatch-checkpoint" ] || [ "$size" -ne $((promised + 38)) ]; then
+    trial_ok=0
+    echo "     $2: checkpoint.pt is not whole after the kill: $size bytes, header promises $promised + 38"
+  fi
+}
+
+# Starts a run (fresh or --resume) in the background; $pid.
+start() {
+  over=0
+  [[ " $* " == *" --resume "* ]] && [ -e "$out/checkpoint.pt.tmp" ] && over=1
+  "$LB" "${RUN[@]}" "$@" >> "$W/trial.log" 2>&1 &
+  pid=$!
+}
+
+# Waits for the run $pid; a resume must never be refused (exit 2). Returns the exit code.
+finish() {
+  wait "$pid" 2>/dev/null
+  local rc=$?
+  [ "$rc" -eq 0 ] && [ "$over" -eq 1 ] && over_tmp=$((over_tmp + 1))  # a leftover .tmp did not hurt
+  if [ "$rc" -eq 2 ]; then
+    trial_ok=0
+    echo "     resume refused (exit 2): $(grep 'largebatch train:' "$W/trial.log" | tail -1)"
+  fi
+  return "$rc"
+}
+
+# SIGKILL now; if the run had already ended, says how. Returns 0 when the kill is what ended it.
+kill_now() {  # kill_now OUT LABEL
+  kill -9 "$pid" 2>/dev/null
+  finish
+  local rc=$?
+  if [ "$rc" -eq 0 ]; then note+=" $2 finished before the kill;"; return 1; fi
+  if [ "$rc" -ne 137 ]; then
+    trial_ok=0; note+=" $2 ended with exit $rc before the kill;"; return 1
+  fi
+  after_kill "$1" "$2"
+}
+
+kill_at_random() {  # kill_at_random OUT LABEL: SIGKILL at a random moment in (0, T) of the run $pid
+  local ms=$(( 1 + RANDOM * (T - 1) / 32768 ))
+  sleep_ms "$ms"
+  kill_now "$1" "$2" || return 1
+  local where=""
+  [ "$tmp_left" -eq 1 ] && where=" (in a checkpoint write)"
+  note+=" $2 killed at ${ms} ms$where;"
+}
+
+kill_in_write() {  # kill_in_write OUT FILE N MAX: SIGKILL 0-MAX ms after FILE.tmp appears for the Nth time
+  local tmp="$1/$2.tmp" n=0 seen=0 ms=$(( RANDOM * $4 / 32768 ))
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ -e "$tmp" ]; then
+      if [ "$seen" -eq 0 ]; then seen=1; n=$((n + 1)); [ "$n" -eq "$3" ] && break; fi
+    else
+      seen=0
+    fi
+  done  # busy polling (builtins only): the model.pt write lasts ~30 ms
+  [ "$ms" -gt 0 ] && sleep_ms "$ms"
+  local still=0
+  kill -0 "$pid" 2>/dev/null && [ -e "$tmp" ] && still=1
+  kill_now "$1" "run" &&
+    note+=" run killed ${ms} ms after $2.tmp #$3 appeared ($([ "$still" -eq 1 ] && echo "while written" || echo "write already done"));"
+}
+
+# Resumes until completed; checks the end state against the reference.
+complete_and_check() {  # complete_and_check OUT NAME
+  local out=$1 name=$2 tries=0
+  until grep -q '"status": "completed"' "$out/summary.json" 2>/dev/null || [ "$tries" -ge 6 ]; do
+    tries=$((tries + 1))
+    start --resume --out "$out"
+    finish || { trial_ok=0; echo "     resume $tries failed: $(tail -2 "$W/trial.log")"; }
+  done
+  note+=" $tries resume(s) to completion"
+  local leftovers
+  leftovers=$(cd "$out" && ls -- *.tmp 2>/dev/null | tr '\n' ' ')
+  if ! grep -q '"status": "completed"' "$out/summary.json" 2>/dev/null; then
+    trial_ok=0; note+="; NOT completed"
+  elif ! cmp -s "$W/ref/model.pt" "$out/model.pt"; then
+    trial_ok=0; note+="; model.pt differs from the reference"
+  elif [ "$(cols "$W/ref/metrics.csv")" != "$(cols "$out/metrics.csv")" ]; then
+    trial_ok=0; note+="; metrics.csv differs from the reference"
+  elif [ -n "$leftovers" ]; then
+    trial_ok=0; note+="; temporary files left: $leftovers"
+  fi
+  trials=$((trials + 1))
+  if [ "$trial_ok" -eq 1 ]; then
+    survived=$((survived + 1))
+    ok "$name:$note, weights identical"
+  else
+    bad "$name:$note"
+    sed 's/^/     | /' "$W/trial.log" | grep -v "optimizer options" | tail -8
+  fi
+}
+
+# ---- 10 random trials ----------------------------------------------------------------------------------
+for i in $(seq 1 10); do
+  out="$W/t$i" note="" trial_ok=1
+  : > "$W/trial.log"
+  # A run that ends before its kill moment (T varies with the load) is started again with a new moment.
+  for attempt in 1 2 3; do
+    rm -rf "$out"
+    start --out "$out"
+    kill_at_random "$out" "run" && break
+  done
+  if [ $((i % 2)) -eq 0 ] && ! grep -q '"status": "completed"' "$out/summary.json" 2>/dev/null; then
+    start --resume --out "$out"
+    kill_at_random "$out" "first resume"
+  fi
+  complete_and_check "$out" "random trial $i"
+done
+
+# ---- targeted trials: inside the checkpoint writes and the final model write ---------------------------
+# A checkpoint write lasts ~100-400 ms here, the model.pt write ~30 ms: kill 0-80 or 0-15 ms after the start.
+for target in checkpoint.pt:1:80 checkpoint.pt:2:80 checkpoint.pt:3:80 model.pt:1:15; do
+  file=${target%%:*} nth=$(cut -d: -f2 <<<"$target") max=${target##*:}
+  out="$W/w-$file-$nth" note="" trial_ok=1
+  : > "$W/trial.log"
+  start --out "$out"
+  kill_in_write "$out" "$file" "$nth" "$max"
+  complete_and_check "$out" "targeted trial: $file write #$nth"
+done
+
+echo "kill trials: $survived/$trials survived ($in_write kills during a checkpoint write, $over_tmp resumes over a leftover checkpoint.pt.tmp)"
+echo "kill_trials: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
