@@ -170,30 +170,26 @@ int tiny_annotations(const uint8_t* data, size_t size) {
   return 0;
 }
 
+namespace {
+
+template <class Config>
+void read_config(const std::string& text) {
+  try {
+    Config::from_json(text, "config.json").validate();
+  } catch (const train::UsageError& e) {  // the CLI reports both as bad input (exit 2)
+    rejected(e);
+  } catch (const std::invalid_argument& e) {
+    rejected(e);
+  }
+}
+
+}  // namespace
+
 int train_config(const uint8_t* data, size_t size) {
   const std::string text(reinterpret_cast<const char*>(data), size);
-  // Every command's config.json reader; the CLI reports both error types as bad input (exit 2).
-  try {
-    train::TrainConfig::from_json(text, "config.json").validate();
-  } catch (const train::UsageError& e) {
-    rejected(e);
-  } catch (const std::invalid_argument& e) {
-    rejected(e);
-  }
-  try {
-    train::PretrainConfig::from_json(text, "config.json").validate();
-  } catch (const train::UsageError& e) {
-    rejected(e);
-  } catch (const std::invalid_argument& e) {
-    rejected(e);
-  }
-  try {
-    train::LinearEvalConfig::from_json(text, "config.json").validate();
-  } catch (const train::UsageError& e) {
-    rejected(e);
-  } catch (const std::invalid_argument& e) {
-    rejected(e);
-  }
+  read_config<train::TrainConfig>(text);
+  read_config<train::PretrainConfig>(text);
+  read_config<train::LinearEvalConfig>(text);
   return 0;
 }
 
