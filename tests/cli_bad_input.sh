@@ -57,6 +57,7 @@ expect unknown-data 2 "--data: unknown data set 'imagenet'" -- $T --data imagene
 expect unknown-model 2 "--model" -- $S --model vgg --out "$WORK/o7"
 expect unknown-optimizer 2 "unknown optimizer 'adamax'" -- $S --optimizer adamax --out "$WORK/o8"
 expect on-nonfinite 2 "--on-nonfinite" -- $S --on-nonfinite ignore --out "$WORK/o8b"
+expect checkpoint-every 2 "--checkpoint-every must be >= 0" -- $S --checkpoint-every -1 --out "$WORK/o8d"
 expect skip-limit 2 "--skip-limit must be >= 1" -- $S --skip-limit 0 --out "$WORK/o8c"
 expect unknown-opt-key 2 "unknown optimizer option 'momentun'" -- $S --opt momentun=0.9 --out "$WORK/o9"
 expect bad-opt-value 2 "momentum = 1.5" -- $S --opt momentum=1.5 --out "$WORK/o10"

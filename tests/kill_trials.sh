@@ -9,6 +9,7 @@
 #    that finishes first is started again with a new moment, up to 3 times); in the even-numbered trials the
 #    first --resume is also killed at a random moment in (0, T); then --resume until summary.json says
 #    completed (at most 6 resumes).
+#    Trials 6-10 add --checkpoint-every 1 (checkpoints within epochs, resumes in the middle of one).
 #  - 4 targeted trials: SIGKILL 0-80 ms after checkpoint.pt.tmp appears during the write of epoch 1, 2 or 3
 #    (a write lasts ~100-400 ms), and 0-15 ms after model.pt.tmp appears (the final model write, ~30 ms);
 #    then --resume until completed.
@@ -16,6 +17,8 @@
 #  and the next --resume never refuses it (exit 2 = "damaged: CRC-32" / "truncated"), a leftover
 #  checkpoint.pt.tmp included. At the end of every trial: status completed, model.pt byte-identical to the
 #  reference, metrics.csv (all but the timing columns) equal to the reference's, no *.tmp file left.
+#  - 2 SIGTERM trials: a stop request at a random moment writes a checkpoint at the step the run stops after
+#    (exit 130), and the resume continues from exactly that step.
 # Kill moments come from $RANDOM seeded with KILL_SEED (printed; KILL_SEED=N replays the same moments as fractions
 # of T, though what the run is doing at a given moment also depends on the machine's load).
 # Usage: kill_trials.sh path/to/largebatch
@@ -68,7 +71,7 @@ after_kill() {  # after_kill OUT LABEL
 start() {
   over=0
   [[ " $* " == *" --resume "* ]] && [ -e "$out/checkpoint.pt.tmp" ] && over=1
-  "$LB" "${RUN[@]}" "$@" >> "$W/trial.log" 2>&1 &
+  "$LB" "${RUN[@]}" "${TRIAL_FLAGS[@]}" "$@" >> "$W/trial.log" 2>&1 &
   pid=$!
 }
 
@@ -152,7 +155,11 @@ complete_and_check() {  # complete_and_check OUT NAME
 }
 
 # ---- 10 random trials ----------------------------------------------------------------------------------
+# Trials 6-10 also checkpoint within epochs (--checkpoint-every 1: after the first step of each 2-step epoch), so
+# kills land between, during and after those writes too and resumes start in the middle of an epoch.
+TRIAL_FLAGS=()
 for i in $(seq 1 10); do
+  [ "$i" -ge 6 ] && TRIAL_FLAGS=(--checkpoint-every 1)
   out="$W/t$i" note="" trial_ok=1
   : > "$W/trial.log"
   # A run that ends before its kill moment (T varies with the load) is started again with a new moment.
@@ -168,6 +175,8 @@ for i in $(seq 1 10); do
   complete_and_check "$out" "random trial $i"
 done
 
+TRIAL_FLAGS=()
+
 # ---- targeted trials: inside the checkpoint writes and the final model write ---------------------------
 # A checkpoint write lasts ~100-400 ms here, the model.pt write ~30 ms: kill 0-80 or 0-15 ms after the start.
 for target in checkpoint.pt:1:80 checkpoint.pt:2:80 checkpoint.pt:3:80 model.pt:1:15; do
@@ -177,6 +186,35 @@ for target in checkpoint.pt:1:80 checkpoint.pt:2:80 checkpoint.pt:3:80 model.pt:
   start --out "$out"
   kill_in_write "$out" "$file" "$nth" "$max"
   complete_and_check "$out" "targeted trial: $file write #$nth"
+done
+
+# ---- stop requests: SIGTERM at a random moment ---------------------------------------------------------
+# The run stops after its current step, writes a checkpoint there (exit 130) and the resume repeats no step:
+# its first line names the step it continues from, which must be the step the run stopped after.
+for i in 1 2; do
+  out="$W/term$i" note="" trial_ok=1
+  : > "$W/trial.log"
+  for attempt in 1 2 3; do
+    rm -rf "$out"
+    start --out "$out"
+    ms=$(( 1 + RANDOM * (T - 1) / 32768 ))
+    sleep_ms "$ms"
+    kill -TERM "$pid" 2>/dev/null
+    finish
+    rc=$?
+    [ "$rc" -eq 130 ] && break
+    if [ "$rc" -eq 143 ]; then note+=" SIGTERM at ${ms} ms came before the handler was installed (start-up: nothing to save), again;"
+    else note+=" run ended with exit $rc before SIGTERM at ${ms} ms, again;"; fi
+  done
+  stopped=$(grep -o 'stopped by a signal at step [0-9]*' "$out/summary.json" | grep -o '[0-9]*$')
+  note+=" SIGTERM at ${ms} ms, stopped after step ${stopped:-?};"
+  start --resume --out "$out"
+  finish || trial_ok=0
+  resumed=$(grep -o 'resumed .* (step [0-9]*)' "$W/trial.log" | grep -o '[0-9]*)$' | tr -d ')')
+  if [ -z "$stopped" ] || [ "$resumed" != "$stopped" ]; then
+    trial_ok=0; note+=" resumed from step ${resumed:-?}, not where it stopped;"
+  fi
+  complete_and_check "$out" "SIGTERM trial $i"
 done
 
 echo "kill trials: $survived/$trials survived ($in_write kills during a checkpoint write, $over_tmp resumes over a leftover checkpoint.pt.tmp)"

@@ -131,6 +131,31 @@ TEST(Pretrain, ResumeEqualsAnUninterruptedRun) {
   EXPECT_EQ(std::count(metrics.begin(), metrics.end(), '\n'), 4);
 }
 
+// --checkpoint-every within epochs: a run that dies after such a checkpoint resumes in the middle of the epoch
+// and ends exactly as an uninterrupted run (weights, and each epoch's loss sums carried in the checkpoint).
+TEST(Pretrain, ResumeWithinAnEpochEqualsAnUninterruptedRun) {
+  ScratchDir straight("straight-within"), crashed("crashed-within");
+  auto a = small_pretrain(straight.path);  // 3 epochs of 4 steps
+  const auto sa = lt::run_pretraining(a);
+  ASSERT_EQ(sa.status, "completed");
+  auto b = small_pretrain(crashed.path);
+  b.checkpoint_every = 3;
+  b.crash_after_step = 6;  // the last checkpoint is the one after step 6: epoch 2, batch 2
+  EXPECT_THROW(lt::run_pretraining(b), lt::SimulatedCrash);
+  b.crash_after_step = -1;
+  b.resume = true;
+  const auto s = lt::run_pretraining(b);
+  ASSERT_EQ(s.status, "completed");
+  ASSERT_EQ(s.history.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(s.history[i].step, sa.history[i].step) << i;
+    EXPECT_EQ(s.history[i].train_loss, sa.history[i].train_loss) << i;
+    EXPECT_EQ(s.history[i].off_diagonal, sa.history[i].off_diagonal) << i;
+  }
+  const auto ta = load_tensors(straight.path / "backbone.pt", cnn()), tb = load_tensors(crashed.path / "backbone.pt", cnn());
+  for (const auto& item : ta) EXPECT_TRUE(torch::equal(item.value(), tb[item.key()])) << item.key();
+}
+
 TEST(Pretrain, WarmupSpansThisRunsOwnLength) {
   // The reference code sized its warm-up by a different epoch count than it trained for; here W and T are
   // this run's own steps: 2 epochs of 4 steps, 1 warm-up epoch -> W = 4, T = 8.

@@ -8,6 +8,8 @@
 
 #include "scratch.h"
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <optional>
 #include <filesystem>
@@ -233,6 +235,100 @@ TEST(Trainer, ResumeEqualsAnUninterruptedRun) {
   for (const auto& item : pa) EXPECT_TRUE(torch::equal(item.value(), pb[item.key()])) << item.key();
   const auto ba = ma->named_buffers(), bb = mb->named_buffers();
   for (const auto& item : ba) EXPECT_TRUE(torch::equal(item.value(), bb[item.key()])) << item.key();
+}
+
+void expect_same_weights(const fs::path& a_dir, const fs::path& b_dir) {
+  auto ma = load_model(a_dir / "model.pt"), mb = load_model(b_dir / "model.pt");
+  const auto pa = ma->named_parameters(), pb = mb->named_parameters();
+  for (const auto& item : pa) EXPECT_TRUE(torch::equal(item.value(), pb[item.key()])) << item.key();
+  const auto ba = ma->named_buffers(), bb = mb->named_buffers();
+  for (const auto& item : ba) EXPECT_TRUE(torch::equal(item.value(), bb[item.key()])) << item.key();
+}
+
+void expect_same_history(const lt::TrainSummary& a, const lt::TrainSummary& b) {
+  ASSERT_EQ(a.history.size(), b.history.size());
+  for (size_t i = 0; i < a.history.size(); ++i) {  // every figure but the timings
+    EXPECT_EQ(a.history[i].step, b.history[i].step);
+    EXPECT_EQ(a.history[i].lr, b.history[i].lr);
+    EXPECT_EQ(a.history[i].train_loss, b.history[i].train_loss) << "epoch " << i + 1;
+    EXPECT_EQ(a.history[i].train_acc, b.history[i].train_acc) << "epoch " << i + 1;
+    EXPECT_EQ(a.history[i].test_loss, b.history[i].test_loss) << "epoch " << i + 1;
+    EXPECT_EQ(a.history[i].test_top1, b.history[i].test_top1) << "epoch " << i + 1;
+  }
+}
+
+// --checkpoint-every N writes checkpoints within epochs; a run that dies after one (as a SIGKILL leaves it)
+// resumes from it, in the middle of an epoch, and ends exactly as an uninterrupted run: weights, and every
+// epoch's metrics (the resumed epoch's sums are carried in the checkpoint).
+TEST(Trainer, ResumeWithinAnEpochEqualsAnUninterruptedRun) {
+  ScratchDir straight("straight-within"), crashed("crashed-within");
+  auto a = small_run(straight.path);  // 3 epochs of 4 steps
+  a.optimizer = "lamb";
+  a.augment = "paper";
+  a.telemetry_every = 1;
+  const auto sa = lt::run_training(a);
+
+  auto b = a;
+  b.out = crashed.path.string();
+  b.checkpoint_every = 3;
+  b.crash_after_step = 6;  // dies after its 7th step: the last checkpoint is the one after step 6 (epoch 2, batch 2)
+  EXPECT_THROW(lt::run_training(b), lt::SimulatedCrash);
+  EXPECT_FALSE(fs::exists(crashed.path / "model.pt"));
+  {
+    torch::serialize::InputArchive archive;
+    lt::load_archive(crashed.path / "checkpoint.pt", archive);
+    c10::IValue meta;
+    archive.read("meta", meta);
+    const auto j = nlohmann::json::parse(meta.toStringRef());
+    EXPECT_EQ(j.at("step"), 6);
+    EXPECT_EQ(j.at("epoch"), 1);
+    EXPECT_EQ(j.at("within_epoch").at("batch"), 2);
+  }
+  b.crash_after_step = -1;
+  b.resume = true;
+  const auto sb = lt::run_training(b);
+  expect_same_weights(straight.path, crashed.path);
+  expect_same_history(sa, sb);
+  // telemetry.csv holds each step once, as the uninterrupted run's.
+  auto rows = [](const fs::path& p) {
+    std::ifstream in(p);
+    std::string line;
+    int64_t n = 0;
+    while (std::getline(in, line)) ++n;
+    return n;
+  };
+  EXPECT_EQ(rows(straight.path / "telemetry.csv"), rows(crashed.path / "telemetry.csv"));
+}
+
+// A stop request (Ctrl-C, SIGTERM) writes a checkpoint at the step the run stops after, wherever that falls,
+// so the resumed run repeats no step and still ends exactly as an uninterrupted run.
+TEST(Trainer, StopRequestCheckpointsWhereItStops) {
+  ScratchDir straight("straight-stop"), stopped("stopped");
+  auto a = small_run(straight.path);
+  a.epochs = 4;
+  const auto sa = lt::run_training(a);
+
+  auto b = a;
+  b.out = stopped.path.string();
+  std::atomic<bool> done{false};
+  std::thread stopper([&] {  // asks to stop once the first checkpoint exists (some time into epoch 2)
+    while (!done && !fs::exists(stopped.path / "checkpoint.pt")) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    lt::request_stop();
+  });
+  const auto first = lt::run_training(b);
+  done = true;
+  stopper.join();
+  ASSERT_EQ(first.status, "interrupted") << "the run ended before the stop request; make it longer";
+  torch::serialize::InputArchive archive;
+  lt::load_archive(stopped.path / "checkpoint.pt", archive);
+  c10::IValue meta;
+  archive.read("meta", meta);
+  EXPECT_EQ(nlohmann::json::parse(meta.toStringRef()).at("step"), first.steps) << "the checkpoint is not where it stopped";
+  b.resume = true;
+  const auto sb = lt::run_training(b);
+  expect_same_weights(straight.path, stopped.path);
+  expect_same_history(sa, sb);
 }
 
 std::string read_bytes(const fs::path& p) {

@@ -45,6 +45,10 @@ Runner add_pretrain_command(CLI::App& app) {
   cmd->add_option("--device", c.device, "cpu or cuda[:N]")->capture_default_str();
   cmd->add_option("--out", c.out, "Output directory")->capture_default_str();
   cmd->add_option("--telemetry-every", c.telemetry_every, "Per-layer telemetry every N steps (0: off)")->capture_default_str();
+  cmd->add_option("--checkpoint-every", c.checkpoint_every,
+                  "Also write checkpoint.pt every N steps within epochs (0: at the end of each epoch only); a stop "
+                  "request (Ctrl-C, SIGTERM) always writes one at the step it stops after")
+      ->capture_default_str();
   cmd->add_flag("--resume", c.resume, "Continue the run in --out from its last checkpoint");
   cmd->add_option("--progress", c.progress, "auto, bar, lines, none")->capture_default_str();
   cmd->add_flag("--sync-bn", c.sync_bn, "Data parallel: BatchNorm statistics over the global batch");

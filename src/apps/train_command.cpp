@@ -120,6 +120,10 @@ Runner add_train_command(CLI::App& app) {
                   "or skip (the step is dropped without touching weights or optimizer state, and counted)")
       ->capture_default_str()
       ->check(CLI::IsMember({"stop", "skip"}));
+  cmd->add_option("--checkpoint-every", c.checkpoint_every,
+                  "Also write checkpoint.pt every N steps within epochs (0: at the end of each epoch only); a stop "
+                  "request (Ctrl-C, SIGTERM) always writes one at the step it stops after")
+      ->capture_default_str();
   cmd->add_option("--skip-limit", c.skip_limit,
                   "--on-nonfinite skip: this many steps skipped in a row end the run as diverged")
       ->capture_default_str();

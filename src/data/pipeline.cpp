@@ -317,16 +317,19 @@ void BatchLoader::stop_workers() {
   ready_.clear();
 }
 
-void BatchLoader::start_epoch(int64_t epoch) {
+void BatchLoader::start_epoch(int64_t epoch, int64_t first_batch) {
   stop_workers();
+  if (first_batch < 0 || first_batch > batches_per_epoch())
+    throw std::invalid_argument("BatchLoader::start_epoch: first batch " + std::to_string(first_batch) +
+                                " outside the epoch's " + std::to_string(batches_per_epoch()) + " batches");
   order_ = epoch_order(epoch);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     epoch_ = epoch;
-    next_to_assemble_ = 0;
-    next_to_return_ = 0;
+    next_to_assemble_ = first_batch;
+    next_to_return_ = first_batch;
   }
-  const int64_t threads = std::min(options_.workers, batches_per_epoch());
+  const int64_t threads = std::min(options_.workers, batches_per_epoch() - first_batch);
   for (int64_t i = 0; i < threads; ++i) workers_.emplace_back(&BatchLoader::worker_loop, this, epoch);
 }
 

@@ -313,7 +313,7 @@ bool identifying(const std::string& key) {
   static const std::set<std::string> ignored{"seed", "out", "progress", "threads", "plots", "data-dir",
                                              "loader-workers", "eval-batch-size", "resume", "dist-timeout",
                                              "bucket-mb", "telemetry-every", "sharpness-every",
-                                             "sharpness-batch", "sharpness-iterations"};
+                                             "sharpness-batch", "sharpness-iterations", "checkpoint-every"};
   return !ignored.count(key);
 }
 

@@ -79,6 +79,14 @@ bool is_sealed_checkpoint(const std::string& bytes);
 // {offset, size} of the payload of a sealed file's bytes; CheckpointError naming path for any defect.
 std::pair<size_t, size_t> unseal_checkpoint(const std::string& bytes, const std::string& path);
 
+// Whether a training loop writes a checkpoint within the epoch after a step (step: steps done; index: batches
+// of this epoch done): every `every` steps (0: never), except after the epoch's last batch, which the
+// end-of-epoch checkpoint follows; and always when stopping, so that a resume repeats no step.
+inline bool checkpoint_within_epoch_due(int64_t every, int64_t step, int64_t index, int64_t steps_per_epoch,
+                                        bool stopping) {
+  return stopping || (every > 0 && step % every == 0 && index < steps_per_epoch);
+}
+
 // Appends a row to a log whose content a checkpoint also holds (metrics.csv); std::runtime_error naming the file
 // and the reason (a full disk) if it cannot: the run stops, and a resume rewrites the file from the checkpoint.
 void append_line(const std::filesystem::path& path, const std::string& text);

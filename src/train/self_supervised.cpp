@@ -124,6 +124,7 @@ void pretrain_fields(Config& c, Visitor&& v) {
   v("device", c.device);
   v("out", c.out);
   v("telemetry-every", c.telemetry_every);
+  v("checkpoint-every", c.checkpoint_every);
   v("progress", c.progress);
   v("plots", c.plots);
   v("sync-bn", c.sync_bn);
@@ -336,6 +337,8 @@ void PretrainConfig::validate() const {
   if (loader_workers <= 0) usage("--loader-workers must be > 0");
   if (synthetic_size <= 0) usage("--synthetic-size must be > 0");
   if (telemetry_every < 0) usage("--telemetry-every must be >= 0");
+  if (checkpoint_every < 0) usage("--checkpoint-every must be >= 0 (0: at the end of each epoch), got " +
+                                  std::to_string(checkpoint_every));
   if (lr != -1 && !(lr >= 0 && std::isfinite(lr))) usage("--lr must be finite and >= 0");
   if (weight_decay != -1 && !(weight_decay >= 0 && std::isfinite(weight_decay))) usage("--weight-decay must be >= 0");
   if (!(warmup_epochs >= 0)) usage("--warmup-epochs must be >= 0");
@@ -463,10 +466,12 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
   PretrainSummary summary;
   std::vector<double> augment_history;
   int64_t start_epoch = 0, step = 0;
+  json within_epoch = json::object();  // as in run_training: an unfinished epoch's batch and sums
   if (resuming) {
     const json meta = load_checkpoint(checkpoint_path, *net, *optimizer, device);
     start_epoch = meta.at("epoch");
     step = meta.at("step");
+    within_epoch = meta.value("within_epoch", json::object());
     for (const auto& r : meta.at("history")) {
       double a = 0;
       summary.history.push_back(pretrain_record_from(r, &a));
@@ -476,8 +481,13 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
       std::string rows = pretrain_metrics_header();
       for (size_t i = 0; i < summary.history.size(); ++i) rows += pretrain_metrics_row(summary.history[i], augment_history[i]);
       write_atomically(out / "metrics.csv", rows);
-      std::printf("resumed %s at epoch %lld (step %lld)\n", out.string().c_str(), static_cast<long long>(start_epoch),
-                  static_cast<long long>(step));
+      if (within_epoch.contains("batch"))
+        std::printf("resumed %s in epoch %lld after its batch %lld (step %lld)\n", out.string().c_str(),
+                    static_cast<long long>(start_epoch + 1),
+                    static_cast<long long>(within_epoch.at("batch").get<int64_t>()), static_cast<long long>(step));
+      else
+        std::printf("resumed %s at epoch %lld (step %lld)\n", out.string().c_str(),
+                    static_cast<long long>(start_epoch), static_cast<long long>(step));
     }
   } else if (lead) {
     write_atomically(out / "metrics.csv", pretrain_metrics_header());
@@ -522,14 +532,40 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
   stop_flag() = false;
   summary.status = "completed";
   net->train();
+  auto checkpoint_meta = [&](int64_t epoch, const json& within) {
+    json meta{{"epoch", epoch}, {"step", step}, {"history", json::array()}};
+    for (size_t i = 0; i < summary.history.size(); ++i)
+      meta["history"].push_back(pretrain_record_json(summary.history[i], augment_history[i]));
+    if (!within.empty()) meta["within_epoch"] = within;
+    return meta;
+  };
   for (int64_t epoch = start_epoch; epoch < config.epochs; ++epoch) {
-    const auto t_epoch = Clock::now();
+    const json resumed = epoch == start_epoch ? within_epoch : json::object();
+    const auto t_epoch = Clock::now() - std::chrono::duration_cast<Clock::duration>(
+                                            std::chrono::duration<double>(resumed.value("elapsed_s", 0.0)));
     const double wait_before = loader.wait_seconds();
-    loader.start_epoch(epoch);
+    int64_t index = resumed.value("batch", int64_t{0});
+    loader.start_epoch(epoch, index);
     data::Batch batch;
-    double loss_sum = 0, on_sum = 0, off_sum = 0;
-    int64_t steps_done = 0, seen = 0, index = 0;
-    double lr_t = 0, phi_t = 1, augment_s = 0, compute_s = 0, allreduce_s = 0, optimizer_s = 0;
+    double loss_sum = resumed.value("loss_sum", 0.0), on_sum = resumed.value("on_sum", 0.0),
+           off_sum = resumed.value("off_sum", 0.0);
+    int64_t steps_done = resumed.value("steps_done", int64_t{0}), seen = resumed.value("seen", int64_t{0});
+    double lr_t = resumed.value("lr", 0.0), phi_t = resumed.value("phi", 1.0),
+           augment_s = resumed.value("augment_s", 0.0), compute_s = resumed.value("compute_s", 0.0),
+           allreduce_s = resumed.value("allreduce_s", 0.0), optimizer_s = resumed.value("optimizer_s", 0.0);
+    // After each step: a checkpoint within the epoch when due or stopping (as run_training), then the test hook.
+    auto after_step = [&](bool stopping) {
+      if (lead && checkpoint_within_epoch_due(config.checkpoint_every, step, index, steps_per_epoch, stopping)) {
+        const json within{{"batch", index},         {"loss_sum", loss_sum},       {"on_sum", on_sum},
+                          {"off_sum", off_sum},     {"steps_done", steps_done},   {"seen", seen},
+                          {"lr", lr_t},             {"phi", phi_t},               {"augment_s", augment_s},
+                          {"compute_s", compute_s}, {"allreduce_s", allreduce_s}, {"optimizer_s", optimizer_s},
+                          {"elapsed_s", seconds_since(t_epoch)}};
+        save_checkpoint(checkpoint_path, *net, *optimizer, checkpoint_meta(epoch, within));
+      }
+      if (config.crash_after_step >= 0 && step > config.crash_after_step)
+        throw SimulatedCrash("simulated crash after step " + std::to_string(config.crash_after_step));
+    };
     while (loader.next(batch)) {
       lr_t = schedule.at(step);
       phi_t = tv ? lo::tv_phi(*tv, step) : 1.0;
@@ -585,6 +621,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
       progress.step(epoch, index++,
                     format("loss %.2f %.0f img/s", loss_sum / static_cast<double>(steps_done),
                            static_cast<double>(seen) / seconds_since(t_epoch)));
+      after_step(stop_now);
       if (stop_now) {
         summary.status = "interrupted";
         summary.message = "stopped by a signal at step " + std::to_string(step) + "; resume from " +
@@ -612,11 +649,8 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
     augment_history.push_back(augment_s);
     // Without --sync-bn each rank's running statistics saw only its shards: keep rank 0's, as DDP does.
     if (comm) dist::broadcast_buffers(*net, *comm);
-    json meta{{"epoch", epoch + 1}, {"step", step}, {"history", json::array()}};
-    for (size_t i = 0; i < summary.history.size(); ++i)
-      meta["history"].push_back(pretrain_record_json(summary.history[i], augment_history[i]));
     if (lead) {
-      save_checkpoint(checkpoint_path, *net, *optimizer, meta);
+      save_checkpoint(checkpoint_path, *net, *optimizer, checkpoint_meta(epoch + 1, json::object()));
       append_line(out / "metrics.csv", pretrain_metrics_row(r, augment_s));
     }
     progress.epoch_line(format("epoch %3lld/%lld  step %6lld  lr %.4g  phi %.4f  loss %.3f (on-diagonal %.3f, "

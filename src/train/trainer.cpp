@@ -81,6 +81,7 @@ std::string TrainConfig::to_json() const {
   j["channels-last"] = channels_last;
   j["on-nonfinite"] = on_nonfinite;
   j["skip-limit"] = skip_limit;
+  j["checkpoint-every"] = checkpoint_every;
   j["dist-timeout"] = dist_timeout;
   j["bucket-mb"] = bucket_mb;
   return j.dump(2) + "\n";
@@ -153,6 +154,7 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& s
     else if (k == "channels-last") c.channels_last = boolean();
     else if (k == "on-nonfinite") c.on_nonfinite = str();
     else if (k == "skip-limit") c.skip_limit = integer();
+    else if (k == "checkpoint-every") c.checkpoint_every = integer();
     else if (k == "dist-timeout") c.dist_timeout = num();
     else if (k == "bucket-mb") c.bucket_mb = num();
     else usage(source + ": unknown key '" + k + "'");
@@ -188,6 +190,8 @@ void TrainConfig::validate() const {
   if (on_nonfinite != "stop" && on_nonfinite != "skip")
     usage("--on-nonfinite must be stop or skip, got '" + on_nonfinite + "'");
   if (skip_limit < 1) usage("--skip-limit must be >= 1, got " + std::to_string(skip_limit));
+  if (checkpoint_every < 0) usage("--checkpoint-every must be >= 0 (0: at the end of each epoch), got " +
+                                  std::to_string(checkpoint_every));
   if (micro_batch < 0) usage("--micro-batch must be >= 0, got " + std::to_string(micro_batch));
   if (micro_batch > batch_size)
     usage("--micro-batch " + std::to_string(micro_batch) + " is larger than --batch-size " + std::to_string(batch_size));
@@ -455,10 +459,13 @@ TrainSummary run_training(const TrainConfig& config) {
 
   TrainSummary summary;
   int64_t start_epoch = 0, step = 0;
+  // Where a checkpoint taken within an epoch left it: its batches done and the sums of its metrics so far.
+  json within_epoch = json::object();
   if (resuming) {
     const json meta = load_checkpoint(checkpoint_path, *model, *optimizer, device);
     start_epoch = meta.at("epoch");
     step = meta.at("step");
+    within_epoch = meta.value("within_epoch", json::object());
     summary.skipped_steps = meta.value("skipped_steps", int64_t{0});
     for (const auto& r : meta.at("history")) summary.history.push_back(record_from(r));
     // Rewrite metrics.csv from the checkpoint: rows of epochs after it (if any) are dropped.
@@ -466,8 +473,13 @@ TrainSummary run_training(const TrainConfig& config) {
       std::string rows = metrics_header();
       for (const auto& r : summary.history) rows += metrics_row(r);
       write_atomically(out / "metrics.csv", rows);
-      std::printf("resumed %s at epoch %lld (step %lld)\n", out.string().c_str(),
-                  static_cast<long long>(start_epoch), static_cast<long long>(step));
+      if (within_epoch.contains("batch"))
+        std::printf("resumed %s in epoch %lld after its batch %lld (step %lld)\n", out.string().c_str(),
+                    static_cast<long long>(start_epoch + 1),
+                    static_cast<long long>(within_epoch.at("batch").get<int64_t>()), static_cast<long long>(step));
+      else
+        std::printf("resumed %s at epoch %lld (step %lld)\n", out.string().c_str(),
+                    static_cast<long long>(start_epoch), static_cast<long long>(step));
     }
   } else if (lead) {
     write_atomically(out / "metrics.csv", metrics_header());
@@ -575,22 +587,50 @@ TrainSummary run_training(const TrainConfig& config) {
   }
 
   model->train();
-  int64_t skipped_in_a_row = 0;
+  int64_t skipped_in_a_row = within_epoch.value("skipped_in_a_row", int64_t{0});
   auto last_checkpoint = [&] { return fs::exists(checkpoint_path) ? checkpoint_path.string() : std::string("none"); };
   auto interrupted = [&] {
     summary.status = "interrupted";
     summary.message = "stopped by a signal at step " + std::to_string(step) + "; resume from " +
                       (fs::exists(checkpoint_path) ? checkpoint_path.string() : "the start (no checkpoint yet)");
   };
+  // The checkpoint's record of the run so far; `within` describes an unfinished epoch (empty at its end).
+  auto checkpoint_meta = [&](int64_t epoch, const json& within) {
+    json meta{{"epoch", epoch}, {"step", step}, {"skipped_steps", summary.skipped_steps}, {"history", json::array()}};
+    for (const auto& h : summary.history) meta["history"].push_back(record_json(h));
+    if (!within.empty()) meta["within_epoch"] = within;
+    return meta;
+  };
   for (int64_t epoch = start_epoch; epoch < config.epochs; ++epoch) {
-    const auto t_epoch = Clock::now();
     const double wait_before = loader.wait_seconds();
-    loader.start_epoch(epoch);
+    // A resumed epoch continues from the checkpoint's batch with its sums (JSON keeps doubles exactly).
+    const json resumed = epoch == start_epoch ? within_epoch : json::object();
+    int64_t index = resumed.value("batch", int64_t{0});
+    loader.start_epoch(epoch, index);
     data::Batch batch;
-    double loss_sum = 0;
-    int64_t correct = 0, seen = 0, index = 0;
-    double lr_t = 0, phi_t = 1;
-    double compute_s = 0, allreduce_s = 0, optimizer_s = 0, sharpness_s = 0;
+    double loss_sum = resumed.value("loss_sum", 0.0);
+    int64_t correct = resumed.value("correct", int64_t{0}), seen = resumed.value("seen", int64_t{0});
+    double lr_t = resumed.value("lr", 0.0), phi_t = resumed.value("phi", 1.0);
+    double compute_s = resumed.value("compute_s", 0.0), allreduce_s = resumed.value("allreduce_s", 0.0),
+           optimizer_s = resumed.value("optimizer_s", 0.0), sharpness_s = resumed.value("sharpness_s", 0.0);
+    const auto t_epoch = Clock::now() - std::chrono::duration_cast<Clock::duration>(
+                                            std::chrono::duration<double>(resumed.value("elapsed_s", 0.0)));
+    auto within_this_epoch = [&] {
+      return json{{"batch", index},          {"loss_sum", loss_sum},       {"correct", correct},
+                  {"seen", seen},            {"lr", lr_t},                 {"phi", phi_t},
+                  {"compute_s", compute_s},  {"allreduce_s", allreduce_s}, {"optimizer_s", optimizer_s},
+                  {"sharpness_s", sharpness_s}, {"elapsed_s", seconds_since(t_epoch)},
+                  {"skipped_in_a_row", skipped_in_a_row}};
+    };
+    // After a step (taken or skipped): a checkpoint within the epoch when one is due or a stop was asked for
+    // (a stop after the epoch's last batch too: the resumed run then starts with the evaluation), then the
+    // test crash hook.
+    auto after_step = [&](bool stopping) {
+      if (lead && checkpoint_within_epoch_due(config.checkpoint_every, step, index, steps_per_epoch, stopping))
+        save_checkpoint(checkpoint_path, *model, *optimizer, checkpoint_meta(epoch, within_this_epoch()));
+      if (config.crash_after_step >= 0 && step > config.crash_after_step)
+        throw SimulatedCrash("simulated crash after step " + std::to_string(config.crash_after_step));
+    };
     while (loader.next(batch)) {
       lr_t = schedule.at(step);
       phi_t = tv ? lo::tv_phi(*tv, step) : 1.0;
@@ -684,6 +724,7 @@ TrainSummary run_training(const TrainConfig& config) {
                        static_cast<long long>(step), nonfinite.c_str(), static_cast<long long>(summary.skipped_steps));
         ++step;
         ++index;
+        after_step(stop_now);
         if (stop_now) {
           interrupted();
           break;
@@ -705,6 +746,7 @@ TrainSummary run_training(const TrainConfig& config) {
                     format("loss %.4f acc %.4f %.0f img/s", loss_sum / static_cast<double>(seen),
                            static_cast<double>(correct) / static_cast<double>(seen),
                            static_cast<double>(seen) / seconds_since(t_epoch)));
+      after_step(stop_now);
       if (stop_now) {
         interrupted();
         break;
@@ -741,10 +783,8 @@ TrainSummary run_training(const TrainConfig& config) {
     }
 
     // Checkpoint first, then the metrics row: the CSV never runs ahead of what can be resumed.
-    json meta{{"epoch", epoch + 1}, {"step", step}, {"skipped_steps", summary.skipped_steps}, {"history", json::array()}};
-    for (const auto& h : summary.history) meta["history"].push_back(record_json(h));
     if (lead) {
-      save_checkpoint(checkpoint_path, *model, *optimizer, meta);
+      save_checkpoint(checkpoint_path, *model, *optimizer, checkpoint_meta(epoch + 1, json::object()));
       append_line(out / "metrics.csv", metrics_row(r));
     }
     progress.epoch_line(format(

@@ -61,8 +61,9 @@ class BatchLoader {
   BatchLoader(const BatchLoader&) = delete;
   BatchLoader& operator=(const BatchLoader&) = delete;
 
-  // Begins an epoch (stopping any unfinished one) and starts prefetching it.
-  void start_epoch(int64_t epoch);
+  // Begins an epoch (stopping any unfinished one) at batch first_batch (a run resumed within an epoch; batches
+  // depend only on (seed, epoch, index), so the rest of the epoch is what it would have been) and prefetches it.
+  void start_epoch(int64_t epoch, int64_t first_batch = 0);
   // Next batch of the epoch in order; false once the epoch is exhausted.
   bool next(Batch& batch);
   int64_t batches_per_epoch() const;

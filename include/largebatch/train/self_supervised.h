@@ -50,6 +50,8 @@ struct PretrainConfig {
   std::string device = "cpu";
   std::string out = "runs/pretrain";
   int64_t telemetry_every = 0;
+  int64_t checkpoint_every = 0;   // as TrainConfig: also within epochs; a stop request always writes one
+  int64_t crash_after_step = -1;  // tests only (no flag, not saved): as TrainConfig
   bool resume = false;
   std::string progress = "auto";
   bool plots = true;

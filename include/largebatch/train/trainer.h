@@ -53,6 +53,9 @@ struct TrainConfig {
   int64_t sharpness_batch = 1024; // the first images of the training set, unaugmented
   int64_t sharpness_iterations = 20;
   bool resume = false;
+  // A checkpoint every N steps within epochs as well (0: at the end of each epoch only). A stop request
+  // (Ctrl-C, SIGTERM) always writes one at the step it stops after, so a resume repeats no work.
+  int64_t checkpoint_every = 0;
   std::string progress = "auto";  // auto (bar on a terminal) | bar | lines | none
   bool plots = true;
   // Data parallelism (world size and rank come from the launcher's environment, see dist/dist.h).
@@ -63,6 +66,9 @@ struct TrainConfig {
   // Fault injection for tests (no flag, not saved): at these global steps the first gradient gets a NaN after
   // the backward pass and the all-reduce, as an overflow would leave it.
   std::vector<int64_t> inject_nonfinite_gradient_at;
+  // ... and after this global step the run dies as a SIGKILL would leave it: no checkpoint, no summary
+  // (run_training throws SimulatedCrash). -1: never.
+  int64_t crash_after_step = -1;
   double dist_timeout = 300;      // seconds: rendezvous and every collective
   double bucket_mb = 1;           // gradient all-reduce bucket size
 
@@ -100,6 +106,11 @@ struct TrainSummary {
   int64_t replica_mismatches = 0;   // data parallel: parameter elements that differ from rank 0's at the end
   int64_t skipped_steps = 0;        // --on-nonfinite skip: steps dropped for a non-finite loss or gradient
   std::vector<EpochRecord> history;
+};
+
+// What run_training throws for TrainConfig::crash_after_step (tests only).
+struct SimulatedCrash : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 // Runs the whole training. Throws UsageError for bad input, data::DataError for bad data files.
