@@ -311,9 +311,8 @@ TEST(Trainer, StopRequestCheckpointsWhereItStops) {
   auto b = a;
   b.out = stopped.path.string();
   std::atomic<bool> done{false};
-  std::thread stopper([&] {  // asks to stop once the first checkpoint exists (some time into epoch 2)
-    while (!done && !fs::exists(stopped.path / "checkpoint.pt")) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::thread stopper([&] {  // asks to stop as soon as the first checkpoint exists (early in epoch 2 of 4)
+    while (!done && !fs::exists(stopped.path / "checkpoint.pt")) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     lt::request_stop();
   });
   const auto first = lt::run_training(b);
@@ -384,6 +383,15 @@ TEST(Checkpoint, TruncatedDamagedAndForeignFilesAreRefused) {
   torch::serialize::InputArchive model_part;
   EXPECT_TRUE(a.try_read("model", model_part));
   EXPECT_THROW(lt::load_archive(dir.path / "config.json", b), lt::CheckpointError);
+  // A finished run that lost its checkpoint is not started again over its results.
+  fs::remove(ckpt);
+  try {
+    lt::run_training(c);
+    ADD_FAILURE() << "resumed a completed run without a checkpoint";
+  } catch (const lt::UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("holds a completed run's results but no checkpoint.pt"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(Trainer, MicroBatchesEqualOneBigBatchWithoutBatchNorm) {
@@ -492,6 +500,26 @@ TEST(OnNonfinite, SkippingCannotHideARunThatCannotRecover) {
   const auto t = lt::run_training(d);
   EXPECT_EQ(t.status, "diverged") << t.message;
   EXPECT_FALSE(fs::exists(absurd.path / "model.pt"));
+
+  // The count of steps skipped in a row runs across epochs, and across a resume at an epoch's end: skips at the
+  // last step of epoch 1 and the first of epoch 2 reach --skip-limit 2 whether or not the run was resumed between.
+  ScratchDir across("nonfinite-across");
+  auto e = small_run(across.path);  // 4 steps per epoch
+  e.model = "mlp";
+  e.on_nonfinite = "skip";
+  e.skip_limit = 2;
+  e.inject_nonfinite_gradient_at = {3, 4};
+  EXPECT_EQ(lt::run_training(e).status, "diverged");
+  ScratchDir resumed("nonfinite-resumed");
+  auto f = e;
+  f.out = resumed.path.string();
+  f.epochs = 1;
+  ASSERT_EQ(lt::run_training(f).status, "completed");
+  f.epochs = 3;
+  f.resume = true;
+  const auto u = lt::run_training(f);
+  EXPECT_EQ(u.status, "diverged") << u.message;
+  EXPECT_NE(u.message.find("2 steps skipped in a row"), std::string::npos) << u.message;
 }
 
 TEST(Trainer, BadInputIsAUsageErrorNamingTheFlag) {

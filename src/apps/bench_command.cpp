@@ -184,9 +184,9 @@ Runner add_compare_command(CLI::App& app) {
         const auto diff = (x - y).abs();
         const double max_abs = diff.max().item<double>();
         // Share of the tolerance used by the worst element (> 1 fails).
-        // Equal elements use none of it, even with --atol 0 --rtol 0 (exact comparison: 0/0 would be NaN).
+        // Equal elements (equal infinities too) use none of it, even with --atol 0 --rtol 0 (0/0 would be NaN).
         const auto used = diff / (args->atol + args->rtol * y.abs());
-        const double share = torch::where(diff == 0, torch::zeros_like(used), used).max().item<double>();
+        const double share = torch::where(x == y, torch::zeros_like(used), used).max().item<double>();
         if (share > worst_share || std::isnan(share)) {
           worst_share = share;
           worst_name = name;

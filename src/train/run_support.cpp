@@ -17,6 +17,9 @@
 #include <sstream>
 #include <thread>
 
+// Declared by the sanitizers' runtime when one is linked (weak: null otherwise).
+extern "C" void __sanitizer_set_death_callback(void (*callback)(void)) __attribute__((weak));
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -149,6 +152,17 @@ bool prepare_output_dir(const fs::path& out, bool resume, bool lead,
     // No checkpoint yet (the run was stopped in its first epoch, or never started): start from the beginning,
     // so that a retry loop can always pass --resume.
     resuming = fs::exists(checkpoint);
+    if (!resuming) {  // a run that finished (completed or diverged) and lost its checkpoint is not redone over
+      std::string status;
+      try {
+        std::ifstream in(out / "summary.json");
+        if (in) status = json::parse(in).value("status", "");
+      } catch (const std::exception&) {
+      }
+      if (status == "completed" || status == "diverged")
+        usage("--resume: " + out.string() + " holds a " + status + " run's results but no checkpoint.pt to resume "
+              "from; choose another --out");
+    }
     if (!resuming && lead)
       std::fprintf(stderr, "largebatch: --resume: no checkpoint in %s yet, starting from the beginning\n",
                    out.string().c_str());
@@ -167,6 +181,17 @@ bool prepare_output_dir(const fs::path& out, bool resume, bool lead,
     ::unlink(probe.c_str());
   }
   return resuming;
+}
+
+void require_same_resume_point(dist::Communicator* comm, bool resuming, int64_t step, const fs::path& out) {
+  if (!comm) return;
+  auto sums = torch::tensor({resuming ? 1.0 : 0.0, static_cast<double>(step)}, torch::kFloat64);
+  dist::guarded(*comm, [&] { comm->all_reduce_sum(sums); });
+  const double world = static_cast<double>(comm->world());
+  if (sums[0].item<double>() != (resuming ? world : 0.0) || sums[1].item<double>() != world * static_cast<double>(step))
+    usage("--resume: the ranks do not agree on where to resume (this rank: " +
+          (resuming ? "step " + std::to_string(step) : std::string("no checkpoint")) + " in " + out.string() +
+          "); every rank must see the same --out (a shared file system)");
 }
 
 void append_line(const fs::path& path, const std::string& text) {
@@ -281,6 +306,10 @@ void read_archive_guarded(const char* data, size_t size, torch::Device device, t
   if (child == 0) {
     const int null_fd = ::open("/dev/null", O_WRONLY);
     if (null_fd >= 0) ::dup2(null_fd, 2);  // the crash is reported by the parent, in one line
+    // A crash here must end this child plainly: no handler of the parent's (a sanitizer's report and death
+    // callback, libFuzzer's crash file) may take it for the parent's own.
+    if (__sanitizer_set_death_callback) __sanitizer_set_death_callback(nullptr);
+    for (int s : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT}) ::signal(s, SIG_DFL);
     int code = 0;
     try {
       torch::serialize::InputArchive probe;
@@ -302,8 +331,9 @@ void read_archive_guarded(const char* data, size_t size, torch::Device device, t
       ::kill(child, SIGKILL);
       ::waitpid(child, &status, 0);
     } else if (done == child) {
-      const bool crashed = WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) != 0 &&
-                                                   WEXITSTATUS(status) != 3);
+      // SIGKILL comes from outside (the OOM killer, the child holding a second copy): no verdict, read here.
+      const bool crashed = (WIFSIGNALED(status) && WTERMSIG(status) != SIGKILL) ||
+                           (WIFEXITED(status) && WEXITSTATUS(status) != 0 && WEXITSTATUS(status) != 3);
       if (crashed)
         throw CheckpointError(what + "LibTorch crashes reading it (" +
                               (WIFSIGNALED(status) ? std::string(strsignal(WTERMSIG(status)))

@@ -87,6 +87,10 @@ inline bool checkpoint_within_epoch_due(int64_t every, int64_t step, int64_t ind
   return stopping || (every > 0 && step % every == 0 && index < steps_per_epoch);
 }
 
+// Data parallel: every rank must resume from the same step (each reads the checkpoint itself: a rank that finds
+// none, on a machine whose --out is not shared, would start afresh and drift silently). UsageError otherwise.
+void require_same_resume_point(dist::Communicator* comm, bool resuming, int64_t step, const std::filesystem::path& out);
+
 // Appends a row to a log whose content a checkpoint also holds (metrics.csv); std::runtime_error naming the file
 // and the reason (a full disk) if it cannot: the run stops, and a resume rewrites the file from the checkpoint.
 void append_line(const std::filesystem::path& path, const std::string& text);

@@ -359,6 +359,8 @@ double default_pretrain_lr(const std::string& optimizer, int64_t batch_size) {
 // ------------------------------------------------------------------ pretrain
 
 PretrainSummary run_pretraining(const PretrainConfig& config) {
+  // A stop request from here on (data loading and restoring included) is kept: the loop stops after its first step.
+  stop_flag() = false;
   const auto t_start = Clock::now();
   config.validate();
   set_threads(config.threads);
@@ -472,6 +474,10 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
     start_epoch = meta.at("epoch");
     step = meta.at("step");
     within_epoch = meta.value("within_epoch", json::object());
+    if (within_epoch.value("batch", int64_t{0}) > steps_per_epoch)
+      usage("--resume: checkpoint " + checkpoint_path.string() + " was taken after batch " +
+            std::to_string(within_epoch.value("batch", int64_t{0})) + " of an epoch that now has " +
+            std::to_string(steps_per_epoch));
     for (const auto& r : meta.at("history")) {
       double a = 0;
       summary.history.push_back(pretrain_record_from(r, &a));
@@ -492,6 +498,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
   } else if (lead) {
     write_atomically(out / "metrics.csv", pretrain_metrics_header());
   }
+  require_same_resume_point(comm.get(), resuming, step, out);
   if (lead) write_atomically(out / "config.json", config.to_json());
 
   std::unique_ptr<dist::GradientAverager> averager;
@@ -529,7 +536,6 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
   }
 
   Progress progress(lead ? config.progress : "none", config.epochs, steps_per_epoch);
-  stop_flag() = false;
   summary.status = "completed";
   net->train();
   auto checkpoint_meta = [&](int64_t epoch, const json& within) {
@@ -561,6 +567,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
                           {"lr", lr_t},             {"phi", phi_t},               {"augment_s", augment_s},
                           {"compute_s", compute_s}, {"allreduce_s", allreduce_s}, {"optimizer_s", optimizer_s},
                           {"elapsed_s", seconds_since(t_epoch)}};
+        if (telemetry.is_open()) telemetry.flush();  // the rows the checkpoint covers are on disk before it
         save_checkpoint(checkpoint_path, *net, *optimizer, checkpoint_meta(epoch, within));
       }
       if (config.crash_after_step >= 0 && step > config.crash_after_step)
@@ -772,6 +779,8 @@ std::string backbone_model_name(const LinearEvalConfig& c) {
 }  // namespace
 
 TrainSummary run_linear_eval(const LinearEvalConfig& config) {
+  // A stop request from here on (data loading and restoring included) is kept: the loop stops after its first step.
+  stop_flag() = false;
   const auto t_start = Clock::now();
   config.validate();
   set_threads(config.threads);
@@ -914,7 +923,6 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
   const int64_t n = split.train.size();
   const int64_t steps_per_epoch = augmented ? augmented->batches_per_epoch() : (n + config.batch_size - 1) / config.batch_size;
   Progress progress(config.progress, config.epochs, steps_per_epoch);
-  stop_flag() = false;
   summary.status = "completed";
   namespace F = torch::nn::functional;
   for (int64_t epoch = start_epoch; epoch < config.epochs; ++epoch) {

@@ -349,6 +349,8 @@ void write_summary(const fs::path& out, const TrainSummary& s, const TrainConfig
 }  // namespace
 
 TrainSummary run_training(const TrainConfig& config) {
+  // A stop request from here on (data loading and restoring included) is kept: the loop stops after its first step.
+  stop_flag() = false;
   const auto t_start = Clock::now();
   config.validate();
   const Resolved resolved = resolve(config);
@@ -461,11 +463,17 @@ TrainSummary run_training(const TrainConfig& config) {
   int64_t start_epoch = 0, step = 0;
   // Where a checkpoint taken within an epoch left it: its batches done and the sums of its metrics so far.
   json within_epoch = json::object();
+  int64_t resumed_skips_in_a_row = 0;
   if (resuming) {
     const json meta = load_checkpoint(checkpoint_path, *model, *optimizer, device);
     start_epoch = meta.at("epoch");
     step = meta.at("step");
     within_epoch = meta.value("within_epoch", json::object());
+    resumed_skips_in_a_row = meta.value("skipped_in_a_row", int64_t{0});
+    if (within_epoch.value("batch", int64_t{0}) > steps_per_epoch)
+      usage("--resume: checkpoint " + checkpoint_path.string() + " was taken after batch " +
+            std::to_string(within_epoch.value("batch", int64_t{0})) + " of an epoch that now has " +
+            std::to_string(steps_per_epoch) + " (--drop-last changed?)");
     summary.skipped_steps = meta.value("skipped_steps", int64_t{0});
     for (const auto& r : meta.at("history")) summary.history.push_back(record_from(r));
     // Rewrite metrics.csv from the checkpoint: rows of epochs after it (if any) are dropped.
@@ -484,6 +492,7 @@ TrainSummary run_training(const TrainConfig& config) {
   } else if (lead) {
     write_atomically(out / "metrics.csv", metrics_header());
   }
+  require_same_resume_point(comm.get(), resuming, step, out);
   if (lead) write_atomically(out / "config.json", config.to_json());
   // Every rank starts from rank 0's parameters and buffers (fresh or resumed), then gradients are averaged
   // in buckets that overlap backward.
@@ -577,7 +586,6 @@ TrainSummary run_training(const TrainConfig& config) {
   std::fflush(stdout);
 
   Progress progress(lead ? config.progress : "none", config.epochs, steps_per_epoch);
-  stop_flag() = false;
   summary.status = "completed";
   for (const auto& r : summary.history) {
     if (r.test_top1 > summary.best_test_top1) {
@@ -587,7 +595,7 @@ TrainSummary run_training(const TrainConfig& config) {
   }
 
   model->train();
-  int64_t skipped_in_a_row = within_epoch.value("skipped_in_a_row", int64_t{0});
+  int64_t skipped_in_a_row = resumed_skips_in_a_row;
   auto last_checkpoint = [&] { return fs::exists(checkpoint_path) ? checkpoint_path.string() : std::string("none"); };
   auto interrupted = [&] {
     summary.status = "interrupted";
@@ -596,7 +604,11 @@ TrainSummary run_training(const TrainConfig& config) {
   };
   // The checkpoint's record of the run so far; `within` describes an unfinished epoch (empty at its end).
   auto checkpoint_meta = [&](int64_t epoch, const json& within) {
-    json meta{{"epoch", epoch}, {"step", step}, {"skipped_steps", summary.skipped_steps}, {"history", json::array()}};
+    json meta{{"epoch", epoch},
+              {"step", step},
+              {"skipped_steps", summary.skipped_steps},
+              {"skipped_in_a_row", skipped_in_a_row},  // --skip-limit counts across epochs
+              {"history", json::array()}};
     for (const auto& h : summary.history) meta["history"].push_back(record_json(h));
     if (!within.empty()) meta["within_epoch"] = within;
     return meta;
@@ -619,15 +631,16 @@ TrainSummary run_training(const TrainConfig& config) {
       return json{{"batch", index},          {"loss_sum", loss_sum},       {"correct", correct},
                   {"seen", seen},            {"lr", lr_t},                 {"phi", phi_t},
                   {"compute_s", compute_s},  {"allreduce_s", allreduce_s}, {"optimizer_s", optimizer_s},
-                  {"sharpness_s", sharpness_s}, {"elapsed_s", seconds_since(t_epoch)},
-                  {"skipped_in_a_row", skipped_in_a_row}};
+                  {"sharpness_s", sharpness_s}, {"elapsed_s", seconds_since(t_epoch)}};
     };
     // After a step (taken or skipped): a checkpoint within the epoch when one is due or a stop was asked for
     // (a stop after the epoch's last batch too: the resumed run then starts with the evaluation), then the
     // test crash hook.
     auto after_step = [&](bool stopping) {
-      if (lead && checkpoint_within_epoch_due(config.checkpoint_every, step, index, steps_per_epoch, stopping))
+      if (lead && checkpoint_within_epoch_due(config.checkpoint_every, step, index, steps_per_epoch, stopping)) {
+        if (telemetry.is_open()) telemetry.flush();  // the rows the checkpoint covers are on disk before it
         save_checkpoint(checkpoint_path, *model, *optimizer, checkpoint_meta(epoch, within_this_epoch()));
+      }
       if (config.crash_after_step >= 0 && step > config.crash_after_step)
         throw SimulatedCrash("simulated crash after step " + std::to_string(config.crash_after_step));
     };
