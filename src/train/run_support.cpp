@@ -183,6 +183,25 @@ bool prepare_output_dir(const fs::path& out, bool resume, bool lead,
   return resuming;
 }
 
+json within_epoch_of(const json& meta, int64_t steps_per_epoch, const fs::path& checkpoint) {
+  const json within = meta.value("within_epoch", json::object());
+  const int64_t batch = within.value("batch", int64_t{0});
+  if (batch < 0 || batch > steps_per_epoch)
+    usage("--resume: checkpoint " + checkpoint.string() + " was taken after batch " + std::to_string(batch) +
+          " of an epoch that now has " + std::to_string(steps_per_epoch) + " (data set or --drop-last changed?)");
+  return within;
+}
+
+void print_resumed(const fs::path& out, int64_t epoch, const json& within_epoch, int64_t step) {
+  if (within_epoch.contains("batch"))
+    std::printf("resumed %s in epoch %lld after its batch %lld (step %lld)\n", out.string().c_str(),
+                static_cast<long long>(epoch + 1), static_cast<long long>(within_epoch.at("batch").get<int64_t>()),
+                static_cast<long long>(step));
+  else
+    std::printf("resumed %s at epoch %lld (step %lld)\n", out.string().c_str(), static_cast<long long>(epoch),
+                static_cast<long long>(step));
+}
+
 void require_same_resume_point(dist::Communicator* comm, bool resuming, int64_t step, const fs::path& out) {
   if (!comm) return;
   auto sums = torch::tensor({resuming ? 1.0 : 0.0, static_cast<double>(step)}, torch::kFloat64);

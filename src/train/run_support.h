@@ -87,6 +87,12 @@ inline bool checkpoint_within_epoch_due(int64_t every, int64_t step, int64_t ind
   return stopping || (every > 0 && step % every == 0 && index < steps_per_epoch);
 }
 
+// A checkpoint's record of an unfinished epoch ({} at an epoch's end); UsageError naming the checkpoint when
+// its batch lies beyond the epoch (the data set or --drop-last changed).
+nlohmann::json within_epoch_of(const nlohmann::json& meta, int64_t steps_per_epoch, const std::filesystem::path& checkpoint);
+// The lead rank's "resumed ..." line: where in the run (and in the epoch) it continues.
+void print_resumed(const std::filesystem::path& out, int64_t epoch, const nlohmann::json& within_epoch, int64_t step);
+
 // Data parallel: every rank must resume from the same step (each reads the checkpoint itself: a rank that finds
 // none, on a machine whose --out is not shared, would start afresh and drift silently). UsageError otherwise.
 void require_same_resume_point(dist::Communicator* comm, bool resuming, int64_t step, const std::filesystem::path& out);

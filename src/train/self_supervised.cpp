@@ -473,11 +473,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
     const json meta = load_checkpoint(checkpoint_path, *net, *optimizer, device);
     start_epoch = meta.at("epoch");
     step = meta.at("step");
-    within_epoch = meta.value("within_epoch", json::object());
-    if (within_epoch.value("batch", int64_t{0}) > steps_per_epoch)
-      usage("--resume: checkpoint " + checkpoint_path.string() + " was taken after batch " +
-            std::to_string(within_epoch.value("batch", int64_t{0})) + " of an epoch that now has " +
-            std::to_string(steps_per_epoch));
+    within_epoch = within_epoch_of(meta, steps_per_epoch, checkpoint_path);
     for (const auto& r : meta.at("history")) {
       double a = 0;
       summary.history.push_back(pretrain_record_from(r, &a));
@@ -487,13 +483,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
       std::string rows = pretrain_metrics_header();
       for (size_t i = 0; i < summary.history.size(); ++i) rows += pretrain_metrics_row(summary.history[i], augment_history[i]);
       write_atomically(out / "metrics.csv", rows);
-      if (within_epoch.contains("batch"))
-        std::printf("resumed %s in epoch %lld after its batch %lld (step %lld)\n", out.string().c_str(),
-                    static_cast<long long>(start_epoch + 1),
-                    static_cast<long long>(within_epoch.at("batch").get<int64_t>()), static_cast<long long>(step));
-      else
-        std::printf("resumed %s at epoch %lld (step %lld)\n", out.string().c_str(),
-                    static_cast<long long>(start_epoch), static_cast<long long>(step));
+      print_resumed(out, start_epoch, within_epoch, step);
     }
   } else if (lead) {
     write_atomically(out / "metrics.csv", pretrain_metrics_header());

@@ -468,12 +468,8 @@ TrainSummary run_training(const TrainConfig& config) {
     const json meta = load_checkpoint(checkpoint_path, *model, *optimizer, device);
     start_epoch = meta.at("epoch");
     step = meta.at("step");
-    within_epoch = meta.value("within_epoch", json::object());
+    within_epoch = within_epoch_of(meta, steps_per_epoch, checkpoint_path);
     resumed_skips_in_a_row = meta.value("skipped_in_a_row", int64_t{0});
-    if (within_epoch.value("batch", int64_t{0}) > steps_per_epoch)
-      usage("--resume: checkpoint " + checkpoint_path.string() + " was taken after batch " +
-            std::to_string(within_epoch.value("batch", int64_t{0})) + " of an epoch that now has " +
-            std::to_string(steps_per_epoch) + " (--drop-last changed?)");
     summary.skipped_steps = meta.value("skipped_steps", int64_t{0});
     for (const auto& r : meta.at("history")) summary.history.push_back(record_from(r));
     // Rewrite metrics.csv from the checkpoint: rows of epochs after it (if any) are dropped.
@@ -481,13 +477,7 @@ TrainSummary run_training(const TrainConfig& config) {
       std::string rows = metrics_header();
       for (const auto& r : summary.history) rows += metrics_row(r);
       write_atomically(out / "metrics.csv", rows);
-      if (within_epoch.contains("batch"))
-        std::printf("resumed %s in epoch %lld after its batch %lld (step %lld)\n", out.string().c_str(),
-                    static_cast<long long>(start_epoch + 1),
-                    static_cast<long long>(within_epoch.at("batch").get<int64_t>()), static_cast<long long>(step));
-      else
-        std::printf("resumed %s at epoch %lld (step %lld)\n", out.string().c_str(),
-                    static_cast<long long>(start_epoch), static_cast<long long>(step));
+      print_resumed(out, start_epoch, within_epoch, step);
     }
   } else if (lead) {
     write_atomically(out / "metrics.csv", metrics_header());
