@@ -106,6 +106,21 @@ TEST(Pretrain, LowersTheLossAndWritesEveryOutput) {
   EXPECT_NO_THROW(load_tensors(dir.path / "backbone.pt", cnn()));
 }
 
+// A resumed pre-training ended as the uninterrupted one: the step counter (it drives the schedule, phi_t and
+// telemetry), each epoch's loss terms, and the backbone's tensors.
+void expect_same_pretraining(const lt::PretrainSummary& straight, const lt::PretrainSummary& resumed,
+                             const fs::path& straight_dir, const fs::path& resumed_dir) {
+  ASSERT_EQ(resumed.status, "completed");
+  ASSERT_EQ(resumed.history.size(), straight.history.size());
+  for (size_t i = 0; i < straight.history.size(); ++i) {
+    EXPECT_EQ(resumed.history[i].step, straight.history[i].step) << i;
+    EXPECT_EQ(resumed.history[i].train_loss, straight.history[i].train_loss) << i;
+    EXPECT_EQ(resumed.history[i].off_diagonal, straight.history[i].off_diagonal) << i;
+  }
+  const auto ta = load_tensors(straight_dir / "backbone.pt", cnn()), tb = load_tensors(resumed_dir / "backbone.pt", cnn());
+  for (const auto& item : ta) EXPECT_TRUE(torch::equal(item.value(), tb[item.key()])) << item.key();
+}
+
 TEST(Pretrain, ResumeEqualsAnUninterruptedRun) {
   ScratchDir straight("straight"), split("split");
   auto a = small_pretrain(straight.path);
@@ -116,16 +131,7 @@ TEST(Pretrain, ResumeEqualsAnUninterruptedRun) {
   ASSERT_EQ(lt::run_pretraining(b).status, "completed");
   b.epochs = 3;
   b.resume = true;
-  const auto s = lt::run_pretraining(b);
-  ASSERT_EQ(s.status, "completed");
-  ASSERT_EQ(s.history.size(), 3u);
-  // The step counter continues (it drives the schedule, phi_t and telemetry), and so does the loss.
-  for (size_t i = 0; i < 3; ++i) {
-    EXPECT_EQ(s.history[i].step, sa.history[i].step) << i;
-    EXPECT_EQ(s.history[i].train_loss, sa.history[i].train_loss) << i;
-  }
-  const auto ta = load_tensors(straight.path / "backbone.pt", cnn()), tb = load_tensors(split.path / "backbone.pt", cnn());
-  for (const auto& item : ta) EXPECT_TRUE(torch::equal(item.value(), tb[item.key()])) << item.key();
+  expect_same_pretraining(sa, lt::run_pretraining(b), straight.path, split.path);
   // metrics.csv has one row per epoch after the resume.
   const std::string metrics = read(split.path / "metrics.csv");
   EXPECT_EQ(std::count(metrics.begin(), metrics.end(), '\n'), 4);
@@ -144,16 +150,7 @@ TEST(Pretrain, ResumeWithinAnEpochEqualsAnUninterruptedRun) {
   EXPECT_THROW(lt::run_pretraining(b), lt::SimulatedCrash);
   b.crash_after_step = -1;
   b.resume = true;
-  const auto s = lt::run_pretraining(b);
-  ASSERT_EQ(s.status, "completed");
-  ASSERT_EQ(s.history.size(), 3u);
-  for (size_t i = 0; i < 3; ++i) {
-    EXPECT_EQ(s.history[i].step, sa.history[i].step) << i;
-    EXPECT_EQ(s.history[i].train_loss, sa.history[i].train_loss) << i;
-    EXPECT_EQ(s.history[i].off_diagonal, sa.history[i].off_diagonal) << i;
-  }
-  const auto ta = load_tensors(straight.path / "backbone.pt", cnn()), tb = load_tensors(crashed.path / "backbone.pt", cnn());
-  for (const auto& item : ta) EXPECT_TRUE(torch::equal(item.value(), tb[item.key()])) << item.key();
+  expect_same_pretraining(sa, lt::run_pretraining(b), straight.path, crashed.path);
 }
 
 TEST(Pretrain, WarmupSpansThisRunsOwnLength) {

@@ -367,14 +367,20 @@ void read_archive_guarded(const char* data, size_t size, torch::Device device, t
   }
 }
 
+// A sealed checkpoint's bytes: verified (CheckpointError naming path), then read.
+void read_sealed_archive(const std::string& bytes, const fs::path& path, torch::Device device,
+                         torch::serialize::InputArchive& archive) {
+  const auto [offset, size] = unseal_checkpoint(bytes, path.string());
+  read_archive_guarded(bytes.data() + offset, size, device, archive,
+                       "checkpoint " + path.string() + ": the checksum matches, but ");
+}
+
 }  // namespace detail
 
 void load_archive(const fs::path& path, torch::serialize::InputArchive& archive, torch::Device device) {
   const std::string bytes = detail::read_whole_file(path, "file");
   if (detail::is_sealed_checkpoint(bytes)) {
-    const auto [offset, size] = detail::unseal_checkpoint(bytes, path.string());
-    detail::read_archive_guarded(bytes.data() + offset, size, device, archive,
-                                 "checkpoint " + path.string() + ": the checksum matches, but ");
+    detail::read_sealed_archive(bytes, path, device, archive);
     return;
   }
   detail::read_archive_guarded(bytes.data(), bytes.size(), device, archive,
@@ -406,10 +412,7 @@ json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
                      torch::Device device) {
   torch::serialize::InputArchive root;
   try {
-    const std::string bytes = read_whole_file(path, "checkpoint");
-    const auto [offset, size] = unseal_checkpoint(bytes, path.string());
-    read_archive_guarded(bytes.data() + offset, size, device, root,
-                         "checkpoint " + path.string() + ": the checksum matches, but ");
+    read_sealed_archive(read_whole_file(path, "checkpoint"), path, device, root);  // a bare archive is refused
   } catch (const CheckpointError& e) {
     usage(std::string("--resume: ") + e.what());
   }
