@@ -809,10 +809,7 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
     } catch (const CheckpointError& e) {
       usage("--backbone " + config.backbone +
             ": not a model file (backbone.pt or checkpoint.pt of pretrain, model.pt of train): " + e.what());
-    } catch (const std::exception&) {  // c10::Error, torch::jit::ErrorReport, ...
-      usage("--backbone " + config.backbone +
-            ": not a model file (backbone.pt or checkpoint.pt of pretrain, model.pt of train)");
-    }
+    }  // load_archive turns every LibTorch error into a CheckpointError
     // A pretrain checkpoint.pt holds the whole network: its "backbone" part is the classifier module.
     {
       torch::serialize::InputArchive model_part, backbone_part;
