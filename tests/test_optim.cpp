@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <iostream>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -441,7 +442,7 @@ lo::NamedParameters kernel_params(torch::ScalarType type) {
   torch::manual_seed(7);
   lo::NamedParameters p;
   p.insert("conv.weight", torch::randn({64, 32, 3, 3}, type) * 0.1);  // 18432 elements
-  p.insert("fc.weight", torch::randn({300, 400}, type) * 0.05);       // 120000: four chunks
+  p.insert("fc.weight", torch::randn({300, 400}, type) * 0.05);       // 120000: 15 chunks, a block of its own
   p.insert("fc.bias", torch::randn({300}, type) * 0.01);
   p.insert("zero.weight", torch::zeros({10, 10}, type));               // |w| = 0: r = 1
   return p;
@@ -472,8 +473,9 @@ std::pair<lo::NamedParameters, std::vector<lo::StepTelemetry>> run_kernel(const 
   return {p, records};
 }
 
-TEST(StepKernels, FusedAgreesWithTensorOperationsForEveryOption) {
-  std::vector<std::pair<std::string, lo::LayerwiseOptions>> cases = {
+// Options the golden files do not cover, one case each.
+std::vector<std::pair<std::string, lo::LayerwiseOptions>> every_option_case() {
+  return {
       {"lars", lo::LayerwiseOptions::lars(2.0)},
       {"lars nesterov sum larc", lo::LayerwiseOptions::lars(2.0).nesterov(true).larc_clip(true).trust_denominator(
                                      lo::TrustDenominator::kSum).trust_eps(1e-3)},
@@ -485,6 +487,10 @@ TEST(StepKernels, FusedAgreesWithTensorOperationsForEveryOption) {
        lo::LayerwiseOptions::lamb(0.01).bias_correction(false).trust_denominator(lo::TrustDenominator::kSum)
            .adapt_mask(lo::ParamMask::all()).decay_mask(lo::ParamMask::all())},
   };
+}
+
+TEST(StepKernels, FusedAgreesWithTensorOperationsForEveryOption) {
+  const auto cases = every_option_case();
   for (const auto type : {torch::kFloat, torch::kDouble}) {
     const double tol = type == torch::kFloat ? 2e-5 : 1e-12;
     for (const auto& [label, o] : cases) {
@@ -530,6 +536,45 @@ TEST(StepKernels, FusedResultsDoNotDependOnTheThreadCount) {
     EXPECT_EQ(one_tel.back().layers[k].update_norm, two_tel.back().layers[k].update_norm);
 }
 
+TEST(StepKernels, EveryInstructionSetGivesTheSameBits) {
+  const auto sets = lo::fused_step_instruction_sets();
+  ASSERT_FALSE(sets.empty());
+  EXPECT_EQ(sets.front(), "baseline");
+  const std::string before = lo::fused_step_instruction_set();
+  EXPECT_EQ(before, sets.back()) << "the widest set this CPU runs is the default";
+  std::cout << "[ INFO     ] instruction sets: ";
+  for (const auto& name : sets) std::cout << name << " ";
+  std::cout << "\n";
+  for (const auto type : {torch::kFloat, torch::kDouble}) {
+    for (const auto& [label, o] : every_option_case()) {
+      SCOPED_TRACE(label + (type == torch::kFloat ? " float" : " double"));
+      lo::use_fused_step_instruction_set("baseline");
+      auto [base, base_tel] = run_kernel(o, lo::StepKernel::kFused, type, 3);
+      for (size_t k = 1; k < sets.size(); ++k) {
+        lo::use_fused_step_instruction_set(sets[k]);
+        auto [other, other_tel] = run_kernel(o, lo::StepKernel::kFused, type, 3);
+        for (const auto& item : base)
+          EXPECT_TRUE(torch::equal(item.value(), other[item.key()])) << sets[k] << " " << item.key();
+        for (size_t t = 0; t < base_tel.size(); ++t)
+          for (size_t l = 0; l < base_tel[t].layers.size(); ++l) {
+            EXPECT_EQ(base_tel[t].layers[l].weight_norm, other_tel[t].layers[l].weight_norm) << sets[k];
+            EXPECT_EQ(base_tel[t].layers[l].update_norm, other_tel[t].layers[l].update_norm) << sets[k];
+            EXPECT_EQ(base_tel[t].layers[l].grad_norm, other_tel[t].layers[l].grad_norm) << sets[k];
+          }
+      }
+    }
+  }
+  lo::use_fused_step_instruction_set(before);
+  try {
+    lo::use_fused_step_instruction_set("sse9");
+    FAIL() << "an unknown instruction set was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("'sse9'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("baseline"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(lo::fused_step_instruction_set(), before);
+}
+
 TEST(StepKernels, AutoFallsBackPerTensorAndFusedNamesWhatItCannotTake) {
   auto make = [] {
     lo::NamedParameters p;
@@ -564,16 +609,21 @@ TEST(StepKernels, AutoFallsBackPerTensorAndFusedNamesWhatItCannotTake) {
   }
 }
 
-TEST(StepKernels, MemoryTrafficCountsTheTwoPasses) {
+TEST(StepKernels, MemoryTrafficCountsOneReadAndOneWrite) {
   lo::NamedParameters p;
   p.insert("w", torch::zeros({10, 10}));  // adapted
-  p.insert("b", torch::zeros({10}));      // not adapted (1-D)
+  p.insert("b", torch::zeros({10}));      // not adapted (1-D): the same traffic
   lo::LayerwiseOptimizer lars(p, lo::LayerwiseOptions::lars(1.0));
-  // adapted: w, g read for the norms + w, g, mu read and w, mu written = 7 accesses; 1-D: 5; 4 bytes each
-  EXPECT_EQ(lars.step_memory_traffic(), (7 * 100 + 5 * 10) * 4);
+  // w, g, mu read and w, mu written = 5 accesses of 4 bytes
+  EXPECT_EQ(lars.step_memory_traffic(), 5 * 110 * 4);
+  lo::LayerwiseOptimizer plain(p, lo::LayerwiseOptions::lars(1.0).momentum(0));
+  EXPECT_EQ(plain.step_memory_traffic(), 3 * 110 * 4);  // w, g read, w written
   lo::LayerwiseOptimizer lamb(p, lo::LayerwiseOptions::lamb(0.01));
-  // adapted: g, m, v, w read and m, v written, then m, v, w read and w written = 10; 1-D: 9
-  EXPECT_EQ(lamb.step_memory_traffic(), (10 * 100 + 9 * 10) * 4);
+  // w, g, m, v read and w, m, v written = 7
+  EXPECT_EQ(lamb.step_memory_traffic(), 7 * 110 * 4);
+  lo::NamedParameters d;
+  d.insert("w", torch::zeros({10, 10}, torch::kDouble));
+  EXPECT_EQ(lo::LayerwiseOptimizer(d, lo::LayerwiseOptions::lars(1.0)).step_memory_traffic(), 5 * 100 * 8);
 }
 
 TEST(StepKernels, MixedTypesMissingGradientsAndSharedMemory) {

@@ -169,7 +169,7 @@ Runner add_bench_step_command(CLI::App& bench) {
   auto* cmd = bench.add_subcommand(
       "step", "Optimizer step: fused kernel vs per-tensor LibTorch ops vs the Python reference vs the bandwidth bound");
   struct Args {
-    std::vector<std::string> models{"resnet18", "resnet50"}, optimizers{"lars", "tvlars", "lamb"};
+    std::vector<std::string> models{"resnet18", "resnet50"}, optimizers{"lars", "tvlars", "lamb"}, instruction_sets;
     int64_t repeats = 20, threads = 0;
     std::string reference, json_out;
     Python py;
@@ -182,11 +182,24 @@ Runner add_bench_step_command(CLI::App& bench) {
       ->check(CLI::IsMember({"lars", "tvlars", "lamb"}));
   cmd->add_option("--repeats", a->repeats, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--json", a->json_out, "Also write the measurements to this JSON file");
+  cmd->add_option("--instruction-sets", a->instruction_sets,
+                  "Also time the fused step with each of these instruction sets (all: every one this CPU runs)")
+      ->delimiter(',');
   add_common_options(cmd, a->threads, a->py, a->reference);
 
   return [cmd, a]() -> int {
     if (!cmd->parsed()) return -1;
     try {
+      const std::string default_set = optim::fused_step_instruction_set();
+      if (a->instruction_sets == std::vector<std::string>{"all"})
+        a->instruction_sets = optim::fused_step_instruction_sets();
+      const auto runnable = optim::fused_step_instruction_sets();
+      std::string runnable_list;
+      for (const auto& name : runnable) runnable_list += name + ", ";
+      for (const auto& name : a->instruction_sets)  // unknown names fail before timing
+        if (std::find(runnable.begin(), runnable.end(), name) == runnable.end())
+          throw std::invalid_argument("--instruction-sets: '" + name + "' is not one this build runs on this CPU (" +
+                                      runnable_list + "or all)");
       const int threads = start_bench(a->threads, a->py, a->reference);
       for (const auto& m : a->models) models::make_model(bench_model(m));  // bad names fail before timing
       std::printf("largebatch bench step: %d thread(s), median of %lld steps; %s\n", threads,
@@ -234,6 +247,12 @@ Runner add_bench_step_command(CLI::App& bench) {
           int64_t traffic = 0;
           const double fused = time_kernel(optim::StepKernel::kFused, &traffic);
           const double ops = time_kernel(optim::StepKernel::kTensorOps, &traffic);
+          json by_set = json::object();
+          for (const auto& name : a->instruction_sets) {
+            optim::use_fused_step_instruction_set(name);
+            by_set[name] = time_kernel(optim::StepKernel::kFused, &traffic);
+          }
+          optim::use_fused_step_instruction_set(default_set);
           std::string why;
           const json py = run_python(a->py,
                                      "step --shapes " + shell_quote(shapes_file) + " --optimizer " + opt_name +
@@ -246,7 +265,7 @@ Runner add_bench_step_command(CLI::App& bench) {
           for (const auto& item : named) count += item.value().numel();
           results.push_back({{"model", model_name}, {"optimizer", opt_name}, {"parameters", count},
                              {"fused_s", fused}, {"tensor_ops_s", ops}, {"python_s", python},
-                             {"bytes", traffic}});
+                             {"bytes", traffic}, {"fused_s_by_instruction_set", by_set}});
         }
       }
       const double bandwidth_after = stream_triad_bandwidth();
@@ -264,8 +283,27 @@ Runner add_bench_step_command(CLI::App& bench) {
                     r["parameters"].get<int64_t>() / 1e6, fused * 1e3, ops * 1e3, cell(python * 1e3, "%.2f").c_str(),
                     bound * 1e3, fused / bound, ops / fused, cell(python / fused, "%.2f").c_str());
       }
+      if (!a->instruction_sets.empty()) {
+        std::printf("\nThe fused step (ms) by instruction set (the default: %s; every one gives the same bits)\n\n| model "
+                    "| optimizer |", default_set.c_str());
+        for (const auto& name : a->instruction_sets) std::printf(" %s | / bound |", name.c_str());
+        std::printf("\n| --- | --- |");
+        for (size_t k = 0; k < a->instruction_sets.size(); ++k) std::printf(" --- | --- |");
+        std::printf("\n");
+        for (const auto& r : results) {
+          std::printf("| %s | %s |", r["model"].get<std::string>().c_str(), r["optimizer"].get<std::string>().c_str());
+          for (const auto& name : a->instruction_sets) {
+            const double t = r["fused_s_by_instruction_set"][name];
+            std::printf(" %.2f | %.2f |", t * 1e3, t / r["bound_s"].get<double>());
+          }
+          std::printf("\n");
+        }
+      }
       if (!a->json_out.empty()) {
-        json out = {{"threads", threads}, {"stream_triad_bytes_per_s", bandwidth}, {"results", results}};
+        json out = {{"threads", threads},
+                    {"stream_triad_bytes_per_s", bandwidth},
+                    {"fused_step_instruction_set", default_set},
+                    {"results", results}};
         std::ofstream(a->json_out) << out.dump(2) << "\n";
       }
       return 0;

@@ -1,4 +1,5 @@
 #include <largebatch/core/runtime.h>
+#include <largebatch/optim/layerwise.h>
 #include <largebatch/version.h>
 
 #include <torch/torch.h>
@@ -49,7 +50,7 @@ std::string runtime_summary() {
   os << "largebatch " << version() << " | LibTorch " << TORCH_VERSION << " | BLAS "
      << (blas.empty() ? "none loaded" : blas) << " | allocator " << (tcmalloc_loaded() ? "tcmalloc" : "system malloc")
      << " | intra-op threads " << torch::get_num_threads() << " of " << std::thread::hardware_concurrency()
-     << " cores (train sets --threads) | CUDA "
+     << " cores (train sets --threads) | fused step " << optim::fused_step_instruction_set() << " | CUDA "
      << (torch::cuda::is_available() ? std::to_string(torch::cuda::device_count()) + " device(s)" : "unavailable");
   return os.str();
 }

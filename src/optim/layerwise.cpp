@@ -352,20 +352,12 @@ int64_t LayerwiseOptimizer::step_memory_traffic() const {
   int64_t bytes = 0;
   for (const auto& group : param_groups_) {
     const auto& o = static_cast<const LayerwiseOptions&>(group.options());
-    for (const auto& p : group.params()) {
-      // A parameter added by add_param_group gets its masks at its first step; until then, the group's mask.
-      const auto found = state_.find(key_of(p));
-      const bool adapt = found != state_.end() ? static_cast<const LayerwiseParamState&>(*found->second).adapt()
-                                               : o.adapt_mask().applies("param", p.dim());
-      int64_t accesses = 0;  // element reads and writes
-      if (o.direction() == Direction::kAdam)
-        accesses = (adapt ? 6 : 5) + 4;  // g, m, v (+ w) read, m, v written; then m, v, w read, w written
-      else if (o.momentum() != 0)
-        accesses = (adapt ? 2 : 0) + 5;  // w, g read for the norms; then w, g, mu read, w, mu written
-      else
-        accesses = (adapt ? 2 : 0) + 3;
-      bytes += accesses * p.numel() * static_cast<int64_t>(p.element_size());
-    }
+    int64_t accesses = 3;  // w, g read, w written
+    if (o.direction() == Direction::kAdam)
+      accesses += 4;  // m, v read and written
+    else if (o.momentum() != 0)
+      accesses += 2;  // mu read and written
+    for (const auto& p : group.params()) bytes += accesses * p.numel() * static_cast<int64_t>(p.element_size());
   }
   return bytes;
 }

@@ -1,9 +1,12 @@
 #include "step_kernels.h"
+#include "step_simd.h"
 
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
+#include <atomic>
 #include <cmath>
+#include <stdexcept>
 
 namespace largebatch {
 namespace optim {
@@ -85,154 +88,75 @@ bool dense_like(const torch::Tensor& x, const torch::Tensor& p) {
 
 // Elements per unit of work: large enough to amortise scheduling, small enough to share one large tensor
 // between threads. Fixed (not derived from the thread count) so that sums do not depend on it.
-constexpr int64_t kChunk = int64_t{1} << 15;
+constexpr int64_t kChunk = int64_t{1} << 13;
+
+// Tensors are stepped in blocks of whole tensors whose w, g and state take about this much per thread: half a
+// typical L2 cache, so that the block is still cached when pass 2 follows pass 1.
+constexpr int64_t kBlockBytesPerThread = int64_t{512} << 10;
 
 struct Chunk {
   size_t entry;
   int64_t begin, end;
 };
 
-// One tensor's pointers and coefficients, in its element type.
-template <typename T>
-struct Plan {
-  T* w = nullptr;
-  const T* g = nullptr;
-  T* mu = nullptr;  // momentum buffer (kMomentum with momentum != 0)
-  T* m = nullptr;   // Adam moments (kAdam)
-  T* v = nullptr;
-  int64_t n = 0;
-  bool adam = false, adapt = false, decay = false, momentum = false, first = false, nesterov = false;
-  T wd = 0, beta1 = 0, one_minus_beta1 = 0, beta2 = 0, one_minus_beta2 = 0, bc1 = 1, bc2 = 1, eps = 0;
-  T mom = 0, neg_lr = 0;
-  T ratio = 1;
-};
+using simd::Plan;
+using simd::Sums;
 
-// Sums over one chunk: |w|^2, |d|^2, |u|^2, |g|^2.
-struct Sums {
-  double w = 0, d = 0, u = 0, g = 0;
-};
-
-// s = m^ / (sqrt(v^) + eps); without bias correction bc1 = bc2 = 1, and dividing by 1 is exact: one branch-free
-// form for both.
-template <typename T>
-inline T adam_direction(const Plan<T>& p, T m, T v) {
-  return (m / p.bc1) / (std::sqrt(v / p.bc2) + p.eps);
+// The variants this build has that this CPU can run, narrowest first.
+std::vector<const simd::Kernels*> runnable_kernels() {
+  std::vector<const simd::Kernels*> found{&simd::baseline_kernels};
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();  // libgcc's checks also ask the OS whether it saves the wider registers (XGETBV)
+#ifdef LARGEBATCH_SIMD_AVX2
+  if (__builtin_cpu_supports("avx2")) found.push_back(&simd::avx2_kernels);
+#endif
+#ifdef LARGEBATCH_SIMD_AVX512
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw"))
+    found.push_back(&simd::avx512_kernels);
+#endif
+#endif
+  return found;
 }
 
-// Pass 1, LARS family: norms only (reads w and g).
-template <typename T, bool kDecay>
-Sums momentum_norms(const Plan<T>& p, int64_t b, int64_t e) {
-  double sw = 0, sd = 0, sg = 0;
-  const T* __restrict w = p.w;
-  const T* __restrict g = p.g;
-  const T wd = p.wd;
-#pragma omp simd reduction(+ : sw, sd, sg)
-  for (int64_t i = b; i < e; ++i) {
-    const T wi = w[i], gi = g[i];
-    const T di = kDecay ? gi + wd * wi : gi;
-    sw += static_cast<double>(wi) * wi;
-    sd += static_cast<double>(di) * di;
-    sg += static_cast<double>(gi) * gi;
+const simd::Kernels* kernels_named(const std::string& name, const std::string& asked_by) {
+  std::string names;
+  for (const simd::Kernels* k : runnable_kernels()) {
+    if (name == k->name) return k;
+    names += names.empty() ? k->name : std::string(", ") + k->name;
   }
-  return Sums{sw, sd, sg, sg};
+  throw std::invalid_argument(asked_by + ": unknown or unavailable instruction set '" + name +
+                              "' (this build on this CPU: " + names + ")");
 }
 
-// Pass 1, LAMB family: moments updated in place; norms when the tensor is adapted.
-template <typename T, bool kDecay, bool kAdapt>
-Sums adam_moments(const Plan<T>& p, int64_t b, int64_t e) {
-  double sw = 0, sd = 0, su = 0, sg = 0;
-  T* __restrict m = p.m;
-  T* __restrict v = p.v;
-  const T* __restrict w = p.w;
-  const T* __restrict g = p.g;
-#pragma omp simd reduction(+ : sw, sd, su, sg)
-  for (int64_t i = b; i < e; ++i) {
-    const T gi = g[i];
-    const T mi = m[i] * p.beta1 + p.one_minus_beta1 * gi;
-    const T vi = v[i] * p.beta2 + p.one_minus_beta2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    if (kAdapt) {
-      const T wi = w[i];
-      const T ui = adam_direction(p, mi, vi);
-      const T di = kDecay ? ui + p.wd * wi : ui;
-      sw += static_cast<double>(wi) * wi;
-      sd += static_cast<double>(di) * di;
-      su += static_cast<double>(ui) * ui;
-      sg += static_cast<double>(gi) * gi;
-    }
-  }
-  return Sums{sw, sd, su, sg};
+// The widest this CPU runs, or LARGEBATCH_STEP_SIMD's choice (checked when the first fused step is set up).
+std::atomic<const simd::Kernels*> chosen_kernels{nullptr};
+
+const simd::Kernels& active_kernels() {
+  const simd::Kernels* k = chosen_kernels.load();
+  if (k) return *k;
+  const char* env = std::getenv("LARGEBATCH_STEP_SIMD");
+  k = (env && *env) ? kernels_named(env, "LARGEBATCH_STEP_SIMD") : runnable_kernels().back();
+  chosen_kernels.store(k);
+  return *k;
 }
 
-// Pass 2, LARS family: d = (g + wd w) r; mu = momentum mu + d; w -= lr mu (or the Nesterov form).
-template <typename T, bool kDecay>
-void momentum_update(const Plan<T>& p, int64_t b, int64_t e) {
-  T* __restrict w = p.w;
-  const T* __restrict g = p.g;
-  T* __restrict mu = p.mu;
-  const T wd = p.wd, r = p.ratio, mom = p.mom, neg_lr = p.neg_lr;
-  if (!p.momentum) {
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) {
-      const T di = (kDecay ? g[i] + wd * w[i] : g[i]) * r;
-      w[i] = w[i] + neg_lr * di;
-    }
-  } else if (p.first) {  // mu_0 = d
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) {
-      const T di = (kDecay ? g[i] + wd * w[i] : g[i]) * r;
-      mu[i] = di;
-      w[i] = w[i] + neg_lr * (p.nesterov ? di + mom * di : di);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) {
-      const T di = (kDecay ? g[i] + wd * w[i] : g[i]) * r;
-      const T mi = mu[i] * mom + di;
-      mu[i] = mi;
-      w[i] = w[i] + neg_lr * (p.nesterov ? di + mom * mi : mi);
-    }
-  }
+Sums first_pass(const simd::Kernels& k, const Plan<float>& p, int64_t b, int64_t e) {
+  return k.first_pass_float(p, b, e);
 }
-
-// Pass 2, LAMB family: w -= lr r (s + wd w), s from the moments pass 1 wrote.
-template <typename T, bool kDecay>
-void adam_update(const Plan<T>& p, int64_t b, int64_t e) {
-  T* __restrict w = p.w;
-  const T* __restrict m = p.m;
-  const T* __restrict v = p.v;
-  const T wd = p.wd, r = p.ratio, neg_lr = p.neg_lr;
-#pragma omp simd
-  for (int64_t i = b; i < e; ++i) {
-    const T ui = adam_direction(p, m[i], v[i]);
-    const T di = (kDecay ? ui + wd * w[i] : ui) * r;
-    w[i] = w[i] + neg_lr * di;
-  }
+Sums first_pass(const simd::Kernels& k, const Plan<double>& p, int64_t b, int64_t e) {
+  return k.first_pass_double(p, b, e);
 }
-
-template <typename T>
-Sums first_pass(const Plan<T>& p, int64_t b, int64_t e) {
-  if (p.adam) {
-    if (p.adapt) return p.decay ? adam_moments<T, true, true>(p, b, e) : adam_moments<T, false, true>(p, b, e);
-    return p.decay ? adam_moments<T, true, false>(p, b, e) : adam_moments<T, false, false>(p, b, e);
-  }
-  return p.decay ? momentum_norms<T, true>(p, b, e) : momentum_norms<T, false>(p, b, e);
-}
-
-template <typename T>
-void second_pass(const Plan<T>& p, int64_t b, int64_t e) {
-  if (p.adam)
-    p.decay ? adam_update<T, true>(p, b, e) : adam_update<T, false>(p, b, e);
-  else
-    p.decay ? momentum_update<T, true>(p, b, e) : momentum_update<T, false>(p, b, e);
-}
+void second_pass(const simd::Kernels& k, const Plan<float>& p, int64_t b, int64_t e) { k.second_pass_float(p, b, e); }
+void second_pass(const simd::Kernels& k, const Plan<double>& p, int64_t b, int64_t e) { k.second_pass_double(p, b, e); }
 
 template <typename T>
 Plan<T> plan_of(const StepEntry& e) {
   const LayerwiseOptions& o = *e.options;
   LayerwiseParamState& st = *e.state;
-  Plan<T> p;
+  Plan<T> p{};
+  p.bc1 = p.bc2 = 1;
+  p.ratio = 1;
   p.w = e.param.data_ptr<T>();
   p.g = e.grad.data_ptr<T>();
   p.n = e.param.numel();
@@ -270,17 +194,19 @@ Plan<T> plan_of(const StepEntry& e) {
   return p;
 }
 
-// Steps the entries whose element type is T.
 template <typename T>
-void fused_step_of(const std::vector<StepEntry>& entries, const std::vector<size_t>& which,
-                   std::vector<LayerNorms>* norms) {
-  std::vector<Plan<T>> plans;
-  plans.reserve(which.size());
-  for (size_t i : which) plans.push_back(plan_of<T>(entries[i]));
+int64_t footprint(const Plan<T>& p) {
+  const int arrays = 2 + (p.momentum ? 1 : 0) + (p.adam ? 2 : 0);
+  return arrays * p.n * static_cast<int64_t>(sizeof(T));
+}
 
+// Pass 1, the ratios, then pass 2 over plans [begin, end).
+template <typename T>
+void step_block(const simd::Kernels& kernels, const std::vector<StepEntry>& entries, const std::vector<size_t>& which,
+                std::vector<Plan<T>>& plans, size_t begin, size_t end, std::vector<LayerNorms>* norms) {
   // Pass 1 runs over adapted tensors (norms) and LAMB tensors (moments).
   std::vector<Chunk> first, second;
-  for (size_t k = 0; k < plans.size(); ++k) {
+  for (size_t k = begin; k < end; ++k) {
     for (int64_t b = 0; b < plans[k].n; b += kChunk) {
       const Chunk c{k, b, std::min(plans[k].n, b + kChunk)};
       if (plans[k].adapt || plans[k].adam) first.push_back(c);
@@ -289,33 +215,60 @@ void fused_step_of(const std::vector<StepEntry>& entries, const std::vector<size
   }
   std::vector<Sums> partial(first.size());
   at::parallel_for(0, static_cast<int64_t>(first.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) partial[c] = first_pass(plans[first[c].entry], first[c].begin, first[c].end);
+    for (int64_t c = b; c < e; ++c)
+      partial[c] = first_pass(kernels, plans[first[c].entry], first[c].begin, first[c].end);
   });
 
   // Norms in chunk order, then each ratio on the host.
-  std::vector<Sums> total(plans.size());
+  std::vector<Sums> total(end - begin);
   for (size_t c = 0; c < first.size(); ++c) {
-    Sums& s = total[first[c].entry];
+    Sums& s = total[first[c].entry - begin];
     s.w += partial[c].w;
     s.d += partial[c].d;
     s.u += partial[c].u;
     s.g += partial[c].g;
   }
-  for (size_t k = 0; k < plans.size(); ++k) {
+  for (size_t k = begin; k < end; ++k) {
     if (!plans[k].adapt) continue;
+    const Sums& sums = total[k - begin];
     const StepEntry& e = entries[which[k]];
     const LayerwiseOptions& o = *e.options;
-    const double w_norm = std::sqrt(total[k].w);
-    const double denominator =
-        trust_denominator(std::sqrt(total[k].u), std::sqrt(total[k].d), w_norm, plans[k].decay, o);
+    const double w_norm = std::sqrt(sums.w);
+    const double denominator = trust_denominator(std::sqrt(sums.u), std::sqrt(sums.d), w_norm, plans[k].decay, o);
     const double r = trust_ratio(w_norm, denominator, o, e.phi, o.lr());
     plans[k].ratio = static_cast<T>(r);
-    if (norms) (*norms)[which[k]] = LayerNorms{w_norm, denominator, static_cast<double>(plans[k].ratio), std::sqrt(total[k].g)};
+    if (norms)
+      (*norms)[which[k]] = LayerNorms{w_norm, denominator, static_cast<double>(plans[k].ratio), std::sqrt(sums.g)};
   }
 
   at::parallel_for(0, static_cast<int64_t>(second.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) second_pass(plans[second[c].entry], second[c].begin, second[c].end);
+    for (int64_t c = b; c < e; ++c) second_pass(kernels, plans[second[c].entry], second[c].begin, second[c].end);
   });
+}
+
+// Steps the entries whose element type is T.
+template <typename T>
+void fused_step_of(const std::vector<StepEntry>& entries, const std::vector<size_t>& which,
+                   std::vector<LayerNorms>* norms) {
+  const simd::Kernels& kernels = active_kernels();
+  std::vector<Plan<T>> plans;
+  plans.reserve(which.size());
+  for (size_t i : which) plans.push_back(plan_of<T>(entries[i]));
+
+  // Tensors are stepped in blocks of whole tensors whose w, g and state fit a cache budget: pass 2 of a block
+  // follows its pass 1 while the block is still cached, so memory sees each element about once.
+  const int64_t budget = kBlockBytesPerThread * at::get_num_threads();
+  size_t block_begin = 0;
+  while (block_begin < plans.size()) {
+    size_t block_end = block_begin;
+    int64_t bytes = 0;
+    do {
+      bytes += footprint(plans[block_end]);
+      ++block_end;
+    } while (block_end < plans.size() && bytes + footprint(plans[block_end]) <= budget);
+    step_block(kernels, entries, which, plans, block_begin, block_end, norms);
+    block_begin = block_end;
+  }
 
   // Written through raw pointers: bump the version counters as in-place operations would, so autograd still
   // refuses a graph that saved one of these tensors before the step.
@@ -354,5 +307,18 @@ void fused_step(const std::vector<StepEntry>& entries, std::vector<LayerNorms>* 
 }
 
 }  // namespace detail
+
+std::vector<std::string> fused_step_instruction_sets() {
+  std::vector<std::string> names;
+  for (const detail::simd::Kernels* k : detail::runnable_kernels()) names.push_back(k->name);
+  return names;
+}
+
+std::string fused_step_instruction_set() { return detail::active_kernels().name; }
+
+void use_fused_step_instruction_set(const std::string& name) {
+  detail::chosen_kernels.store(detail::kernels_named(name, "use_fused_step_instruction_set"));
+}
+
 }  // namespace optim
 }  // namespace largebatch

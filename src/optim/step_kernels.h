@@ -1,9 +1,11 @@
 #pragma once
 // The two ways the layer-wise engine applies one step (private to the library):
-//  - fused_step: CPU, dense contiguous float/double tensors. One pass over all tensors computes every norm
-//    (partial sums per fixed-size chunk, added in chunk order, so results do not depend on the thread count),
-//    the ratios are formed on the host (the norms already are host numbers: no synchronisation), and a second
-//    pass reads each element of w, g and the state once and writes w and the state once.
+//  - fused_step: CPU, dense contiguous float/double tensors, in blocks of whole tensors sized to the caches.
+//    Per block: one pass computes every norm (partial sums per fixed-size chunk, added in chunk order, so
+//    results do not depend on the thread count or the blocking), the ratios are formed on the host (the norms
+//    already are host numbers: no synchronisation), and a second pass, while the block is still cached, reads
+//    each element of w, g and the state and writes w and the state once. The element loops are compiled per
+//    instruction set (step_simd.h) with bit-identical results.
 //  - tensor_ops_step: per-tensor LibTorch operations, any device; never reads a value on the host.
 // Both follow algorithms.md; trust_ratio() below is the one formula both use.
 #include <largebatch/optim/layerwise.h>

@@ -41,12 +41,22 @@ enum class TrustDenominator : int64_t {
 
 // Which code applies a step.
 enum class StepKernel : int64_t {
-  // The fused CPU kernel for dense contiguous float/double CPU tensors (two passes over memory, no
-  // per-tensor dispatch), per-tensor LibTorch operations for the rest (CUDA, other types, strided gradients).
+  // The fused CPU kernel for dense contiguous float/double CPU tensors (norms, then the update while the
+  // tensors are cached; no per-tensor dispatch), per-tensor LibTorch operations for the rest (CUDA, other
+  // types, strided gradients).
   kAuto = 0,
   kFused = 1,      // the fused kernel for every tensor; a tensor it cannot take is an error naming it
   kTensorOps = 2,  // per-tensor LibTorch operations for every tensor (the device-agnostic reference)
 };
+
+// The fused kernel's loops are compiled for several x86 instruction sets and the widest the CPU runs is used
+// (environment variable LARGEBATCH_STEP_SIMD picks another). Every variant gives bit-identical results.
+// The variants this build has and this CPU runs, narrowest first ("baseline", then "avx2", "avx512").
+std::vector<std::string> fused_step_instruction_sets();
+// The one in use.
+std::string fused_step_instruction_set();
+// Use this one from now on (std::invalid_argument naming the choices when unknown or not runnable here).
+void use_fused_step_instruction_set(const std::string& name);
 
 struct Range {
   double lo = 0;
@@ -137,9 +147,10 @@ class LayerwiseOptimizer : public torch::optim::Optimizer {
   const std::string& name_of(const torch::Tensor& param) const;
   // Steps taken so far (the largest per-tensor step counter).
   int64_t steps_taken() const;
-  // Bytes one steady-state step must move through memory, for every parameter: a pass reading what the
-  // norms need (w and g; LAMB also the moments, which it updates) and a pass reading w, g and the state and
-  // writing w and the state once. Benchmarks divide it by a measured bandwidth to get the bound.
+  // Bytes one steady-state step must move through memory at the least: every element of w, g and the state
+  // read once, w and the state written once (the norms need no traffic of their own when the update follows
+  // them while the tensor is cached, as the fused kernel does). Benchmarks divide it by a measured bandwidth to
+  // get the bound.
   int64_t step_memory_traffic() const;
 
   // Which code applies the step (results agree to float rounding; the golden tests run both).
