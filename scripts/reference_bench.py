@@ -134,6 +134,25 @@ class MLP(nn.Module):
         return self.fc(F.relu(self.fc1(x.flatten(1))))
 
 
+def forward_macs_per_image(model, shape):
+    """Multiply-adds of one forward pass per image (convolutions and linear layers), counted with hooks."""
+    import copy
+    probe = copy.deepcopy(model).eval()
+    total = [0]
+
+    def count(mod, inputs, out):
+        if isinstance(mod, nn.Conv2d):
+            total[0] += out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            total[0] += out.numel() * mod.in_features
+
+    for mod in probe.modules():
+        mod.register_forward_hook(count)
+    with torch.no_grad():
+        probe(torch.zeros((2,) + tuple(shape[1:])))
+    return total[0] // 2
+
+
 def bench_train(args):
     if args.model == "resnet18":
         import torchvision
@@ -169,7 +188,8 @@ def bench_train(args):
         one_step()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return {"median_s": median, "images_per_s": args.batch_size / median, "steps": args.steps}
+    return {"median_s": median, "images_per_s": args.batch_size / median, "steps": args.steps,
+            "forward_macs_per_image": forward_macs_per_image(model, shape)}
 
 
 def main():

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -161,6 +162,38 @@ int start_bench(int64_t threads_flag, Python& py, const std::string& reference) 
   torch::set_num_threads(threads);
   py.script = find_reference_script(reference);
   return threads;
+}
+
+// The best rate of dense arithmetic this machine gives LibTorch right now, in FLOP/s: a matrix multiply
+// (BLAS) and a 3x3 convolution forward (oneDNN where LibTorch has it), the better of the two. Training cannot
+// run much faster than this however its work is organised.
+struct DenseRate {
+  double matmul = 0, convolution = 0;
+  double best() const { return std::max(matmul, convolution); }
+};
+
+DenseRate dense_rate() {
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(0);
+  auto best_of = [](int repeats, double flops, const std::function<void()>& work) {
+    work();  // first touch, kernel selection
+    double best = 0;
+    for (int r = 0; r < repeats; ++r) {
+      const auto t0 = Clock::now();
+      work();
+      best = std::max(best, flops / seconds_since(t0));
+    }
+    return best;
+  };
+  DenseRate rate;
+  const int64_t n = 2048;
+  const auto a = torch::randn({n, n}), b = torch::randn({n, n});
+  rate.matmul = best_of(5, 2.0 * n * n * n, [&] { (void)torch::mm(a, b); });
+  const int64_t batch = 128, channels = 256, side = 8;
+  const auto x = torch::randn({batch, channels, side, side}), w = torch::randn({channels, channels, 3, 3});
+  rate.convolution = best_of(5, 2.0 * batch * channels * side * side * channels * 9,
+                             [&] { (void)torch::conv2d(x, w, {}, 1, 1); });
+  return rate;
 }
 
 }  // namespace
@@ -346,10 +379,15 @@ Runner add_bench_train_command(CLI::App& bench) {
       std::printf("largebatch bench train: %s%s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
                   a->model.c_str(), a->channels_last ? " (channels-last)" : "", a->optimizer.c_str(), threads, static_cast<long long>(a->steps),
                   static_cast<long long>(a->warmup), runtime_summary().c_str());
-      std::printf("| batch | largebatch step ms | largebatch img/s | Python step ms | Python img/s | ratio |\n"
-                  "| --- | --- | --- | --- | --- | --- |\n");
+      const DenseRate roof = dense_rate();
+      std::printf("Dense arithmetic in this run: matrix multiply %.1f GFLOP/s, 3x3 convolution %.1f GFLOP/s\n",
+                  roof.matmul / 1e9, roof.convolution / 1e9);
+      std::printf("| batch | largebatch step ms | largebatch img/s | Python step ms | Python img/s | ratio |"
+                  " largebatch GFLOP/s (of dense) | Python GFLOP/s (of dense) |\n"
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |\n");
       std::ostringstream csv;
-      csv << "batch_size,largebatch_step_s,largebatch_img_per_s,python_step_s,python_img_per_s,ratio\n";
+      csv << "batch_size,largebatch_step_s,largebatch_img_per_s,python_step_s,python_img_per_s,ratio,"
+             "train_flops_per_image,dense_flops_per_s\n";
       const double lr = a->optimizer == "lamb" ? 0.01 : 1.0;
       for (int64_t batch : a->batches) {
         const auto mo = bench_model(a->model);
@@ -385,12 +423,22 @@ Runner add_bench_train_command(CLI::App& bench) {
         const double python = py.is_null() ? 0.0 : py.at("median_s").get<double>();
         if (py.is_null()) std::fprintf(stderr, "Python reference skipped: %s\n", why.c_str());
         const double ratio = python > 0 ? python / ours : 0.0;
-        std::printf("| %lld | %.1f | %.0f | %s | %s | %s |\n", static_cast<long long>(batch), ours * 1e3,
+        // Training arithmetic per image: forward multiply-adds (counted by the Python side) x 2 FLOP x 3 (the
+        // backward pass computes gradients for inputs and for weights, each as much as the forward).
+        const double flops = py.is_null() ? 0.0 : 6.0 * py.value("forward_macs_per_image", 0.0);
+        auto rate = [&](double step_s) {
+          if (flops <= 0 || step_s <= 0) return std::string("n/a");
+          char text[64];
+          const double r = flops * static_cast<double>(batch) / step_s;
+          std::snprintf(text, sizeof text, "%.1f (%.0f %%)", r / 1e9, 100.0 * r / roof.best());
+          return std::string(text);
+        };
+        std::printf("| %lld | %.1f | %.0f | %s | %s | %s | %s | %s |\n", static_cast<long long>(batch), ours * 1e3,
                     batch / ours, cell(python * 1e3, "%.1f").c_str(), cell(python > 0 ? batch / python : 0, "%.0f").c_str(),
-                    cell(ratio, "%.2f").c_str());
+                    cell(ratio, "%.2f").c_str(), rate(ours).c_str(), rate(python).c_str());
         std::fflush(stdout);
         csv << batch << "," << ours << "," << batch / ours << "," << python << ","
-            << (python > 0 ? batch / python : 0.0) << "," << ratio << "\n";
+            << (python > 0 ? batch / python : 0.0) << "," << ratio << "," << flops << "," << roof.best() << "\n";
       }
       if (!a->out.empty()) {
         fs::create_directories(a->out);
