@@ -136,13 +136,23 @@ class MLP(nn.Module):
 
 def forward_macs_per_image(model, shape):
     """Multiply-adds of one forward pass per image (convolutions and linear layers), counted with hooks."""
+    # Convolutions are counted without the taps that fall on zero padding: at 32x32, ResNet-18's last stage runs
+    # 3x3 kernels over 1x1 maps, where 8 of the 9 taps multiply padding.
     import copy
     probe = copy.deepcopy(model).eval()
     total = [0]
 
+    def valid_taps(size, out_size, kernel, stride, pad, dilation):
+        # (output position, kernel tap) pairs that land inside the input: taps on the zero padding are no work
+        return sum(1 for o in range(out_size) for k in range(kernel) if 0 <= o * stride - pad + k * dilation < size)
+
     def count(mod, inputs, out):
         if isinstance(mod, nn.Conv2d):
-            total[0] += out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+            taps = 1
+            for dim in range(2):
+                taps *= valid_taps(inputs[0].shape[2 + dim], out.shape[2 + dim], mod.kernel_size[dim], mod.stride[dim],
+                                   mod.padding[dim], mod.dilation[dim])
+            total[0] += out.shape[0] * out.shape[1] * (mod.in_channels // mod.groups) * taps
         elif isinstance(mod, nn.Linear):
             total[0] += out.numel() * mod.in_features
 

@@ -131,6 +131,123 @@ TEST(Models, SyncBatchNormPathMatchesLibTorchBatchNorm) {
   EXPECT_EQ(lm::synchronise_batchnorm(*model, [](const torch::Tensor& t) { return t; }), 2);
 }
 
+TEST(Models, SmallMapConvolutionsComputeWhatConv2dComputes) {
+  struct Case {
+    int64_t side, kernel, stride;
+    bool bias, unrolled;
+  };
+  // ResNet's last stages at 32x32 (3x3 over 2x2 and 1x1, the 2x2 -> 1x1 stride 2), a 1x1 kernel, a bias; 4x4
+  // maps and a 2x2 -> 1x1 downsampling 1x1 convolution (1 of 4 pairs joined) stay with conv2d.
+  const std::vector<Case> cases = {{1, 3, 1, false, true}, {2, 3, 1, false, true}, {2, 3, 2, false, true},
+                                   {2, 3, 1, true, true},  {1, 1, 1, true, true},  {2, 1, 2, false, false},
+                                   {4, 3, 1, false, false}, {4, 3, 2, false, false}};
+  for (const auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    for (const auto& c : cases) {
+      SCOPED_TRACE("side " + std::to_string(c.side) + " kernel " + std::to_string(c.kernel) + " stride " +
+                   std::to_string(c.stride) + (dtype == torch::kFloat64 ? " double" : " float"));
+      torch::manual_seed(11);
+      lm::Conv conv(torch::nn::Conv2dOptions(5, 7, c.kernel).stride(c.stride).padding(c.kernel / 2).bias(c.bias));
+      conv->to(dtype);
+      auto x = torch::randn({6, 5, c.side, c.side}, dtype).requires_grad_(true);
+      EXPECT_EQ(conv->unrolls(x), c.unrolled);
+      auto y = conv->forward(x);
+      const auto bias = c.bias ? conv->bias : torch::Tensor();
+      auto x2 = x.detach().clone().requires_grad_(true);
+      auto w2 = conv->weight.detach().clone().requires_grad_(true);
+      auto b2 = c.bias ? conv->bias.detach().clone().requires_grad_(true) : torch::Tensor();
+      auto reference = torch::conv2d(x2, w2, b2, c.stride, c.kernel / 2);
+      ASSERT_EQ(y.sizes(), reference.sizes());
+      EXPECT_TRUE(y.is_contiguous());
+      auto upstream = torch::randn(reference.sizes(), dtype);
+      (y * upstream).sum().backward();
+      (reference * upstream).sum().backward();
+      const double tol = dtype == torch::kFloat64 ? 1e-12 : 1e-5;
+      EXPECT_TRUE(torch::allclose(y, reference, tol, tol)) << (y - reference).abs().max();
+      EXPECT_TRUE(torch::allclose(x.grad(), x2.grad(), tol, tol)) << (x.grad() - x2.grad()).abs().max();
+      EXPECT_TRUE(torch::allclose(conv->weight.grad(), w2.grad(), tol, tol)) << (conv->weight.grad() - w2.grad()).abs().max();
+      if (c.bias) EXPECT_TRUE(torch::allclose(conv->bias.grad(), b2.grad(), tol, tol));
+    }
+  }
+  // Off, channels-last input, groups: conv2d.
+  lm::Conv conv(torch::nn::Conv2dOptions(4, 4, 3).padding(1));
+  EXPECT_TRUE(conv->unrolls(torch::randn({2, 4, 2, 2})));
+  EXPECT_FALSE(conv->unrolls(torch::randn({2, 4, 2, 2}).contiguous(torch::MemoryFormat::ChannelsLast)));
+  conv->small_map_kernels = false;
+  EXPECT_FALSE(conv->unrolls(torch::randn({2, 4, 2, 2})));
+  lm::Conv grouped(torch::nn::Conv2dOptions(4, 4, 3).padding(1).groups(2));
+  EXPECT_FALSE(grouped->unrolls(torch::randn({2, 4, 2, 2})));
+}
+
+TEST(Models, SmallMapBatchNormComputesWhatBatchNormComputes) {
+  for (const auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{8, 6, 2, 2}, {8, 6, 1, 2}, {8, 6, 1, 3}, {8, 6, 1, 1}}) {
+      torch::manual_seed(5);
+      lm::SyncableBatchNorm2d fast(6), library(6);
+      library->small_map_kernels = false;
+      {
+        torch::NoGradGuard g;
+        fast->weight.uniform_(0.5, 1.5);
+        fast->bias.uniform_(-0.5, 0.5);
+        library->weight.copy_(fast->weight);
+        library->bias.copy_(fast->bias);
+      }
+      fast->to(dtype);
+      library->to(dtype);
+      auto x = (torch::randn(shape, dtype) * 3 + 1).requires_grad_(true);
+      auto x2 = x.detach().clone().requires_grad_(true);
+      auto upstream = torch::randn(shape, dtype);
+      auto y1 = fast->forward(x), y2 = library->forward(x2);
+      EXPECT_TRUE(y1.is_contiguous());
+      (y1 * upstream).sum().backward();
+      (y2 * upstream).sum().backward();
+      const double tol = dtype == torch::kFloat64 ? 1e-12 : 2e-5;
+      EXPECT_TRUE(torch::allclose(y1, y2, tol, tol)) << dtype;
+      EXPECT_TRUE(torch::allclose(x.grad(), x2.grad(), tol, tol)) << (x.grad() - x2.grad()).abs().max();
+      EXPECT_TRUE(torch::allclose(fast->weight.grad(), library->weight.grad(), tol, tol));
+      EXPECT_TRUE(torch::allclose(fast->bias.grad(), library->bias.grad(), tol, tol));
+      EXPECT_TRUE(torch::allclose(fast->running_mean, library->running_mean, tol, tol));
+      EXPECT_TRUE(torch::allclose(fast->running_var, library->running_var, tol, tol));
+      fast->eval();
+      library->eval();
+      EXPECT_TRUE(torch::allclose(fast->forward(x), library->forward(x2), tol, tol));
+    }
+  }
+}
+
+TEST(Models, SmallMapKernelsTrainResNet18AsLibTorchsKernelsDo) {
+  // One model, both ways: same loss and gradients to float rounding (in double: to 1e-10).
+  for (const auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    lm::ModelOptions o;
+    o.name = "resnet18";
+    o.in_channels = 3;
+    o.image_size = 32;
+    auto model = lm::make_model(o);
+    EXPECT_TRUE(model->small_map_kernels());
+    model->to(dtype);
+    model->train();
+    torch::manual_seed(2);
+    const auto x = torch::randn({8, 3, 32, 32}, dtype);
+    const auto y = torch::randint(0, 10, {8}, torch::kLong);
+    auto run = [&](bool on) {
+      model->set_small_map_kernels(on);
+      model->zero_grad();
+      auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+      loss.backward();
+      std::vector<torch::Tensor> grads;
+      for (const auto& p : model->parameters()) grads.push_back(p.grad().clone());
+      return std::make_pair(loss.item<double>(), grads);
+    };
+    const auto [fast_loss, fast] = run(true);
+    const auto [library_loss, library] = run(false);
+    const double tol = dtype == torch::kFloat64 ? 1e-10 : 2e-4;
+    EXPECT_NEAR(fast_loss, library_loss, tol * std::abs(library_loss));
+    for (size_t k = 0; k < fast.size(); ++k) {
+      const double scale = library[k].abs().max().item<double>() + 1e-12;
+      EXPECT_LE((fast[k] - library[k]).abs().max().item<double>(), tol * scale) << "parameter " << k;
+    }
+  }
+}
+
 TEST(Models, BadOptionsAreNamed) {
   lm::ModelOptions o;
   o.name = "vgg16";

@@ -189,10 +189,10 @@ DenseRate dense_rate() {
   const int64_t n = 2048;
   const auto a = torch::randn({n, n}), b = torch::randn({n, n});
   rate.matmul = best_of(5, 2.0 * n * n * n, [&] { (void)torch::mm(a, b); });
-  const int64_t batch = 128, channels = 256, side = 8;
+  const int64_t batch = 64, channels = 256, side = 16;
   const auto x = torch::randn({batch, channels, side, side}), w = torch::randn({channels, channels, 3, 3});
-  rate.convolution = best_of(5, 2.0 * batch * channels * side * side * channels * 9,
-                             [&] { (void)torch::conv2d(x, w, {}, 1, 1); });
+  const double taps = (3.0 * side - 2) * (3.0 * side - 2);  // those not on the zero padding
+  rate.convolution = best_of(5, 2.0 * batch * channels * channels * taps, [&] { (void)torch::conv2d(x, w, {}, 1, 1); });
   return rate;
 }
 
@@ -306,15 +306,17 @@ Runner add_bench_step_command(CLI::App& bench) {
       std::printf("STREAM triad again: %.1f GB/s; the bound uses %.1f GB/s\n\n", bandwidth_after / 1e9,
                   bandwidth / 1e9);
       std::printf("| model | optimizer | parameters | fused ms | tensor ops ms | Python ms | bound ms | fused / bound |"
-                  " tensor ops / fused | Python / fused |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+                  " tensor ops / fused | Python / fused | Python / bound |\n"
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
       for (auto& r : results) {
         const double fused = r["fused_s"], ops = r["tensor_ops_s"], python = r["python_s"];
         const double bound = static_cast<double>(r["bytes"].get<int64_t>()) / bandwidth;
         r["bound_s"] = bound;
-        std::printf("| %s | %s | %.2fM | %.2f | %.2f | %s | %.2f | %.2f | %.2f | %s |\n",
+        std::printf("| %s | %s | %.2fM | %.2f | %.2f | %s | %.2f | %.2f | %.2f | %s | %s |\n",
                     r["model"].get<std::string>().c_str(), r["optimizer"].get<std::string>().c_str(),
                     r["parameters"].get<int64_t>() / 1e6, fused * 1e3, ops * 1e3, cell(python * 1e3, "%.2f").c_str(),
-                    bound * 1e3, fused / bound, ops / fused, cell(python / fused, "%.2f").c_str());
+                    bound * 1e3, fused / bound, ops / fused, cell(python / fused, "%.2f").c_str(),
+                    cell(python / bound, "%.2f").c_str());
       }
       if (!a->instruction_sets.empty()) {
         std::printf("\nThe fused step (ms) by instruction set (the default: %s; every one gives the same bits)\n\n| model "
@@ -354,7 +356,7 @@ Runner add_bench_train_command(CLI::App& bench) {
     std::string model = "resnet18", optimizer = "lars", reference, out;
     std::vector<int64_t> batches{512};
     int64_t steps = 5, warmup = 2, threads = 0;
-    bool channels_last = false;
+    bool channels_last = false, small_map_kernels = true;
     Python py;
   };
   auto a = std::make_shared<Args>();
@@ -369,6 +371,9 @@ Runner add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_flag("--channels-last", a->channels_last,
                 "Channels-last activations on both sides (train --channels-last; Python's .to(memory_format=))");
+  cmd->add_option("--small-map-kernels", a->small_map_kernels,
+                  "largebatch's kernels for 1x1 and 2x2 maps (train --small-map-kernels; Python has none)")
+      ->capture_default_str();
   cmd->add_option("--out", a->out, "Write bench_train.csv and bench_train.png (step time and images/s against batch size) here");
   add_common_options(cmd, a->threads, a->py, a->reference);
 
@@ -376,8 +381,9 @@ Runner add_bench_train_command(CLI::App& bench) {
     if (!cmd->parsed()) return -1;
     try {
       const int threads = start_bench(a->threads, a->py, a->reference);
-      std::printf("largebatch bench train: %s%s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
-                  a->model.c_str(), a->channels_last ? " (channels-last)" : "", a->optimizer.c_str(), threads, static_cast<long long>(a->steps),
+      std::printf("largebatch bench train: %s%s%s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
+                  a->model.c_str(), a->channels_last ? " (channels-last)" : "",
+                  a->small_map_kernels ? "" : " (no small-map kernels)", a->optimizer.c_str(), threads, static_cast<long long>(a->steps),
                   static_cast<long long>(a->warmup), runtime_summary().c_str());
       const DenseRate roof = dense_rate();
       std::printf("Dense arithmetic in this run: matrix multiply %.1f GFLOP/s, 3x3 convolution %.1f GFLOP/s\n",
@@ -393,6 +399,7 @@ Runner add_bench_train_command(CLI::App& bench) {
         const auto mo = bench_model(a->model);
         auto model = models::make_model(mo);
         model->set_channels_last(a->channels_last);
+        model->set_small_map_kernels(a->small_map_kernels);
         model->train();
         auto opt = optim::make_optimizer({a->optimizer, lr, batch, {}}, model->named_parameters());
         torch::manual_seed(0);
@@ -423,8 +430,9 @@ Runner add_bench_train_command(CLI::App& bench) {
         const double python = py.is_null() ? 0.0 : py.at("median_s").get<double>();
         if (py.is_null()) std::fprintf(stderr, "Python reference skipped: %s\n", why.c_str());
         const double ratio = python > 0 ? python / ours : 0.0;
-        // Training arithmetic per image: forward multiply-adds (counted by the Python side) x 2 FLOP x 3 (the
-        // backward pass computes gradients for inputs and for weights, each as much as the forward).
+        // Training arithmetic per image: forward multiply-adds (counted by the Python side, padding taps left out)
+        // x 2 FLOP x 3 (the backward pass computes gradients for inputs and for weights, each as much as the
+        // forward; a slight overcount: the first layer needs no input gradient).
         const double flops = py.is_null() ? 0.0 : 6.0 * py.value("forward_macs_per_image", 0.0);
         auto rate = [&](double step_s) {
           if (flops <= 0 || step_s <= 0) return std::string("n/a");

@@ -13,8 +13,8 @@ namespace nn = torch::nn;
 
 namespace {
 
-nn::Conv2d conv(int64_t in, int64_t out, int64_t k, int64_t stride = 1, int64_t groups = 1, bool bias = false) {
-  return nn::Conv2d(nn::Conv2dOptions(in, out, k).stride(stride).padding(k / 2).groups(groups).bias(bias));
+Conv conv(int64_t in, int64_t out, int64_t k, int64_t stride = 1, int64_t groups = 1, bool bias = false) {
+  return Conv(nn::Conv2dOptions(in, out, k).stride(stride).padding(k / 2).groups(groups).bias(bias));
 }
 
 // torchvision's ResNet initialisation: kaiming_normal (fan_out, relu) for convs, BN = (1, 0).
@@ -58,7 +58,7 @@ struct BlockImpl : nn::Module {
     return torch::relu(y + (downsample ? downsample->forward(x) : x));
   }
   bool bottleneck;
-  nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
+  Conv conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
   SyncableBatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
   nn::Sequential downsample{nullptr};
 };
@@ -71,7 +71,7 @@ class ResNet : public ClassifierImpl {
          bool imagenet_stem, int64_t in_channels, int64_t num_classes)
       : imagenet_stem_(imagenet_stem) {
     const int64_t stem = widths[0];
-    conv1 = register_module("conv1", imagenet_stem ? nn::Conv2d(nn::Conv2dOptions(in_channels, stem, 7).stride(2).padding(3).bias(false))
+    conv1 = register_module("conv1", imagenet_stem ? Conv(nn::Conv2dOptions(in_channels, stem, 7).stride(2).padding(3).bias(false))
                                                    : conv(in_channels, stem, 3));
     bn1 = register_module("bn1", SyncableBatchNorm2d(stem));
     int64_t in = stem;
@@ -100,7 +100,7 @@ class ResNet : public ClassifierImpl {
  private:
   bool imagenet_stem_;
   int64_t feature_dim_ = 0;
-  nn::Conv2d conv1{nullptr};
+  Conv conv1{nullptr};
   SyncableBatchNorm2d bn1{nullptr};
   std::vector<nn::Sequential> layers_;
   nn::Linear fc{nullptr};
@@ -132,7 +132,7 @@ class CompactCNN : public ClassifierImpl {
   int64_t feature_dim() const override { return 128; }
 
  private:
-  nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  Conv conv1{nullptr}, conv2{nullptr};
   SyncableBatchNorm2d bn1{nullptr}, bn2{nullptr};
   nn::Linear fc1{nullptr}, fc{nullptr};
 };
@@ -303,7 +303,83 @@ Classifier make_model(const ModelOptions& o) {
   else bad("model", n, "expected one of " + join(model_names()));
   apply_init(*model, o.init);
   model->set_channels_last(o.channels_last);
+  model->set_small_map_kernels(o.small_map_kernels);
   return model;
+}
+
+// ------------------------------------------------------------------ convolutions on small maps
+
+namespace {
+
+// Which kernel tap joins output pixel o to input pixel i along one axis, or -1.
+int64_t tap_between(int64_t o, int64_t i, int64_t stride, int64_t padding, int64_t kernel) {
+  const int64_t tap = i - (o * stride - padding);
+  return (tap >= 0 && tap < kernel) ? tap : -1;
+}
+
+}  // namespace
+
+bool ConvImpl::unrolls(const torch::Tensor& x) const {
+  const auto& o = options;
+  if (!small_map_kernels || x.dim() != 4 || !x.device().is_cpu() || !x.is_contiguous() || o.groups() != 1) return false;
+  if (!c10::get_if<torch::enumtype::kZeros>(&o.padding_mode()) || !c10::get_if<torch::ExpandingArray<2>>(&o.padding()))
+    return false;
+  const auto& padding = c10::get<torch::ExpandingArray<2>>(o.padding());
+  for (int d = 0; d < 2; ++d)
+    if ((*o.dilation())[d] != 1) return false;
+  const int64_t h = x.size(2), w = x.size(3), kh = (*o.kernel_size())[0], kw = (*o.kernel_size())[1];
+  const int64_t oh = (h + 2 * (*padding)[0] - kh) / (*o.stride())[0] + 1, ow = (w + 2 * (*padding)[1] - kw) / (*o.stride())[1] + 1;
+  if (oh <= 0 || ow <= 0) return false;
+  // Worth it when at least half of the (output pixel, input pixel) pairs are joined by a tap and the unrolled
+  // kernel is at most 4 times the kernel: in practice maps of 1x1 and 2x2.
+  int64_t joined = 0;
+  for (int64_t oy = 0; oy < oh; ++oy)
+    for (int64_t iy = 0; iy < h; ++iy)
+      if (tap_between(oy, iy, (*o.stride())[0], (*padding)[0], kh) >= 0)
+        for (int64_t ox = 0; ox < ow; ++ox)
+          for (int64_t ix = 0; ix < w; ++ix) joined += tap_between(ox, ix, (*o.stride())[1], (*padding)[1], kw) >= 0;
+  const int64_t pairs = oh * ow * h * w;
+  return 2 * joined >= pairs && pairs <= 4 * kh * kw;
+}
+
+torch::Tensor ConvImpl::forward(const torch::Tensor& x) {
+  if (!unrolls(x)) return nn::Conv2dImpl::forward(x);
+  const auto& o = options;
+  const auto& padding = c10::get<torch::ExpandingArray<2>>(o.padding());
+  const int64_t n = x.size(0), in = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t kh = (*o.kernel_size())[0], kw = (*o.kernel_size())[1], out = weight.size(0);
+  const int64_t oh = (h + 2 * (*padding)[0] - kh) / (*o.stride())[0] + 1, ow = (w + 2 * (*padding)[1] - kw) / (*o.stride())[1] + 1;
+  // index[(output pixel, input pixel)] = the tap joining them, kh * kw for none (a zero appended to the taps).
+  std::vector<int64_t> index;
+  index.reserve(static_cast<size_t>(oh * ow * h * w));
+  bool unjoined = false;
+  for (int64_t oy = 0; oy < oh; ++oy)
+    for (int64_t ox = 0; ox < ow; ++ox)
+      for (int64_t iy = 0; iy < h; ++iy)
+        for (int64_t ix = 0; ix < w; ++ix) {
+          const int64_t ty = tap_between(oy, iy, (*o.stride())[0], (*padding)[0], kh);
+          const int64_t tx = tap_between(ox, ix, (*o.stride())[1], (*padding)[1], kw);
+          unjoined = unjoined || ty < 0 || tx < 0;
+          index.push_back(ty < 0 || tx < 0 ? kh * kw : ty * kw + tx);
+        }
+  torch::Tensor taps = weight.flatten(2);  // [out, in, kh * kw]
+  if (unjoined) taps = torch::cat({taps, torch::zeros({out, in, 1}, taps.options())}, 2);
+  // [out * output pixels, in * input pixels], rows and columns in the order of NCHW's flattened maps.
+  const torch::Tensor unrolled = taps.index_select(2, torch::tensor(index, torch::kLong))
+                                     .view({out, in, oh * ow, h * w})
+                                     .permute({0, 2, 1, 3})
+                                     .reshape({out * oh * ow, in * h * w});
+  torch::Tensor y = torch::mm(x.reshape({n, in * h * w}), unrolled.t());
+  if (bias.defined()) y = y + bias.repeat_interleave(oh * ow);
+  return y.view({n, out, oh, ow});
+}
+
+void ClassifierImpl::set_small_map_kernels(bool on) {
+  small_map_kernels_ = on;
+  for (auto& module : modules(/*include_self=*/false)) {
+    if (auto* c = module->as<ConvImpl>()) c->small_map_kernels = on;
+    if (auto* bn = module->as<SyncableBatchNorm2dImpl>()) bn->small_map_kernels = on;
+  }
 }
 
 // to() rather than contiguous(): with one channel both layouts have the same strides and contiguous() keeps
@@ -359,6 +435,15 @@ torch::Tensor SyncableBatchNorm2dImpl::forward(const torch::Tensor& input) {
     torch::NoGradGuard no_grad;
     num_batches_tracked += 1;
     if (!options.momentum()) momentum = 1.0 / static_cast<double>(num_batches_tracked.item<int64_t>());
+  }
+  const int64_t pixels = input.size(2) * input.size(3);
+  if (is_training() && !cross_rank_sum_ && small_map_kernels && pixels >= 2 && pixels <= 4 && input.device().is_cpu() &&
+      input.is_contiguous()) {
+    const int64_t n = input.size(0), channels = input.size(1);
+    const auto rows = input.view({n, channels, pixels}).transpose(1, 2).reshape({n * pixels, channels});
+    const auto out = torch::batch_norm(rows, weight, bias, running_mean, running_var, /*training=*/true, momentum,
+                                       options.eps(), /*cudnn_enabled=*/false);
+    return out.view({n, pixels, channels}).transpose(1, 2).contiguous().view(input.sizes());  // NCHW again
   }
   if (!is_training() || !cross_rank_sum_) {
     // torch::nn::BatchNorm2d's computation (batch statistics in training, running ones in eval).

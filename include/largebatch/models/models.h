@@ -3,6 +3,7 @@
 // CPU-sized models (CIFAR-style ResNet-20, a compact CNN). Parameter names follow torchvision
 // ("layer1.0.conv1.weight", "fc.weight") so masks and telemetry read the same as in PyTorch.
 #include <torch/nn/module.h>
+#include <torch/nn/modules/conv.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/options/batchnorm.h>
 #include <torch/types.h>
@@ -36,6 +37,10 @@ class SyncableBatchNorm2dImpl : public torch::nn::Cloneable<SyncableBatchNorm2dI
 
   torch::nn::BatchNormOptions options;
   torch::Tensor weight, bias, running_mean, running_var, num_batches_tracked;
+  // Batch statistics of CPU maps of 2 to 4 pixels computed over an [N*H*W, C] view: LibTorch 1.13's NCHW
+  // kernel loops over a handful of pixels per image there and is 4-10x slower (ClassifierImpl::
+  // set_small_map_kernels). The same statistics, summed in another order.
+  bool small_map_kernels = true;
 
  private:
   CrossRankSum cross_rank_sum_;
@@ -45,6 +50,22 @@ TORCH_MODULE(SyncableBatchNorm2d);
 // Sets sum on every SyncableBatchNorm2d of module (an empty function restores per-rank statistics); returns
 // how many there are.
 int64_t synchronise_batchnorm(torch::nn::Module& module, const CrossRankSum& sum);
+
+// A 2-D convolution (parameters, options and checkpoints those of torch::nn::Conv2d) that, on CPU maps so
+// small that most of a convolution's products would fall on zero padding (ResNet's last stages at 32x32
+// inputs: 3x3 kernels over 2x2 and 1x1 maps), computes the same sums as one matrix product of the flattened
+// input with the kernel unrolled over (output pixel, input pixel) pairs; autograd's backward scatters the
+// unrolled kernel's gradient back into the taps. The sums differ from conv2d's only in order and in the exact
+// zero products left out. Off: every map goes to conv2d.
+class ConvImpl : public torch::nn::Conv2dImpl {
+ public:
+  using torch::nn::Conv2dImpl::Conv2dImpl;
+  torch::Tensor forward(const torch::Tensor& input);
+  // Whether forward(input) takes the matrix-product path.
+  bool unrolls(const torch::Tensor& input) const;
+  bool small_map_kernels = true;
+};
+TORCH_MODULE(Conv);
 
 // A classifier = a feature extractor + a linear head. Self-supervised training uses features() alone.
 class ClassifierImpl : public torch::nn::Module {
@@ -62,6 +83,12 @@ class ClassifierImpl : public torch::nn::Module {
   // Weights, gradients, optimizer state and checkpoints keep LibTorch's default layout either way.
   void set_channels_last(bool on) { channels_last_ = on; }
   bool channels_last() const { return channels_last_; }
+  // Kernels for tiny maps (on by default; ResNet's last stages at 32x32 inputs): convolutions over 1x1 and
+  // 2x2 maps as matrix products (ConvImpl) and BatchNorm over maps of 2-4 pixels as over an [N*H*W, C] view
+  // (SyncableBatchNorm2dImpl). The same arithmetic summed in another order; ResNet-18's training step is
+  // faster (docs/PERFORMANCE.md). Off: LibTorch's conv2d and batch_norm for every map.
+  void set_small_map_kernels(bool on);
+  bool small_map_kernels() const { return small_map_kernels_; }
 
  protected:
   // The input as the first convolution should read it.
@@ -69,6 +96,7 @@ class ClassifierImpl : public torch::nn::Module {
 
  private:
   bool channels_last_ = false;
+  bool small_map_kernels_ = true;
 };
 
 // The parameters of features() alone, i.e. all but the head's (names as in named_parameters()).
@@ -83,6 +111,7 @@ struct ModelOptions {
   std::string init = "default";  // see init_names()
   uint64_t seed = 0;
   bool channels_last = false;    // see ClassifierImpl::set_channels_last
+  bool small_map_kernels = true; // see ClassifierImpl::set_small_map_kernels
 };
 
 // resnet18, resnet34, resnet50 (ImageNet stem), resnet18-cifar, resnet34-cifar, resnet50-cifar (3x3 stem,
