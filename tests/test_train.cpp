@@ -133,22 +133,23 @@ TEST(Models, SyncBatchNormPathMatchesLibTorchBatchNorm) {
 
 TEST(Models, SmallMapConvolutionsComputeWhatConv2dComputes) {
   struct Case {
-    int64_t side, kernel, stride;
+    int64_t height, width, kernel, stride;
     bool bias, unrolled;
   };
-  // ResNet's last stages at 32x32 (3x3 over 2x2 and 1x1, the 2x2 -> 1x1 stride 2), a 1x1 kernel, a bias; 4x4
-  // maps and a 2x2 -> 1x1 downsampling 1x1 convolution (1 of 4 pairs joined) stay with conv2d.
-  const std::vector<Case> cases = {{1, 3, 1, false, true}, {2, 3, 1, false, true}, {2, 3, 2, false, true},
-                                   {2, 3, 1, true, true},  {1, 1, 1, true, true},  {2, 1, 2, false, false},
-                                   {4, 3, 1, false, false}, {4, 3, 2, false, false}};
+  // ResNet's last stages at 32x32 (3x3 over 2x2 and 1x1, the 2x2 -> 1x1 stride 2), a 1x1 kernel, a bias, a 2x3
+  // map (8 of its 36 pixel pairs joined by no tap: they read the appended zero); 4x4 maps and a 2x2 -> 1x1
+  // downsampling 1x1 convolution (1 of 4 pairs joined) stay with conv2d.
+  const std::vector<Case> cases = {{1, 1, 3, 1, false, true},  {2, 2, 3, 1, false, true}, {2, 2, 3, 2, false, true},
+                                   {2, 2, 3, 1, true, true},   {1, 1, 1, 1, true, true},  {2, 3, 3, 1, true, true},
+                                   {2, 2, 1, 2, false, false}, {4, 4, 3, 1, false, false}, {4, 4, 3, 2, false, false}};
   for (const auto dtype : {torch::kFloat64, torch::kFloat32}) {
     for (const auto& c : cases) {
-      SCOPED_TRACE("side " + std::to_string(c.side) + " kernel " + std::to_string(c.kernel) + " stride " +
+      SCOPED_TRACE(std::to_string(c.height) + "x" + std::to_string(c.width) + " kernel " + std::to_string(c.kernel) + " stride " +
                    std::to_string(c.stride) + (dtype == torch::kFloat64 ? " double" : " float"));
       torch::manual_seed(11);
       lm::Conv conv(torch::nn::Conv2dOptions(5, 7, c.kernel).stride(c.stride).padding(c.kernel / 2).bias(c.bias));
       conv->to(dtype);
-      auto x = torch::randn({6, 5, c.side, c.side}, dtype).requires_grad_(true);
+      auto x = torch::randn({6, 5, c.height, c.width}, dtype).requires_grad_(true);
       EXPECT_EQ(conv->unrolls(x), c.unrolled);
       auto y = conv->forward(x);
       const auto bias = c.bias ? conv->bias : torch::Tensor();

@@ -349,26 +349,31 @@ torch::Tensor ConvImpl::forward(const torch::Tensor& x) {
   const int64_t n = x.size(0), in = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t kh = (*o.kernel_size())[0], kw = (*o.kernel_size())[1], out = weight.size(0);
   const int64_t oh = (h + 2 * (*padding)[0] - kh) / (*o.stride())[0] + 1, ow = (w + 2 * (*padding)[1] - kw) / (*o.stride())[1] + 1;
-  // index[(output pixel, input pixel)] = the tap joining them, kh * kw for none (a zero appended to the taps).
-  std::vector<int64_t> index;
-  index.reserve(static_cast<size_t>(oh * ow * h * w));
-  bool unjoined = false;
-  for (int64_t oy = 0; oy < oh; ++oy)
-    for (int64_t ox = 0; ox < ow; ++ox)
-      for (int64_t iy = 0; iy < h; ++iy)
-        for (int64_t ix = 0; ix < w; ++ix) {
-          const int64_t ty = tap_between(oy, iy, (*o.stride())[0], (*padding)[0], kh);
-          const int64_t tx = tap_between(ox, ix, (*o.stride())[1], (*padding)[1], kw);
-          unjoined = unjoined || ty < 0 || tx < 0;
-          index.push_back(ty < 0 || tx < 0 ? kh * kw : ty * kw + tx);
-        }
-  torch::Tensor taps = weight.flatten(2);  // [out, in, kh * kw]
-  if (unjoined) taps = torch::cat({taps, torch::zeros({out, in, 1}, taps.options())}, 2);
-  // [out * output pixels, in * input pixels], rows and columns in the order of NCHW's flattened maps.
-  const torch::Tensor unrolled = taps.index_select(2, torch::tensor(index, torch::kLong))
-                                     .view({out, in, oh * ow, h * w})
-                                     .permute({0, 2, 1, 3})
-                                     .reshape({out * oh * ow, in * h * w});
+  // One gather builds the unrolled kernel [out * output pixels, in * input pixels] (rows and columns in the
+  // order of NCHW's flattened maps) from the flattened weight; a pair no tap joins reads a zero appended at
+  // its end. The index depends on the map size only: kept per size.
+  auto& unrolled_index = unrolled_index_[{h, w}];
+  if (!unrolled_index.index.defined()) {
+    const int64_t zero = out * in * kh * kw;
+    std::vector<int64_t> flat;
+    flat.reserve(static_cast<size_t>(out * oh * ow * in * h * w));
+    for (int64_t co = 0; co < out; ++co)
+      for (int64_t oy = 0; oy < oh; ++oy)
+        for (int64_t ox = 0; ox < ow; ++ox)
+          for (int64_t ci = 0; ci < in; ++ci)
+            for (int64_t iy = 0; iy < h; ++iy)
+              for (int64_t ix = 0; ix < w; ++ix) {
+                const int64_t ty = tap_between(oy, iy, (*o.stride())[0], (*padding)[0], kh);
+                const int64_t tx = tap_between(ox, ix, (*o.stride())[1], (*padding)[1], kw);
+                const bool joined = ty >= 0 && tx >= 0;
+                unrolled_index.unjoined = unrolled_index.unjoined || !joined;
+                flat.push_back(joined ? ((co * in + ci) * kh + ty) * kw + tx : zero);
+              }
+    unrolled_index.index = torch::tensor(flat, torch::kLong);
+  }
+  torch::Tensor taps = weight.reshape({-1});
+  if (unrolled_index.unjoined) taps = torch::cat({taps, torch::zeros({1}, taps.options())});
+  const torch::Tensor unrolled = taps.index_select(0, unrolled_index.index).view({out * oh * ow, in * h * w});
   torch::Tensor y = torch::mm(x.reshape({n, in * h * w}), unrolled.t());
   if (bias.defined()) y = y + bias.repeat_interleave(oh * ow);
   return y.view({n, out, oh, ow});

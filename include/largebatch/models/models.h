@@ -9,6 +9,7 @@
 #include <torch/types.h>
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -64,6 +65,13 @@ class ConvImpl : public torch::nn::Conv2dImpl {
   // Whether forward(input) takes the matrix-product path.
   bool unrolls(const torch::Tensor& input) const;
   bool small_map_kernels = true;
+
+ private:
+  struct UnrolledIndex {
+    torch::Tensor index;    // into the flattened weight, for every (out, output pixel, in, input pixel)
+    bool unjoined = false;  // some pair is joined by no tap: it reads a zero after the weight
+  };
+  std::map<std::pair<int64_t, int64_t>, UnrolledIndex> unrolled_index_;  // per map size (h, w)
 };
 TORCH_MODULE(Conv);
 
