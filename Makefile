@@ -44,10 +44,13 @@ fuzz:
 # Speed against the Python reference and the bandwidth bound (docs/PERFORMANCE.md); needs python3-torch.
 bench: build
 	bash scripts/setup.sh --bench
-	$(BUILD_DIR)/largebatch bench step
-	$(BUILD_DIR)/largebatch bench train --model resnet18 --batch-sizes 64,128,256,512 --out $(BUILD_DIR)/bench
-	$(BUILD_DIR)/largebatch bench train --model cnn --batch-sizes 512,4096
-	$(BUILD_DIR)/largebatch bench pipeline
+	$(BUILD_DIR)/largebatch bench step --repeats 30 --instruction-sets all
+	$(BUILD_DIR)/bench_step --benchmark_counters_tabular=true --benchmark_min_time=0.5
+	$(BUILD_DIR)/largebatch bench train --model resnet18 --batch-sizes 64,128,256,512 --steps 7 --out $(BUILD_DIR)/bench
+	$(BUILD_DIR)/largebatch bench train --model resnet18 --batch-sizes 64,128,256,512 --steps 7 --small-map-kernels false
+	$(BUILD_DIR)/largebatch bench train --model cnn --batch-sizes 256,1024,4096
+	$(BUILD_DIR)/largebatch bench train --model mlp --batch-sizes 1024,4096,16384 --steps 10
+	$(BUILD_DIR)/largebatch bench pipeline --batches 6
 
 demo: build
 	bash scripts/demo.sh $(BUILD_DIR)/largebatch

@@ -134,13 +134,16 @@ class MLP(nn.Module):
         return self.fc(F.relu(self.fc1(x.flatten(1))))
 
 
-def forward_macs_per_image(model, shape):
-    """Multiply-adds of one forward pass per image (convolutions and linear layers), counted with hooks."""
+def train_macs_per_image(model, shape):
+    """Multiply-adds of one training step per image (convolutions and linear layers), counted with hooks:
+    the forward pass, the weight gradients (as many) and the input gradients (as many, but for the layer that
+    reads the images: nothing needs their gradient)."""
     # Convolutions are counted without the taps that fall on zero padding: at 32x32, ResNet-18's last stage runs
     # 3x3 kernels over 1x1 maps, where 8 of the 9 taps multiply padding.
     import copy
     probe = copy.deepcopy(model).eval()
     total = [0]
+    images = torch.zeros((2,) + tuple(shape[1:]))
 
     def valid_taps(size, out_size, kernel, stride, pad, dilation):
         # (output position, kernel tap) pairs that land inside the input: taps on the zero padding are no work
@@ -152,14 +155,18 @@ def forward_macs_per_image(model, shape):
             for dim in range(2):
                 taps *= valid_taps(inputs[0].shape[2 + dim], out.shape[2 + dim], mod.kernel_size[dim], mod.stride[dim],
                                    mod.padding[dim], mod.dilation[dim])
-            total[0] += out.shape[0] * out.shape[1] * (mod.in_channels // mod.groups) * taps
+            macs = out.shape[0] * out.shape[1] * (mod.in_channels // mod.groups) * taps
         elif isinstance(mod, nn.Linear):
-            total[0] += out.numel() * mod.in_features
+            macs = out.numel() * mod.in_features
+        else:
+            return
+        reads_images = inputs[0].data_ptr() == images.data_ptr()  # the images themselves or a view of them
+        total[0] += macs * (2 if reads_images else 3)
 
     for mod in probe.modules():
         mod.register_forward_hook(count)
     with torch.no_grad():
-        probe(torch.zeros((2,) + tuple(shape[1:])))
+        probe(images)
     return total[0] // 2
 
 
@@ -199,7 +206,7 @@ def bench_train(args):
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"median_s": median, "images_per_s": args.batch_size / median, "steps": args.steps,
-            "forward_macs_per_image": forward_macs_per_image(model, shape)}
+            "train_macs_per_image": train_macs_per_image(model, shape)}
 
 
 def main():

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <iostream>
 #include <limits>
 #include <sstream>
@@ -541,7 +542,8 @@ TEST(StepKernels, EveryInstructionSetGivesTheSameBits) {
   ASSERT_FALSE(sets.empty());
   EXPECT_EQ(sets.front(), "baseline");
   const std::string before = lo::fused_step_instruction_set();
-  EXPECT_EQ(before, sets.back()) << "the widest set this CPU runs is the default";
+  if (!std::getenv("LARGEBATCH_STEP_SIMD")) EXPECT_EQ(before, sets.back()) << "the widest set this CPU runs is the default";
+  if (sets.size() == 1) std::cout << "[ INFO     ] only the baseline set runs here: nothing to compare\n";
   std::cout << "[ INFO     ] instruction sets: ";
   for (const auto& name : sets) std::cout << name << " ";
   std::cout << "\n";

@@ -169,14 +169,26 @@ TEST(Models, SmallMapConvolutionsComputeWhatConv2dComputes) {
       if (c.bias) EXPECT_TRUE(torch::allclose(conv->bias.grad(), b2.grad(), tol, tol));
     }
   }
-  // Off, channels-last input, groups: conv2d.
+  // Off, channels-last input, groups, dilation, other padding modes, padding given as kSame/kValid: conv2d.
   lm::Conv conv(torch::nn::Conv2dOptions(4, 4, 3).padding(1));
-  EXPECT_TRUE(conv->unrolls(torch::randn({2, 4, 2, 2})));
-  EXPECT_FALSE(conv->unrolls(torch::randn({2, 4, 2, 2}).contiguous(torch::MemoryFormat::ChannelsLast)));
+  const auto small = torch::randn({2, 4, 2, 2});
+  EXPECT_TRUE(conv->unrolls(small));
+  EXPECT_FALSE(conv->unrolls(small.contiguous(torch::MemoryFormat::ChannelsLast)));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(4, 4, 3).padding(1).groups(2))->unrolls(small));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(4, 4, 3).padding(2).dilation(2))->unrolls(small));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(4, 4, 3).padding(1).padding_mode(torch::kCircular))->unrolls(small));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(4, 4, 3).padding(torch::kSame))->unrolls(small));
   conv->small_map_kernels = false;
-  EXPECT_FALSE(conv->unrolls(torch::randn({2, 4, 2, 2})));
-  lm::Conv grouped(torch::nn::Conv2dOptions(4, 4, 3).padding(1).groups(2));
-  EXPECT_FALSE(grouped->unrolls(torch::randn({2, 4, 2, 2})));
+  EXPECT_FALSE(conv->unrolls(small));
+  conv->small_map_kernels = true;
+  // What conv2d refuses is refused the same way (not computed): a wrong channel count, a kernel larger than the
+  // padded map. The module still works afterwards.
+  EXPECT_FALSE(conv->unrolls(torch::randn({2, 3, 2, 2})));
+  EXPECT_THROW(conv->forward(torch::randn({2, 3, 2, 2})), c10::Error);
+  lm::Conv unpadded(torch::nn::Conv2dOptions(4, 4, 3).stride(2));
+  EXPECT_FALSE(unpadded->unrolls(small));
+  EXPECT_THROW(unpadded->forward(small), c10::Error);
+  EXPECT_EQ(conv->forward(small).sizes(), (std::vector<int64_t>{2, 4, 2, 2}));
 }
 
 TEST(Models, SmallMapBatchNormComputesWhatBatchNormComputes) {

@@ -430,10 +430,9 @@ Runner add_bench_train_command(CLI::App& bench) {
         const double python = py.is_null() ? 0.0 : py.at("median_s").get<double>();
         if (py.is_null()) std::fprintf(stderr, "Python reference skipped: %s\n", why.c_str());
         const double ratio = python > 0 ? python / ours : 0.0;
-        // Training arithmetic per image: forward multiply-adds (counted by the Python side, padding taps left out)
-        // x 2 FLOP x 3 (the backward pass computes gradients for inputs and for weights, each as much as the
-        // forward; a slight overcount: the first layer needs no input gradient).
-        const double flops = py.is_null() ? 0.0 : 6.0 * py.value("forward_macs_per_image", 0.0);
+        // Training arithmetic per image: the multiply-adds of the forward pass, the weight gradients and the
+        // input gradients (counted by the Python side, padding taps left out), 2 FLOP each.
+        const double flops = py.is_null() ? 0.0 : 2.0 * py.value("train_macs_per_image", 0.0);
         auto rate = [&](double step_s) {
           if (flops <= 0 || step_s <= 0) return std::string("n/a");
           char text[64];

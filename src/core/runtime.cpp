@@ -44,13 +44,24 @@ std::string loaded_blas() {
 
 bool tcmalloc_loaded() { return !mapped_library("libtcmalloc").empty(); }
 
+namespace {
+// The fused step's instruction set, or why there is none (a bad LARGEBATCH_STEP_SIMD must not stop --version).
+std::string fused_step_set() {
+  try {
+    return optim::fused_step_instruction_set();
+  } catch (const std::exception& e) {
+    return std::string("unavailable (") + e.what() + ")";
+  }
+}
+}  // namespace
+
 std::string runtime_summary() {
   std::ostringstream os;
   std::string blas = loaded_blas();
   os << "largebatch " << version() << " | LibTorch " << TORCH_VERSION << " | BLAS "
      << (blas.empty() ? "none loaded" : blas) << " | allocator " << (tcmalloc_loaded() ? "tcmalloc" : "system malloc")
      << " | intra-op threads " << torch::get_num_threads() << " of " << std::thread::hardware_concurrency()
-     << " cores (train sets --threads) | fused step " << optim::fused_step_instruction_set() << " | CUDA "
+     << " cores (train sets --threads) | fused step " << fused_step_set() << " | CUDA "
      << (torch::cuda::is_available() ? std::to_string(torch::cuda::device_count()) + " device(s)" : "unavailable");
   return os.str();
 }

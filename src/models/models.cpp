@@ -321,17 +321,21 @@ int64_t tap_between(int64_t o, int64_t i, int64_t stride, int64_t padding, int64
 
 bool ConvImpl::unrolls(const torch::Tensor& x) const {
   const auto& o = options;
-  if (!small_map_kernels || x.dim() != 4 || !x.device().is_cpu() || !x.is_contiguous() || o.groups() != 1) return false;
+  // Anything unusual (wrong channel count, a kernel larger than the padded map, ...) goes to conv2d, which
+  // checks and reports it.
+  if (!small_map_kernels || x.dim() != 4 || !x.device().is_cpu() || !x.is_contiguous() || o.groups() != 1 ||
+      x.size(1) != weight.size(1) || x.scalar_type() != weight.scalar_type())
+    return false;
   if (!c10::get_if<torch::enumtype::kZeros>(&o.padding_mode()) || !c10::get_if<torch::ExpandingArray<2>>(&o.padding()))
     return false;
   const auto& padding = c10::get<torch::ExpandingArray<2>>(o.padding());
   for (int d = 0; d < 2; ++d)
     if ((*o.dilation())[d] != 1) return false;
   const int64_t h = x.size(2), w = x.size(3), kh = (*o.kernel_size())[0], kw = (*o.kernel_size())[1];
+  if (h == 0 || w == 0 || h + 2 * (*padding)[0] < kh || w + 2 * (*padding)[1] < kw) return false;
   const int64_t oh = (h + 2 * (*padding)[0] - kh) / (*o.stride())[0] + 1, ow = (w + 2 * (*padding)[1] - kw) / (*o.stride())[1] + 1;
-  if (oh <= 0 || ow <= 0) return false;
   // Worth it when at least half of the (output pixel, input pixel) pairs are joined by a tap and the unrolled
-  // kernel is at most 4 times the kernel: in practice maps of 1x1 and 2x2.
+  // kernel is at most 4 times the kernel: maps of a few pixels (ResNets at 32x32: 2x2 and 1x1).
   int64_t joined = 0;
   for (int64_t oy = 0; oy < oh; ++oy)
     for (int64_t iy = 0; iy < h; ++iy)
@@ -346,12 +350,13 @@ torch::Tensor ConvImpl::forward(const torch::Tensor& x) {
   if (!unrolls(x)) return nn::Conv2dImpl::forward(x);
   const auto& o = options;
   const auto& padding = c10::get<torch::ExpandingArray<2>>(o.padding());
-  const int64_t n = x.size(0), in = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t n = x.size(0), in = weight.size(1), h = x.size(2), w = x.size(3);
   const int64_t kh = (*o.kernel_size())[0], kw = (*o.kernel_size())[1], out = weight.size(0);
   const int64_t oh = (h + 2 * (*padding)[0] - kh) / (*o.stride())[0] + 1, ow = (w + 2 * (*padding)[1] - kw) / (*o.stride())[1] + 1;
   // One gather builds the unrolled kernel [out * output pixels, in * input pixels] (rows and columns in the
   // order of NCHW's flattened maps) from the flattened weight; a pair no tap joins reads a zero appended at
   // its end. The index depends on the map size only: kept per size.
+  std::lock_guard<std::mutex> lock(unrolled_index_mutex_);  // forward from several threads
   auto& unrolled_index = unrolled_index_[{h, w}];
   if (!unrolled_index.index.defined()) {
     const int64_t zero = out * in * kh * kw;

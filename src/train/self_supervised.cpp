@@ -1,4 +1,5 @@
 // `largebatch pretrain` (Barlow Twins) and `largebatch linear-eval`. See include/largebatch/train/self_supervised.h.
+#include <largebatch/optim/layerwise.h>
 #include <largebatch/train/self_supervised.h>
 
 #include <largebatch/data/pipeline.h>
@@ -363,6 +364,7 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
   stop_flag() = false;
   const auto t_start = Clock::now();
   config.validate();
+  (void)optim::fused_step_instruction_set();  // a bad LARGEBATCH_STEP_SIMD is refused before any work
   set_threads(config.threads);
   const torch::Device device = parse_device(config.device);
   const fs::path out(config.out);
@@ -773,6 +775,7 @@ TrainSummary run_linear_eval(const LinearEvalConfig& config) {
   stop_flag() = false;
   const auto t_start = Clock::now();
   config.validate();
+  (void)optim::fused_step_instruction_set();  // a bad LARGEBATCH_STEP_SIMD is refused before any work
   set_threads(config.threads);
   const torch::Device device = parse_device(config.device);
   const fs::path out(config.out);

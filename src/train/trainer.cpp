@@ -1,3 +1,4 @@
+#include <largebatch/optim/layerwise.h>
 #include <largebatch/train/trainer.h>
 
 #include <largebatch/data/pipeline.h>
@@ -355,6 +356,7 @@ TrainSummary run_training(const TrainConfig& config) {
   stop_flag() = false;
   const auto t_start = Clock::now();
   config.validate();
+  (void)optim::fused_step_instruction_set();  // a bad LARGEBATCH_STEP_SIMD is refused before any work
   const Resolved resolved = resolve(config);
   if (resolved.schedule == "warmup-cosine" && config.warmup_epochs > static_cast<double>(config.epochs)) {
     std::ostringstream msg;

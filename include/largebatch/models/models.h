@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -57,7 +58,8 @@ int64_t synchronise_batchnorm(torch::nn::Module& module, const CrossRankSum& sum
 // inputs: 3x3 kernels over 2x2 and 1x1 maps), computes the same sums as one matrix product of the flattened
 // input with the kernel unrolled over (output pixel, input pixel) pairs; autograd's backward scatters the
 // unrolled kernel's gradient back into the taps. The sums differ from conv2d's only in order and in the exact
-// zero products left out. Off: every map goes to conv2d.
+// zero products left out. Off: every map goes to conv2d. clone() (LibTorch's Cloneable<Conv2dImpl>) returns a
+// plain Conv2dImpl, which computes the same with conv2d.
 class ConvImpl : public torch::nn::Conv2dImpl {
  public:
   using torch::nn::Conv2dImpl::Conv2dImpl;
@@ -72,6 +74,7 @@ class ConvImpl : public torch::nn::Conv2dImpl {
     bool unjoined = false;  // some pair is joined by no tap: it reads a zero after the weight
   };
   std::map<std::pair<int64_t, int64_t>, UnrolledIndex> unrolled_index_;  // per map size (h, w)
+  std::mutex unrolled_index_mutex_;
 };
 TORCH_MODULE(Conv);
 
@@ -91,10 +94,10 @@ class ClassifierImpl : public torch::nn::Module {
   // Weights, gradients, optimizer state and checkpoints keep LibTorch's default layout either way.
   void set_channels_last(bool on) { channels_last_ = on; }
   bool channels_last() const { return channels_last_; }
-  // Kernels for tiny maps (on by default; ResNet's last stages at 32x32 inputs): convolutions over 1x1 and
-  // 2x2 maps as matrix products (ConvImpl) and BatchNorm over maps of 2-4 pixels as over an [N*H*W, C] view
-  // (SyncableBatchNorm2dImpl). The same arithmetic summed in another order; ResNet-18's training step is
-  // faster (docs/PERFORMANCE.md). Off: LibTorch's conv2d and batch_norm for every map.
+  // Kernels for tiny maps (on by default; ResNet's last stages at 32x32 inputs): convolutions over maps of a
+  // few pixels (2x2, 1x1) as matrix products (ConvImpl) and BatchNorm over maps of 2-4 pixels as over an
+  // [N*H*W, C] view (SyncableBatchNorm2dImpl). The same arithmetic summed in another order; ResNet-18's
+  // training step is faster (docs/PERFORMANCE.md). Off: LibTorch's conv2d and batch_norm for every map.
   void set_small_map_kernels(bool on);
   bool small_map_kernels() const { return small_map_kernels_; }
 
