@@ -44,7 +44,10 @@ cols() { cut -d, -f1-9 "$1"; }  # metrics.csv without the timing columns
 t0=$(now_ms)
 "$LB" "${RUN[@]}" --out "$W/ref" > "$W/ref.log" 2>&1 || { cat "$W/ref.log"; bad "reference run failed"; }
 T=$(( $(now_ms) - t0 ))
+t0=$(now_ms)
 "$LB" "${RUN[@]}" --out "$W/ref2" > "$W/ref2.log" 2>&1 || { cat "$W/ref2.log"; bad "second reference run failed"; }
+T2=$(( $(now_ms) - t0 ))
+[ "$T2" -lt "$T" ] && T=$T2  # the first run also pays for cold caches: the shorter is the run's length
 if [ -f "$W/ref/model.pt" ] && cmp -s "$W/ref/model.pt" "$W/ref2/model.pt"; then
   ok "reference: ${T} ms, checkpoint $(stat -c %s "$W/ref/checkpoint.pt") bytes; two runs give byte-identical model.pt"
 else
@@ -194,10 +197,10 @@ done
 for i in 1 2; do
   out="$W/term$i" note="" trial_ok=1
   : > "$W/trial.log"
-  for attempt in 1 2 3; do
+  for attempt in 1 2 3 4 5; do
     rm -rf "$out"
     start --out "$out"
-    ms=$(( 1 + RANDOM * (T - 1) / 32768 ))
+    ms=$(( T / 10 + RANDOM * (T * 7 / 10) / 32768 ))  # within the run: after start-up, before its end
     sleep_ms "$ms"
     kill -TERM "$pid" 2>/dev/null
     finish
