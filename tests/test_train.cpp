@@ -96,34 +96,46 @@ TEST(Models, InitReallyChangesWeightStatistics) {
 
 // The synchronised path of SyncableBatchNorm2d with an identity "sum over ranks" (one rank) must compute
 // what LibTorch's batch_norm computes: output, gradients of input, weight and bias, running statistics.
+// Gives b a's affine parameters, runs both in training mode on one input and upstream gradient, and expects
+// the same outputs, gradients and running statistics (to 1e-12 in double, 2e-5 in float).
+struct BatchNormRun {
+  torch::Tensor x, x2, y;  // the inputs of a and b, a's output
+  double tol;
+};
+BatchNormRun expect_same_batchnorm(lm::SyncableBatchNorm2d& a, lm::SyncableBatchNorm2d& b,
+                                   const std::vector<int64_t>& shape, torch::ScalarType dtype) {
+  {
+    torch::NoGradGuard g;
+    a->weight.uniform_(0.5, 1.5);
+    a->bias.uniform_(-0.5, 0.5);
+    b->weight.copy_(a->weight);
+    b->bias.copy_(a->bias);
+  }
+  a->to(dtype);
+  b->to(dtype);
+  auto x = (torch::randn(shape, dtype) * 3 + 1).requires_grad_(true);
+  auto x2 = x.detach().clone().requires_grad_(true);
+  auto upstream = torch::randn(shape, dtype);
+  auto y1 = a->forward(x), y2 = b->forward(x2);
+  (y1 * upstream).sum().backward();
+  (y2 * upstream).sum().backward();
+  const double tol = dtype == torch::kFloat64 ? 1e-12 : 2e-5;
+  EXPECT_TRUE(torch::allclose(y1, y2, tol, tol)) << dtype;
+  EXPECT_TRUE(torch::allclose(x.grad(), x2.grad(), tol, tol)) << (x.grad() - x2.grad()).abs().max();
+  EXPECT_TRUE(torch::allclose(a->weight.grad(), b->weight.grad(), tol, tol));
+  EXPECT_TRUE(torch::allclose(a->bias.grad(), b->bias.grad(), tol, tol));
+  EXPECT_TRUE(torch::allclose(a->running_mean, b->running_mean, tol, tol));
+  EXPECT_TRUE(torch::allclose(a->running_var, b->running_var, tol, tol));
+  EXPECT_EQ(a->num_batches_tracked.item<int64_t>(), b->num_batches_tracked.item<int64_t>());
+  return {x, x2, y1, tol};
+}
+
 TEST(Models, SyncBatchNormPathMatchesLibTorchBatchNorm) {
   torch::manual_seed(3);
   for (auto dtype : {torch::kFloat64, torch::kFloat32}) {
     lm::SyncableBatchNorm2d native(6), synced(6);
     synced->set_cross_rank_sum([](const torch::Tensor& t) { return t.clone(); });
-    {
-      torch::NoGradGuard g;
-      native->weight.uniform_(0.5, 1.5);
-      native->bias.uniform_(-0.5, 0.5);
-      synced->weight.copy_(native->weight);
-      synced->bias.copy_(native->bias);
-    }
-    native->to(dtype);
-    synced->to(dtype);
-    auto x = (torch::randn({8, 6, 5, 5}, dtype) * 3 + 1).requires_grad_(true);
-    auto x2 = x.detach().clone().requires_grad_(true);
-    auto upstream = torch::randn({8, 6, 5, 5}, dtype);
-    auto y1 = native->forward(x), y2 = synced->forward(x2);
-    (y1 * upstream).sum().backward();
-    (y2 * upstream).sum().backward();
-    const double tol = dtype == torch::kFloat64 ? 1e-12 : 2e-5;
-    EXPECT_TRUE(torch::allclose(y1, y2, tol, tol)) << dtype;
-    EXPECT_TRUE(torch::allclose(x.grad(), x2.grad(), tol, tol)) << (x.grad() - x2.grad()).abs().max();
-    EXPECT_TRUE(torch::allclose(native->weight.grad(), synced->weight.grad(), tol, tol));
-    EXPECT_TRUE(torch::allclose(native->bias.grad(), synced->bias.grad(), tol, tol));
-    EXPECT_TRUE(torch::allclose(native->running_mean, synced->running_mean, tol, tol));
-    EXPECT_TRUE(torch::allclose(native->running_var, synced->running_var, tol, tol));
-    EXPECT_EQ(native->num_batches_tracked.item<int64_t>(), synced->num_batches_tracked.item<int64_t>());
+    expect_same_batchnorm(native, synced, {8, 6, 5, 5}, dtype);
     EXPECT_TRUE(synced->synchronised());
   }
   // Every model's BatchNorms can be synchronised (the CNN has two).
@@ -197,32 +209,11 @@ TEST(Models, SmallMapBatchNormComputesWhatBatchNormComputes) {
       torch::manual_seed(5);
       lm::SyncableBatchNorm2d fast(6), library(6);
       library->small_map_kernels = false;
-      {
-        torch::NoGradGuard g;
-        fast->weight.uniform_(0.5, 1.5);
-        fast->bias.uniform_(-0.5, 0.5);
-        library->weight.copy_(fast->weight);
-        library->bias.copy_(fast->bias);
-      }
-      fast->to(dtype);
-      library->to(dtype);
-      auto x = (torch::randn(shape, dtype) * 3 + 1).requires_grad_(true);
-      auto x2 = x.detach().clone().requires_grad_(true);
-      auto upstream = torch::randn(shape, dtype);
-      auto y1 = fast->forward(x), y2 = library->forward(x2);
-      EXPECT_TRUE(y1.is_contiguous());
-      (y1 * upstream).sum().backward();
-      (y2 * upstream).sum().backward();
-      const double tol = dtype == torch::kFloat64 ? 1e-12 : 2e-5;
-      EXPECT_TRUE(torch::allclose(y1, y2, tol, tol)) << dtype;
-      EXPECT_TRUE(torch::allclose(x.grad(), x2.grad(), tol, tol)) << (x.grad() - x2.grad()).abs().max();
-      EXPECT_TRUE(torch::allclose(fast->weight.grad(), library->weight.grad(), tol, tol));
-      EXPECT_TRUE(torch::allclose(fast->bias.grad(), library->bias.grad(), tol, tol));
-      EXPECT_TRUE(torch::allclose(fast->running_mean, library->running_mean, tol, tol));
-      EXPECT_TRUE(torch::allclose(fast->running_var, library->running_var, tol, tol));
+      const BatchNormRun run = expect_same_batchnorm(fast, library, shape, dtype);
+      EXPECT_TRUE(run.y.is_contiguous());
       fast->eval();
       library->eval();
-      EXPECT_TRUE(torch::allclose(fast->forward(x), library->forward(x2), tol, tol));
+      EXPECT_TRUE(torch::allclose(fast->forward(run.x), library->forward(run.x2), run.tol, run.tol));
     }
   }
 }
