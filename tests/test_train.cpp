@@ -226,14 +226,14 @@ TEST(Models, SmallMapKernelsTrainResNet18AsLibTorchsKernelsDo) {
     o.in_channels = 3;
     o.image_size = 32;
     auto model = lm::make_model(o);
-    EXPECT_TRUE(model->small_map_kernels());
+    EXPECT_TRUE(model->cpu_kernels());
     model->to(dtype);
     model->train();
     torch::manual_seed(2);
     const auto x = torch::randn({8, 3, 32, 32}, dtype);
     const auto y = torch::randint(0, 10, {8}, torch::kLong);
     auto run = [&](bool on) {
-      model->set_small_map_kernels(on);
+      model->set_cpu_kernels(on);
       model->zero_grad();
       auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
       loss.backward();
@@ -250,6 +250,98 @@ TEST(Models, SmallMapKernelsTrainResNet18AsLibTorchsKernelsDo) {
       EXPECT_LE((fast[k] - library[k]).abs().max().item<double>(), tol * scale) << "parameter " << k;
     }
   }
+}
+
+// The bits of a float or double tensor as integers: equal bits, NaNs and signed zeros included.
+torch::Tensor bits(const torch::Tensor& t) {
+  return t.contiguous().view(t.scalar_type() == torch::kDouble ? torch::kInt64 : torch::kInt32);
+}
+
+TEST(Models, OwnMaxPoolComputesWhatMaxPool2dComputesToTheBit) {
+  struct Case {
+    lm::MaxPool2dGeometry g;
+    std::vector<int64_t> shape;
+  };
+  // 2x2/2 (the compact CNN; rows of >= 4 outputs take the 4-wide path, shorter rows and odd sizes the scalar one),
+  // 3x3/2 pad 1 (ResNet's stem), stride 1 and 3, non-square geometry, outputs on both sides of the padding.
+  const std::vector<Case> cases = {
+      {{2, 2, 2, 2, 0, 0}, {3, 5, 28, 28}}, {{2, 2, 2, 2, 0, 0}, {2, 3, 14, 14}}, {{2, 2, 2, 2, 0, 0}, {2, 3, 7, 9}},
+      {{2, 2, 2, 2, 0, 0}, {2, 2, 5, 6}},   {{3, 3, 2, 2, 1, 1}, {2, 4, 16, 16}}, {{3, 3, 2, 2, 1, 1}, {2, 3, 9, 13}},
+      {{3, 3, 1, 1, 1, 1}, {2, 3, 8, 11}},  {{2, 2, 1, 1, 0, 0}, {2, 3, 6, 10}},  {{3, 3, 3, 3, 0, 0}, {2, 3, 14, 20}},
+      {{3, 2, 2, 1, 1, 0}, {2, 3, 10, 12}}, {{5, 5, 3, 3, 2, 2}, {2, 2, 17, 23}}, {{3, 3, 2, 2, 1, 1}, {1, 2, 2, 2}},
+      {{1, 1, 1, 1, 0, 0}, {2, 2, 3, 5}}};
+  for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    for (const Case& c : cases) {
+      SCOPED_TRACE(::testing::Message() << c.shape << " kernel " << c.g.kernel_h << "x" << c.g.kernel_w << " stride "
+                                        << c.g.stride_h << "x" << c.g.stride_w << " padding " << c.g.padding_h << "x"
+                                        << c.g.padding_w << " " << dtype);
+      // Few distinct values (many ties, +0 against -0), some NaN, +inf and -inf; the last plane all -inf.
+      auto x = torch::randint(-3, 4, c.shape, torch::TensorOptions().dtype(dtype));
+      x.masked_fill_(torch::rand(c.shape) < 0.3, -0.0);
+      x.masked_fill_(torch::rand(c.shape) < 0.05, std::numeric_limits<double>::quiet_NaN());
+      x.masked_fill_(torch::rand(c.shape) < 0.05, std::numeric_limits<double>::infinity());
+      x.masked_fill_(torch::rand(c.shape) < 0.05, -std::numeric_limits<double>::infinity());
+      x[c.shape[0] - 1][c.shape[1] - 1].fill_(-std::numeric_limits<double>::infinity());
+      auto own_x = x.clone().requires_grad_(true), library_x = x.clone().requires_grad_(true);
+      ASSERT_TRUE(lm::max_pool2d_takes_own_kernel(own_x, c.g));
+      const auto own = lm::max_pool2d(own_x, c.g, true);
+      const auto library = lm::max_pool2d(library_x, c.g, false);
+      EXPECT_EQ(own.sizes(), library.sizes());
+      EXPECT_TRUE(torch::equal(bits(own), bits(library)));
+      // Gradients with signed zeros among them: ATen sums them into a zeroed map, so -0 arrives as +0.
+      auto grad = torch::randint(-2, 3, own.sizes(), torch::TensorOptions().dtype(dtype)).mul_(0.5);
+      grad.masked_fill_(grad == 0, -0.0);
+      const auto own_grad = torch::autograd::grad({own}, {own_x}, {grad})[0];
+      const auto library_grad = torch::autograd::grad({library}, {library_x}, {grad})[0];
+      EXPECT_TRUE(torch::equal(bits(own_grad), bits(library_grad)));
+      // A second derivative (create_graph) through the differentiable path: d(sum(v * dx))/d(grad).
+      auto g1 = grad.clone().requires_grad_(true), g2 = grad.clone().requires_grad_(true);
+      const auto v = torch::randn(c.shape, torch::TensorOptions().dtype(dtype));
+      const auto own_dx = torch::autograd::grad({lm::max_pool2d(own_x, c.g, true)}, {own_x}, {g1}, true, true)[0];
+      const auto library_dx = torch::autograd::grad({lm::max_pool2d(library_x, c.g, false)}, {library_x}, {g2}, true, true)[0];
+      EXPECT_TRUE(torch::equal(own_dx, library_dx));
+      (own_dx * v).sum().backward();
+      (library_dx * v).sum().backward();
+      EXPECT_TRUE(torch::equal(bits(g1.grad()), bits(g2.grad())));
+    }
+  }
+  // What the kernel leaves to torch::max_pool2d: no gradient wanted, channels-last, half precision, a geometry
+  // ATen refuses (padding beyond half the kernel, a kernel larger than the padded map), an empty batch, 3-D input.
+  const lm::MaxPool2dGeometry g{2, 2, 2, 2, 0, 0};
+  const auto x = torch::randn({2, 3, 8, 8}).requires_grad_(true);
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x.detach(), g));
+  {
+    torch::NoGradGuard no_grad;
+    EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x, g));
+  }
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x.contiguous(torch::MemoryFormat::ChannelsLast), g));
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x.to(torch::kHalf).detach().requires_grad_(true), g));
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x, {3, 3, 2, 2, 2, 2}));
+  EXPECT_THROW(lm::max_pool2d(x, {3, 3, 2, 2, 2, 2}), c10::Error);  // refused as torch::max_pool2d refuses it
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x, {9, 9, 1, 1, 0, 0}));
+  EXPECT_THROW(lm::max_pool2d(x, {9, 9, 1, 1, 0, 0}), c10::Error);
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(torch::randn({0, 3, 8, 8}).requires_grad_(true), g));
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(torch::randn({3, 8, 8}).requires_grad_(true), g));
+}
+
+TEST(Models, CpuKernelsTrainTheCompactCnnToTheSameBits) {
+  // The compact CNN's maps never get small (28 -> 14 -> 7): only max pooling differs, and it gives the same bits.
+  auto model = lm::make_model(lm::ModelOptions{});
+  model->train();
+  torch::manual_seed(4);
+  const auto x = torch::randn({16, 1, 28, 28});
+  const auto y = torch::randint(0, 10, {16}, torch::kLong);
+  auto run = [&](bool on) {
+    model->set_cpu_kernels(on);
+    model->zero_grad();
+    auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+    loss.backward();
+    std::vector<torch::Tensor> grads{loss.detach().clone()};
+    for (const auto& p : model->parameters()) grads.push_back(p.grad().clone());
+    return grads;
+  };
+  const auto own = run(true), library = run(false);
+  for (size_t k = 0; k < own.size(); ++k) EXPECT_TRUE(torch::equal(bits(own[k]), bits(library[k]))) << "tensor " << k;
 }
 
 TEST(Models, BadOptionsAreNamed) {

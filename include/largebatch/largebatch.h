@@ -10,6 +10,7 @@
 #include <largebatch/data/dataset.h>
 #include <largebatch/data/pipeline.h>
 #include <largebatch/models/models.h>
+#include <largebatch/models/pooling.h>
 #include <largebatch/report/plot.h>
 #include <largebatch/train/trainer.h>
 #include <largebatch/train/checkpoint.h>

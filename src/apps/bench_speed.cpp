@@ -356,7 +356,7 @@ Runner add_bench_train_command(CLI::App& bench) {
     std::string model = "resnet18", optimizer = "lars", reference, out;
     std::vector<int64_t> batches{512};
     int64_t steps = 5, warmup = 2, threads = 0;
-    bool channels_last = false, small_map_kernels = true;
+    bool channels_last = false, cpu_kernels = true;
     Python py;
   };
   auto a = std::make_shared<Args>();
@@ -371,8 +371,8 @@ Runner add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_flag("--channels-last", a->channels_last,
                 "Channels-last activations on both sides (train --channels-last; Python's .to(memory_format=))");
-  cmd->add_option("--small-map-kernels", a->small_map_kernels,
-                  "largebatch's kernels for 1x1 and 2x2 maps (train --small-map-kernels; Python has none)")
+  cmd->add_option("--cpu-kernels,--small-map-kernels", a->cpu_kernels,
+                  "largebatch's CPU kernels: max pooling, 1x1 and 2x2 maps (train --cpu-kernels; Python runs LibTorch's)")
       ->capture_default_str();
   cmd->add_option("--out", a->out, "Write bench_train.csv and bench_train.png (step time and images/s against batch size) here");
   add_common_options(cmd, a->threads, a->py, a->reference);
@@ -383,7 +383,7 @@ Runner add_bench_train_command(CLI::App& bench) {
       const int threads = start_bench(a->threads, a->py, a->reference);
       std::printf("largebatch bench train: %s%s%s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
                   a->model.c_str(), a->channels_last ? " (channels-last)" : "",
-                  a->small_map_kernels ? "" : " (no small-map kernels)", a->optimizer.c_str(), threads, static_cast<long long>(a->steps),
+                  a->cpu_kernels ? "" : " (LibTorch's kernels)", a->optimizer.c_str(), threads, static_cast<long long>(a->steps),
                   static_cast<long long>(a->warmup), runtime_summary().c_str());
       const DenseRate roof = dense_rate();
       std::printf("Dense arithmetic in this run: matrix multiply %.1f GFLOP/s, 3x3 convolution %.1f GFLOP/s\n",
@@ -399,7 +399,7 @@ Runner add_bench_train_command(CLI::App& bench) {
         const auto mo = bench_model(a->model);
         auto model = models::make_model(mo);
         model->set_channels_last(a->channels_last);
-        model->set_small_map_kernels(a->small_map_kernels);
+        model->set_cpu_kernels(a->cpu_kernels);
         model->train();
         auto opt = optim::make_optimizer({a->optimizer, lr, batch, {}}, model->named_parameters());
         torch::manual_seed(0);

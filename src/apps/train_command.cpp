@@ -130,10 +130,10 @@ Runner add_train_command(CLI::App& app) {
   cmd->add_flag("--channels-last", c.channels_last,
                 "Channels-last activations for the CPU convolutions: faster (cnn 1.4x), but a data-parallel run then "
                 "matches the single-process one less closely");
-  cmd->add_option("--small-map-kernels", c.small_map_kernels,
-                  "Convolutions over maps of a few pixels (2x2, 1x1) as matrix products and BatchNorm over them as over "
-                  "[N*H*W, C] (CPU; ResNet-18 at 32x32: 1.25-1.32x PyTorch's speed, parity without); false: LibTorch's "
-                  "kernels for every map")
+  cmd->add_option("--cpu-kernels,--small-map-kernels", c.cpu_kernels,
+                  "largebatch's CPU kernels where LibTorch 1.13's are slow: max pooling, convolutions over maps of a few "
+                  "pixels (2x2, 1x1) as matrix products, BatchNorm over them as over [N*H*W, C] (the same results to "
+                  "float rounding; docs/PERFORMANCE.md); false: LibTorch's kernels everywhere")
       ->capture_default_str();
   cmd->add_flag("--sync-bn", c.sync_bn,
                 "Data parallel: BatchNorm statistics over the global batch (default: per rank, as DDP)");

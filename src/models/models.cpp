@@ -1,4 +1,5 @@
 #include <largebatch/models/models.h>
+#include <largebatch/models/pooling.h>
 
 #include <torch/torch.h>
 
@@ -90,7 +91,7 @@ class ResNet : public ClassifierImpl {
   }
   torch::Tensor features(const torch::Tensor& x) override {
     torch::Tensor y = torch::relu(bn1(conv1(input_layout(x))));
-    if (imagenet_stem_) y = torch::max_pool2d(y, 3, 2, 1);
+    if (imagenet_stem_) y = models::max_pool2d(y, 3, 2, 1, cpu_kernels());
     for (auto& layer : layers_) y = layer->forward(y);
     return torch::adaptive_avg_pool2d(y, {1, 1}).flatten(1);
   }
@@ -124,8 +125,8 @@ class CompactCNN : public ClassifierImpl {
     torchvision_resnet_init(*this);
   }
   torch::Tensor features(const torch::Tensor& x) override {
-    auto y = torch::relu(bn1(torch::max_pool2d(conv1(input_layout(x)), 2)));
-    y = torch::relu(bn2(torch::max_pool2d(conv2(y), 2)));
+    auto y = torch::relu(bn1(models::max_pool2d(conv1(input_layout(x)), 2, 2, 0, cpu_kernels())));
+    y = torch::relu(bn2(models::max_pool2d(conv2(y), 2, 2, 0, cpu_kernels())));
     return torch::relu(fc1(y.flatten(1)));
   }
   torch::Tensor forward(const torch::Tensor& x) override { return fc(features(x)); }
@@ -303,7 +304,7 @@ Classifier make_model(const ModelOptions& o) {
   else bad("model", n, "expected one of " + join(model_names()));
   apply_init(*model, o.init);
   model->set_channels_last(o.channels_last);
-  model->set_small_map_kernels(o.small_map_kernels);
+  model->set_cpu_kernels(o.cpu_kernels);
   return model;
 }
 
@@ -384,8 +385,8 @@ torch::Tensor ConvImpl::forward(const torch::Tensor& x) {
   return y.view({n, out, oh, ow});
 }
 
-void ClassifierImpl::set_small_map_kernels(bool on) {
-  small_map_kernels_ = on;
+void ClassifierImpl::set_cpu_kernels(bool on) {
+  cpu_kernels_ = on;
   for (auto& module : modules(/*include_self=*/false)) {
     if (auto* c = module->as<ConvImpl>()) c->small_map_kernels = on;
     if (auto* bn = module->as<SyncableBatchNorm2dImpl>()) bn->small_map_kernels = on;

@@ -80,7 +80,7 @@ std::string TrainConfig::to_json() const {
   j["plots"] = plots;
   j["sync-bn"] = sync_bn;
   j["channels-last"] = channels_last;
-  j["small-map-kernels"] = small_map_kernels;
+  j["cpu-kernels"] = cpu_kernels;
   j["on-nonfinite"] = on_nonfinite;
   j["skip-limit"] = skip_limit;
   j["checkpoint-every"] = checkpoint_every;
@@ -154,7 +154,7 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& s
     else if (k == "plots") c.plots = boolean();
     else if (k == "sync-bn") c.sync_bn = boolean();
     else if (k == "channels-last") c.channels_last = boolean();
-    else if (k == "small-map-kernels") c.small_map_kernels = boolean();
+    else if (k == "cpu-kernels" || k == "small-map-kernels") c.cpu_kernels = boolean();  // the second: its name before max pooling joined
     else if (k == "on-nonfinite") c.on_nonfinite = str();
     else if (k == "skip-limit") c.skip_limit = integer();
     else if (k == "checkpoint-every") c.checkpoint_every = integer();
@@ -401,7 +401,7 @@ TrainSummary run_training(const TrainConfig& config) {
   const auto& train_set = split.train;
   auto model = make_classifier(config.model, train_set, config.init, config.seed, train_set.num_classes);
   model->set_channels_last(config.channels_last);
-  model->set_small_map_kernels(config.small_map_kernels);
+  model->set_cpu_kernels(config.cpu_kernels);
   model->to(device);
 
   std::shared_ptr<dist::Communicator> comm;

@@ -41,7 +41,7 @@ class SyncableBatchNorm2dImpl : public torch::nn::Cloneable<SyncableBatchNorm2dI
   torch::Tensor weight, bias, running_mean, running_var, num_batches_tracked;
   // Batch statistics of CPU maps of 2 to 4 pixels computed over an [N*H*W, C] view: LibTorch 1.13's NCHW
   // kernel loops over a handful of pixels per image there and is 4-10x slower (ClassifierImpl::
-  // set_small_map_kernels). The same statistics, summed in another order.
+  // set_cpu_kernels). The same statistics, summed in another order.
   bool small_map_kernels = true;
 
  private:
@@ -94,12 +94,13 @@ class ClassifierImpl : public torch::nn::Module {
   // Weights, gradients, optimizer state and checkpoints keep LibTorch's default layout either way.
   void set_channels_last(bool on) { channels_last_ = on; }
   bool channels_last() const { return channels_last_; }
-  // Kernels for tiny maps (on by default; ResNet's last stages at 32x32 inputs): convolutions over maps of a
-  // few pixels (2x2, 1x1) as matrix products (ConvImpl) and BatchNorm over maps of 2-4 pixels as over an
-  // [N*H*W, C] view (SyncableBatchNorm2dImpl). The same arithmetic summed in another order; ResNet-18's
-  // training step is faster (docs/PERFORMANCE.md). Off: LibTorch's conv2d and batch_norm for every map.
-  void set_small_map_kernels(bool on);
-  bool small_map_kernels() const { return small_map_kernels_; }
+  // largebatch's CPU kernels where LibTorch 1.13's are slow (on by default): max pooling (pooling.h; the same
+  // bits), convolutions over maps of a few pixels (2x2, 1x1; ResNet's last stages at 32x32 inputs) as matrix
+  // products (ConvImpl) and BatchNorm over maps of 2-4 pixels as over an [N*H*W, C] view
+  // (SyncableBatchNorm2dImpl), the same arithmetic summed in another order. Training is faster
+  // (docs/PERFORMANCE.md). Off: LibTorch's max_pool2d, conv2d and batch_norm everywhere.
+  void set_cpu_kernels(bool on);
+  bool cpu_kernels() const { return cpu_kernels_; }
 
  protected:
   // The input as the first convolution should read it.
@@ -107,7 +108,7 @@ class ClassifierImpl : public torch::nn::Module {
 
  private:
   bool channels_last_ = false;
-  bool small_map_kernels_ = true;
+  bool cpu_kernels_ = true;
 };
 
 // The parameters of features() alone, i.e. all but the head's (names as in named_parameters()).
@@ -122,7 +123,7 @@ struct ModelOptions {
   std::string init = "default";  // see init_names()
   uint64_t seed = 0;
   bool channels_last = false;    // see ClassifierImpl::set_channels_last
-  bool small_map_kernels = true; // see ClassifierImpl::set_small_map_kernels
+  bool cpu_kernels = true;       // see ClassifierImpl::set_cpu_kernels
 };
 
 // resnet18, resnet34, resnet50 (ImageNet stem), resnet18-cifar, resnet34-cifar, resnet50-cifar (3x3 stem,

@@ -61,7 +61,7 @@ struct TrainConfig {
   // Data parallelism (world size and rank come from the launcher's environment, see dist/dist.h).
   bool sync_bn = false;           // BatchNorm statistics over the global batch instead of per rank
   bool channels_last = false;     // NHWC activations for convolutions on the CPU (models::ClassifierImpl)
-  bool small_map_kernels = true;  // matrix-product convolutions and flattened BatchNorm on 1x1/2x2 CPU maps
+  bool cpu_kernels = true;  // largebatch's CPU kernels: max pooling, small-map convolutions and BatchNorm (models.h)
   std::string on_nonfinite = "stop";  // a NaN/Inf loss or gradient: stop (diverged, named) | skip the step
   int64_t skip_limit = 20;        // skip: this many steps skipped in a row end the run as diverged
   // Fault injection for tests (no flag, not saved): at these global steps the first gradient gets a NaN after
