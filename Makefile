@@ -47,8 +47,10 @@ bench: build
 	$(BUILD_DIR)/largebatch bench step --repeats 30 --instruction-sets all
 	$(BUILD_DIR)/bench_step --benchmark_counters_tabular=true --benchmark_min_time=0.5
 	$(BUILD_DIR)/largebatch bench train --model resnet18 --batch-sizes 64,128,256,512 --steps 7 --out $(BUILD_DIR)/bench
-	$(BUILD_DIR)/largebatch bench train --model resnet18 --batch-sizes 64,128,256,512 --steps 7 --small-map-kernels false
+	$(BUILD_DIR)/bench_kernels --benchmark_counters_tabular=true --benchmark_min_time=0.5
+	$(BUILD_DIR)/largebatch bench train --model resnet18 --batch-sizes 64,128,256,512 --steps 7 --cpu-kernels false
 	$(BUILD_DIR)/largebatch bench train --model cnn --batch-sizes 256,1024,4096
+	$(BUILD_DIR)/largebatch bench train --model cnn --batch-sizes 256,1024,4096 --cpu-kernels false
 	$(BUILD_DIR)/largebatch bench train --model mlp --batch-sizes 1024,4096,16384 --steps 10
 	$(BUILD_DIR)/largebatch bench pipeline --batches 6
 

@@ -424,6 +424,11 @@ TEST(Trainer, ShortRunOnSyntheticDataLearnsAndWritesEveryOutput) {
   std::stringstream ss;
   ss << cfg.rdbuf();
   EXPECT_EQ(lt::TrainConfig::from_json(ss.str(), "config.json").to_json(), c.to_json());
+  // The CPU kernels' switch, under its name and under the one configs written before max pooling joined carry.
+  EXPECT_TRUE(c.cpu_kernels);
+  EXPECT_FALSE(lt::TrainConfig::from_json(R"({"cpu-kernels": false})", "config.json").cpu_kernels);
+  EXPECT_FALSE(lt::TrainConfig::from_json(R"({"small-map-kernels": false})", "config.json").cpu_kernels);
+  EXPECT_NE(c.to_json().find("\"cpu-kernels\": true"), std::string::npos);
 }
 
 TEST(Trainer, ResumeEqualsAnUninterruptedRun) {

@@ -1,0 +1,71 @@
+// Google Benchmark of largebatch's CPU kernels (ClassifierImpl::set_cpu_kernels) against LibTorch's, forward
+// and backward of one layer, at the shapes where the training benchmark meets them:
+//   build/bench_kernels --benchmark_counters_tabular=true        (LARGEBATCH_THREADS=1 for one thread)
+// - max pooling: the compact CNN's two 2x2 pools at batch 1024, ResNet's 3x3/2 stem pool at 32x32 inputs,
+//   batch 512 (models/pooling.h);
+// - small maps: a 3x3 convolution over 2x2 and 1x1 maps and BatchNorm over 2x2 maps, ResNet-18's third and
+//   fourth stages at 32x32 inputs, batch 256 (ConvImpl, SyncableBatchNorm2dImpl).
+// Each pair ("own" and "libtorch") runs the same module or call with the kernels on and off.
+#include <largebatch/largebatch.h>
+
+#include <benchmark/benchmark.h>
+#include "bench_main.h"
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace lm = largebatch::models;
+
+namespace {
+
+// Forward and backward through f(x) with a fixed output gradient.
+template <typename F>
+void forward_backward(benchmark::State& state, const std::vector<int64_t>& shape, F f) {
+  torch::manual_seed(0);
+  const auto x = torch::randn(shape).requires_grad_(true);
+  const auto grad = torch::randn_like(f(x));
+  for (auto _ : state) {
+    auto y = f(x);
+    auto dx = torch::autograd::grad({y}, {x}, {grad});
+    benchmark::DoNotOptimize(dx[0].data_ptr());
+  }
+}
+
+void max_pool(benchmark::State& state, std::vector<int64_t> shape, int64_t kernel, int64_t stride, int64_t padding,
+              bool own) {
+  forward_backward(state, shape, [&](const torch::Tensor& x) { return lm::max_pool2d(x, kernel, stride, padding, own); });
+  // Bytes a pooling pass must move at the least: read the input, write the output (forward), read the output
+  // gradient, write the input gradient (backward).
+  const int64_t in = shape[0] * shape[1] * shape[2] * shape[3];
+  const int64_t out = shape[0] * shape[1] * ((shape[2] + 2 * padding - kernel) / stride + 1) *
+                      ((shape[3] + 2 * padding - kernel) / stride + 1);
+  state.SetBytesProcessed(state.iterations() * int64_t{4} * 2 * (in + out));
+}
+
+void small_map_conv(benchmark::State& state, int64_t batch, int64_t channels, int64_t side, bool own) {
+  lm::Conv conv(torch::nn::Conv2dOptions(channels, channels, 3).padding(1).bias(false));
+  conv->small_map_kernels = own;
+  forward_backward(state, {batch, channels, side, side}, [&](const torch::Tensor& x) { return conv->forward(x); });
+}
+
+void small_map_batchnorm(benchmark::State& state, int64_t batch, int64_t channels, int64_t side, bool own) {
+  lm::SyncableBatchNorm2d bn(channels);
+  bn->small_map_kernels = own;
+  forward_backward(state, {batch, channels, side, side}, [&](const torch::Tensor& x) { return bn->forward(x); });
+}
+
+}  // namespace
+
+#define LB_PAIR(function, name, ...)                                                                          \
+  BENCHMARK_CAPTURE(function, name##_own, __VA_ARGS__, true)->Unit(benchmark::kMillisecond)->UseRealTime();   \
+  BENCHMARK_CAPTURE(function, name##_libtorch, __VA_ARGS__, false)->Unit(benchmark::kMillisecond)->UseRealTime();
+LB_PAIR(max_pool, cnn_pool1_b1024, std::vector<int64_t>{1024, 32, 28, 28}, 2, 2, 0)
+LB_PAIR(max_pool, cnn_pool2_b1024, std::vector<int64_t>{1024, 64, 14, 14}, 2, 2, 0)
+LB_PAIR(max_pool, resnet_stem_pool_b512, std::vector<int64_t>{512, 64, 16, 16}, 3, 2, 1)
+LB_PAIR(small_map_conv, resnet18_layer3_2x2_b256, 256, 256, 2)
+LB_PAIR(small_map_conv, resnet18_layer4_1x1_b256, 256, 512, 1)
+LB_PAIR(small_map_batchnorm, resnet18_layer3_2x2_b256, 256, 256, 2)
+
+int main(int argc, char** argv) { return largebatch_benchmark_main(argc, argv); }
