@@ -51,6 +51,7 @@ bench: build
 	$(BUILD_DIR)/largebatch bench train --model resnet18 --batch-sizes 64,128,256,512 --steps 7 --cpu-kernels false
 	$(BUILD_DIR)/largebatch bench train --model cnn --batch-sizes 256,1024,4096
 	$(BUILD_DIR)/largebatch bench train --model cnn --batch-sizes 256,1024,4096 --cpu-kernels false
+	$(BUILD_DIR)/largebatch bench train --model cnn --batch-sizes 256,1024,4096 --channels-last
 	$(BUILD_DIR)/largebatch bench train --model mlp --batch-sizes 1024,4096,16384 --steps 10
 	$(BUILD_DIR)/largebatch bench pipeline --batches 6
 

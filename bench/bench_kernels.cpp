@@ -1,5 +1,5 @@
 // Google Benchmark of largebatch's CPU kernels (ClassifierImpl::set_cpu_kernels) against LibTorch's, forward
-// and backward of one layer, at the shapes where the training benchmark meets them:
+// and backward of one layer (input and parameter gradients), at the shapes where the training benchmark meets them:
 //   build/bench_kernels --benchmark_counters_tabular=true        (LARGEBATCH_THREADS=1 for one thread)
 // - max pooling: the compact CNN's two 2x2 pools at batch 1024, ResNet's 3x3/2 stem pool at 32x32 inputs,
 //   batch 512 (models/pooling.h);
@@ -20,16 +20,19 @@ namespace lm = largebatch::models;
 
 namespace {
 
-// Forward and backward through f(x) with a fixed output gradient.
+// Forward and backward through f(x) with a fixed output gradient: the gradients of x and of the layer's
+// parameters, as training computes them.
 template <typename F>
-void forward_backward(benchmark::State& state, const std::vector<int64_t>& shape, F f) {
+void forward_backward(benchmark::State& state, const std::vector<int64_t>& shape, F f,
+                      std::vector<torch::Tensor> parameters = {}) {
   torch::manual_seed(0);
   const auto x = torch::randn(shape).requires_grad_(true);
   const auto grad = torch::randn_like(f(x));
+  parameters.insert(parameters.begin(), x);
   for (auto _ : state) {
     auto y = f(x);
-    auto dx = torch::autograd::grad({y}, {x}, {grad});
-    benchmark::DoNotOptimize(dx[0].data_ptr());
+    auto grads = torch::autograd::grad({y}, parameters, {grad});
+    benchmark::DoNotOptimize(grads.back().data_ptr());
   }
 }
 
@@ -47,13 +50,15 @@ void max_pool(benchmark::State& state, std::vector<int64_t> shape, int64_t kerne
 void small_map_conv(benchmark::State& state, int64_t batch, int64_t channels, int64_t side, bool own) {
   lm::Conv conv(torch::nn::Conv2dOptions(channels, channels, 3).padding(1).bias(false));
   conv->small_map_kernels = own;
-  forward_backward(state, {batch, channels, side, side}, [&](const torch::Tensor& x) { return conv->forward(x); });
+  forward_backward(state, {batch, channels, side, side}, [&](const torch::Tensor& x) { return conv->forward(x); },
+                   conv->parameters());
 }
 
 void small_map_batchnorm(benchmark::State& state, int64_t batch, int64_t channels, int64_t side, bool own) {
   lm::SyncableBatchNorm2d bn(channels);
   bn->small_map_kernels = own;
-  forward_backward(state, {batch, channels, side, side}, [&](const torch::Tensor& x) { return bn->forward(x); });
+  forward_backward(state, {batch, channels, side, side}, [&](const torch::Tensor& x) { return bn->forward(x); },
+                   bn->parameters());
 }
 
 }  // namespace

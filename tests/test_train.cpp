@@ -269,7 +269,10 @@ TEST(Models, OwnMaxPoolComputesWhatMaxPool2dComputesToTheBit) {
       {{2, 2, 2, 2, 0, 0}, {2, 2, 5, 6}},   {{3, 3, 2, 2, 1, 1}, {2, 4, 16, 16}}, {{3, 3, 2, 2, 1, 1}, {2, 3, 9, 13}},
       {{3, 3, 1, 1, 1, 1}, {2, 3, 8, 11}},  {{2, 2, 1, 1, 0, 0}, {2, 3, 6, 10}},  {{3, 3, 3, 3, 0, 0}, {2, 3, 14, 20}},
       {{3, 2, 2, 1, 1, 0}, {2, 3, 10, 12}}, {{5, 5, 3, 3, 2, 2}, {2, 2, 17, 23}}, {{3, 3, 2, 2, 1, 1}, {1, 2, 2, 2}},
-      {{1, 1, 1, 1, 0, 0}, {2, 2, 3, 5}}};
+      {{1, 1, 1, 1, 0, 0}, {2, 2, 3, 5}},   {{2, 2, 3, 3, 0, 0}, {2, 3, 11, 13}}, {{3, 3, 2, 2, 0, 1}, {2, 3, 9, 12}},
+      {{5, 3, 1, 1, 2, 1}, {2, 2, 9, 10}},
+      // Many planes: several parallel chunks (about 32 K input elements each).
+      {{2, 2, 2, 2, 0, 0}, {2, 64, 28, 28}}, {{3, 3, 2, 2, 1, 1}, {2, 200, 16, 16}}};
   for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
     for (const Case& c : cases) {
       SCOPED_TRACE(::testing::Message() << c.shape << " kernel " << c.g.kernel_h << "x" << c.g.kernel_w << " stride "
@@ -288,12 +291,19 @@ TEST(Models, OwnMaxPoolComputesWhatMaxPool2dComputesToTheBit) {
       const auto library = lm::max_pool2d(library_x, c.g, false);
       EXPECT_EQ(own.sizes(), library.sizes());
       EXPECT_TRUE(torch::equal(bits(own), bits(library)));
-      // Gradients with signed zeros among them: ATen sums them into a zeroed map, so -0 arrives as +0.
-      auto grad = torch::randint(-2, 3, own.sizes(), torch::TensorOptions().dtype(dtype)).mul_(0.5);
-      grad.masked_fill_(grad == 0, -0.0);
-      const auto own_grad = torch::autograd::grad({own}, {own_x}, {grad})[0];
-      const auto library_grad = torch::autograd::grad({library}, {library_x}, {grad})[0];
-      EXPECT_TRUE(torch::equal(bits(own_grad), bits(library_grad)));
+      // Output gradients (1) with signed zeros among them: ATen sums them into a zeroed map, so -0 arrives as +0;
+      // (2) of wide-ranging magnitudes, whose sums (overlapping windows) depend on their order; (3) not contiguous.
+      const auto options = torch::TensorOptions().dtype(dtype);
+      auto signed_zeros = torch::randint(-2, 3, own.sizes(), options).mul_(0.5);
+      signed_zeros.masked_fill_(signed_zeros == 0, -0.0);
+      const auto magnitudes = torch::randn(own.sizes(), options) * torch::exp(4 * torch::randn(own.sizes(), options));
+      const auto transposed = torch::randn({own.size(0), own.size(1), own.size(3), own.size(2)}, options).transpose(2, 3);
+      for (const auto& grad : {signed_zeros, magnitudes, transposed}) {
+        const auto own_grad = torch::autograd::grad({own}, {own_x}, {grad}, /*retain_graph=*/true)[0];
+        const auto library_grad = torch::autograd::grad({library}, {library_x}, {grad}, /*retain_graph=*/true)[0];
+        EXPECT_TRUE(torch::equal(bits(own_grad), bits(library_grad)));
+      }
+      const auto& grad = magnitudes;
       // A second derivative (create_graph) through the differentiable path: d(sum(v * dx))/d(grad).
       auto g1 = grad.clone().requires_grad_(true), g2 = grad.clone().requires_grad_(true);
       const auto v = torch::randn(c.shape, torch::TensorOptions().dtype(dtype));
@@ -322,6 +332,9 @@ TEST(Models, OwnMaxPoolComputesWhatMaxPool2dComputesToTheBit) {
   EXPECT_THROW(lm::max_pool2d(x, {9, 9, 1, 1, 0, 0}), c10::Error);
   EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(torch::randn({0, 3, 8, 8}).requires_grad_(true), g));
   EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(torch::randn({3, 8, 8}).requires_grad_(true), g));
+  const auto empty_map = torch::randn({1, 1, 0, 8}).requires_grad_(true);  // padding would give it an output
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(empty_map, {2, 2, 1, 1, 1, 1}));
+  EXPECT_THROW(lm::max_pool2d(empty_map, {2, 2, 1, 1, 1, 1}), c10::Error);
 }
 
 TEST(Models, CpuKernelsTrainTheCompactCnnToTheSameBits) {

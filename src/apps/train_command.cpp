@@ -128,7 +128,7 @@ Runner add_train_command(CLI::App& app) {
                   "--on-nonfinite skip: this many steps skipped in a row end the run as diverged")
       ->capture_default_str();
   cmd->add_flag("--channels-last", c.channels_last,
-                "Channels-last activations for the CPU convolutions: faster (cnn 1.4x), but a data-parallel run then "
+                "Channels-last activations for the CPU convolutions: can be faster (cnn up to 1.1x), but a data-parallel run then "
                 "matches the single-process one less closely");
   cmd->add_option("--cpu-kernels,--small-map-kernels", c.cpu_kernels,
                   "largebatch's CPU kernels where LibTorch 1.13's are slow: max pooling, convolutions over maps of a few "

@@ -5,6 +5,7 @@
 #include <torch/autograd.h>
 #include <torch/nn/functional/pooling.h>
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #if defined(__SSE2__)
@@ -248,13 +249,13 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
 bool max_pool2d_takes_own_kernel(const torch::Tensor& input, const MaxPool2dGeometry& g) {
   if (!input.defined() || input.dim() != 4 || !input.device().is_cpu() || !input.is_contiguous() ||
       (input.scalar_type() != torch::kFloat && input.scalar_type() != torch::kDouble) ||
-      !torch::GradMode::is_enabled() || !input.requires_grad())
+      !torch::GradMode::is_enabled() || !input.requires_grad() || input._fw_grad(/*level=*/0).defined())
     return false;
   if (g.kernel_h < 1 || g.kernel_w < 1 || g.stride_h < 1 || g.stride_w < 1 || g.padding_h < 0 || g.padding_w < 0 ||
       g.padding_h > g.kernel_h / 2 || g.padding_w > g.kernel_w / 2)
     return false;
   const int64_t h = input.size(2), w = input.size(3);
-  if (h + 2 * g.padding_h < g.kernel_h || w + 2 * g.padding_w < g.kernel_w) return false;
+  if (h < 1 || w < 1 || h + 2 * g.padding_h < g.kernel_h || w + 2 * g.padding_w < g.kernel_w) return false;
   return input.size(0) > 0 && input.size(1) > 0 && h * w < (int64_t{1} << 31);
 }
 

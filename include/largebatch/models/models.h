@@ -89,7 +89,7 @@ class ClassifierImpl : public torch::nn::Module {
   virtual std::string head_name() const { return "fc"; }
 
   // Channels-last (NHWC) activations on the CPU for the convolutional models: oneDNN's convolutions run faster
-  // on them (the compact CNN's training step 1.4x, docs/PERFORMANCE.md). Off by default: the convolutions then
+  // on them (the compact CNN's training step up to 1.1x, docs/PERFORMANCE.md). Off by default: the convolutions then
   // sum in another order, so a data-parallel run no longer matches the single-process one to float rounding.
   // Weights, gradients, optimizer state and checkpoints keep LibTorch's default layout either way.
   void set_channels_last(bool on) { channels_last_ = on; }
