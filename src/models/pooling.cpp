@@ -3,7 +3,6 @@
 
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
-#include <torch/nn/functional/pooling.h>
 
 #include <algorithm>
 #include <cstring>
