@@ -6,15 +6,27 @@ CMAKE_ARGS ?=
 SAN_DIR    ?= build-san
 FUZZ_SECONDS ?= 60
 
-.PHONY: all setup configure build test install clean demo bench sanitize fuzz
+.PHONY: all setup configure build test install clean demo bench sanitize fuzz FORCE
 
 all: build
 
 setup:
 	bash scripts/setup.sh
 
-$(BUILD_DIR)/build.ninja:
-	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) $(CMAKE_ARGS)
+# Configured again whenever a CMake file changes or the configuration asked for (BUILD_TYPE, CMAKE_ARGS) is
+# not the one the build directory was configured with.
+CMAKE_INPUTS := CMakeLists.txt $(wildcard tests/CMakeLists.txt cmake/*)
+CONFIGURATION := -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) $(CMAKE_ARGS)
+
+$(BUILD_DIR)/.configuration: FORCE
+	@mkdir -p $(BUILD_DIR)
+	@echo '$(CONFIGURATION)' | cmp -s - $@ || echo '$(CONFIGURATION)' > $@
+
+$(BUILD_DIR)/build.ninja: $(CMAKE_INPUTS) $(BUILD_DIR)/.configuration
+	cmake -S . -B $(BUILD_DIR) $(CONFIGURATION)
+	@touch $@
+
+FORCE:
 
 configure: $(BUILD_DIR)/build.ninja
 
@@ -22,7 +34,7 @@ build: setup configure
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 
 test: build
-	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+	bash scripts/run_tests.sh $(BUILD_DIR) -j $(JOBS)
 
 # The test suite under AddressSanitizer + UndefinedBehaviorSanitizer (clang, its own build directory), then
 # every fuzz target for FUZZ_SECONDS (docs/RELIABILITY.md); the sanitizers' options are set by CMakeLists.txt.
@@ -32,14 +44,14 @@ sanitize:
 	  -DLARGEBATCH_FUZZ=ON -DLARGEBATCH_FUZZ_SECONDS=$(FUZZ_SECONDS) -DLARGEBATCH_BUILD_EXAMPLES=OFF \
 	  -DLARGEBATCH_BUILD_BENCHMARKS=OFF $(CMAKE_ARGS)
 	cmake --build $(SAN_DIR) -j $(JOBS)
-	cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -LE fuzz -E '^package\.'
-	cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -L fuzz
+	bash scripts/run_tests.sh $(SAN_DIR) -j $(JOBS) -LE fuzz -E '^package\.'
+	bash scripts/run_tests.sh $(SAN_DIR) -j $(JOBS) -L fuzz
 
 # Only the bounded fuzzing (after make sanitize has built $(SAN_DIR)); FUZZ_SECONDS per target.
 fuzz:
 	cmake -S . -B $(SAN_DIR) -DLARGEBATCH_FUZZ_SECONDS=$(FUZZ_SECONDS)
 	cmake --build $(SAN_DIR) -j $(JOBS)
-	cd $(SAN_DIR) && ctest --output-on-failure -j $(JOBS) -L fuzz
+	bash scripts/run_tests.sh $(SAN_DIR) -j $(JOBS) -L fuzz
 
 # Speed against the Python reference and the bandwidth bound (docs/PERFORMANCE.md); needs python3-torch.
 bench: build

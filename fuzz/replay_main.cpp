@@ -1,6 +1,6 @@
 // largebatch_fuzz_replay: runs files through a fuzz target without libFuzzer (any compiler, any build), so the
 // seed corpora and the inputs of every crash ever found are replayed by the ordinary test suite.
-//   largebatch_fuzz_replay <target> <file or directory>...   (exit 0: every input handled)
+//   largebatch_fuzz_replay <target> <file or directory>...   (exit 0: every input handled, and there was one)
 //   largebatch_fuzz_replay --list
 //   largebatch_fuzz_replay --write-seeds <dir>
 #include "targets.h"
@@ -70,6 +70,10 @@ int main(int argc, char** argv) {
     }
   }
   std::sort(files.begin(), files.end());
+  if (files.empty()) {  // a replay of nothing would pass without testing anything
+    std::fprintf(stderr, "%s: no input files in the given paths\n", target->name);
+    return 1;
+  }
   for (const auto& f : files) {
     std::snprintf(current_input, sizeof(current_input), "%s", f.c_str());
     std::ifstream in(f, std::ios::binary);

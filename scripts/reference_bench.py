@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The Python reference that `largebatch bench` measures against (needs Debian's python3-torch).
 
-Not part of the product: the C++ benchmark runs it in the same session, so both sides see the same machine.
+Not part of the product: the C++ benchmark runs it as part of its own run, so both sides see the same machine.
 The optimizers are written the way the paper's released code is (a per-tensor loop of torch operations with a
-scalar read per layer for logging); the rule is algorithms.md's.
+scalar read per layer for logging); the rule is docs/algorithms.md's.
 
     reference_bench.py step  --shapes FILE --optimizer lars|tvlars|lamb --repeats N --threads T
     reference_bench.py train --model resnet18|cnn|mlp --batch-size B --steps N --threads T --optimizer lars
@@ -37,7 +37,7 @@ class ReferenceLayerwise(torch.optim.Optimizer):
     def step(self):
         phi = 1.0
         if self.kind == "tvlars":
-            phi = 1.0 / (0.1 + math.exp(self.lam * (self.t + 1)))  # the released HEAD form (alpha 0.1)
+            phi = 1.0 / (0.1 + math.exp(self.lam * (self.t + 1)))  # reference code, commit 89c3291 (alpha 0.1)
         ratios = []
         for group in self.param_groups:
             lr = group["lr"]

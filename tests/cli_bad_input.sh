@@ -5,8 +5,7 @@ set -u
 BIN="$1"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-passed=0
-failed=0
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 expect() {  # expect NAME EXPECTED_CODE PATTERN -- ARGS...
   local name="$1" code="$2" pattern="$3"
@@ -15,10 +14,9 @@ expect() {  # expect NAME EXPECTED_CODE PATTERN -- ARGS...
   out=$("$BIN" "$@" 2>&1)
   rc=$?
   if [ "$rc" -eq "$code" ] && grep -q -- "$pattern" <<<"$out" && ! grep -q -E "terminate called|Exception raised from|what\(\):" <<<"$out"; then
-    passed=$((passed + 1))
+    ok "$name"
   else
-    failed=$((failed + 1))
-    echo "FAIL $name: exit $rc (expected $code), output:"
+    bad "$name: exit $rc (expected $code), output:"
     echo "$out" | head -5
   fi
 }
@@ -89,11 +87,11 @@ expect truncated-checkpoint 2 "checkpoint.pt: truncated" -- $S --resume --out "$
 
 # A JSON config written by a run is accepted back (the saved config.json).
 out=$("$BIN" train --config "$WORK/run/config.json" --out "$WORK/again" --epochs 1 2>&1)
-if [ $? -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL config-roundtrip: $out" | head -5; fi
+if [ $? -eq 0 ]; then ok config-roundtrip; else bad "config-roundtrip: $(head -5 <<<"$out")"; fi
 
 # summarize: a table row for a run, exit 2 naming a directory that holds none.
 out=$("$BIN" summarize "$WORK/run" 2>&1)
-if [ $? -eq 0 ] && grep -q "| $WORK/run | tvlars | 64 | 1 |" <<<"$out"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL summarize: $out" | head -5; fi
+if [ $? -eq 0 ] && grep -q "| $WORK/run | tvlars | 64 | 1 |" <<<"$out"; then ok summarize; else bad "summarize: $(head -5 <<<"$out")"; fi
 expect summarize-not-a-run 2 "$WORK/badmagic: no summary.json" -- summarize "$WORK/badmagic"
 
 # Divergence: exit 3 with the step and the layer with the largest trust ratio.
@@ -129,5 +127,4 @@ expect sweep-duplicate 2 "$WORK/grid.json: two runs would share the folder 'lr-1
 expect sweep-jobs 2 "--jobs" -- sweep "$WORK/grid.json" --jobs 0
 expect report-empty 2 "no finished classification runs" -- report "$WORK/badmagic"
 
-echo "cli bad input: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish cli_bad_input

@@ -31,10 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT
 chmod 755 "$W"  # the runs made as nobody (b) reach their directories through it
-pass=0 fail=0
-ok() { echo "ok   $*"; pass=$((pass + 1)); }
-bad() { echo "FAIL $*"; fail=$((fail + 1)); }
-skip() { echo "skip $*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 S=(train --data synthetic --synthetic-size 512 --batch-size 64 --model cnn --epochs 3 --seed 3 --threads 1
    --loader-workers 1 --progress none --no-plots)
@@ -305,5 +302,4 @@ else
   cat "$W/holder.log"
 fi
 
-echo "cli_env_faults: $pass passed, $fail failed"
-[ "$fail" -eq 0 ]
+finish cli_env_faults

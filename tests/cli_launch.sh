@@ -10,13 +10,11 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-passed=0
-failed=0
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ok() { passed=$((passed + 1)); echo "ok   $1"; }
-bad() {
-  failed=$((failed + 1))
-  echo "FAIL $1"
+# A failed check also shows the launcher's stderr.
+report_bad() {
+  bad "$1"
   [ -f "$WORK/err" ] && sed 's/^/     | /' "$WORK/err" | head -8
 }
 
@@ -45,7 +43,7 @@ done
 if [ "$rc" -eq 0 ] && [ "$envok" -eq 1 ] && grep -q "starting 3 workers (ranks 3..5 of 6), master 127.0.0.1:29611" "$WORK/err"; then
   ok "environment (exit $rc)"
 else
-  bad "environment: exit $rc"
+  report_bad "environment: exit $rc"
 fi
 
 # A worker that fails: the launcher exits with its code (128 + N for signal N) within 5 s, names it, and
@@ -57,7 +55,7 @@ expect_worker_failure() {
   if [ "$rc" -eq "$code" ] && [ "$secs" -le 5 ] && grep -q "$pattern" "$WORK/err"; then
     ok "$label (exit $rc after ${secs} s)"
   else
-    bad "$label: exit $rc after ${secs} s (expected $code within 5 s)"
+    report_bad "$label: exit $rc after ${secs} s (expected $code within 5 s)"
   fi
 }
 
@@ -83,14 +81,14 @@ for _ in $(seq 50); do [ -f "$D/up.0" ] && [ -f "$D/up.1" ] && break; sleep 0.1;
 kill -TERM "$LAUNCHER"
 for _ in $(seq 50); do kill -0 "$LAUNCHER" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$LAUNCHER" 2>/dev/null; then
-  bad "forwarded SIGTERM: launcher still running 5 s after SIGTERM"
+  report_bad "forwarded SIGTERM: launcher still running 5 s after SIGTERM"
 else
   wait "$LAUNCHER"
   rc=$?
   if [ -f "$D/term.0" ] && [ -f "$D/term.1" ] && [ "$rc" -eq 0 ]; then
     ok "forwarded SIGTERM (both workers trapped it, launcher exit $rc)"
   else
-    bad "forwarded SIGTERM: term files: $(ls "$D" | tr '\n' ' '), launcher exit $rc"
+    report_bad "forwarded SIGTERM: term files: $(ls "$D" | tr '\n' ' '), launcher exit $rc"
   fi
 fi
 LAUNCHER=
@@ -104,7 +102,7 @@ expect_bad() {  # expect_bad NAME PATTERN ARGS...
     [ "$(wc -l <"$WORK/err")" -eq 1 ]; then
     ok "bad input $name: $(cat "$WORK/err")"
   else
-    bad "bad input $name: exit $rc (expected 2, message matching '$pattern')"
+    report_bad "bad input $name: exit $rc (expected 2, message matching '$pattern')"
   fi
 }
 echo "checking: bad input exits 2 naming the flag"
@@ -118,7 +116,7 @@ if [ "$rc" -eq 2 ] && grep -q "worker rank 0 (local 0): cannot run 'no-such-prog
   [ "$(grep -c "cannot run" "$WORK/err")" -eq 1 ]; then
   ok "bad input no-program: $(grep "cannot run" "$WORK/err")"
 else
-  bad "bad input no-program: exit $rc (expected 2, one 'cannot run' line)"
+  report_bad "bad input no-program: exit $rc (expected 2, one 'cannot run' line)"
 fi
 
 # 6. Without --exec the workers run this binary with the arguments after `--`.
@@ -128,8 +126,7 @@ n=$(grep -c "^largebatch " "$WORK/out")
 if [ "$rc" -eq 0 ] && [ "$n" -eq 2 ]; then
   ok "same binary ($n version lines, exit $rc)"
 else
-  bad "same binary: $n version lines, exit $rc (expected 2 and 0)"
+  report_bad "same binary: $n version lines, exit $rc (expected 2 and 0)"
 fi
 
-echo "cli_launch: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish cli_launch

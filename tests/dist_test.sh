@@ -19,9 +19,7 @@ cleanup() {
   rm -rf "$W"
 }
 trap cleanup EXIT
-pass=0 fail=0
-ok() { echo "ok   $*"; pass=$((pass + 1)); }
-bad() { echo "FAIL $*"; fail=$((fail + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 port=$((21000 + RANDOM % 20000))
 next_port() { port=$((port + 7)); }
 
@@ -196,8 +194,7 @@ if [ "$(id -u)" -eq 0 ] && command -v ip > /dev/null && ip netns add "$NS_A" 2> 
     tail -3 "$W/host0.log" "$W/host1.log"
   fi
 else
-  echo "skip two hosts: network namespaces need root and iproute2 (not available here); loopback only"
+  skip "two hosts: network namespaces need root and iproute2 (not available here); loopback only"
 fi
 
-echo "dist_test: $pass passed, $fail failed"
-[ "$fail" -eq 0 ]
+finish dist_test

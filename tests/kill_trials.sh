@@ -5,10 +5,10 @@
 #    checkpoint is ~90 MB, so writing it takes a good share of each epoch), run twice: the two model.pt files
 #    must be byte-identical, so `cmp` is a meaningful test of bit-identical weights (stricter than
 #    `largebatch compare --atol 0 --rtol 0`, which checks the tensors only). Its wall time is T.
-#  - 10 random trials: the same run in a fresh --out, SIGKILL at a uniformly random moment in (0, T) (a run
-#    that finishes first is started again with a new moment, up to 3 times); in the even-numbered trials the
-#    first --resume is also killed at a random moment in (0, T); then --resume until summary.json says
-#    completed (at most 6 resumes).
+#  - 10 random trials: the same run in a fresh --out, SIGKILL at a uniformly random moment in (0, T); in the
+#    even-numbered trials the first --resume is also killed at a random moment in (0, T); then --resume until
+#    summary.json says completed (at most 6 resumes). A trial where a run finished before its kill is started
+#    afresh with new moments, up to 5 times, and fails if none of its attempts was killed in time.
 #    Trials 6-10 add --checkpoint-every 1 (checkpoints within epochs, resumes in the middle of one).
 #  - 4 targeted trials: SIGKILL 0-80 ms after checkpoint.pt.tmp appears during the write of epoch 1, 2 or 3
 #    (a write lasts ~100-400 ms), and 0-15 ms after model.pt.tmp appears (the final model write, ~30 ms);
@@ -26,9 +26,7 @@ set -u
 LB=$(readlink -f "$1")
 W=$(mktemp -d)
 trap 'jobs -p | xargs -r kill -9 2>/dev/null; rm -rf "$W"' EXIT
-pass=0 fail=0
-ok() { echo "ok   $*"; pass=$((pass + 1)); }
-bad() { echo "FAIL $*"; fail=$((fail + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 seed=${KILL_SEED:-$(( $(date +%s%N) / 1000 % 1000000 ))}
 echo "kill seed: $seed (replay with KILL_SEED=$seed)"
@@ -90,14 +88,15 @@ finish() {
   return "$rc"
 }
 
-# SIGKILL now; if the run had already ended, says how. Returns 0 when the kill is what ended it.
+# SIGKILL now; if the run had already ended, says how. Returns 0 when the kill is what ended it, 1 when the run
+# had finished first (the trial is tried again: it tested nothing), 2 when it had failed first.
 kill_now() {  # kill_now OUT LABEL
   kill -9 "$pid" 2>/dev/null
   finish
   local rc=$?
   if [ "$rc" -eq 0 ]; then note+=" $2 finished before the kill;"; return 1; fi
   if [ "$rc" -ne 137 ]; then
-    trial_ok=0; note+=" $2 ended with exit $rc before the kill;"; return 1
+    trial_ok=0; note+=" $2 ended with exit $rc before the kill;"; return 2
   fi
   after_kill "$1" "$2"
 }
@@ -105,7 +104,7 @@ kill_now() {  # kill_now OUT LABEL
 kill_at_random() {  # kill_at_random OUT LABEL: SIGKILL at a random moment in (0, T) of the run $pid
   local ms=$(( 1 + RANDOM * (T - 1) / 32768 ))
   sleep_ms "$ms"
-  kill_now "$1" "$2" || return 1
+  kill_now "$1" "$2" || return $?
   local where=""
   [ "$tmp_left" -eq 1 ] && where=" (in a checkpoint write)"
   note+=" $2 killed at ${ms} ms$where;"
@@ -123,8 +122,24 @@ kill_in_write() {  # kill_in_write OUT FILE N MAX: SIGKILL 0-MAX ms after FILE.t
   [ "$ms" -gt 0 ] && sleep_ms "$ms"
   local still=0
   kill -0 "$pid" 2>/dev/null && [ -e "$tmp" ] && still=1
-  kill_now "$1" "run" &&
-    note+=" run killed ${ms} ms after $2.tmp #$3 appeared ($([ "$still" -eq 1 ] && echo "while written" || echo "write already done"));"
+  kill_now "$1" "run" || return $?
+  note+=" run killed ${ms} ms after $2.tmp #$3 appeared ($([ "$still" -eq 1 ] && echo "while written" || echo "write already done"));"
+}
+
+# A trial whose kill came after the run's end tested nothing: it is started afresh, up to this many times, and
+# fails if no attempt is killed in time (it never counts as survived).
+ATTEMPTS=5
+# Runs "$@" (which starts and kills the trial's runs) until its kills land: 0 when they did, or when the trial
+# already failed for another reason (complete_and_check reports it); 1 after ATTEMPTS attempts that finished first.
+until_killed() {
+  local attempt rc
+  for attempt in $(seq 1 "$ATTEMPTS"); do
+    rm -rf "$out"
+    "$@"
+    rc=$?
+    [ "$rc" -ne 1 ] && return 0
+  done
+  return 1
 }
 
 # Resumes until completed; checks the end state against the reference.
@@ -165,17 +180,18 @@ for i in $(seq 1 10); do
   [ "$i" -ge 6 ] && TRIAL_FLAGS=(--checkpoint-every 1)
   out="$W/t$i" note="" trial_ok=1
   : > "$W/trial.log"
-  # A run that ends before its kill moment (T varies with the load) is started again with a new moment.
-  for attempt in 1 2 3; do
-    rm -rf "$out"
-    start --out "$out"
-    kill_at_random "$out" "run" && break
-  done
-  if [ $((i % 2)) -eq 0 ] && ! grep -q '"status": "completed"' "$out/summary.json" 2>/dev/null; then
-    start --resume --out "$out"
-    kill_at_random "$out" "first resume"
+  if [ $((i % 2)) -eq 0 ]; then
+    random_kills() { start --out "$out"; kill_at_random "$out" "run" || return $?
+                     start --resume --out "$out"; kill_at_random "$out" "first resume"; }
+  else
+    random_kills() { start --out "$out"; kill_at_random "$out" "run"; }
   fi
-  complete_and_check "$out" "random trial $i"
+  if until_killed random_kills; then
+    complete_and_check "$out" "random trial $i"
+  else
+    trials=$((trials + 1))
+    bad "random trial $i: no attempt was killed before it finished ($ATTEMPTS attempts):$note"
+  fi
 done
 
 TRIAL_FLAGS=()
@@ -186,9 +202,13 @@ for target in checkpoint.pt:1:80 checkpoint.pt:2:80 checkpoint.pt:3:80 model.pt:
   file=${target%%:*} nth=$(cut -d: -f2 <<<"$target") max=${target##*:}
   out="$W/w-$file-$nth" note="" trial_ok=1
   : > "$W/trial.log"
-  start --out "$out"
-  kill_in_write "$out" "$file" "$nth" "$max"
-  complete_and_check "$out" "targeted trial: $file write #$nth"
+  write_kill() { start --out "$out"; kill_in_write "$out" "$file" "$nth" "$max"; }
+  if until_killed write_kill; then
+    complete_and_check "$out" "targeted trial: $file write #$nth"
+  else
+    trials=$((trials + 1))
+    bad "targeted trial $file write #$nth: no attempt was killed before it finished ($ATTEMPTS attempts):$note"
+  fi
 done
 
 # ---- stop requests: SIGTERM at a random moment ---------------------------------------------------------
@@ -221,5 +241,4 @@ for i in 1 2; do
 done
 
 echo "kill trials: $survived/$trials survived ($in_write kills during a checkpoint write, $over_tmp resumes over a leftover checkpoint.pt.tmp)"
-echo "kill_trials: $pass passed, $fail failed"
-[ "$fail" -eq 0 ]
+finish kill_trials

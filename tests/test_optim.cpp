@@ -263,6 +263,8 @@ TEST(InvalidOptions, EachIsRejectedWithItsNameAndValue) {
   expect_invalid(build(lo::LayerwiseOptions(lars).time_varying(lo::TimeVarying{1, 0.1, 0, -1})), "gamma_min = -1");
   expect_invalid(build(lo::LayerwiseOptions(lars).weight_norm_clamp(lo::Range{5, 1})), "weight_norm_clamp.hi = 1");
   expect_invalid(build(lo::LayerwiseOptions(lars).update_norm_clamp(lo::Range{-1, 1})), "update_norm_clamp.lo = -1");
+  expect_invalid(build(lo::LayerwiseOptions(lars).update_norm_clamp(lo::Range{0, 0})), "update_norm_clamp.hi = 0");
+  expect_invalid(build(lo::LayerwiseOptions(lamb).weight_norm_clamp(lo::Range{0, 0})), "weight_norm_clamp.hi = 0");
   expect_invalid(build(lo::LayerwiseOptions(lars).momentum(0).nesterov(true)), "nesterov");
 
   // Per-group options are checked too.

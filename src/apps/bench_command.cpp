@@ -154,8 +154,8 @@ Runner add_compare_command(CLI::App& app) {
     bool quiet = false;
   };
   auto args = std::make_shared<Args>();
-  cmd->add_option("A", args->a, "model.pt or checkpoint.pt")->required()->check(CLI::ExistingFile);
-  cmd->add_option("B", args->b, "model.pt or checkpoint.pt")->required()->check(CLI::ExistingFile);
+  cmd->add_option("A", args->a, "model.pt or checkpoint.pt")->required()->check(existing_file());
+  cmd->add_option("B", args->b, "model.pt or checkpoint.pt")->required()->check(existing_file());
   cmd->add_option("--rtol", args->rtol, "Relative tolerance: |a - b| <= atol + rtol |b|")->capture_default_str();
   cmd->add_option("--atol", args->atol, "Absolute tolerance")->capture_default_str();
   cmd->add_flag("--quiet", args->quiet, "Print only the verdict");

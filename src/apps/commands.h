@@ -21,6 +21,17 @@ Runner add_linear_eval_command(CLI::App& app);
 Runner add_sweep_command(CLI::App& app);
 Runner add_report_command(CLI::App& app);
 
+// Checking written commands (tests/docs_commands.sh): with LARGEBATCH_PARSE_ONLY=1 in the environment every
+// subcommand parses and checks its options as usual and exits 0 without running; train, pretrain and
+// linear-eval act as with --dry-run. Files and directories named on the command line need not exist then.
+bool parse_only();
+CLI::Validator existing_file();
+CLI::Validator existing_directory();
+
+// --dry-run of train, pretrain and linear-eval: validates the configuration and prints it as JSON (the
+// config.json the run would write), writing nothing. Exit codes as run_training_command's.
+int dry_run(const char* command, const std::function<std::string()>& validated_json);
+
 // Runs a training-like command's body with Ctrl-C / SIGTERM asking it to stop after the current step, and maps
 // its exceptions to one line on stderr prefixed with "largebatch <command>:" and the exit codes below.
 int run_training_command(const char* command, const std::function<int()>& body);

@@ -123,6 +123,12 @@ int main(int argc, char** argv) {
   }
 
   try {
+    if (largebatch::apps::parse_only()) {  // train, pretrain and linear-eval check their configuration too
+      for (const auto& checked : {run_train, run_pretrain, run_linear_eval})
+        if (int rc = checked(); rc >= 0) return rc;
+      std::printf("largebatch: options accepted (LARGEBATCH_PARSE_ONLY=1: nothing run)\n");
+      return 0;
+    }
     if (show_version) {
       std::cout << largebatch::runtime_summary() << "\n";
       return 0;

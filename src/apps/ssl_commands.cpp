@@ -56,7 +56,11 @@ Runner add_pretrain_command(CLI::App& app) {
   cmd->add_option("--bucket-mb", c.bucket_mb, "Data parallel: gradient bucket size in MiB")->capture_default_str();
   cmd->add_flag("--plots,!--no-plots", c.plots, "Draw loss.png (and trust_ratios.png) with gnuplot");
 
-  return [cmd, config, opts]() -> int {
+  auto check_only = std::make_shared<bool>(false);
+  cmd->add_flag("--dry-run", *check_only,
+                "Check the options and print the configuration as JSON (the run's config.json); run and write nothing");
+
+  return [cmd, config, opts, check_only]() -> int {
     if (!cmd->parsed()) return -1;
     try {
       for (const auto& item : *opts)
@@ -64,6 +68,12 @@ Runner add_pretrain_command(CLI::App& app) {
     } catch (const std::invalid_argument& e) {
       std::fprintf(stderr, "largebatch pretrain: --opt: %s\n", e.what());
       return kExitBadInput;
+    }
+    if (*check_only || parse_only()) {
+      return dry_run("pretrain", [&] {
+        config->validate();
+        return config->to_json();
+      });
     }
     return run_training_command("pretrain", [&]() -> int {
       const auto summary = train::run_pretraining(*config);
@@ -110,8 +120,18 @@ Runner add_linear_eval_command(CLI::App& app) {
   cmd->add_option("--progress", c.progress, "auto, bar, lines, none")->capture_default_str();
   cmd->add_flag("--plots,!--no-plots", c.plots, "Draw curves.png and loss.png with gnuplot");
 
-  return [cmd, config]() -> int {
+  auto check_only = std::make_shared<bool>(false);
+  cmd->add_flag("--dry-run", *check_only,
+                "Check the options and print the configuration as JSON (the run's config.json); run and write nothing");
+
+  return [cmd, config, check_only]() -> int {
     if (!cmd->parsed()) return -1;
+    if (*check_only || parse_only()) {
+      return dry_run("linear-eval", [&] {
+        config->validate();
+        return config->to_json();
+      });
+    }
     return run_training_command("linear-eval", [&]() -> int {
       const auto summary = train::run_linear_eval(*config);
       if (summary.status != "completed") {

@@ -46,7 +46,7 @@ double mean_rate(const fs::path& metrics) {
 Runner add_summarize_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("summarize", "Print a comparison table of training runs (their summary.json)");
   auto runs = std::make_shared<std::vector<std::string>>();
-  cmd->add_option("runs", *runs, "Run directories (--out of `largebatch train`)")->required()->check(CLI::ExistingDirectory);
+  cmd->add_option("runs", *runs, "Run directories (--out of `largebatch train`)")->required()->check(existing_directory());
   return [cmd, runs]() -> int {
     if (!cmd->parsed()) return -1;
     std::printf("| run | optimizer | batch | epochs | final top-1 | best top-1 (epoch) | status | wall s | train img/s |\n");

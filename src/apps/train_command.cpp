@@ -9,6 +9,7 @@
 
 
 #include <csignal>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -32,6 +33,28 @@ std::string list(const std::vector<std::string>& names) {
 }
 
 }  // namespace
+
+bool parse_only() {
+  const char* env = std::getenv("LARGEBATCH_PARSE_ONLY");
+  return env && std::string(env) == "1";
+}
+
+CLI::Validator existing_file() {
+  if (parse_only()) return CLI::Validator([](std::string&) { return std::string(); }, "FILE");
+  return CLI::ExistingFile;
+}
+
+CLI::Validator existing_directory() {
+  if (parse_only()) return CLI::Validator([](std::string&) { return std::string(); }, "DIR");
+  return CLI::ExistingDirectory;
+}
+
+int dry_run(const char* command, const std::function<std::string()>& validated_json) {
+  return run_training_command(command, [&]() -> int {
+    std::printf("%s\n", validated_json().c_str());
+    return 0;
+  });
+}
 
 int run_training_command(const char* command, const std::function<int()>& body) {
   std::signal(SIGINT, on_signal);
@@ -145,8 +168,11 @@ Runner add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--plots,!--no-plots", c.plots,
                 "Draw curves.png, loss.png (and trust_ratios.png) with gnuplot (default: on)");
+  auto check_only = std::make_shared<bool>(false);
+  cmd->add_flag("--dry-run", *check_only,
+                "Check the options and print the configuration as JSON (the run's config.json); run and write nothing");
 
-  return [cmd, config, opts]() -> int {
+  return [cmd, config, opts, check_only]() -> int {
     if (!cmd->parsed()) return -1;
     try {
       for (const auto& item : *opts) {
@@ -155,6 +181,12 @@ Runner add_train_command(CLI::App& app) {
     } catch (const std::invalid_argument& e) {
       std::fprintf(stderr, "largebatch train: --opt: %s\n", e.what());
       return kExitBadInput;
+    }
+    if (*check_only || parse_only()) {
+      return dry_run("train", [&] {
+        config->validate();
+        return config->to_json();
+      });
     }
     return run_training_command("train", [&]() -> int {
       const auto summary = train::run_training(*config);

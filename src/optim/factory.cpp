@@ -15,7 +15,7 @@ const std::vector<PresetInfo>& layerwise_presets() {
       {"lars:reference", "heavy-ball LARS of the released code: m 0.9, wd 5e-4, eta 1e-3, 1-D tensors excluded",
        "constant"},
       {"tvlars:reference",
-       "TVLARS as released (HEAD): phi = 1/(0.1 + exp(lambda (t+1))), lambda 1e-3, norms clamped to [0, 10]",
+       "TVLARS as in the reference code (commit 89c3291): phi = 1/(0.1 + exp(lambda (t+1))), lambda 1e-3, norms clamped to [0, 10]",
        "constant"},
       {"tvlars:paper", "TVLARS of the paper: alpha 1, gamma_min = 0.001 B/256, lambda 1e-3, d_e 0, no clamp",
        "constant"},

@@ -97,10 +97,12 @@ namespace {
   throw std::invalid_argument(os.str());
 }
 
-void check_range(const c10::optional<Range>& r, const std::string& name) {
+void check_range(const c10::optional<Range>& r, const std::string& name, bool positive_hi = false) {
   if (!r) return;
   if (!(r->lo >= 0)) bad_option(name + ".lo", r->lo, "must be >= 0");
   if (!(r->hi >= r->lo)) bad_option(name + ".hi", r->hi, "must be >= lo");
+  // A norm clamped to [0, 0] is 0 while the true norm is not: the ratio would be 0, inf or NaN.
+  if (positive_hi && !(r->hi > 0)) bad_option(name + ".hi", r->hi, "must be > 0");
 }
 
 void write_range(torch::serialize::OutputArchive& a, const std::string& key, const c10::optional<Range>& r) {
@@ -145,8 +147,8 @@ void LayerwiseOptions::validate() const {
     bad_option("weight_decay", weight_decay(), "must be finite and >= 0");
   if (!(eta() > 0) || std::isinf(eta())) bad_option("eta", eta(), "must be finite and > 0");
   if (!(trust_eps() >= 0)) bad_option("trust_eps", trust_eps(), "must be >= 0");
-  check_range(weight_norm_clamp(), "weight_norm_clamp");
-  check_range(update_norm_clamp(), "update_norm_clamp");
+  check_range(weight_norm_clamp(), "weight_norm_clamp", true);
+  check_range(update_norm_clamp(), "update_norm_clamp", true);
   check_range(trust_ratio_clamp(), "trust_ratio_clamp");
   if (time_varying()) optim::validate(*time_varying());
 }

@@ -7,7 +7,7 @@
 //    each element of w, g and the state and writes w and the state once. The element loops are compiled per
 //    instruction set (step_simd.h) with bit-identical results.
 //  - tensor_ops_step: per-tensor LibTorch operations, any device; never reads a value on the host.
-// Both follow algorithms.md; trust_ratio() below is the one formula both use.
+// Both follow docs/algorithms.md; trust_ratio() below is the one formula both use.
 #include <largebatch/optim/layerwise.h>
 
 #include <torch/types.h>

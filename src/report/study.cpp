@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cctype>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -410,8 +412,25 @@ std::string header_lines(const std::string& png, const std::string& title, int w
 
 }  // namespace
 
+// A word for a shell command line: as it is when it holds only characters no shell treats specially.
+static std::string shell_word(const std::string& text) {
+  const bool plain = !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || std::strchr("_./-:=+,@%", c) != nullptr;
+  });
+  if (plain) return text;
+  std::string quoted = "'";
+  for (char c : text) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return quoted + "'";
+}
+
 std::vector<std::string> write_report(const std::string& dir_text, const ReportOptions& options) {
   const fs::path dir(dir_text);
+  // The command that gives this very report: the folder as it was named, and every option that shapes it.
+  char target_text[32];
+  std::snprintf(target_text, sizeof(target_text), "%.15g", options.target);
+  const std::string regenerate = "largebatch report " + shell_word(dir_text) + " --target " + target_text;
+  const std::string title = dir.lexically_normal().has_filename() ? dir.lexically_normal().filename().string()
+                                                                  : dir.lexically_normal().parent_path().filename().string();
   if (!fs::is_directory(dir)) throw std::invalid_argument(dir_text + ": not a directory");
   // The runs: DIR itself or its sub-folders, every one holding config.json and metrics.csv.
   std::vector<fs::path> candidates{dir};
@@ -505,10 +524,10 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   }
   std::vector<std::string> made;
   std::ostringstream md;
-  md << "# Report: " << dir.filename().string() << "\n\n"
+  md << "# Report: " << title << "\n\n"
      << runs.size() << " runs in " << groups.size() << " configurations (runs that differ only in their seed are "
-     << "one configuration; mean ± sample standard deviation over seeds). Regenerate with `largebatch report "
-     << dir.filename().string() << "`: the same CSV files give the same report.\n\n";
+     << "one configuration; mean ± sample standard deviation over seeds). Regenerate with `" << regenerate
+     << "`: the same CSV files give the same report.\n\n";
   if (!unfinished.empty()) {
     md << "**" << unfinished.size() << " unfinished run" << (unfinished.size() == 1 ? "" : "s")
        << " left out** (no summary saying completed or diverged: still running, interrupted or failed):";

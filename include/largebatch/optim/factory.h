@@ -1,6 +1,6 @@
 #pragma once
 // Build any optimizer from a name, a preset and option overrides: the layer-wise presets of
-// algorithms.md and LibTorch's own SGD, Adam, AdamW, Adagrad and RMSprop.
+// docs/algorithms.md and LibTorch's own SGD, Adam, AdamW, Adagrad and RMSprop.
 #include <largebatch/optim/layerwise.h>
 
 #include <torch/optim/optimizer.h>

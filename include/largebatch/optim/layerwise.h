@@ -2,7 +2,7 @@
 // The layer-wise engine: one optimizer whose stages are
 //   direction (gradient, or Adam moments) -> weight decay (decay mask) -> trust ratio with phi_t
 //   (adaptation mask) -> heavy-ball momentum (optional) -> learning rate.
-// LARS, TVLARS and LAMB are presets of it (see factory.h), exactly as specified in algorithms.md.
+// LARS, TVLARS and LAMB are presets of it (see factory.h), exactly as specified in docs/algorithms.md.
 // The step never reads a tensor value on the host, so it runs on CUDA without synchronisation; on the CPU a
 // fused kernel computes all norms in one pass and updates each element once (see set_kernel).
 #include <largebatch/optim/mask.h>
@@ -35,7 +35,7 @@ enum class Direction : int64_t {
 
 // Denominator of the trust ratio.
 enum class TrustDenominator : int64_t {
-  kExact = 0,  // |g + wd w| (|s| for LAMB): algorithms.md
+  kExact = 0,  // |g + wd w| (|s| for LAMB): docs/algorithms.md
   kSum = 1,    // |g| + wd |w| + trust_eps (the LARS paper, apex, MLPerf)
 };
 
@@ -68,7 +68,7 @@ struct LayerwiseOptions : public torch::optim::OptimizerCloneableOptions<Layerwi
   explicit LayerwiseOptions(double lr = 0.1) : lr_(lr) {}
 
   // Presets' building blocks (factory.h has the named presets).
-  static LayerwiseOptions lars(double lr);   // heavy-ball LARS, algorithms.md defaults
+  static LayerwiseOptions lars(double lr);   // heavy-ball LARS, docs/algorithms.md defaults
   static LayerwiseOptions lamb(double lr);   // LAMB (You et al.), bias correction on
 
   TORCH_ARG(double, lr);
@@ -181,7 +181,8 @@ class LARS : public LayerwiseOptimizer {
   LARS(const NamedParameters& params, LayerwiseOptions options);
   LARS(std::vector<torch::Tensor> params, LayerwiseOptions options);
 };
-// TVLARS: LARS whose options carry time_varying (the paper's form when none is given).
+// TVLARS: LARS whose options carry time_varying (phi with alpha 1, lambda 1e-3, delay 0, gamma_min 0 when none is
+// given; the tvlars:paper preset also sets gamma_min = 0.001 B / 256).
 class TVLARS : public LayerwiseOptimizer {
  public:
   TVLARS(const NamedParameters& params, LayerwiseOptions options);

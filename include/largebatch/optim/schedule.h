@@ -13,7 +13,7 @@ class Optimizer;
 namespace largebatch {
 namespace optim {
 
-// phi_t = 1 / (alpha + exp(lambda * (t - delay))) + gamma_min   (algorithms.md, TVLARS)
+// phi_t = 1 / (alpha + exp(lambda * (t - delay))) + gamma_min   (docs/algorithms.md, TVLARS)
 struct TimeVarying {
   double alpha = 1.0;
   double lambda = 1e-3;

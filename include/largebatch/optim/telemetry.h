@@ -11,7 +11,7 @@ namespace optim {
 struct LayerTelemetry {
   std::string name;      // parameter name ("param.<i>" when the optimizer was given no names)
   double weight_norm;    // |w| before the step (unclamped)
-  double update_norm;    // |d| (LARS) or |s| (LAMB) before the ratio (unclamped)
+  double update_norm;    // the ratio's denominator, unclamped: |d| (LARS), |s| (LAMB); |u| + wd |w| + trust_eps with trust_denominator=sum
   double trust_ratio;    // r, including phi_t
   double effective_lr;   // lr_t * r
   double grad_norm = 0;  // |g|, the raw gradient

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Every command written in README.md and docs/ (and the studies' READMEs) in a ```sh or ```bash block runs as
+# written, as far as can be checked without running it:
+#  - `largebatch ...` (or build/largebatch): with LARGEBATCH_PARSE_ONLY=1 the program parses and checks every
+#    option as usual and exits without running; train, pretrain and linear-eval also validate their whole
+#    configuration (as --dry-run). The worker command after `launch ... --` is checked the same way, and a
+#    `sweep GRID` runs as `sweep GRID --dry-run`, which reads the grid and lists its runs, each of whose option
+#    lists is then checked as a train (or pretrain) command of its own.
+#  - `make TARGET...`: the targets exist (make -n).
+#  - anything else (cmake, srun, sha256sum, ...) is listed, not run.
+# Each runs in a scratch folder laid out like the repository (build/largebatch, docs/, studies/, tests/, ...),
+# so nothing is written into the source tree. A command documented to fail ends with the comment
+# `# exit N`, and must then exit with N.
+# Usage: docs_commands.sh path/to/largebatch SOURCE_DIR
+set -u
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+LB=$(readlink -f "$1")
+ROOT=$(readlink -f "$2")
+W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT
+mkdir -p "$W/build"
+ln -s "$LB" "$W/build/largebatch"
+for entry in "$ROOT"/*; do
+  name=$(basename "$entry")
+  [ "$name" = build ] || ln -s "$entry" "$W/$name"
+done
+export PATH="$W/build:$PATH"
+
+# The commands of the sh/bash blocks of a Markdown file, one per line as FILE:LINE<TAB>COMMAND (continuation
+# lines joined, a leading "$ " prompt dropped, comment-only lines and blank lines left out).
+extract() {
+  awk -v file="${1#"$ROOT"/}" '
+    /^```/ {
+      if (!inside && $0 ~ /^```(sh|bash|shell)[[:space:]]*$/) { inside = 1; next }
+      if (inside) { inside = 0; cmd = ""; next }
+    }
+    !inside { next }
+    {
+      line = $0
+      sub(/^[[:space:]]*\$ /, "", line)
+      if (cmd == "") { start = NR; if (line ~ /^[[:space:]]*(#|$)/) next }
+      if (line ~ /\\$/) { sub(/\\$/, "", line); cmd = cmd line " "; next }
+      cmd = cmd line
+      print file ":" start "\t" cmd
+      cmd = ""
+    }' "$1"
+}
+
+checked=0
+# check_largebatch WHERE EXPECTED COMMAND-LINE: parse-only run of a largebatch command line (bash syntax).
+check_largebatch() {
+  local where=$1 expected=$2 line=$3 rc
+  (cd "$W" && LARGEBATCH_PARSE_ONLY=1 bash -c "$line" > "$W/out.log" 2>&1 < /dev/null)
+  rc=$?
+  checked=$((checked + 1))
+  if [ "$rc" -eq "$expected" ]; then
+    ok "$where: $line"
+  else
+    bad "$where: exit $rc (expected $expected): $line"
+    sed 's/^/     | /' "$W/out.log" | tail -5
+  fi
+}
+
+# check_sweep WHERE LINE: the grid expands (--dry-run), and every run it lists takes its options.
+check_sweep() {
+  local where=$1 line=$2 rc
+  (cd "$W" && bash -c "${line%%#*} --dry-run" > "$W/sweep.log" 2>&1 < /dev/null)
+  rc=$?
+  if [ "$rc" -ne 0 ]; then
+    bad "$where: sweep --dry-run exit $rc: $line"; sed 's/^/     | /' "$W/sweep.log" | tail -5; return
+  fi
+  local command runs=0 failed=0
+  command=$(sed -n 's/.*"command": *"\([a-z-]*\)".*/\1/p' "$W/sweep.log" | head -1)
+  while IFS= read -r run; do
+    runs=$((runs + 1))
+    local options=${run#*: }
+    (cd "$W" && LARGEBATCH_PARSE_ONLY=1 "$LB" "${command:-train}" $options --out "$W/dry" > "$W/out.log" 2>&1 < /dev/null) ||
+      { failed=$((failed + 1)); echo "     run refused: $run"; sed 's/^/     | /' "$W/out.log" | tail -3; }
+  done < <(grep '^run ' "$W/sweep.log" | sed 's/^run [^ ]* //')
+  checked=$((checked + 1))
+  if [ "$runs" -gt 0 ] && [ "$failed" -eq 0 ]; then
+    ok "$where: $line (grid of $runs runs, each run's options accepted)"
+  else
+    bad "$where: $line: $failed of $runs runs refused their options"
+  fi
+}
+
+files=("$ROOT/README.md")
+while IFS= read -r f; do files+=("$f"); done < <(find "$ROOT/docs" "$ROOT/studies" -name '*.md' | sort)
+not_run=0
+for f in "${files[@]}"; do
+  while IFS=$'\t' read -r where line; do
+    expected=0
+    if [[ "$line" =~ \#[[:space:]]*exit[[:space:]]+([0-9]+)[[:space:]]*$ ]]; then expected=${BASH_REMATCH[1]}; fi
+    # The first word after any VAR=value assignments (a trailing comment aside).
+    stripped=$(sed 's/[[:space:]]#.*$//' <<<"$line")
+    words=($stripped)
+    i=0
+    while [ "$i" -lt "${#words[@]}" ] && [[ "${words[$i]}" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; do i=$((i + 1)); done
+    first=${words[$i]:-}
+    case "$first" in
+      build/largebatch|largebatch)
+        sub=${words[$((i + 1))]:-}
+        if [ "$sub" = sweep ]; then
+          check_sweep "$where" "$line"
+        else
+          check_largebatch "$where" "$expected" "$line"
+          if [ "$sub" = launch ] && [[ "$stripped" == *" -- "* ]] && [[ "$stripped" != *" --exec "* ]]; then
+            check_largebatch "$where (worker)" 0 "largebatch ${stripped#* -- }"
+          fi
+        fi
+        ;;
+      make)
+        targets=("${words[@]:$((i + 1))}")
+        checked=$((checked + 1))
+        if make -n -C "$ROOT" "${targets[@]}" > "$W/make.log" 2>&1; then
+          ok "$where: $line (make -n)"
+        else
+          bad "$where: make -n fails: $line"; tail -3 "$W/make.log"
+        fi
+        ;;
+      *)
+        not_run=$((not_run + 1))
+        echo "note $where: not a largebatch or make command, not run here: $line"
+        ;;
+    esac
+  done < <(extract "$f")
+done
+echo "docs_commands: $checked commands checked in ${#files[@]} files; $not_run other commands listed above, not run"
+[ "$checked" -gt 0 ] || bad "no command found in README.md and docs/"
+finish docs_commands
