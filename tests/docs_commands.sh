@@ -47,12 +47,20 @@ extract() {
 }
 
 checked=0
-# check_largebatch WHERE EXPECTED COMMAND-LINE: parse-only run of a largebatch command line (bash syntax).
+declare -A grids_checked
+# check_largebatch WHERE EXPECTED COMMAND-LINE: parse-only run of a largebatch command line (bash syntax). A
+# train, pretrain or linear-eval prints the config.json its run would write: it is written to its --out, as
+# the run would, for the commands that follow (e.g. --config runs/x/config.json).
 check_largebatch() {
   local where=$1 expected=$2 line=$3 rc
   (cd "$W" && LARGEBATCH_PARSE_ONLY=1 bash -c "$line" > "$W/out.log" 2>&1 < /dev/null)
   rc=$?
   checked=$((checked + 1))
+  local out
+  out=$(sed -n 's/.*--out[ =]\([^ ]*\).*/\1/p' <<<"$line" | tr -d '"'"'")
+  if [ "$rc" -eq 0 ] && [ -n "$out" ] && [[ "$out" != /* ]] && [[ "$out" != *'$'* ]] && head -c 1 "$W/out.log" | grep -q '{'; then
+    mkdir -p "$W/$out" && cp "$W/out.log" "$W/$out/config.json"
+  fi
   if [ "$rc" -eq "$expected" ]; then
     ok "$where: $line"
   else
@@ -69,14 +77,22 @@ check_sweep() {
   if [ "$rc" -ne 0 ]; then
     bad "$where: sweep --dry-run exit $rc: $line"; sed 's/^/     | /' "$W/sweep.log" | tail -5; return
   fi
-  local command runs=0 failed=0
-  command=$(sed -n 's/.*"command": *"\([a-z-]*\)".*/\1/p' "$W/sweep.log" | head -1)
-  while IFS= read -r run; do
-    runs=$((runs + 1))
-    local options=${run#*: }
-    (cd "$W" && LARGEBATCH_PARSE_ONLY=1 "$LB" "${command:-train}" $options --out "$W/dry" > "$W/out.log" 2>&1 < /dev/null) ||
-      { failed=$((failed + 1)); echo "     run refused: $run"; sed 's/^/     | /' "$W/out.log" | tail -3; }
-  done < <(grep '^run ' "$W/sweep.log" | sed 's/^run [^ ]* //')
+  local grid command runs failed
+  grid=$(awk '{ for (i = 1; i <= NF; i++) if ($(i - 1) == "sweep") print $i }' <<<"${line%%#*}")
+  command=$(sed -n 's/.*"command": *"\([a-z-]*\)".*/\1/p' "$W/$grid" 2>/dev/null | head -1)
+  grep '^run ' "$W/sweep.log" | sed 's/^run *[^:]*: //' > "$W/runs.txt"
+  runs=$(wc -l < "$W/runs.txt")
+  if [ -n "${grids_checked[$grid]:-}" ]; then  # the same grid's runs were checked for an earlier command
+    checked=$((checked + 1))
+    ok "$where: $line (grid of $runs runs, checked above)"
+    return
+  fi
+  grids_checked[$grid]=1
+  # Each run's option list, as the sweep would pass it, two at a time.
+  export LB W
+  failed=$(cd "$W" && xargs -P 2 -I{} -d '\n' bash -c 'LARGEBATCH_PARSE_ONLY=1 "$LB" '"${command:-train}"' {} --out "$W/dry" \
+             > /dev/null 2>&1 < /dev/null || echo "refused: {}"' < "$W/runs.txt" | tee "$W/refused.txt" | grep -c '^refused')
+  sed 's/^/     | /' "$W/refused.txt" | head -5
   checked=$((checked + 1))
   if [ "$runs" -gt 0 ] && [ "$failed" -eq 0 ]; then
     ok "$where: $line (grid of $runs runs, each run's options accepted)"

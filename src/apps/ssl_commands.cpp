@@ -2,6 +2,8 @@
 // JSON or TOML config file (--config).
 #include "commands.h"
 
+#include <filesystem>
+
 #include <largebatch/data/dataset.h>
 #include <largebatch/models/models.h>
 #include <largebatch/optim/factory.h>
@@ -128,7 +130,13 @@ Runner add_linear_eval_command(CLI::App& app) {
     if (!cmd->parsed()) return -1;
     if (*check_only || parse_only()) {
       return dry_run("linear-eval", [&] {
-        config->validate();
+        train::LinearEvalConfig checked = *config;
+        // Checking a written command: its backbone may be what an earlier command would write.
+        if (parse_only() && checked.backbone != "random" && !std::filesystem::exists(checked.backbone)) {
+          checked.backbone = "random";
+          if (checked.model.empty()) checked.model = "cnn";
+        }
+        checked.validate();
         return config->to_json();
       });
     }
