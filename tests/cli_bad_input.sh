@@ -127,4 +127,4 @@ expect sweep-duplicate 2 "$WORK/grid.json: two runs would share the folder 'lr-1
 expect sweep-jobs 2 "--jobs" -- sweep "$WORK/grid.json" --jobs 0
 expect report-empty 2 "no finished classification runs" -- report "$WORK/badmagic"
 
-finish cli_bad_input
+end_checks cli_bad_input

@@ -302,4 +302,4 @@ else
   cat "$W/holder.log"
 fi
 
-finish cli_env_faults
+end_checks cli_env_faults

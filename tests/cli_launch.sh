@@ -129,4 +129,4 @@ else
   report_bad "same binary: $n version lines, exit $rc (expected 2 and 0)"
 fi
 
-finish cli_launch
+end_checks cli_launch

@@ -118,4 +118,4 @@ rm -rf "$W/s/zz-unfinished"
 out=$("$LB" report "$W/nothing" 2>&1)
 [ $? -eq 2 ] && grep -q "not a directory" <<<"$out" && ok "report of a missing folder: exit 2, named" || bad "report bad dir: $out"
 
-finish cli_study
+end_checks cli_study

@@ -197,4 +197,4 @@ else
   skip "two hosts: network namespaces need root and iproute2 (not available here); loopback only"
 fi
 
-finish dist_test
+end_checks dist_test

@@ -144,4 +144,4 @@ for f in "${files[@]}"; do
 done
 echo "docs_commands: $checked commands checked in ${#files[@]} files; $not_run other commands listed above, not run"
 [ "$checked" -gt 0 ] || bad "no command found in README.md and docs/"
-finish docs_commands
+end_checks docs_commands

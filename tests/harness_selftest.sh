@@ -16,11 +16,11 @@ expect_exit() {  # expect_exit CODE DESCRIPTION SCRIPT-BODY
     echo "FAIL $2: exit $rc, expected $1"; sed 's/^/     | /' "$W/out"; status=1
   fi
 }
-expect_exit 1 "a failing check whose log says '0 failed'" 'ok first; echo "sweep: 10 passed, 0 failed"; bad "second"; finish t'
-expect_exit 0 "passing checks" 'ok first; ok second; finish t'
-expect_exit 0 "passing checks beside a skipped one" 'ok first; skip "no tmpfs here"; finish t'
-expect_exit 77 "every check skipped" 'skip "no root"; finish t'
-printf 'source %q\nok first\nfinish t\n' "$HERE/lib.sh" > "$W/t.sh"
+expect_exit 1 "a failing check whose log says '0 failed'" 'ok first; echo "sweep: 10 passed, 0 failed"; bad "second"; end_checks t'
+expect_exit 0 "passing checks" 'ok first; ok second; end_checks t'
+expect_exit 0 "passing checks beside a skipped one" 'ok first; skip "no tmpfs here"; end_checks t'
+expect_exit 77 "every check skipped" 'skip "no root"; end_checks t'
+printf 'source %q\nok first\nend_checks t\n' "$HERE/lib.sh" > "$W/t.sh"
 LARGEBATCH_INJECT_FAILURE=1 bash "$W/t.sh" > "$W/out" 2>&1
 rc=$?
 if [ "$rc" -eq 1 ]; then echo "ok   LARGEBATCH_INJECT_FAILURE=1 fails a passing script"; else echo "FAIL injected failure: exit $rc"; status=1; fi

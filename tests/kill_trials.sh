@@ -241,4 +241,4 @@ for i in 1 2; do
 done
 
 echo "kill trials: $survived/$trials survived ($in_write kills during a checkpoint write, $over_tmp resumes over a leftover checkpoint.pt.tmp)"
-finish kill_trials
+end_checks kill_trials

@@ -1,4 +1,4 @@
-# The shared harness of the shell tests (sourced). ok, bad and skip count checks; finish prints
+# The shared harness of the shell tests (sourced). ok, bad and skip count checks; end_checks prints
 # "NAME: N passed, N failed, N skipped" and sets the exit code, which alone decides the CTest entry:
 # 1 if any check failed, 77 if every check was skipped (CTest's SKIP_RETURN_CODE), 0 otherwise.
 # A skipped check prints SKIP and its reason; scripts/run_tests.sh lists and counts them after the suite.
@@ -10,7 +10,7 @@ skip() { echo "SKIP $*"; lb_skip=$((lb_skip + 1)); }
 if [ "${LARGEBATCH_INJECT_FAILURE:-0}" = 1 ]; then
   bad "injected failure (LARGEBATCH_INJECT_FAILURE=1); the log of a check may still say 0 failed"
 fi
-finish() {  # finish NAME
+end_checks() {  # end_checks NAME
   echo "$1: $lb_pass passed, $lb_fail failed, $lb_skip skipped"
   [ "$lb_fail" -eq 0 ] || exit 1
   [ "$lb_pass" -gt 0 ] || exit 77
