@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
@@ -392,6 +393,82 @@ TEST(Telemetry, OffByDefaultAndRecordsAdaptedTensorsWhenOn) {
   EXPECT_DOUBLE_EQ(conv.effective_lr, 2.0 * conv.trust_ratio);
 }
 
+// ------------------------------------------------------------------ recipes
+
+const lo::LayerwiseOptions& group_options(const torch::optim::Optimizer& opt) {
+  return static_cast<const lo::LayerwiseOptions&>(opt.param_groups()[0].options());
+}
+
+TEST(Recipes, EveryRecipeBuildsForEveryTask) {
+  torch::nn::Linear model(8, 4);
+  for (const auto& name : lo::recipe_names()) {
+    for (const auto task : {lo::Task::kClassification, lo::Task::kSelfSupervised}) {
+      SCOPED_TRACE(name);
+      const auto r = lo::resolve_recipe(name, task, 1024, 300, -1, "auto", {});
+      EXPECT_GT(r.lr, 0);
+      EXPECT_TRUE(r.schedule == "constant" || r.schedule == "warmup-cosine") << r.schedule;
+      EXPECT_NO_THROW(lo::make_optimizer({r.optimizer, r.lr, 1024, r.options}, model->named_parameters()));
+    }
+  }
+  // Every engine preset and every LibTorch optimizer is reachable by its own name.
+  const auto names = lo::recipe_names();
+  for (const auto& p : lo::layerwise_presets())
+    EXPECT_NE(std::find(names.begin(), names.end(), p.name), names.end()) << p.name;
+  for (const auto& n : lo::torch_optimizer_names())
+    EXPECT_NE(std::find(names.begin(), names.end(), n), names.end()) << n;
+}
+
+TEST(Recipes, AnExplicitPresetRunsWithExactlyItsValues) {
+  torch::nn::Linear model(8, 4);
+  for (const auto& p : lo::layerwise_presets()) {
+    SCOPED_TRACE(p.name);
+    const auto r = lo::resolve_recipe(p.name, lo::Task::kClassification, 4096, 300, 1.5, "auto", {});
+    EXPECT_EQ(r.optimizer, p.name);
+    EXPECT_TRUE(r.options.empty());
+    EXPECT_EQ(r.schedule, "constant");
+    auto opt = lo::make_optimizer({r.optimizer, r.lr, 4096, r.options}, model->named_parameters());
+    EXPECT_EQ(group_options(*opt).describe(), lo::preset_options(p.name, 1.5, 4096).describe());
+  }
+  const auto paper = lo::resolve_recipe("tvlars:paper", lo::Task::kClassification, 4096, 300, -1, "auto", {});
+  auto opt = lo::make_optimizer({paper.optimizer, paper.lr, 4096, paper.options}, model->named_parameters());
+  EXPECT_DOUBLE_EQ(group_options(*opt).eta(), 1e-3);
+  EXPECT_DOUBLE_EQ(group_options(*opt).time_varying()->lambda, 1e-3);
+  EXPECT_DOUBLE_EQ(group_options(*opt).time_varying()->gamma_min, 0.001 * 4096 / 256);
+}
+
+TEST(Recipes, TheTrainersRecipesSayWhatTheyChange) {
+  const auto tv = lo::resolve_recipe("TVLARS", lo::Task::kClassification, 4096, 1000, -1, "auto", {});
+  EXPECT_EQ(tv.recipe, "tvlars");
+  EXPECT_EQ(tv.optimizer, "tvlars:reference");
+  EXPECT_DOUBLE_EQ(tv.lr, 2.0);
+  EXPECT_EQ(tv.options.at("eta"), "0.002");
+  EXPECT_EQ(tv.options.at("lambda"), "0.002");  // 2 / T
+  EXPECT_NE(lo::find_recipe("tvlars").description.find("eta 2e-3"), std::string::npos);
+  // Pre-training keeps the preset's eta.
+  const auto tv_ssl = lo::resolve_recipe("tvlars", lo::Task::kSelfSupervised, 512, 400, -1, "auto", {});
+  EXPECT_EQ(tv_ssl.options.count("eta"), 0u);
+  EXPECT_DOUBLE_EQ(tv_ssl.lr, 0.2);
+  // The run's own options and schedule win; wa- names are the warm-up recipes.
+  const auto given = lo::resolve_recipe("tvlars", lo::Task::kClassification, 4096, 1000, 3, "cosine",
+                                        {{"eta", "1e-3"}, {"lambda", "0.01"}});
+  EXPECT_EQ(given.options.at("eta"), "1e-3");
+  EXPECT_EQ(given.options.at("lambda"), "0.01");
+  EXPECT_DOUBLE_EQ(given.lr, 3);
+  EXPECT_EQ(given.schedule, "cosine");
+  EXPECT_EQ(lo::resolve_recipe("walars", lo::Task::kClassification, 256, 10, -1, "auto", {}).schedule, "warmup-cosine");
+  EXPECT_EQ(lo::resolve_recipe("lars", lo::Task::kClassification, 256, 10, -1, "auto", {}).schedule, "constant");
+  const auto sgd = lo::resolve_recipe("sgd", lo::Task::kClassification, 1024, 10, -1, "auto", {});
+  EXPECT_DOUBLE_EQ(sgd.lr, 0.2);  // 0.1 sqrt(1024 / 256)
+  EXPECT_EQ(sgd.options.at("decay_mask"), "ndim<=1");
+  EXPECT_EQ(sgd.schedule, "warmup-cosine");
+  try {
+    lo::find_recipe("adamax");
+    ADD_FAILURE() << "adamax resolved";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown optimizer 'adamax' (known: lars:reference"), std::string::npos) << e.what();
+  }
+}
+
 // ------------------------------------------------------------------ factory
 
 TEST(Factory, BuildsEveryOptimizerAndTheyTrain) {
@@ -404,7 +481,8 @@ TEST(Factory, BuildsEveryOptimizerAndTheyTrain) {
     torch::nn::Linear model(8, 1);
     const auto x = torch::randn({64, 8});
     const auto y = x.sum(1, true);
-    const double lr = name.rfind("lars", 0) == 0 || name.rfind("tvlars", 0) == 0 ? 0.1 : 0.01;
+    const bool lars_family = lo::is_layerwise_preset(name) && lo::preset_options(name, 1).direction() == lo::Direction::kMomentum;
+    const double lr = lars_family ? 0.1 : 0.01;
     auto opt = lo::make_optimizer({name, lr, 64, {}}, model->named_parameters());
     double first = 0, last = 0;
     for (int i = 0; i < 60; ++i) {

@@ -439,6 +439,40 @@ TEST(Trainer, ShortRunOnSyntheticDataLearnsAndWritesEveryOutput) {
   EXPECT_NE(c.to_json().find("\"cpu-kernels\": true"), std::string::npos);
 }
 
+// An engine preset named explicitly runs with exactly its values, and summary.json records what ran.
+TEST(Trainer, AnExplicitPresetRunsWithItsOwnValuesAndTheRunRecordsThem) {
+  ScratchDir dir("preset");
+  auto c = small_run(dir.path);
+  c.model = "mlp";
+  c.optimizer = "tvlars:paper";
+  c.epochs = 1;
+  ASSERT_EQ(lt::run_training(c).status, "completed");
+  std::ifstream summary(dir.path / "summary.json");
+  const auto j = nlohmann::json::parse(summary).at("optimizer_resolved");
+  EXPECT_EQ(j.at("recipe"), "tvlars:paper");
+  EXPECT_EQ(j.at("builds"), "tvlars:paper");
+  EXPECT_DOUBLE_EQ(j.at("lr").get<double>(), 2.0);
+  EXPECT_EQ(j.at("schedule"), "constant");
+  EXPECT_EQ(j.at("total_steps"), 4);  // 512 images / 128
+  EXPECT_TRUE(j.at("options").empty());
+  const std::string engine = j.at("engine");
+  EXPECT_NE(engine.find("eta=0.001 "), std::string::npos) << engine;
+  EXPECT_NE(engine.find("lambda=0.001"), std::string::npos) << engine;
+
+  // The trainer's own recipe says what it changed.
+  ScratchDir tuned("tuned");
+  c = small_run(tuned.path);
+  c.model = "mlp";
+  c.optimizer = "tvlars";
+  c.epochs = 1;
+  ASSERT_EQ(lt::run_training(c).status, "completed");
+  std::ifstream tuned_summary(tuned.path / "summary.json");
+  const auto t = nlohmann::json::parse(tuned_summary).at("optimizer_resolved");
+  EXPECT_EQ(t.at("builds"), "tvlars:reference");
+  EXPECT_EQ(t.at("options").at("eta"), "0.002");
+  EXPECT_EQ(t.at("options").at("lambda"), "0.5");  // 2 / T, T = 4 steps
+}
+
 TEST(Trainer, ResumeEqualsAnUninterruptedRun) {
   ScratchDir straight("straight"), split("split");
   auto a = small_run(straight.path);

@@ -6,6 +6,7 @@
 #include <largebatch/data/pipeline.h>
 #include <largebatch/models/models.h>
 #include <largebatch/optim/factory.h>
+#include <largebatch/optim/recipes.h>
 #include <largebatch/train/checkpoint.h>
 #include <largebatch/train/trainer.h>
 
@@ -71,7 +72,8 @@ Runner add_bench_command(CLI::App& app) {
       mo.in_channels = split.train.channels();
       mo.image_size = split.train.height();
       auto model = models::make_model(mo);
-      auto opt = optim::make_optimizer({a->optimizer, train::default_lr(a->optimizer, a->batch), a->batch, {}},
+      const auto recipe = optim::resolve_recipe(a->optimizer, optim::Task::kClassification, a->batch, 0, -1, "auto", {});
+      auto opt = optim::make_optimizer({recipe.optimizer, recipe.lr, a->batch, recipe.options},
                                        model->named_parameters());
       data::LoaderOptions lo;
       lo.batch_size = a->batch;

@@ -143,14 +143,28 @@ int main(int argc, char** argv) {
     if (int rc = run_sweep(); rc >= 0) return rc;
     if (int rc = run_report(); rc >= 0) return rc;
     if (list->parsed()) {
+      // The recipes (what --optimizer takes), then the engine presets they build, with every value.
+      auto options_text = [](const std::map<std::string, std::string>& options) {
+        std::string text;
+        for (const auto& [k, v] : options) text += (text.empty() ? "" : ",") + k + "=" + v;
+        return text.empty() ? std::string("none") : text;
+      };
+      std::cout << "Recipes (--optimizer NAME; explicit preset names run with exactly the preset's values):\n";
+      for (const auto& r : lo::recipes()) {
+        std::cout << r.name;
+        for (const auto& alias : r.aliases) std::cout << " | " << alias;
+        std::cout << "  builds " << r.optimizer << ", " << r.schedule << " schedule"
+                  << (r.lambda_per_run ? ", lambda = 2/T" : "") << "\n  " << r.description
+                  << "\n  classification: lr " << r.classification.lr.describe() << ", options "
+                  << options_text(r.classification.options) << "\n  self-supervised: lr "
+                  << r.self_supervised.lr.describe() << ", options " << options_text(r.self_supervised.options)
+                  << "\n";
+      }
+      std::cout << "\nEngine presets at lr " << list_lr << ", B " << list_batch << ":\n";
       for (const auto& p : lo::layerwise_presets()) {
-        std::cout << p.name << "  (" << p.schedule << " schedule)\n  " << p.description << "\n  "
+        std::cout << p.name << "\n  " << p.description << "\n  "
                   << lo::preset_options(p.name, list_lr, list_batch).describe() << "\n";
       }
-      std::cout << "aliases: lars, wa-lars -> lars:reference; tvlars -> tvlars:reference; lamb, wa-lamb -> lamb:paper\n"
-                << "LibTorch optimizers:";
-      for (const auto& n : lo::torch_optimizer_names()) std::cout << " " << n;
-      std::cout << "\n";
       return 0;
     }
     if (phi->parsed()) {

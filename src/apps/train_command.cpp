@@ -4,6 +4,7 @@
 #include <largebatch/data/dataset.h>
 #include <largebatch/models/models.h>
 #include <largebatch/optim/factory.h>
+#include <largebatch/optim/recipes.h>
 #include <largebatch/dist/dist.h>
 #include <largebatch/train/trainer.h>
 
@@ -86,10 +87,7 @@ Runner add_train_command(CLI::App& app) {
   auto& c = *config;
   cmd->fallthrough();  // --config belongs to the program and may follow the subcommand
 
-  std::vector<std::string> optimizers;
-  for (const auto& p : optim::layerwise_presets()) optimizers.push_back(p.name);
-  for (const auto& n : {"lars", "wa-lars", "tvlars", "lamb", "wa-lamb"}) optimizers.push_back(n);
-  for (const auto& n : optim::torch_optimizer_names()) optimizers.push_back(n);
+  const std::vector<std::string> optimizers = optim::recipe_names();
 
   cmd->add_option("--data", c.data, "Data set: " + list(data::dataset_names()))->capture_default_str();
   cmd->add_option("--data-dir", c.data_dir,

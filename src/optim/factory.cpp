@@ -1,5 +1,7 @@
 #include <largebatch/optim/factory.h>
 
+#include <largebatch/optim/recipes.h>
+
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -12,16 +14,12 @@ namespace optim {
 
 const std::vector<PresetInfo>& layerwise_presets() {
   static const std::vector<PresetInfo> presets = {
-      {"lars:reference", "heavy-ball LARS of the released code: m 0.9, wd 5e-4, eta 1e-3, 1-D tensors excluded",
-       "constant"},
+      {"lars:reference", "heavy-ball LARS of the released code: m 0.9, wd 5e-4, eta 1e-3, 1-D tensors excluded"},
       {"tvlars:reference",
-       "TVLARS as in the reference code (commit 89c3291): phi = 1/(0.1 + exp(lambda (t+1))), lambda 1e-3, norms clamped to [0, 10]",
-       "constant"},
-      {"tvlars:paper", "TVLARS of the paper: alpha 1, gamma_min = 0.001 B/256, lambda 1e-3, d_e 0, no clamp",
-       "constant"},
-      {"lamb:reference", "LAMB as released: no bias correction, |w| clamped to [0, 10], eps 1e-6, no masks",
-       "constant"},
-      {"lamb:paper", "LAMB of You et al.: bias correction, wd 0.01, eps 1e-6, 1-D tensors excluded", "constant"},
+       "TVLARS as in the reference code (commit 89c3291): phi = 1/(0.1 + exp(lambda (t+1))), lambda 1e-3, norms clamped to [0, 10]"},
+      {"tvlars:paper", "TVLARS of the paper: alpha 1, gamma_min = 0.001 B/256, lambda 1e-3, d_e 0, no clamp"},
+      {"lamb:reference", "LAMB as released: no bias correction, |w| clamped to [0, 10], eps 1e-6, no masks"},
+      {"lamb:paper", "LAMB of You et al.: bias correction, wd 0.01, eps 1e-6, 1-D tensors excluded"},
   };
   return presets;
 }
@@ -36,14 +34,6 @@ namespace {
 std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
   return s;
-}
-
-std::string known_names() {
-  std::string out;
-  for (const auto& p : layerwise_presets()) out += p.name + ", ";
-  out += "lars, wa-lars, tvlars, lamb, wa-lamb";
-  for (const auto& n : torch_optimizer_names()) out += ", " + n;
-  return out;
 }
 
 double to_double(const std::string& key, const std::string& value) {
@@ -81,16 +71,11 @@ TimeVarying& tv_of(LayerwiseOptions& o) {
 
 }  // namespace
 
-std::string resolve_optimizer_name(const std::string& raw) {
-  const std::string name = lower(raw);
-  if (name == "lars" || name == "wa-lars" || name == "walars") return "lars:reference";
-  if (name == "tvlars") return "tvlars:reference";
-  if (name == "lamb" || name == "wa-lamb" || name == "walamb") return "lamb:paper";
-  for (const auto& p : layerwise_presets())
-    if (p.name == name) return name;
-  for (const auto& n : torch_optimizer_names())
-    if (n == name) return name;
-  throw std::invalid_argument("unknown optimizer '" + raw + "' (known: " + known_names() + ")");
+std::string resolve_optimizer_name(const std::string& raw) { return find_recipe(raw).optimizer; }
+
+bool is_layerwise_preset(const std::string& name) {
+  const auto& presets = layerwise_presets();
+  return std::any_of(presets.begin(), presets.end(), [&](const PresetInfo& p) { return p.name == name; });
 }
 
 LayerwiseOptions preset_options(const std::string& raw, double lr, int64_t batch_size) {
@@ -207,7 +192,7 @@ void check(bool ok, const std::string& option, double value, const std::string& 
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerSpec& spec, const NamedParameters& params) {
   const std::string name = resolve_optimizer_name(spec.name);
   check(spec.lr >= 0 && std::isfinite(spec.lr), "lr", spec.lr, "must be finite and >= 0");
-  if (name.find(':') != std::string::npos) {
+  if (is_layerwise_preset(name)) {
     LayerwiseOptions o = preset_options(name, spec.lr, spec.batch_size);
     apply_overrides(o, spec.overrides);
     return std::make_unique<LayerwiseOptimizer>(params, o);

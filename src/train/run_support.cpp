@@ -96,8 +96,18 @@ void set_threads(int64_t n) {
   torch::set_num_threads(n > 0 ? static_cast<int>(n) : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
 }
 
-bool is_layerwise(const std::string& optimizer) {
-  return optim::resolve_optimizer_name(optimizer).find(':') != std::string::npos;
+json resolved_optimizer_json(const optim::ResolvedRecipe& recipe, const torch::optim::Optimizer& optimizer,
+                             int64_t warmup_steps, int64_t total_steps) {
+  json j{{"recipe", recipe.recipe},
+         {"builds", recipe.optimizer},
+         {"lr", recipe.lr},
+         {"schedule", recipe.schedule},
+         {"warmup_steps", warmup_steps},
+         {"total_steps", total_steps},
+         {"options", recipe.options}};
+  if (const auto* layerwise = dynamic_cast<const optim::LayerwiseOptimizer*>(&optimizer))
+    j["engine"] = static_cast<const optim::LayerwiseOptions&>(layerwise->param_groups()[0].options()).describe();
+  return j;
 }
 
 data::DatasetSplit load_data(const std::string& name, const std::string& dir, int64_t synthetic_size, uint64_t seed) {

@@ -5,6 +5,7 @@
 #include <largebatch/dist/dist.h>
 #include <largebatch/models/models.h>
 #include <largebatch/optim/layerwise.h>
+#include <largebatch/optim/recipes.h>
 #include <largebatch/train/checkpoint.h>
 #include <largebatch/train/trainer.h>
 
@@ -43,8 +44,10 @@ torch::Device parse_device(const std::string& name);
 // Intra-op threads: n > 0, or every core for 0.
 void set_threads(int64_t n);
 
-// A layer-wise preset (lars, tvlars, lamb and their variants) rather than a LibTorch optimizer.
-bool is_layerwise(const std::string& optimizer);
+// What the run's optimizer resolved to, for summary.json: the recipe, what it built, the learning rate and
+// schedule used, every option given to the factory and, for the layer-wise engine, every option's value.
+nlohmann::json resolved_optimizer_json(const optim::ResolvedRecipe& recipe, const torch::optim::Optimizer& optimizer,
+                                       int64_t warmup_steps, int64_t total_steps);
 
 // The data set by name; "synthetic" is made with synthetic_size training images (a quarter as many, at least
 // 64, for test).

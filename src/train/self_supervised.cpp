@@ -325,7 +325,7 @@ void PretrainConfig::validate() const {
   if (model.empty()) usage("--model must not be empty");
   parse_projector(projector);
   try {
-    lo::resolve_optimizer_name(optimizer);
+    lo::find_recipe(optimizer);
   } catch (const std::invalid_argument& e) {
     usage(std::string("--optimizer: ") + e.what());
   }
@@ -346,15 +346,6 @@ void PretrainConfig::validate() const {
   if (!(final_ratio >= 0 && final_ratio <= 1)) usage("--final-ratio must be in [0, 1]");
   if (!(dist_timeout > 0 && std::isfinite(dist_timeout))) usage("--dist-timeout must be > 0 seconds");
   if (!(bucket_mb > 0 && std::isfinite(bucket_mb))) usage("--bucket-mb must be > 0");
-}
-
-double default_pretrain_lr(const std::string& optimizer, int64_t batch_size) {
-  const std::string name = lo::resolve_optimizer_name(optimizer);
-  const double scale = static_cast<double>(batch_size) / 256.0;
-  if (name.rfind("lamb", 0) == 0) return 0.01;
-  if (name.rfind("lars", 0) == 0 || name.rfind("tvlars", 0) == 0) return 0.2;
-  if (name == "sgd") return 0.05 * std::sqrt(scale);
-  return 1e-3;
 }
 
 // ------------------------------------------------------------------ pretrain
@@ -427,26 +418,19 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
   ViewOptions view_options;
   view_options.min_scale = config.min_scale;
 
-  // Optimizer: the trainer's rules (schedule "auto", TVLARS lambda = 2 / T), this command's default lr.
-  const double lr = config.lr >= 0 ? config.lr : default_pretrain_lr(config.optimizer, config.batch_size);
-  std::string schedule_name = config.schedule;
-  if (schedule_name == "auto")
-    schedule_name = config.optimizer.rfind("wa-", 0) == 0 || !is_layerwise(config.optimizer) ? "warmup-cosine" : "constant";
+  // Optimizer: the recipe's self-supervised defaults (optim/recipes.h), then --opt, then --weight-decay.
+  auto given = config.optimizer_options;
+  if (config.weight_decay >= 0) given["weight_decay"] = format("%.17g", config.weight_decay);
+  const lo::ResolvedRecipe recipe = lo::resolve_recipe(config.optimizer, lo::Task::kSelfSupervised, config.batch_size,
+                                                       total_steps, config.lr, config.schedule, given);
+  const double lr = recipe.lr;
+  const std::string& schedule_name = recipe.schedule;
   if (schedule_name == "warmup-cosine" && config.warmup_epochs > static_cast<double>(config.epochs))
     usage("--warmup-epochs " + format("%g", config.warmup_epochs) + " is longer than --epochs " +
           std::to_string(config.epochs));
-  auto options = config.optimizer_options;
-  const std::string resolved_name = lo::resolve_optimizer_name(config.optimizer);
-  if (resolved_name == "sgd" && !options.count("momentum")) options["momentum"] = "0.9";
-  if (!is_layerwise(config.optimizer) && !options.count("decay_mask")) options["decay_mask"] = "ndim<=1";
-  if (!is_layerwise(config.optimizer) && !options.count("weight_decay") && resolved_name != "adam")
-    options["weight_decay"] = resolved_name == "adamw" ? "0.05" : "1e-6";
-  if (config.weight_decay >= 0) options["weight_decay"] = format("%.17g", config.weight_decay);
-  if (resolved_name.rfind("tvlars", 0) == 0 && !options.count("lambda"))
-    options["lambda"] = format("%.6g", 2.0 / static_cast<double>(total_steps));
   std::unique_ptr<torch::optim::Optimizer> optimizer;
   try {
-    optimizer = lo::make_optimizer({config.optimizer, lr, config.batch_size, options}, net->trainable());
+    optimizer = lo::make_optimizer({recipe.optimizer, lr, config.batch_size, recipe.options}, net->trainable());
   } catch (const std::invalid_argument& e) {
     usage(std::string("--opt: ") + e.what());
   }
@@ -684,7 +668,8 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
          {"batch_size", config.batch_size},
          {"world_size", summary.world_size},
          {"replica_mismatches", summary.replica_mismatches},
-         {"backbone", summary.status == "completed" ? (out / "backbone.pt").string() : ""}};
+         {"backbone", summary.status == "completed" ? (out / "backbone.pt").string() : ""},
+         {"optimizer_resolved", resolved_optimizer_json(recipe, *optimizer, so.warmup_steps, total_steps)}};
   write_atomically(out / "summary.json", s.dump(2) + "\n");
   if (config.plots) {
     telemetry.close();

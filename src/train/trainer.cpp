@@ -5,6 +5,7 @@
 #include <largebatch/dist/dist.h>
 #include <largebatch/models/models.h>
 #include <largebatch/optim/factory.h>
+#include <largebatch/optim/recipes.h>
 #include <largebatch/report/plot.h>
 #include <largebatch/train/sharpness.h>
 
@@ -178,7 +179,7 @@ void TrainConfig::validate() const {
   const auto& inits = models::init_names();
   if (std::find(inits.begin(), inits.end(), init) == inits.end()) usage("--init: unknown method '" + init + "'");
   try {
-    lo::resolve_optimizer_name(optimizer);
+    lo::find_recipe(optimizer);
   } catch (const std::invalid_argument& e) {
     usage(std::string("--optimizer: ") + e.what());
   }
@@ -218,55 +219,17 @@ void TrainConfig::validate() const {
   if (!(device == "cpu" || device.rfind("cuda", 0) == 0)) usage("--device: '" + device + "' is not cpu or cuda[:N]");
 }
 
-// Trust coefficient the trainer gives LARS and TVLARS unless --opt eta is set (pairs with default_lr's 2).
-const char* const kTrainerLarsEta = "0.002";
-
-double default_lr(const std::string& optimizer, int64_t batch_size) {
-  const std::string name = lo::resolve_optimizer_name(optimizer);
-  const double scale = static_cast<double>(batch_size) / 256.0;
-  // LARS family: the trust ratio sets each layer's scale (lr * eta); the 1-D tensors (BatchNorm, biases) take
-  // plain SGD at lr itself. For the default CNN on Fashion-MNIST at B = 4096, lr 2 with eta 2e-3 (see
-  // kTrainerLarsEta) beat lr 1, 3, 4, 5, 8 with eta 1e-3: same layer-wise steps, calmer 1-D tensors.
-  if (name.rfind("lars", 0) == 0 || name.rfind("tvlars", 0) == 0) return 2.0;
-  if (name.rfind("lamb", 0) == 0) return 0.01;
-  // SGD: the square-root rule. ResNet recipes' linear 0.1 B/256 (1.6 at B = 4096) blew up the default CNN.
-  if (name == "sgd") return 0.1 * std::sqrt(scale);
-  if (name == "rmsprop") return 1e-3;
-  if (name == "adagrad") return 0.05;
-  return 1e-3 * std::sqrt(scale);  // adam, adamw
-}
-
 // ------------------------------------------------------------------ training
 
 namespace {
 
-struct Resolved {
-  double lr;
-  std::string schedule;
-  std::map<std::string, std::string> optimizer_options;
-  data::AugmentOptions augment;
-};
-
-Resolved resolve(const TrainConfig& c) {
-  Resolved r;
-  r.lr = c.lr >= 0 ? c.lr : default_lr(c.optimizer, c.batch_size);
-  const std::string name = lo::resolve_optimizer_name(c.optimizer);
-  const std::string raw = c.optimizer;
-  if (c.schedule != "auto") r.schedule = c.schedule;
-  else if (raw.rfind("wa-", 0) == 0) r.schedule = "warmup-cosine";
-  else if (!is_layerwise(raw)) r.schedule = "warmup-cosine";
-  else r.schedule = "constant";
-  r.optimizer_options = c.optimizer_options;
-  if (name == "sgd" && !r.optimizer_options.count("momentum")) r.optimizer_options["momentum"] = "0.9";
-  if (!is_layerwise(raw) && !r.optimizer_options.count("weight_decay") && name != "adam")
-    r.optimizer_options["weight_decay"] = name == "adamw" ? "0.05" : "5e-4";
-  if (!is_layerwise(raw) && !r.optimizer_options.count("decay_mask")) r.optimizer_options["decay_mask"] = "ndim<=1";
-  if (c.weight_decay >= 0) r.optimizer_options["weight_decay"] = std::to_string(c.weight_decay);
-  // The trainer's tuned trust coefficient for LARS / TVLARS (the presets keep the papers' 1e-3); --opt eta wins.
-  if ((name.rfind("lars", 0) == 0 || name.rfind("tvlars", 0) == 0) && !r.optimizer_options.count("eta"))
-    r.optimizer_options["eta"] = kTrainerLarsEta;
-  r.augment = data::augment_preset(c.augment, c.data);  // the name was checked by validate()
-  return r;
+// The optimizer, its learning rate and schedule from the run's recipe (optim/recipes.h): the recipe's
+// classification defaults, then --opt, then --weight-decay. total_steps feeds TVLARS's lambda = 2 / T.
+lo::ResolvedRecipe resolve_optimizer(const TrainConfig& c, int64_t total_steps) {
+  auto given = c.optimizer_options;
+  if (c.weight_decay >= 0) given["weight_decay"] = std::to_string(c.weight_decay);
+  return lo::resolve_recipe(c.optimizer, lo::Task::kClassification, c.batch_size, total_steps, c.lr, c.schedule,
+                            given);
 }
 
 struct Evaluation {
@@ -330,7 +293,7 @@ Evaluation evaluate(models::ClassifierImpl& model, const data::ImageDataset& tes
   return e;
 }
 
-void write_summary(const fs::path& out, const TrainSummary& s, const TrainConfig& c) {
+void write_summary(const fs::path& out, const TrainSummary& s, const TrainConfig& c, const json& resolved_optimizer) {
   json j{{"status", s.status},
          {"message", s.message},
          {"epochs_done", s.epochs_done},
@@ -345,7 +308,8 @@ void write_summary(const fs::path& out, const TrainSummary& s, const TrainConfig
          {"batch_size", c.batch_size},
          {"world_size", s.world_size},
          {"replica_mismatches", s.replica_mismatches},
-         {"skipped_steps", s.skipped_steps}};
+         {"skipped_steps", s.skipped_steps},
+         {"optimizer_resolved", resolved_optimizer}};
   write_atomically(out / "summary.json", j.dump(2) + "\n");
 }
 
@@ -357,8 +321,7 @@ TrainSummary run_training(const TrainConfig& config) {
   const auto t_start = Clock::now();
   config.validate();
   (void)optim::fused_step_instruction_set();  // a bad LARGEBATCH_STEP_SIMD is refused before any work
-  const Resolved resolved = resolve(config);
-  if (resolved.schedule == "warmup-cosine" && config.warmup_epochs > static_cast<double>(config.epochs)) {
+  if (resolve_optimizer(config, 0).schedule == "warmup-cosine" && config.warmup_epochs > static_cast<double>(config.epochs)) {
     std::ostringstream msg;
     msg << "--warmup-epochs " << config.warmup_epochs << " is longer than --epochs " << config.epochs
         << " (the " << config.optimizer << " schedule is warmup-cosine)";
@@ -416,7 +379,7 @@ TrainSummary run_training(const TrainConfig& config) {
   loader_options.seed = config.seed;
   loader_options.workers = config.loader_workers;
   loader_options.prefetch = 2;
-  loader_options.augment = resolved.augment;
+  loader_options.augment = data::augment_preset(config.augment, config.data);  // checked by validate()
   loader_options.rank = env.rank;
   loader_options.world = world;
   data::BatchLoader loader(train_set, loader_options);
@@ -428,18 +391,10 @@ TrainSummary run_training(const TrainConfig& config) {
     usage("the last batch of an epoch has " + std::to_string(last_batch) + " image(s), fewer than the " +
           std::to_string(world) + " ranks; pass --drop-last or change --batch-size");
 
+  const lo::ResolvedRecipe recipe = resolve_optimizer(config, total_steps);
   std::unique_ptr<torch::optim::Optimizer> optimizer;
   try {
-    auto options = resolved.optimizer_options;
-    // TVLARS's phi_t is the only schedule: unless --opt lambda is given, lambda = 2 / T makes phi fall from
-    // about 0.9 to about 0.13 over the run (T = total steps), whatever the batch size and epochs. (3 / T was
-    // 0.2-0.3 points worse at the end on the default CNN / Fashion-MNIST / B = 4096.)
-    if (lo::resolve_optimizer_name(config.optimizer).rfind("tvlars", 0) == 0 && !options.count("lambda")) {
-      std::ostringstream lambda;
-      lambda << std::setprecision(6) << 2.0 / static_cast<double>(total_steps);
-      options["lambda"] = lambda.str();
-    }
-    optimizer = lo::make_optimizer({config.optimizer, resolved.lr, config.batch_size, options},
+    optimizer = lo::make_optimizer({recipe.optimizer, recipe.lr, config.batch_size, recipe.options},
                                    model->named_parameters());
   } catch (const std::invalid_argument& e) {
     usage(std::string("--opt: ") + e.what());
@@ -450,8 +405,8 @@ TrainSummary run_training(const TrainConfig& config) {
 
 
   lo::ScheduleOptions so;
-  so.kind = lo::parse_schedule_kind(resolved.schedule);
-  so.lr = resolved.lr;
+  so.kind = lo::parse_schedule_kind(recipe.schedule);
+  so.lr = recipe.lr;
   so.scaling = lo::parse_lr_scaling(config.lr_scaling);
   so.batch_size = config.batch_size;
   so.warmup_steps = so.kind == lo::ScheduleKind::kWarmupCosine
@@ -567,8 +522,8 @@ TrainSummary run_training(const TrainConfig& config) {
               "batch %lld%s | %lld epochs x %lld steps | %s\n",
               config.data.c_str(), static_cast<long long>(train_set.size()),
               static_cast<long long>(split.test.size()), config.model.c_str(),
-              static_cast<long long>(models::parameter_count(*model)), config.optimizer.c_str(), resolved.lr,
-              resolved.schedule.c_str(), static_cast<long long>(config.batch_size),
+              static_cast<long long>(models::parameter_count(*model)), config.optimizer.c_str(), recipe.lr,
+              recipe.schedule.c_str(), static_cast<long long>(config.batch_size),
               config.micro_batch > 0 ? (" (micro-batches of " + std::to_string(config.micro_batch) + ")").c_str() : "",
               static_cast<long long>(config.epochs), static_cast<long long>(steps_per_epoch), out.string().c_str());
   if (lead && comm)
@@ -819,7 +774,7 @@ TrainSummary run_training(const TrainConfig& config) {
   if (summary.status == "completed") {
     save_module(out / "model.pt", *model);
   }
-  write_summary(out, summary, config);
+  write_summary(out, summary, config, resolved_optimizer_json(recipe, *optimizer, so.warmup_steps, total_steps));
   if (config.plots) {
     telemetry.close();
     const auto made = report::plot_run(out.string());

@@ -16,18 +16,19 @@ namespace optim {
 struct PresetInfo {
   std::string name;          // "tvlars:paper"
   std::string description;   // one line
-  std::string schedule;      // the schedule it is meant to run with: constant | warmup-cosine | cosine
 };
 
-// Every preset, in a stable order. Bare names resolve to a default preset:
-// lars -> lars:reference, wa-lars -> lars:reference (+warm-up), tvlars -> tvlars:reference,
-// lamb -> lamb:paper, wa-lamb -> lamb:paper (+warm-up).
+// Every preset of the layer-wise engine, in a stable order. The names a run gives (bare names such as
+// "tvlars" included) are recipes: optim/recipes.h.
 const std::vector<PresetInfo>& layerwise_presets();
 // The plain LibTorch optimizers the factory also builds.
 const std::vector<std::string>& torch_optimizer_names();
 
-// "tvlars" -> "tvlars:reference"; throws std::invalid_argument for an unknown name.
+// What a recipe name builds (optim/recipes.h): "tvlars" -> "tvlars:reference", "sgd" -> "sgd"; throws
+// std::invalid_argument for an unknown name.
 std::string resolve_optimizer_name(const std::string& name);
+// One of layerwise_presets()'s names.
+bool is_layerwise_preset(const std::string& name);
 // The options of a layer-wise preset. batch_size feeds presets that depend on B (tvlars:paper's
 // gamma_min = 0.001 B / 256).
 LayerwiseOptions preset_options(const std::string& name, double lr, int64_t batch_size = 256);

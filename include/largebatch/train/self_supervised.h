@@ -37,7 +37,7 @@ struct PretrainConfig {
   // optimizer and schedule (as `train`)
   std::string optimizer = "lamb";
   std::map<std::string, std::string> optimizer_options;
-  double lr = -1;                 // < 0: default_pretrain_lr
+  double lr = -1;                 // < 0: the recipe's self-supervised lr at this batch size (optim/recipes.h)
   double weight_decay = -1;       // < 0: the preset's
   std::string schedule = "auto";  // auto: warm-up + cosine, except constant for lars / tvlars / lamb ... as train
   double warmup_epochs = 2;       // of this run's epochs
@@ -64,9 +64,6 @@ struct PretrainConfig {
   void validate() const;
 };
 
-// Learning rate when --lr is not given: LAMB family 0.01 (scale-free, like Adam); LARS family 0.2 with the
-// presets' eta (the Barlow Twins paper's 0.2 per 256 images for weights); SGD 0.05 sqrt(B / 256); Adam(W) 1e-3.
-double default_pretrain_lr(const std::string& optimizer, int64_t batch_size);
 
 struct PretrainRecord {
   int64_t epoch = 0, step = 0;

@@ -29,9 +29,9 @@ struct TrainConfig {
   std::string model = "cnn";
   std::string init = "default";
   // optimizer
-  std::string optimizer = "tvlars";
+  std::string optimizer = "tvlars";  // a recipe (optim/recipes.h)
   std::map<std::string, std::string> optimizer_options;  // key=value overrides
-  double lr = -1;                 // < 0: the optimizer's default for this batch size (see default_lr)
+  double lr = -1;                 // < 0: the recipe's classification lr at this batch size
   double weight_decay = -1;       // < 0: the preset's
   // schedule
   std::string schedule = "auto";  // auto (the preset's) | constant | cosine | warmup-cosine
@@ -80,9 +80,6 @@ struct TrainConfig {
   // Checks every field; UsageError names the flag.
   void validate() const;
 };
-
-// The learning rate used when --lr is not given: tuned defaults per optimizer family (README lists them).
-double default_lr(const std::string& optimizer, int64_t batch_size);
 
 struct EpochRecord {
   int64_t epoch = 0;        // 1-based
