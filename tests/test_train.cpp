@@ -17,6 +17,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <random>
+#include <sstream>
 #include <thread>
 
 namespace fs = std::filesystem;
@@ -471,6 +472,127 @@ TEST(Trainer, AnExplicitPresetRunsWithItsOwnValuesAndTheRunRecordsThem) {
   EXPECT_EQ(t.at("builds"), "tvlars:reference");
   EXPECT_EQ(t.at("options").at("eta"), "0.002");
   EXPECT_EQ(t.at("options").at("lambda"), "0.5");  // 2 / T, T = 4 steps
+}
+
+std::string file_bytes(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST(ValidationSplit, HoldsOutAFixedDisjointSetWhateverTheSeed) {
+  namespace ld = largebatch::data;
+  ld::ImageDataset d;
+  d.name = "rows";
+  const int64_t n = 1000;
+  d.images = torch::arange(n, torch::kLong).remainder(256).to(torch::kUInt8).view({n, 1, 1, 1}).repeat({1, 1, 2, 2});
+  d.labels = torch::arange(n, torch::kLong);  // each image's label is its row
+  d.num_classes = n;
+  d.mean = {0.5f};
+  d.std = {0.25f};
+  const auto a = ld::hold_out(d, 100), b = ld::hold_out(d, 100);
+  ASSERT_EQ(a.validation.size(), 100);
+  ASSERT_EQ(a.train.size(), 900);
+  EXPECT_TRUE(torch::equal(a.validation.labels, b.validation.labels));  // the same images every time
+  const auto all = std::get<0>(torch::cat({a.train.labels, a.validation.labels}).sort());
+  EXPECT_TRUE(torch::equal(all, torch::arange(n, torch::kLong)));  // disjoint, and nothing lost
+  EXPECT_TRUE(torch::equal(a.validation.labels, std::get<0>(a.validation.labels.sort())));  // order kept
+  EXPECT_TRUE(torch::equal(a.validation.images.flatten(1).select(1, 0),
+                           a.validation.labels.remainder(256).to(torch::kUInt8)));  // images travel with labels
+  EXPECT_EQ(a.train.mean, d.mean);
+  // Spread over the set, not its head or tail.
+  EXPECT_LT(a.validation.labels.min().item<int64_t>(), 100);
+  EXPECT_GT(a.validation.labels.max().item<int64_t>(), 900);
+  EXPECT_THROW(ld::hold_out(d, 0), std::invalid_argument);
+  EXPECT_THROW(ld::hold_out(d, n), std::invalid_argument);
+}
+
+TEST(ValidationSplit, TrainRecordsValidationAndSelectsOnIt) {
+  ScratchDir dir("val");
+  auto c = small_run(dir.path);
+  c.model = "mlp";
+  c.optimizer = "lamb";
+  c.val_split = 128;
+  c.epochs = 3;
+  const auto s = lt::run_training(c);
+  ASSERT_EQ(s.status, "completed");
+  std::ifstream metrics(dir.path / "metrics.csv");
+  std::string header, row;
+  std::getline(metrics, header);
+  EXPECT_NE(header.find(",val_loss,val_top1,val_top5"), std::string::npos) << header;
+  std::getline(metrics, row);
+  EXPECT_EQ(row.find(",,"), std::string::npos) << "empty validation fields: " << row;
+  double best_val = -1;
+  int64_t best_epoch = 0;
+  for (const auto& r : s.history) {
+    ASSERT_TRUE(std::isfinite(r.val_top1));
+    if (r.val_top1 > best_val) best_val = r.val_top1, best_epoch = r.epoch;
+  }
+  EXPECT_EQ(s.selected_epoch, best_epoch);
+  EXPECT_DOUBLE_EQ(s.selected_test_top1, s.history[static_cast<size_t>(best_epoch - 1)].test_top1);
+  std::ifstream summary(dir.path / "summary.json");
+  const auto j = nlohmann::json::parse(summary);
+  EXPECT_EQ(j.at("val_split"), 128);
+  EXPECT_EQ(j.at("selected_epoch"), best_epoch);
+  // A resume must hold out the same images.
+  auto other = c;
+  other.val_split = 64;
+  other.epochs = 4;
+  other.resume = true;
+  try {
+    lt::run_training(other);
+    ADD_FAILURE() << "a resume with another --val-split ran";
+  } catch (const lt::UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("--val-split"), std::string::npos) << e.what();
+  }
+  // More than the training set: named.
+  ScratchDir too_many("val-too-many");
+  auto big = small_run(too_many.path);
+  big.val_split = 512;
+  try {
+    lt::run_training(big);
+    ADD_FAILURE() << "--val-split 512 of 512 images ran";
+  } catch (const lt::UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("--val-split"), std::string::npos) << e.what();
+  }
+}
+
+// `train --data synthetic --model mlp --optimizer tvlars:paper --epochs 1 --val-split 256`, then the same run
+// built from its config.json alone: the same bits.
+TEST(Trainer, ARunRebuiltFromItsConfigJsonAloneIsBitIdentical) {
+  ScratchDir first("from-config-a"), second("from-config-b");
+  lt::TrainConfig c;
+  c.data = "synthetic";
+  c.model = "mlp";
+  c.optimizer = "tvlars:paper";
+  c.epochs = 1;
+  c.val_split = 256;
+  c.threads = 1;
+  c.progress = "none";
+  c.plots = false;
+  c.out = first.path.string();
+  ASSERT_EQ(lt::run_training(c).status, "completed");
+  auto again = lt::TrainConfig::from_json(file_bytes(first.path / "config.json"), "config.json");
+  again.out = second.path.string();
+  ASSERT_EQ(lt::run_training(again).status, "completed");
+  EXPECT_EQ(file_bytes(first.path / "model.pt"), file_bytes(second.path / "model.pt"));
+  auto metrics = [](const fs::path& p) {  // without the time columns
+    std::ifstream in(p);
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      std::stringstream ss(line);
+      std::string field;
+      for (int i = 0; i < 9 && std::getline(ss, field, ','); ++i) kept += field + ",";
+      kept += "\n";
+    }
+    return kept;
+  };
+  EXPECT_EQ(metrics(first.path / "metrics.csv"), metrics(second.path / "metrics.csv"));
+  const auto j = nlohmann::json::parse(file_bytes(first.path / "summary.json"));
+  EXPECT_NE(j.at("optimizer_resolved").at("engine").get<std::string>().find("eta=0.001 "), std::string::npos);
+  EXPECT_DOUBLE_EQ(j.at("optimizer_resolved").at("lr").get<double>(), 2.0);
+  const auto recorded = nlohmann::json::parse(file_bytes(first.path / "config.json"));
+  EXPECT_EQ(recorded.at("val-split"), 256);
+  EXPECT_DOUBLE_EQ(recorded.at("lr").get<double>(), 2.0);  // the lr used, not "the recipe's"
 }
 
 TEST(Trainer, ResumeEqualsAnUninterruptedRun) {

@@ -119,6 +119,10 @@ Runner add_train_command(CLI::App& app) {
                   "Accumulate gradients over micro-batches of this many images (0: whole batch at once); "
                   "BatchNorm statistics are then per micro-batch")->capture_default_str();
   cmd->add_option("--eval-batch-size", c.eval_batch_size, "Batch size of evaluation")->capture_default_str();
+  cmd->add_option("--val-split", c.val_split,
+                  "Hold out N training images for validation (the same N images for every seed): metrics.csv "
+                  "gains val_* columns, summary.json the epoch selected on validation (0: no split)")
+      ->capture_default_str();
   cmd->add_option("--epochs", c.epochs, "Epochs")->capture_default_str();
   cmd->add_option("--seed", c.seed, "Seed of initialisation, data order and augmentation")->capture_default_str();
   cmd->add_option("--threads", c.threads, "Intra-op threads (0: all cores)")->capture_default_str();

@@ -722,5 +722,36 @@ DatasetSplit load_dataset(const std::string& name, const std::string& dir, uint6
   return load_tiny_imagenet(path);
 }
 
+HeldOutSplit hold_out(const ImageDataset& train, int64_t n) {
+  const int64_t size = train.size();
+  if (n <= 0 || n >= size)
+    throw std::invalid_argument("cannot hold out " + std::to_string(n) + " of the " + std::to_string(size) +
+                                " training images of " + train.name + " (need 0 < n < " + std::to_string(size) + ")");
+  // Fisher-Yates over splitmix64 draws: the same images on every platform and library version.
+  std::vector<int64_t> order(static_cast<size_t>(size));
+  for (int64_t i = 0; i < size; ++i) order[static_cast<size_t>(i)] = i;
+  uint64_t state = 0x76616c6964617465ULL;  // constant: the split never depends on the run's seed
+  auto next = [&state]() {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  };
+  for (int64_t i = size - 1; i > 0; --i)
+    std::swap(order[static_cast<size_t>(i)], order[static_cast<size_t>(next() % static_cast<uint64_t>(i + 1))]);
+  std::vector<int64_t> held(order.begin(), order.begin() + n), kept(order.begin() + n, order.end());
+  std::sort(held.begin(), held.end());
+  std::sort(kept.begin(), kept.end());
+  auto part = [&](const std::vector<int64_t>& rows, const std::string& name) {
+    ImageDataset d = train;
+    const auto index = torch::tensor(rows, torch::kLong);
+    d.name = name;
+    d.images = train.images.index_select(0, index).contiguous();
+    d.labels = train.labels.index_select(0, index).contiguous();
+    return d;
+  };
+  return {part(kept, train.name + " less validation"), part(held, train.name + " validation")};
+}
+
 }  // namespace data
 }  // namespace largebatch

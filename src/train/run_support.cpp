@@ -9,6 +9,8 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <cmath>
+#include <utility>
 #include <limits>
 #include <cstdarg>
 #include <cstdio>
@@ -469,7 +471,7 @@ void save_module(const fs::path& path, torch::nn::Module& module) {
 
 std::string metrics_header() {
   return "epoch,step,lr,phi,train_loss,train_acc,test_loss,test_top1,test_top5,epoch_seconds,img_per_s,data_wait_s,"
-         "compute_s,allreduce_s,optimizer_s\n";
+         "compute_s,allreduce_s,optimizer_s,val_loss,val_top1,val_top5\n";
 }
 
 std::string metrics_row(const EpochRecord& r) {
@@ -478,7 +480,14 @@ std::string metrics_row(const EpochRecord& r) {
                 static_cast<long long>(r.epoch), static_cast<long long>(r.step), r.lr, r.phi, r.train_loss,
                 r.train_acc, r.test_loss, r.test_top1, r.test_top5, r.epoch_seconds, r.images_per_second,
                 r.data_wait_seconds, r.compute_seconds, r.allreduce_seconds, r.optimizer_seconds);
-  return buf;
+  std::string row(buf);
+  row.pop_back();  // the newline: the validation columns follow, empty without a validation split
+  for (double v : {r.val_loss, r.val_top1, r.val_top5}) {
+    char field[32] = "";
+    if (std::isfinite(v)) std::snprintf(field, sizeof(field), "%.6f", v);
+    row += std::string(",") + field;
+  }
+  return row + "\n";
 }
 
 json record_json(const EpochRecord& r) {
@@ -487,7 +496,8 @@ json record_json(const EpochRecord& r) {
               {"test_top5", r.test_top5}, {"epoch_seconds", r.epoch_seconds},
               {"img_per_s", r.images_per_second}, {"data_wait_s", r.data_wait_seconds},
               {"compute_s", r.compute_seconds}, {"allreduce_s", r.allreduce_seconds},
-              {"optimizer_s", r.optimizer_seconds}};
+              {"optimizer_s", r.optimizer_seconds}, {"val_loss", r.val_loss}, {"val_top1", r.val_top1},
+              {"val_top5", r.val_top5}};
 }
 
 EpochRecord record_from(const json& j) {
@@ -512,6 +522,9 @@ EpochRecord record_from(const json& j) {
   r.compute_seconds = j.value("compute_s", 0.0);
   r.allreduce_seconds = j.value("allreduce_s", 0.0);
   r.optimizer_seconds = j.value("optimizer_s", 0.0);
+  for (auto [key, field] : {std::pair<const char*, double*>{"val_loss", &r.val_loss}, {"val_top1", &r.val_top1},
+                            {"val_top5", &r.val_top5}})
+    if (j.contains(key) && !j.at(key).is_null()) *field = j.at(key).get<double>();
   return r;
 }
 

@@ -475,7 +475,10 @@ PretrainSummary run_pretraining(const PretrainConfig& config) {
     write_atomically(out / "metrics.csv", pretrain_metrics_header());
   }
   require_same_resume_point(comm.get(), resuming, step, out);
-  if (lead) write_atomically(out / "config.json", config.to_json());
+  // config.json records the learning rate used (a recipe's default resolved), so that it alone rebuilds the run.
+  PretrainConfig recorded = config;
+  recorded.lr = recipe.lr;
+  if (lead) write_atomically(out / "config.json", recorded.to_json());
 
   std::unique_ptr<dist::GradientAverager> averager;
   if (comm) {

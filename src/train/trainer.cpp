@@ -68,6 +68,7 @@ std::string TrainConfig::to_json() const {
   j["batch-size"] = batch_size;
   j["micro-batch"] = micro_batch;
   j["eval-batch-size"] = eval_batch_size;
+  j["val-split"] = val_split;
   j["epochs"] = epochs;
   j["seed"] = seed;
   j["threads"] = threads;
@@ -142,6 +143,7 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& s
     else if (k == "batch-size") c.batch_size = integer();
     else if (k == "micro-batch") c.micro_batch = integer();
     else if (k == "eval-batch-size") c.eval_batch_size = integer();
+    else if (k == "val-split") c.val_split = integer();
     else if (k == "epochs") c.epochs = integer();
     else if (k == "seed") c.seed = static_cast<uint64_t>(integer());
     else if (k == "threads") c.threads = integer();
@@ -202,6 +204,7 @@ void TrainConfig::validate() const {
   if (micro_batch > 0 && batch_size % micro_batch != 0)
     usage("--micro-batch " + std::to_string(micro_batch) + " does not divide --batch-size " + std::to_string(batch_size));
   if (eval_batch_size <= 0) usage("--eval-batch-size must be > 0");
+  if (val_split < 0) usage("--val-split must be >= 0, got " + std::to_string(val_split));
   if (loader_workers <= 0) usage("--loader-workers must be > 0");
   if (synthetic_size <= 0) usage("--synthetic-size must be > 0");
   if (threads < 0) usage("--threads must be >= 0");
@@ -293,6 +296,19 @@ Evaluation evaluate(models::ClassifierImpl& model, const data::ImageDataset& tes
   return e;
 }
 
+// The best test epoch, and with a validation split the epoch selected on it (the first of equal ones).
+void note_best_epochs(TrainSummary& summary, const EpochRecord& r) {
+  if (r.test_top1 > summary.best_test_top1) {
+    summary.best_test_top1 = r.test_top1;
+    summary.best_epoch = r.epoch;
+  }
+  if (std::isfinite(r.val_top1) && (summary.selected_epoch == 0 || r.val_top1 > summary.selected_val_top1)) {
+    summary.selected_epoch = r.epoch;
+    summary.selected_val_top1 = r.val_top1;
+    summary.selected_test_top1 = r.test_top1;
+  }
+}
+
 void write_summary(const fs::path& out, const TrainSummary& s, const TrainConfig& c, const json& resolved_optimizer) {
   json j{{"status", s.status},
          {"message", s.message},
@@ -301,6 +317,10 @@ void write_summary(const fs::path& out, const TrainSummary& s, const TrainConfig
          {"final_test_top1", s.final_test_top1},
          {"best_test_top1", s.best_test_top1},
          {"best_epoch", s.best_epoch},
+         {"val_split", c.val_split},
+         {"selected_epoch", s.selected_epoch},  // on validation (0: no split)
+         {"selected_val_top1", s.selected_val_top1},
+         {"selected_test_top1", s.selected_test_top1},
          {"wall_seconds", s.wall_seconds},
          {"optimizer", c.optimizer},
          {"model", c.model},
@@ -357,10 +377,21 @@ TrainSummary run_training(const TrainConfig& config) {
     require_same_on_resume("--optimizer", config.optimizer, before.optimizer, out);
     require_same_on_resume("--batch-size", config.batch_size, before.batch_size, out);
     require_same_on_resume("--seed", config.seed, before.seed, out);
+    require_same_on_resume("--val-split", config.val_split, before.val_split, out);
   });
 
   // Data, model, optimizer, schedule.
-  const data::DatasetSplit split = load_data(config.data, config.data_dir, config.synthetic_size, config.seed);
+  data::DatasetSplit split = load_data(config.data, config.data_dir, config.synthetic_size, config.seed);
+  data::ImageDataset validation;  // --val-split's images, taken out of the training set
+  if (config.val_split > 0) {
+    try {
+      auto held = data::hold_out(split.train, config.val_split);
+      split.train = std::move(held.train);
+      validation = std::move(held.validation);
+    } catch (const std::invalid_argument& e) {
+      usage(std::string("--val-split: ") + e.what());
+    }
+  }
   const auto& train_set = split.train;
   auto model = make_classifier(config.model, train_set, config.init, config.seed, train_set.num_classes);
   model->set_channels_last(config.channels_last);
@@ -443,7 +474,10 @@ TrainSummary run_training(const TrainConfig& config) {
     write_atomically(out / "metrics.csv", metrics_header());
   }
   require_same_resume_point(comm.get(), resuming, step, out);
-  if (lead) write_atomically(out / "config.json", config.to_json());
+  // config.json records the learning rate used (a recipe's default resolved), so that it alone rebuilds the run.
+  TrainConfig recorded = config;
+  recorded.lr = recipe.lr;
+  if (lead) write_atomically(out / "config.json", recorded.to_json());
   // Every rank starts from rank 0's parameters and buffers (fresh or resumed), then gradients are averaged
   // in buckets that overlap backward.
   std::unique_ptr<dist::GradientAverager> averager;
@@ -537,12 +571,7 @@ TrainSummary run_training(const TrainConfig& config) {
 
   Progress progress(lead ? config.progress : "none", config.epochs, steps_per_epoch);
   summary.status = "completed";
-  for (const auto& r : summary.history) {
-    if (r.test_top1 > summary.best_test_top1) {
-      summary.best_test_top1 = r.test_top1;
-      summary.best_epoch = r.epoch;
-    }
-  }
+  for (const auto& r : summary.history) note_best_epochs(summary, r);
 
   model->train();
   int64_t skipped_in_a_row = resumed_skips_in_a_row;
@@ -733,6 +762,12 @@ TrainSummary run_training(const TrainConfig& config) {
     r.test_loss = ev.loss;
     r.test_top1 = ev.top1;
     r.test_top5 = ev.top5;
+    if (config.val_split > 0) {
+      const Evaluation val = evaluate(*model, validation, config.eval_batch_size, device, comm.get());
+      r.val_loss = val.loss;
+      r.val_top1 = val.top1;
+      r.val_top5 = val.top5;
+    }
     r.epoch_seconds = seconds_since(t_epoch);
     r.images_per_second = static_cast<double>(seen) / train_seconds;
     r.data_wait_seconds = loader.wait_seconds() - wait_before;
@@ -740,10 +775,7 @@ TrainSummary run_training(const TrainConfig& config) {
     r.allreduce_seconds = allreduce_s;
     r.optimizer_seconds = optimizer_s;
     summary.history.push_back(r);
-    if (r.test_top1 > summary.best_test_top1) {
-      summary.best_test_top1 = r.test_top1;
-      summary.best_epoch = r.epoch;
-    }
+    note_best_epochs(summary, r);
 
     // Checkpoint first, then the metrics row: the CSV never runs ahead of what can be resumed.
     if (lead) {
@@ -751,11 +783,12 @@ TrainSummary run_training(const TrainConfig& config) {
       append_line(out / "metrics.csv", metrics_row(r));
     }
     progress.epoch_line(format(
-        "epoch %3lld/%lld  step %6lld  lr %.4g  phi %.4f  train loss %.4f acc %.4f  test loss %.4f top1 %.4f "
+        "epoch %3lld/%lld  step %6lld  lr %.4g  phi %.4f  train loss %.4f acc %.4f  %stest loss %.4f top1 %.4f "
         "top5 %.4f  %.1fs %.0f img/s",
         static_cast<long long>(r.epoch), static_cast<long long>(config.epochs), static_cast<long long>(r.step), r.lr,
-        r.phi, r.train_loss, r.train_acc, r.test_loss, r.test_top1, r.test_top5, r.epoch_seconds,
-        r.images_per_second));
+        r.phi, r.train_loss, r.train_acc,
+        config.val_split > 0 ? format("val loss %.4f top1 %.4f  ", r.val_loss, r.val_top1).c_str() : "",
+        r.test_loss, r.test_top1, r.test_top5, r.epoch_seconds, r.images_per_second));
   }
 
   summary.steps = step;

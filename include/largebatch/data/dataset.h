@@ -68,5 +68,15 @@ DatasetSplit make_synthetic(const SyntheticOptions& options);
 // Dispatch by name; dir "" means default_data_dir(name). Throws DataError (unknown name included).
 DatasetSplit load_dataset(const std::string& name, const std::string& dir, uint64_t seed = 0);
 
+// A training set less `n` images held out for validation, and those images. The choice is fixed: a
+// permutation drawn from a constant seed by the library's own generator, so that runs of any seed, world size
+// or LibTorch version hold out the same images and compare on them. Both parts keep the set's normalisation
+// and the images' order. std::invalid_argument unless 0 < n < train.size().
+struct HeldOutSplit {
+  ImageDataset train;
+  ImageDataset validation;
+};
+HeldOutSplit hold_out(const ImageDataset& train, int64_t n);
+
 }  // namespace data
 }  // namespace largebatch

@@ -2,6 +2,7 @@
 // Image-classification training: the loop, evaluation, outputs, checkpoints and resume.
 // Outputs in `out`: config.json, metrics.csv, summary.json, telemetry.csv (when asked), checkpoint.pt,
 // model.pt, and plots (curves.png, trust_ratios.png) when gnuplot is installed.
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <stdexcept>
@@ -42,6 +43,7 @@ struct TrainConfig {
   int64_t batch_size = 4096;
   int64_t micro_batch = 0;        // 0: the whole batch at once
   int64_t eval_batch_size = 2000;
+  int64_t val_split = 0;          // training images held out for validation (data::hold_out); 0: none
   int64_t epochs = 20;
   uint64_t seed = 0;
   int64_t threads = 0;            // 0: all cores
@@ -87,6 +89,7 @@ struct EpochRecord {
   double lr = 0, phi = 1;   // at the epoch's last step
   double train_loss = 0, train_acc = 0;
   double test_loss = 0, test_top1 = 0, test_top5 = 0;
+  double val_loss = NAN, val_top1 = NAN, val_top5 = NAN;  // NaN without a validation split
   double epoch_seconds = 0, images_per_second = 0, data_wait_seconds = 0;
   // Training time split: forward + backward (incl. all-reduce hidden behind it), all-reduce not hidden, optimizer.
   double compute_seconds = 0, allreduce_seconds = 0, optimizer_seconds = 0;
@@ -98,6 +101,9 @@ struct TrainSummary {
   int64_t epochs_done = 0, steps = 0;
   double final_test_top1 = 0, best_test_top1 = 0;
   int64_t best_epoch = 0;
+  // With a validation split: the epoch of the best validation top-1 (the first of equals), and its test top-1.
+  int64_t selected_epoch = 0;
+  double selected_val_top1 = NAN, selected_test_top1 = NAN;
   double wall_seconds = 0;
   int64_t world_size = 1;
   int64_t rank = 0;                 // of this process (only rank 0 writes files)
