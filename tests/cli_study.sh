@@ -92,8 +92,8 @@ if cmp -s "$W/sums1" "$W/sums2" && [ "$(wc -l < "$W/sums1")" -gt 5 ]; then
 else
   bad "report differs when regenerated"; diff "$W/sums1" "$W/sums2"
 fi
-if grep -q "^| sgd | 128 | 2 | [0-9.]* ± [0-9.]* |" "$W/s/report.md" && grep -q "^| tvlars | 128 |" "$W/s/report.md"; then
-  ok "report tables: mean ± std over 2 seeds per optimizer"
+if grep -q "^| sgd | 128 | 0.0707107 | 2 | [0-9.]* ± [0-9.]* |" "$W/s/report.md" && grep -q "^| tvlars | 128 |" "$W/s/report.md"; then
+  ok "report tables: mean ± std over 2 seeds per optimizer, with the lr each used (SGD's 0.1 sqrt(128/256))"
 else
   bad "report tables"; head -30 "$W/s/report.md"
 fi
@@ -108,7 +108,7 @@ cp -r "$sgd_run" "$W/s/zz-unfinished"
 rm "$W/s/zz-unfinished/summary.json"
 "$LB" report "$W/s" > /dev/null 2>&1
 if grep -q "1 unfinished run left out.*zz-unfinished" "$W/s/report.md" &&
-   grep -q "^| sgd | 128 | 2 | [0-9.]* ± [0-9.]* |" "$W/s/report.md"; then
+   grep -q "^| sgd | 128 | 0.0707107 | 2 | [0-9.]* ± [0-9.]* |" "$W/s/report.md"; then
   ok "unfinished run named and left out of the tables"
 else
   bad "unfinished run"; head -12 "$W/s/report.md"
