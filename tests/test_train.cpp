@@ -442,14 +442,18 @@ TEST(Trainer, ShortRunOnSyntheticDataLearnsAndWritesEveryOutput) {
 
 // An engine preset named explicitly runs with exactly its values, and summary.json records what ran.
 TEST(Trainer, AnExplicitPresetRunsWithItsOwnValuesAndTheRunRecordsThem) {
-  ScratchDir dir("preset");
-  auto c = small_run(dir.path);
-  c.model = "mlp";
-  c.optimizer = "tvlars:paper";
-  c.epochs = 1;
-  ASSERT_EQ(lt::run_training(c).status, "completed");
-  std::ifstream summary(dir.path / "summary.json");
-  const auto j = nlohmann::json::parse(summary).at("optimizer_resolved");
+  // One epoch of the mlp (4 steps); summary.json's optimizer_resolved.
+  auto resolved_by = [](const std::string& optimizer) {
+    ScratchDir dir("preset");
+    auto c = small_run(dir.path);
+    c.model = "mlp";
+    c.optimizer = optimizer;
+    c.epochs = 1;
+    EXPECT_EQ(lt::run_training(c).status, "completed");
+    std::ifstream summary(dir.path / "summary.json");
+    return nlohmann::json::parse(summary).at("optimizer_resolved");
+  };
+  const auto j = resolved_by("tvlars:paper");
   EXPECT_EQ(j.at("recipe"), "tvlars:paper");
   EXPECT_EQ(j.at("builds"), "tvlars:paper");
   EXPECT_DOUBLE_EQ(j.at("lr").get<double>(), 2.0);
@@ -459,16 +463,8 @@ TEST(Trainer, AnExplicitPresetRunsWithItsOwnValuesAndTheRunRecordsThem) {
   const std::string engine = j.at("engine");
   EXPECT_NE(engine.find("eta=0.001 "), std::string::npos) << engine;
   EXPECT_NE(engine.find("lambda=0.001"), std::string::npos) << engine;
-
   // The trainer's own recipe says what it changed.
-  ScratchDir tuned("tuned");
-  c = small_run(tuned.path);
-  c.model = "mlp";
-  c.optimizer = "tvlars";
-  c.epochs = 1;
-  ASSERT_EQ(lt::run_training(c).status, "completed");
-  std::ifstream tuned_summary(tuned.path / "summary.json");
-  const auto t = nlohmann::json::parse(tuned_summary).at("optimizer_resolved");
+  const auto t = resolved_by("tvlars");
   EXPECT_EQ(t.at("builds"), "tvlars:reference");
   EXPECT_EQ(t.at("options").at("eta"), "0.002");
   EXPECT_EQ(t.at("options").at("lambda"), "0.5");  // 2 / T, T = 4 steps
