@@ -1,4 +1,4 @@
-// Studies: grid expansion, sharpness (power iteration on Hessian-vector products).
+// Studies: grid expansion, sharpness (power iteration on Hessian-vector products), the report's choice of settings.
 #include <largebatch/largebatch.h>
 
 #include <gtest/gtest.h>
@@ -7,6 +7,8 @@
 #include "scratch.h"
 
 #include <algorithm>
+#include <cmath>
+#include <iterator>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -183,4 +185,56 @@ TEST(Grid, TheShippedStudyExpands) {
   ASSERT_EQ(g.runs.size(), 81u);
   EXPECT_EQ(g.runs.front().name, "sgd__batch-size-1024__seed-0");
   EXPECT_EQ(g.runs.back().name, "tvlars-paper__batch-size-16384__seed-2");
+}
+
+namespace {
+
+// A finished run folder for the report: config.json, a metrics.csv whose last epoch has the given test top-1
+// (and validation top-1 when given), summary.json saying completed.
+void fake_run(const fs::path& dir, const std::string& lr, int seed, double test_top1, double val_top1) {
+  fs::create_directories(dir);
+  std::ofstream(dir / "config.json") << "{\"optimizer\": \"lars\", \"batch-size\": 1024, \"lr\": " << lr
+                                     << ", \"seed\": " << seed << "}\n";
+  const bool validated = !std::isnan(val_top1);
+  std::ofstream metrics(dir / "metrics.csv");
+  metrics << "epoch,step,lr,phi,train_loss,train_acc,test_loss,test_top1,test_top5,epoch_seconds"
+          << (validated ? ",val_loss,val_top1,val_top5" : "") << "\n";
+  metrics << "1,10," << lr << ",1,0.5,0.8,0.6," << test_top1 << ",0.99,1.0";
+  if (validated) metrics << ",0.6," << val_top1 << ",0.99";
+  metrics << "\n";
+  std::ofstream(dir / "summary.json") << "{\"status\": \"completed\"}\n";
+}
+
+std::string report_table_2(const fs::path& dir) {
+  lr::write_report(dir.string());
+  std::ifstream in(dir / "report.md");
+  const std::string md((std::istreambuf_iterator<char>(in)), {});
+  const auto start = md.find("## Final test top-1 %, optimizer × batch size");
+  return md.substr(start, md.find("\n## ", start + 1) - start);
+}
+
+}  // namespace
+
+// Settings are chosen on validation where the runs have it, and the chosen setting's test accuracy is reported.
+TEST(Report, ChoosesOnValidationWhenRunsHaveIt) {
+  ScratchDir dir("report-val");
+  // lr 1 is better on validation, lr 2 on the test set.
+  for (int seed : {0, 1}) {
+    fake_run(dir.path / ("lr1-s" + std::to_string(seed)), "1", seed, 0.80, 0.90);
+    fake_run(dir.path / ("lr2-s" + std::to_string(seed)), "2", seed, 0.85, 0.70);
+  }
+  const std::string validated = report_table_2(dir.path);
+  EXPECT_NE(validated.find("| lars | 80.00 ± 0.00 *val* (lr 1) |"), std::string::npos) << validated;
+  std::ifstream in(dir.path / "report.md");
+  const std::string md((std::istreambuf_iterator<char>(in)), {});
+  EXPECT_NE(md.find("| final val top-1 % |"), std::string::npos);
+
+  // Without validation columns the choice falls on the test set, and the table says so.
+  ScratchDir plain("report-test");
+  for (int seed : {0, 1}) {
+    fake_run(plain.path / ("lr1-s" + std::to_string(seed)), "1", seed, 0.80, NAN);
+    fake_run(plain.path / ("lr2-s" + std::to_string(seed)), "2", seed, 0.85, NAN);
+  }
+  const std::string on_test = report_table_2(plain.path);
+  EXPECT_NE(on_test.find("| lars | 85.00 ± 0.00 *test* (lr 2) |"), std::string::npos) << on_test;
 }

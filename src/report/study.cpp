@@ -542,11 +542,19 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
         "that did).\n\n"
      << "| optimizer | batch |";
   for (const auto& k : varying) md << " " << k << " |";
-  md << " seeds | final top-1 % | best top-1 % | epochs | reached | epochs to target | seconds to target |\n|---|---|";
-  for (size_t i = 0; i < varying.size(); ++i) md << "---|";
+  // A run's metric after its last epoch (NaN without it).
+  auto final_of = [](const Run* r, const char* column) {
+    return r->metrics.rows.empty() ? NAN : r->metrics.number(r->metrics.rows.size() - 1, r->metrics.column(column));
+  };
+  // Runs with a validation split (--val-split) add its final top-1, the number to choose settings by.
+  bool any_validation = false;
+  for (const auto& r : runs) any_validation = any_validation || std::isfinite(final_of(&r, "val_top1"));
+  md << " seeds |" << (any_validation ? " final val top-1 % |" : "")
+     << " final top-1 % | best top-1 % | epochs | reached | epochs to target | seconds to target |\n|---|---|";
+  for (size_t i = 0; i < varying.size() + (any_validation ? 1 : 0); ++i) md << "---|";
   md << "---|---|---|---|---|---|---|\n";
   for (const auto& g : groups) {
-    std::vector<double> finals, bests, epochs_to, seconds_to;
+    std::vector<double> finals, bests, epochs_to, seconds_to, vals;
     int reached = 0;
     double epochs = 0;
     for (const Run* r : g.runs) {
@@ -566,18 +574,21 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
       }
       reached += hit ? 1 : 0;
       finals.push_back(m.rows.empty() ? NAN : m.number(m.rows.size() - 1, top1));
+      vals.push_back(final_of(r, "val_top1"));
       bests.push_back(best);
       epochs = std::max(epochs, static_cast<double>(m.rows.size()));
     }
     md << "| " << optimizer_label(g.config) << " | " << g.config.value("batch-size", 0) << " |";
     for (const auto& k : varying) md << " " << (g.config.contains(k) ? text_of(g.config[k]) : "") << " |";
     const Stats e = stats(epochs_to), s = stats(seconds_to);
-    md << " " << g.runs.size() << " | " << percent(stats(finals)) << " | " << percent(stats(bests)) << " | "
+    md << " " << g.runs.size() << " |" << (any_validation ? " " + percent(stats(vals)) + " |" : "") << " "
+       << percent(stats(finals)) << " | " << percent(stats(bests)) << " | "
        << static_cast<int>(epochs) << " | " << reached << "/" << g.runs.size() << " | "
        << (e.n ? format("%.1f", e.mean) : "–") << " | " << (s.n ? format("%.0f", s.mean) : "–") << " |\n";
   }
 
-  // ---- table 2: optimizer x batch size, the best configuration of each cell by mean final top-1
+  // ---- table 2: optimizer x batch size, the best configuration of each cell, chosen on validation (the runs'
+  // final val_top1, --val-split) when every run of the cell has it, else on the test set, and said so
   std::vector<std::string> optimizers;
   std::vector<int64_t> batches;
   for (const auto& g : groups) {
@@ -588,14 +599,16 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   }
   std::sort(optimizers.begin(), optimizers.end());
   std::sort(batches.begin(), batches.end());
-  md << "\n## Final test top-1 %, optimizer × batch size\n\nEach cell: the configuration with the best mean final "
-        "top-1 among those of that optimizer and batch size";
+  md << "\n## Final test top-1 %, optimizer × batch size\n\nEach cell: the mean final test top-1 of the "
+        "configuration chosen among those of that optimizer and batch size";
   if (!varying.empty()) {
     md << " (over";
     for (const auto& k : varying) md << " " << k;
     md << ")";
   }
-  md << ".\n\n| optimizer |";
+  md << ": the one with the best mean final validation top-1 (marked *val*) where every run of the cell held out "
+        "a validation split (--val-split), otherwise the one with the best mean final test top-1 (marked *test*: "
+        "chosen on the test set itself, an optimistic estimate).\n\n| optimizer |";
   for (auto b : batches) md << " B = " << b << " |";
   md << "\n|---|";
   for (size_t i = 0; i < batches.size(); ++i) md << "---|";
@@ -603,22 +616,30 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   for (const auto& o : optimizers) {
     md << "| " << o << " |";
     for (auto b : batches) {
+      bool validated = true;
+      for (const auto& g : groups) {
+        if (optimizer_label(g.config) != o || g.config.value("batch-size", 0) != b) continue;
+        for (const Run* r : g.runs) validated = validated && std::isfinite(final_of(r, "val_top1"));
+      }
+      const char* chooser = validated ? "val_top1" : "test_top1";
       const Group* best = nullptr;
+      double best_choice = NAN;
       Stats best_stats;
       for (const auto& g : groups) {
         if (optimizer_label(g.config) != o || g.config.value("batch-size", 0) != b) continue;
-        std::vector<double> finals;
+        std::vector<double> finals, choice;
         for (const Run* r : g.runs) {
-          const int c = r->metrics.column("test_top1");
-          finals.push_back(r->metrics.rows.empty() ? NAN : r->metrics.number(r->metrics.rows.size() - 1, c));
+          finals.push_back(final_of(r, "test_top1"));
+          choice.push_back(final_of(r, chooser));
         }
-        const Stats s = stats(finals);
-        if (s.n && (!best || s.mean > best_stats.mean)) {
+        const Stats s = stats(finals), c = stats(choice);
+        if (c.n && (!best || c.mean > best_choice)) {
           best = &g;
+          best_choice = c.mean;
           best_stats = s;
         }
       }
-      md << " " << (best ? percent(best_stats) : "–");
+      md << " " << (best ? percent(best_stats) + (validated ? " *val*" : " *test*") : "–");
       if (best)
         for (const auto& k : varying)
           if (best->config.contains(k)) md << " (" << k << " " << text_of(best->config[k]) << ")";
