@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 
 #include <functional>
+#include <memory>
 
 namespace largebatch {
 namespace apps {
@@ -31,6 +32,8 @@ CLI::Validator existing_directory();
 // --dry-run of train, pretrain and linear-eval: validates the configuration and prints it as JSON (the
 // config.json the run would write), writing nothing. Exit codes as run_training_command's.
 int dry_run(const char* command, const std::function<std::string()>& validated_json);
+// Adds --dry-run to a command; the flag's value (true also under LARGEBATCH_PARSE_ONLY=1) once parsed.
+std::shared_ptr<bool> add_dry_run_flag(CLI::App* command);
 
 // Runs a training-like command's body with Ctrl-C / SIGTERM asking it to stop after the current step, and maps
 // its exceptions to one line on stderr prefixed with "largebatch <command>:" and the exit codes below.

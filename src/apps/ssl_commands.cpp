@@ -58,9 +58,7 @@ Runner add_pretrain_command(CLI::App& app) {
   cmd->add_option("--bucket-mb", c.bucket_mb, "Data parallel: gradient bucket size in MiB")->capture_default_str();
   cmd->add_flag("--plots,!--no-plots", c.plots, "Draw loss.png (and trust_ratios.png) with gnuplot");
 
-  auto check_only = std::make_shared<bool>(false);
-  cmd->add_flag("--dry-run", *check_only,
-                "Check the options and print the configuration as JSON (the run's config.json); run and write nothing");
+  const auto check_only = add_dry_run_flag(cmd);
 
   return [cmd, config, opts, check_only]() -> int {
     if (!cmd->parsed()) return -1;
@@ -71,7 +69,7 @@ Runner add_pretrain_command(CLI::App& app) {
       std::fprintf(stderr, "largebatch pretrain: --opt: %s\n", e.what());
       return kExitBadInput;
     }
-    if (*check_only || parse_only()) {
+    if (*check_only) {
       return dry_run("pretrain", [&] {
         config->validate();
         return config->to_json();
@@ -122,13 +120,11 @@ Runner add_linear_eval_command(CLI::App& app) {
   cmd->add_option("--progress", c.progress, "auto, bar, lines, none")->capture_default_str();
   cmd->add_flag("--plots,!--no-plots", c.plots, "Draw curves.png and loss.png with gnuplot");
 
-  auto check_only = std::make_shared<bool>(false);
-  cmd->add_flag("--dry-run", *check_only,
-                "Check the options and print the configuration as JSON (the run's config.json); run and write nothing");
+  const auto check_only = add_dry_run_flag(cmd);
 
   return [cmd, config, check_only]() -> int {
     if (!cmd->parsed()) return -1;
-    if (*check_only || parse_only()) {
+    if (*check_only) {
       return dry_run("linear-eval", [&] {
         train::LinearEvalConfig checked = *config;
         // Checking a written command: its backbone may be what an earlier command would write.

@@ -50,6 +50,14 @@ CLI::Validator existing_directory() {
   return CLI::ExistingDirectory;
 }
 
+std::shared_ptr<bool> add_dry_run_flag(CLI::App* command) {
+  auto flag = std::make_shared<bool>(parse_only());
+  command->add_flag("--dry-run", *flag,
+                    "Check the options and print the configuration as JSON (the run's config.json); run and write "
+                    "nothing");
+  return flag;
+}
+
 int dry_run(const char* command, const std::function<std::string()>& validated_json) {
   return run_training_command(command, [&]() -> int {
     std::printf("%s\n", validated_json().c_str());
@@ -170,9 +178,7 @@ Runner add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--plots,!--no-plots", c.plots,
                 "Draw curves.png, loss.png (and trust_ratios.png) with gnuplot (default: on)");
-  auto check_only = std::make_shared<bool>(false);
-  cmd->add_flag("--dry-run", *check_only,
-                "Check the options and print the configuration as JSON (the run's config.json); run and write nothing");
+  const auto check_only = add_dry_run_flag(cmd);
 
   return [cmd, config, opts, check_only]() -> int {
     if (!cmd->parsed()) return -1;
@@ -184,7 +190,7 @@ Runner add_train_command(CLI::App& app) {
       std::fprintf(stderr, "largebatch train: --opt: %s\n", e.what());
       return kExitBadInput;
     }
-    if (*check_only || parse_only()) {
+    if (*check_only) {
       return dry_run("train", [&] {
         config->validate();
         return config->to_json();

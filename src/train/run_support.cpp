@@ -476,12 +476,11 @@ std::string metrics_header() {
 
 std::string metrics_row(const EpochRecord& r) {
   char buf[512];
-  std::snprintf(buf, sizeof(buf), "%lld,%lld,%.9g,%.9g,%.6f,%.6f,%.6f,%.6f,%.6f,%.3f,%.1f,%.3f,%.3f,%.3f,%.3f\n",
+  std::snprintf(buf, sizeof(buf), "%lld,%lld,%.9g,%.9g,%.6f,%.6f,%.6f,%.6f,%.6f,%.3f,%.1f,%.3f,%.3f,%.3f,%.3f",
                 static_cast<long long>(r.epoch), static_cast<long long>(r.step), r.lr, r.phi, r.train_loss,
                 r.train_acc, r.test_loss, r.test_top1, r.test_top5, r.epoch_seconds, r.images_per_second,
                 r.data_wait_seconds, r.compute_seconds, r.allreduce_seconds, r.optimizer_seconds);
-  std::string row(buf);
-  row.pop_back();  // the newline: the validation columns follow, empty without a validation split
+  std::string row(buf);  // then the validation columns, empty without a validation split
   for (double v : {r.val_loss, r.val_top1, r.val_top5}) {
     char field[32] = "";
     if (std::isfinite(v)) std::snprintf(field, sizeof(field), "%.6f", v);

@@ -34,7 +34,6 @@ struct Recipe {
   std::string name;                  // "tvlars", "tvlars:paper", "wa-lamb", "sgd"
   std::vector<std::string> aliases;  // other spellings: "walars"
   std::string optimizer;             // the engine preset or LibTorch optimizer it builds
-  bool layerwise = false;            // an engine preset (LARS / TVLARS / LAMB family)
   std::string schedule;              // what --schedule auto means: "constant" or "warmup-cosine"
   bool lambda_per_run = false;       // TVLARS: lambda = 2 / T (T = the run's total steps) unless given
   TaskDefaults classification;
