@@ -1,5 +1,7 @@
 #pragma once
 // Subcommands of the largebatch program. Each registers its options and returns the function that runs it.
+#include <largebatch/train/reporter.h>
+
 #include <CLI/CLI.hpp>
 
 #include <functional>
@@ -38,6 +40,22 @@ std::shared_ptr<bool> add_dry_run_flag(CLI::App* command);
 // Runs a training-like command's body with Ctrl-C / SIGTERM asking it to stop after the current step, and maps
 // its exceptions to one line on stderr prefixed with "largebatch <command>:" and the exit codes below.
 int run_training_command(const char* command, const std::function<int()>& body);
+
+// The console of train, pretrain and linear-eval: banners, notes and epoch lines on stdout; a progress bar
+// (mode bar, or auto on a terminal) and warnings, prefixed "largebatch <command>:", on stderr. Mode none drops
+// the epoch lines and the bar.
+class ConsoleReporter : public train::Reporter {
+ public:
+  ConsoleReporter(std::string command, const std::string& mode);
+  void info(const std::string& line) override;
+  void warning(const std::string& line) override;
+  void step(int64_t epoch, int64_t epochs, int64_t index, int64_t steps_per_epoch, const std::string& fields) override;
+  void epoch(const std::string& line) override;
+
+ private:
+  std::string command_;
+  bool bar_ = false, quiet_ = false;
+};
 
 // Exit codes: 0 success, 1 failure at run time, 2 bad input (flags, config, data files), 3 diverged,
 // 4 a data-parallel peer was lost, 130 interrupted by a signal.

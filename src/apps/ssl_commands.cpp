@@ -76,7 +76,8 @@ Runner add_pretrain_command(CLI::App& app) {
       });
     }
     return run_training_command("pretrain", [&]() -> int {
-      const auto summary = train::run_pretraining(*config);
+      ConsoleReporter console("pretrain", config->progress);
+      const auto summary = train::run_pretraining(*config, &console);
       if (summary.status != "completed") {
         std::fprintf(stderr, "largebatch pretrain: %s\n", summary.message.c_str());
         return summary.status == "diverged" ? kExitDiverged : kExitInterrupted;
@@ -137,7 +138,8 @@ Runner add_linear_eval_command(CLI::App& app) {
       });
     }
     return run_training_command("linear-eval", [&]() -> int {
-      const auto summary = train::run_linear_eval(*config);
+      ConsoleReporter console("linear-eval", config->progress);
+      const auto summary = train::run_linear_eval(*config, &console);
       if (summary.status != "completed") {
         std::fprintf(stderr, "largebatch linear-eval: %s\n", summary.message.c_str());
         return summary.status == "diverged" ? kExitDiverged : kExitInterrupted;

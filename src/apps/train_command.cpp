@@ -9,6 +9,9 @@
 #include <largebatch/train/trainer.h>
 
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <csignal>
 #include <cstdlib>
 #include <cstdio>
@@ -34,6 +37,37 @@ std::string list(const std::vector<std::string>& names) {
 }
 
 }  // namespace
+
+ConsoleReporter::ConsoleReporter(std::string command, const std::string& mode) : command_(std::move(command)) {
+  bar_ = mode == "bar" || (mode == "auto" && isatty(fileno(stderr)));
+  quiet_ = mode == "none";
+}
+
+void ConsoleReporter::info(const std::string& line) {
+  if (bar_) std::fprintf(stderr, "\r%120s\r", "");
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+}
+
+void ConsoleReporter::warning(const std::string& line) {
+  if (bar_) std::fprintf(stderr, "\r%120s\r", "");
+  std::fprintf(stderr, "largebatch %s: %s\n", command_.c_str(), line.c_str());
+}
+
+void ConsoleReporter::step(int64_t epoch, int64_t epochs, int64_t index, int64_t steps, const std::string& fields) {
+  if (!bar_) return;
+  const int width = 30;
+  const int filled = static_cast<int>(width * (index + 1) / std::max<int64_t>(1, steps));
+  std::fprintf(stderr, "\repoch %lld/%lld [%s%s] %lld/%lld %s   ", static_cast<long long>(epoch + 1),
+               static_cast<long long>(epochs), std::string(filled, '#').c_str(),
+               std::string(width - filled, '.').c_str(), static_cast<long long>(index + 1),
+               static_cast<long long>(steps), fields.c_str());
+  std::fflush(stderr);
+}
+
+void ConsoleReporter::epoch(const std::string& line) {
+  if (!quiet_) info(line);
+}
 
 bool parse_only() {
   const char* env = std::getenv("LARGEBATCH_PARSE_ONLY");
@@ -197,7 +231,8 @@ Runner add_train_command(CLI::App& app) {
       });
     }
     return run_training_command("train", [&]() -> int {
-      const auto summary = train::run_training(*config);
+      ConsoleReporter console("train", config->progress);
+      const auto summary = train::run_training(*config, &console);
       if (summary.status == "diverged") {
         std::fprintf(stderr, "largebatch train: %s\n", summary.message.c_str());
         return kExitDiverged;

@@ -1,12 +1,13 @@
 #pragma once
-// What every training command shares (train, pretrain, linear-eval): output files written atomically,
-// checkpoints, the device flag, the output-directory rules and the progress display. Internal to the library.
+// Pieces the training loop (run_loop.h) and its tasks share: output files written atomically, checkpoints, the
+// device flag, the output-directory rules, data and model construction. Internal to the library.
 #include <largebatch/data/dataset.h>
 #include <largebatch/dist/dist.h>
 #include <largebatch/models/models.h>
 #include <largebatch/optim/layerwise.h>
 #include <largebatch/optim/recipes.h>
 #include <largebatch/train/checkpoint.h>
+#include <largebatch/train/reporter.h>
 #include <largebatch/train/trainer.h>
 
 #include <nlohmann/json.hpp>
@@ -73,7 +74,7 @@ void require_same_on_resume(const std::string& flag, const T& now, const T& save
 // checkpoint.pt present); check_resumed (given the saved config.json's text) refuses a resume whose identity
 // flags differ. Creates the directory on the lead rank (UsageError naming --out if it cannot, or cannot write
 // in it). Returns whether there is a checkpoint to resume from: --resume without one starts from the beginning.
-bool prepare_output_dir(const std::filesystem::path& out, bool resume, bool lead,
+bool prepare_output_dir(const std::filesystem::path& out, bool resume, bool lead, Reporter* reporter,
                         const std::function<void(const std::string& saved_config)>& check_resumed);
 
 // The checkpoint container (format in <largebatch/train/checkpoint.h>): header + CRC-32 around a payload.
@@ -93,9 +94,6 @@ inline bool checkpoint_within_epoch_due(int64_t every, int64_t step, int64_t ind
 // A checkpoint's record of an unfinished epoch ({} at an epoch's end); UsageError naming the checkpoint when
 // its batch lies beyond the epoch (the data set or --drop-last changed).
 nlohmann::json within_epoch_of(const nlohmann::json& meta, int64_t steps_per_epoch, const std::filesystem::path& checkpoint);
-// The lead rank's "resumed ..." line: where in the run (and in the epoch) it continues.
-void print_resumed(const std::filesystem::path& out, int64_t epoch, const nlohmann::json& within_epoch, int64_t step);
-
 // Data parallel: every rank must resume from the same step (each reads the checkpoint itself: a rank that finds
 // none, on a machine whose --out is not shared, would start afresh and drift silently). UsageError otherwise.
 void require_same_resume_point(dist::Communicator* comm, bool resuming, int64_t step, const std::filesystem::path& out);
@@ -114,13 +112,6 @@ nlohmann::json load_checkpoint(const std::filesystem::path& path, torch::nn::Mod
 
 // Saves a module's parameters and buffers as a bare LibTorch archive (torch::load reads it), atomically.
 void save_module(const std::filesystem::path& path, torch::nn::Module& module);
-
-// metrics.csv of classification runs (train, linear-eval): the header, one row per epoch, and the same record
-// as JSON (kept in checkpoints so a resume can rewrite the CSV).
-std::string metrics_header();
-std::string metrics_row(const EpochRecord& r);
-nlohmann::json record_json(const EpochRecord& r);
-EpochRecord record_from(const nlohmann::json& j);
 
 // The stop request of request_stop() (signal handlers set it; loops poll it once per step).
 std::atomic<bool>& stop_flag();
@@ -142,22 +133,21 @@ std::string first_nonfinite_gradient(torch::nn::Module& module);
 // The same for the parameters themselves.
 std::string first_nonfinite_parameter(torch::nn::Module& module);
 
-// Data parallel: how many parameter elements differ from rank 0's (0 when replicas are bit-identical); warns
-// on the lead rank otherwise.
-int64_t replica_mismatches(torch::nn::Module& module, dist::Communicator& comm, bool lead);
+// Data parallel: how many parameter elements differ from rank 0's (0 when replicas are bit-identical).
+int64_t replica_mismatches(torch::nn::Module& module, dist::Communicator& comm);
 
-// A progress bar on stderr (per step) and one line per epoch on stdout; mode auto | bar | lines | none.
-class Progress {
- public:
-  Progress(const std::string& mode, int64_t epochs, int64_t steps_per_epoch);
-  // fields: what follows the bar, e.g. "loss 0.1234 acc 0.9 1200 img/s".
-  void step(int64_t epoch, int64_t index, const std::string& fields);
-  void epoch_line(const std::string& line);
+inline uint64_t mix64(uint64_t x) {  // splitmix64's finaliser
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
 
- private:
-  int64_t epochs_, steps_;
-  bool bar_ = false, quiet_ = false;
-};
+// A seed that depends only on (seed, epoch, batch index): a resumed run draws the same views and orders.
+inline uint64_t view_seed(uint64_t seed, int64_t epoch, int64_t index) {
+  return mix64(mix64(mix64(seed) ^ static_cast<uint64_t>(epoch)) ^ static_cast<uint64_t>(index));
+}
+
 
 // printf into a std::string.
 std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));

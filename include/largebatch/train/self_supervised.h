@@ -51,6 +51,9 @@ struct PretrainConfig {
   std::string out = "runs/pretrain";
   int64_t telemetry_every = 0;
   int64_t checkpoint_every = 0;   // as TrainConfig: also within epochs; a stop request always writes one
+  std::string on_nonfinite = "stop";  // as TrainConfig: stop | skip
+  int64_t skip_limit = 20;
+  std::vector<int64_t> inject_nonfinite_gradient_at;  // tests only (no flag, not saved): as TrainConfig
   int64_t crash_after_step = -1;  // tests only (no flag, not saved): as TrainConfig
   bool resume = false;
   std::string progress = "auto";
@@ -80,10 +83,11 @@ struct PretrainSummary {
   double final_loss = 0;
   double wall_seconds = 0;
   int64_t world_size = 1, rank = 0, replica_mismatches = 0;
+  int64_t skipped_steps = 0;  // --on-nonfinite skip
   std::vector<PretrainRecord> history;
 };
 
-PretrainSummary run_pretraining(const PretrainConfig& config);
+PretrainSummary run_pretraining(const PretrainConfig& config, Reporter* reporter = nullptr);
 
 struct LinearEvalConfig {
   std::string backbone;           // backbone.pt of `pretrain`, model.pt of `train`, or "random"
@@ -98,12 +102,19 @@ struct LinearEvalConfig {
   double momentum = 0.9;
   double weight_decay = 5e-4;    // the paper's linear evaluation (Barlow Twins itself used 1e-6)
   int64_t batch_size = 256;
+  int64_t micro_batch = 0;        // as TrainConfig (the probe has no BatchNorm: the same gradient)
   int64_t eval_batch_size = 2000;
+  int64_t val_split = 0;          // as TrainConfig: training images held out, evaluated each epoch
   int64_t epochs = 100;
   uint64_t seed = 0;
   int64_t threads = 0;
   std::string device = "cpu";
   std::string out = "runs/linear-eval";
+  int64_t checkpoint_every = 0;   // as TrainConfig
+  std::string on_nonfinite = "stop";
+  int64_t skip_limit = 20;
+  std::vector<int64_t> inject_nonfinite_gradient_at;  // tests only (no flag, not saved)
+  int64_t crash_after_step = -1;                      // tests only (no flag, not saved)
   bool resume = false;
   std::string progress = "auto";
   bool plots = true;
@@ -114,7 +125,7 @@ struct LinearEvalConfig {
 };
 
 // The summary's optimizer field is "sgd (linear head)"; history rows are metrics.csv's.
-TrainSummary run_linear_eval(const LinearEvalConfig& config);
+TrainSummary run_linear_eval(const LinearEvalConfig& config, Reporter* reporter = nullptr);
 
 }  // namespace train
 }  // namespace largebatch

@@ -2,6 +2,8 @@
 // Image-classification training: the loop, evaluation, outputs, checkpoints and resume.
 // Outputs in `out`: config.json, metrics.csv, summary.json, telemetry.csv (when asked), checkpoint.pt,
 // model.pt, and plots (curves.png, trust_ratios.png) when gnuplot is installed.
+#include <largebatch/train/reporter.h>
+
 #include <cmath>
 #include <cstdint>
 #include <map>
@@ -117,8 +119,9 @@ struct SimulatedCrash : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Runs the whole training. Throws UsageError for bad input, data::DataError for bad data files.
-TrainSummary run_training(const TrainConfig& config);
+// Runs the whole training (through the loop every command shares, src/train/run_loop.h), reporting progress to
+// reporter (none: silent). Throws UsageError for bad input, data::DataError for bad data files.
+TrainSummary run_training(const TrainConfig& config, Reporter* reporter = nullptr);
 
 // Asks a running training to stop after the current step (signal-safe: sets a flag).
 void request_stop();
