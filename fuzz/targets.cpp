@@ -4,7 +4,7 @@
 #include "../src/train/run_support.h"
 
 #include <largebatch/optim/layerwise.h>
-#include <largebatch/report/study.h>
+#include <largebatch/report/sweep.h>
 #include <largebatch/train/checkpoint.h>
 #include <largebatch/train/self_supervised.h>
 #include <largebatch/train/trainer.h>

@@ -18,5 +18,6 @@
 #include <largebatch/train/barlow_twins.h>
 #include <largebatch/train/self_supervised.h>
 #include <largebatch/train/sharpness.h>
-#include <largebatch/report/study.h>
+#include <largebatch/report/report.h>
+#include <largebatch/report/sweep.h>
 #include <largebatch/dist/dist.h>

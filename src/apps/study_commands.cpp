@@ -1,7 +1,8 @@
 // `largebatch sweep GRID` and `largebatch report DIR`.
 #include "commands.h"
 
-#include <largebatch/report/study.h>
+#include <largebatch/report/report.h>
+#include <largebatch/report/sweep.h>
 
 #include <csignal>
 #include <cstdio>

@@ -1,5 +1,5 @@
 // Grid files of `largebatch sweep`: JSON (nlohmann, key order kept) or TOML (toml++), expanded into runs.
-#include <largebatch/report/study.h>
+#include <largebatch/report/sweep.h>
 
 #include <nlohmann/json.hpp>
 #include <toml++/toml.h>

@@ -1,0 +1,356 @@
+// Models: every architecture, initialisation, synchronised batch norm, and largebatch's CPU kernels (small-map
+// convolutions and batch norm, max pooling) against LibTorch's.
+#include <largebatch/models/models.h>
+#include <largebatch/models/pooling.h>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace lm = largebatch::models;
+
+namespace {
+
+TEST(Models, EveryModelBuildsAndClassifies) {
+  for (const auto& name : lm::model_names()) {
+    SCOPED_TRACE(name);
+    lm::ModelOptions o;
+    o.name = name;
+    o.in_channels = 3;
+    o.image_size = 32;
+    o.num_classes = 7;
+    auto model = lm::make_model(o);
+    model->eval();
+    torch::NoGradGuard no_grad;
+    const auto logits = model->forward(torch::randn({2, 3, 32, 32}));
+    EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{2, 7}));
+    EXPECT_EQ(model->features(torch::randn({2, 3, 32, 32})).size(1), model->feature_dim());
+  }
+}
+
+TEST(Models, TorchvisionLayoutAndSizes) {
+  lm::ModelOptions o;
+  o.name = "resnet18";
+  o.in_channels = 3;
+  o.image_size = 32;
+  o.num_classes = 1000;
+  auto r18 = lm::make_model(o);
+  const auto params = r18->named_parameters();
+  EXPECT_TRUE(params.contains("layer1.0.conv1.weight"));
+  EXPECT_TRUE(params.contains("layer2.0.downsample.0.weight"));
+  EXPECT_TRUE(params.contains("fc.weight"));
+  EXPECT_EQ(lm::parameter_count(*r18), 11689512);  // torchvision resnet18
+  o.name = "resnet50";
+  EXPECT_EQ(lm::parameter_count(*lm::make_model(o)), 25557032);  // torchvision resnet50
+  o.name = "efficientnet-b0";
+  EXPECT_EQ(lm::parameter_count(*lm::make_model(o)), 5288548);  // torchvision efficientnet_b0
+  o.name = "resnet20";
+  o.num_classes = 10;
+  EXPECT_NEAR(static_cast<double>(lm::parameter_count(*lm::make_model(o))), 0.27e6, 0.03e6);
+}
+
+double weight_std(const std::string& init) {
+  lm::ModelOptions o;
+  o.name = "cnn";
+  o.init = init;
+  return lm::make_model(o)->named_parameters()["conv2.weight"].std().item<double>();
+}
+
+TEST(Models, InitReallyChangesWeightStatistics) {
+  // conv2: 32 -> 64 channels, 3x3: fan_in = 288, fan_out = 576.
+  const double fan_in = 288, fan_out = 576;
+  EXPECT_NEAR(weight_std("default"), std::sqrt(2.0 / fan_out), 0.1 * std::sqrt(2.0 / fan_out));
+  EXPECT_NEAR(weight_std("kaiming-normal"), std::sqrt(2.0 / fan_in), 0.1 * std::sqrt(2.0 / fan_in));
+  EXPECT_NEAR(weight_std("kaiming-uniform"), std::sqrt(2.0 / fan_in), 0.1 * std::sqrt(2.0 / fan_in));
+  EXPECT_NEAR(weight_std("xavier-normal"), std::sqrt(2.0 / (fan_in + fan_out)), 0.1 * std::sqrt(2.0 / (fan_in + fan_out)));
+  EXPECT_NEAR(weight_std("xavier-uniform"), std::sqrt(2.0 / (fan_in + fan_out)), 0.1 * std::sqrt(2.0 / (fan_in + fan_out)));
+  // Uniform methods stay inside their bound; normal ones do not.
+  lm::ModelOptions o;
+  o.name = "cnn";
+  o.init = "xavier-uniform";
+  const double bound = std::sqrt(6.0 / (fan_in + fan_out));
+  EXPECT_LE(lm::make_model(o)->named_parameters()["conv2.weight"].abs().max().item<double>(), bound);
+  o.init = "kaiming-normal";
+  const auto params = lm::make_model(o)->named_parameters();
+  EXPECT_GT(params["conv2.weight"].abs().max().item<double>(), std::sqrt(6.0 / fan_in));
+  EXPECT_EQ(params["fc.bias"].abs().max().item<double>(), 0.0);  // biases zeroed
+}
+
+// The synchronised path of SyncableBatchNorm2d with an identity "sum over ranks" (one rank) must compute
+// what LibTorch's batch_norm computes: output, gradients of input, weight and bias, running statistics.
+// Gives b a's affine parameters, runs both in training mode on one input and upstream gradient, and expects
+// the same outputs, gradients and running statistics (to 1e-12 in double, 2e-5 in float).
+struct BatchNormRun {
+  torch::Tensor x, x2, y;  // the inputs of a and b, a's output
+  double tol;
+};
+BatchNormRun expect_same_batchnorm(lm::SyncableBatchNorm2d& a, lm::SyncableBatchNorm2d& b,
+                                   const std::vector<int64_t>& shape, torch::ScalarType dtype) {
+  {
+    torch::NoGradGuard g;
+    a->weight.uniform_(0.5, 1.5);
+    a->bias.uniform_(-0.5, 0.5);
+    b->weight.copy_(a->weight);
+    b->bias.copy_(a->bias);
+  }
+  a->to(dtype);
+  b->to(dtype);
+  auto x = (torch::randn(shape, dtype) * 3 + 1).requires_grad_(true);
+  auto x2 = x.detach().clone().requires_grad_(true);
+  auto upstream = torch::randn(shape, dtype);
+  auto y1 = a->forward(x), y2 = b->forward(x2);
+  (y1 * upstream).sum().backward();
+  (y2 * upstream).sum().backward();
+  const double tol = dtype == torch::kFloat64 ? 1e-12 : 2e-5;
+  EXPECT_TRUE(torch::allclose(y1, y2, tol, tol)) << dtype;
+  EXPECT_TRUE(torch::allclose(x.grad(), x2.grad(), tol, tol)) << (x.grad() - x2.grad()).abs().max();
+  EXPECT_TRUE(torch::allclose(a->weight.grad(), b->weight.grad(), tol, tol));
+  EXPECT_TRUE(torch::allclose(a->bias.grad(), b->bias.grad(), tol, tol));
+  EXPECT_TRUE(torch::allclose(a->running_mean, b->running_mean, tol, tol));
+  EXPECT_TRUE(torch::allclose(a->running_var, b->running_var, tol, tol));
+  EXPECT_EQ(a->num_batches_tracked.item<int64_t>(), b->num_batches_tracked.item<int64_t>());
+  return {x, x2, y1, tol};
+}
+
+TEST(Models, SyncBatchNormPathMatchesLibTorchBatchNorm) {
+  torch::manual_seed(3);
+  for (auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    lm::SyncableBatchNorm2d native(6), synced(6);
+    synced->set_cross_rank_sum([](const torch::Tensor& t) { return t.clone(); });
+    expect_same_batchnorm(native, synced, {8, 6, 5, 5}, dtype);
+    EXPECT_TRUE(synced->synchronised());
+  }
+  // Every model's BatchNorms can be synchronised (the CNN has two).
+  auto model = lm::make_model({});
+  EXPECT_EQ(lm::synchronise_batchnorm(*model, [](const torch::Tensor& t) { return t; }), 2);
+}
+
+TEST(Models, SmallMapConvolutionsComputeWhatConv2dComputes) {
+  struct Case {
+    int64_t height, width, kernel, stride;
+    bool bias, unrolled;
+  };
+  // ResNet's last stages at 32x32 (3x3 over 2x2 and 1x1, the 2x2 -> 1x1 stride 2), a 1x1 kernel, a bias, a 2x3
+  // map (8 of its 36 pixel pairs joined by no tap: they read the appended zero); 4x4 maps and a 2x2 -> 1x1
+  // downsampling 1x1 convolution (1 of 4 pairs joined) stay with conv2d.
+  const std::vector<Case> cases = {{1, 1, 3, 1, false, true},  {2, 2, 3, 1, false, true}, {2, 2, 3, 2, false, true},
+                                   {2, 2, 3, 1, true, true},   {1, 1, 1, 1, true, true},  {2, 3, 3, 1, true, true},
+                                   {2, 2, 1, 2, false, false}, {4, 4, 3, 1, false, false}, {4, 4, 3, 2, false, false}};
+  for (const auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    for (const auto& c : cases) {
+      SCOPED_TRACE(std::to_string(c.height) + "x" + std::to_string(c.width) + " kernel " + std::to_string(c.kernel) + " stride " +
+                   std::to_string(c.stride) + (dtype == torch::kFloat64 ? " double" : " float"));
+      torch::manual_seed(11);
+      lm::Conv conv(torch::nn::Conv2dOptions(5, 7, c.kernel).stride(c.stride).padding(c.kernel / 2).bias(c.bias));
+      conv->to(dtype);
+      auto x = torch::randn({6, 5, c.height, c.width}, dtype).requires_grad_(true);
+      EXPECT_EQ(conv->unrolls(x), c.unrolled);
+      auto y = conv->forward(x);
+      const auto bias = c.bias ? conv->bias : torch::Tensor();
+      auto x2 = x.detach().clone().requires_grad_(true);
+      auto w2 = conv->weight.detach().clone().requires_grad_(true);
+      auto b2 = c.bias ? conv->bias.detach().clone().requires_grad_(true) : torch::Tensor();
+      auto reference = torch::conv2d(x2, w2, b2, c.stride, c.kernel / 2);
+      ASSERT_EQ(y.sizes(), reference.sizes());
+      EXPECT_TRUE(y.is_contiguous());
+      auto upstream = torch::randn(reference.sizes(), dtype);
+      (y * upstream).sum().backward();
+      (reference * upstream).sum().backward();
+      const double tol = dtype == torch::kFloat64 ? 1e-12 : 1e-5;
+      EXPECT_TRUE(torch::allclose(y, reference, tol, tol)) << (y - reference).abs().max();
+      EXPECT_TRUE(torch::allclose(x.grad(), x2.grad(), tol, tol)) << (x.grad() - x2.grad()).abs().max();
+      EXPECT_TRUE(torch::allclose(conv->weight.grad(), w2.grad(), tol, tol)) << (conv->weight.grad() - w2.grad()).abs().max();
+      if (c.bias) EXPECT_TRUE(torch::allclose(conv->bias.grad(), b2.grad(), tol, tol));
+    }
+  }
+  // Off, channels-last input, groups, dilation, other padding modes, padding given as kSame/kValid: conv2d.
+  lm::Conv conv(torch::nn::Conv2dOptions(4, 4, 3).padding(1));
+  const auto small = torch::randn({2, 4, 2, 2});
+  EXPECT_TRUE(conv->unrolls(small));
+  EXPECT_FALSE(conv->unrolls(small.contiguous(torch::MemoryFormat::ChannelsLast)));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(4, 4, 3).padding(1).groups(2))->unrolls(small));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(4, 4, 3).padding(2).dilation(2))->unrolls(small));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(4, 4, 3).padding(1).padding_mode(torch::kCircular))->unrolls(small));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(4, 4, 3).padding(torch::kSame))->unrolls(small));
+  conv->small_map_kernels = false;
+  EXPECT_FALSE(conv->unrolls(small));
+  conv->small_map_kernels = true;
+  // What conv2d refuses is refused the same way (not computed): a wrong channel count, a kernel larger than the
+  // padded map. The module still works afterwards.
+  EXPECT_FALSE(conv->unrolls(torch::randn({2, 3, 2, 2})));
+  EXPECT_THROW(conv->forward(torch::randn({2, 3, 2, 2})), c10::Error);
+  lm::Conv unpadded(torch::nn::Conv2dOptions(4, 4, 3).stride(2));
+  EXPECT_FALSE(unpadded->unrolls(small));
+  EXPECT_THROW(unpadded->forward(small), c10::Error);
+  EXPECT_EQ(conv->forward(small).sizes(), (std::vector<int64_t>{2, 4, 2, 2}));
+}
+
+TEST(Models, SmallMapBatchNormComputesWhatBatchNormComputes) {
+  for (const auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{8, 6, 2, 2}, {8, 6, 1, 2}, {8, 6, 1, 3}, {8, 6, 1, 1}}) {
+      torch::manual_seed(5);
+      lm::SyncableBatchNorm2d fast(6), library(6);
+      library->small_map_kernels = false;
+      const BatchNormRun run = expect_same_batchnorm(fast, library, shape, dtype);
+      EXPECT_TRUE(run.y.is_contiguous());
+      fast->eval();
+      library->eval();
+      EXPECT_TRUE(torch::allclose(fast->forward(run.x), library->forward(run.x2), run.tol, run.tol));
+    }
+  }
+}
+
+// One training step's loss (first) and every parameter's gradient, with largebatch's CPU kernels on or off.
+std::vector<torch::Tensor> loss_and_gradients(lm::ClassifierImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                                              bool cpu_kernels) {
+  model.set_cpu_kernels(cpu_kernels);
+  model.zero_grad();
+  auto loss = torch::nn::functional::cross_entropy(model.forward(x), y);
+  loss.backward();
+  std::vector<torch::Tensor> tensors{loss.detach().clone()};
+  for (const auto& p : model.parameters()) tensors.push_back(p.grad().clone());
+  return tensors;
+}
+
+TEST(Models, SmallMapKernelsTrainResNet18AsLibTorchsKernelsDo) {
+  // One model, both ways: same loss and gradients to float rounding (in double: to 1e-10).
+  for (const auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    lm::ModelOptions o;
+    o.name = "resnet18";
+    o.in_channels = 3;
+    o.image_size = 32;
+    auto model = lm::make_model(o);
+    EXPECT_TRUE(model->cpu_kernels());
+    model->to(dtype);
+    model->train();
+    torch::manual_seed(2);
+    const auto x = torch::randn({8, 3, 32, 32}, dtype);
+    const auto y = torch::randint(0, 10, {8}, torch::kLong);
+    const auto fast = loss_and_gradients(*model, x, y, true);
+    const auto library = loss_and_gradients(*model, x, y, false);
+    const double tol = dtype == torch::kFloat64 ? 1e-10 : 2e-4;
+    const double library_loss = library[0].item<double>();
+    EXPECT_NEAR(fast[0].item<double>(), library_loss, tol * std::abs(library_loss));
+    for (size_t k = 1; k < fast.size(); ++k) {
+      const double scale = library[k].abs().max().item<double>() + 1e-12;
+      EXPECT_LE((fast[k] - library[k]).abs().max().item<double>(), tol * scale) << "parameter " << k - 1;
+    }
+  }
+}
+
+// The bits of a float or double tensor as integers: equal bits, NaNs and signed zeros included.
+torch::Tensor bits(const torch::Tensor& t) {
+  return t.contiguous().view(t.scalar_type() == torch::kDouble ? torch::kInt64 : torch::kInt32);
+}
+
+TEST(Models, OwnMaxPoolComputesWhatMaxPool2dComputesToTheBit) {
+  struct Case {
+    lm::MaxPool2dGeometry g;
+    std::vector<int64_t> shape;
+  };
+  // 2x2/2 (the compact CNN; rows of >= 4 outputs take the 4-wide path, shorter rows and odd sizes the scalar one),
+  // 3x3/2 pad 1 (ResNet's stem), stride 1 and 3, non-square geometry, outputs on both sides of the padding.
+  const std::vector<Case> cases = {
+      {{2, 2, 2, 2, 0, 0}, {3, 5, 28, 28}}, {{2, 2, 2, 2, 0, 0}, {2, 3, 14, 14}}, {{2, 2, 2, 2, 0, 0}, {2, 3, 7, 9}},
+      {{2, 2, 2, 2, 0, 0}, {2, 2, 5, 6}},   {{3, 3, 2, 2, 1, 1}, {2, 4, 16, 16}}, {{3, 3, 2, 2, 1, 1}, {2, 3, 9, 13}},
+      {{3, 3, 1, 1, 1, 1}, {2, 3, 8, 11}},  {{2, 2, 1, 1, 0, 0}, {2, 3, 6, 10}},  {{3, 3, 3, 3, 0, 0}, {2, 3, 14, 20}},
+      {{3, 2, 2, 1, 1, 0}, {2, 3, 10, 12}}, {{5, 5, 3, 3, 2, 2}, {2, 2, 17, 23}}, {{3, 3, 2, 2, 1, 1}, {1, 2, 2, 2}},
+      {{1, 1, 1, 1, 0, 0}, {2, 2, 3, 5}},   {{2, 2, 3, 3, 0, 0}, {2, 3, 11, 13}}, {{3, 3, 2, 2, 0, 1}, {2, 3, 9, 12}},
+      {{5, 3, 1, 1, 2, 1}, {2, 2, 9, 10}},
+      // Many planes: several parallel chunks (about 32 K input elements each).
+      {{2, 2, 2, 2, 0, 0}, {2, 64, 28, 28}}, {{3, 3, 2, 2, 1, 1}, {2, 200, 16, 16}}};
+  for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    for (const Case& c : cases) {
+      SCOPED_TRACE(::testing::Message() << c.shape << " kernel " << c.g.kernel_h << "x" << c.g.kernel_w << " stride "
+                                        << c.g.stride_h << "x" << c.g.stride_w << " padding " << c.g.padding_h << "x"
+                                        << c.g.padding_w << " " << dtype);
+      // Few distinct values (many ties, +0 against -0), some NaN, +inf and -inf; the last plane all -inf.
+      auto x = torch::randint(-3, 4, c.shape, torch::TensorOptions().dtype(dtype));
+      x.masked_fill_(torch::rand(c.shape) < 0.3, -0.0);
+      x.masked_fill_(torch::rand(c.shape) < 0.05, std::numeric_limits<double>::quiet_NaN());
+      x.masked_fill_(torch::rand(c.shape) < 0.05, std::numeric_limits<double>::infinity());
+      x.masked_fill_(torch::rand(c.shape) < 0.05, -std::numeric_limits<double>::infinity());
+      x[c.shape[0] - 1][c.shape[1] - 1].fill_(-std::numeric_limits<double>::infinity());
+      auto own_x = x.clone().requires_grad_(true), library_x = x.clone().requires_grad_(true);
+      ASSERT_TRUE(lm::max_pool2d_takes_own_kernel(own_x, c.g));
+      const auto own = lm::max_pool2d(own_x, c.g, true);
+      const auto library = lm::max_pool2d(library_x, c.g, false);
+      EXPECT_EQ(own.sizes(), library.sizes());
+      EXPECT_TRUE(torch::equal(bits(own), bits(library)));
+      // Output gradients (1) with signed zeros among them: ATen sums them into a zeroed map, so -0 arrives as +0;
+      // (2) of wide-ranging magnitudes, whose sums (overlapping windows) depend on their order; (3) not contiguous.
+      const auto options = torch::TensorOptions().dtype(dtype);
+      auto signed_zeros = torch::randint(-2, 3, own.sizes(), options).mul_(0.5);
+      signed_zeros.masked_fill_(signed_zeros == 0, -0.0);
+      const auto magnitudes = torch::randn(own.sizes(), options) * torch::exp(4 * torch::randn(own.sizes(), options));
+      const auto transposed = torch::randn({own.size(0), own.size(1), own.size(3), own.size(2)}, options).transpose(2, 3);
+      for (const auto& grad : {signed_zeros, magnitudes, transposed}) {
+        const auto own_grad = torch::autograd::grad({own}, {own_x}, {grad}, /*retain_graph=*/true)[0];
+        const auto library_grad = torch::autograd::grad({library}, {library_x}, {grad}, /*retain_graph=*/true)[0];
+        EXPECT_TRUE(torch::equal(bits(own_grad), bits(library_grad)));
+      }
+      const auto& grad = magnitudes;
+      // A second derivative (create_graph) through the differentiable path: d(sum(v * dx))/d(grad).
+      auto g1 = grad.clone().requires_grad_(true), g2 = grad.clone().requires_grad_(true);
+      const auto v = torch::randn(c.shape, torch::TensorOptions().dtype(dtype));
+      const auto own_dx = torch::autograd::grad({lm::max_pool2d(own_x, c.g, true)}, {own_x}, {g1}, true, true)[0];
+      const auto library_dx = torch::autograd::grad({lm::max_pool2d(library_x, c.g, false)}, {library_x}, {g2}, true, true)[0];
+      EXPECT_TRUE(torch::equal(own_dx, library_dx));
+      (own_dx * v).sum().backward();
+      (library_dx * v).sum().backward();
+      EXPECT_TRUE(torch::equal(bits(g1.grad()), bits(g2.grad())));
+    }
+  }
+  // What the kernel leaves to torch::max_pool2d: no gradient wanted, channels-last, half precision, a geometry
+  // ATen refuses (padding beyond half the kernel, a kernel larger than the padded map), an empty batch, 3-D input.
+  const lm::MaxPool2dGeometry g{2, 2, 2, 2, 0, 0};
+  const auto x = torch::randn({2, 3, 8, 8}).requires_grad_(true);
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x.detach(), g));
+  {
+    torch::NoGradGuard no_grad;
+    EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x, g));
+  }
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x.contiguous(torch::MemoryFormat::ChannelsLast), g));
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x.to(torch::kHalf).detach().requires_grad_(true), g));
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x, {3, 3, 2, 2, 2, 2}));
+  EXPECT_THROW(lm::max_pool2d(x, {3, 3, 2, 2, 2, 2}), c10::Error);  // refused as torch::max_pool2d refuses it
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(x, {9, 9, 1, 1, 0, 0}));
+  EXPECT_THROW(lm::max_pool2d(x, {9, 9, 1, 1, 0, 0}), c10::Error);
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(torch::randn({0, 3, 8, 8}).requires_grad_(true), g));
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(torch::randn({3, 8, 8}).requires_grad_(true), g));
+  const auto empty_map = torch::randn({1, 1, 0, 8}).requires_grad_(true);  // padding would give it an output
+  EXPECT_FALSE(lm::max_pool2d_takes_own_kernel(empty_map, {2, 2, 1, 1, 1, 1}));
+  EXPECT_THROW(lm::max_pool2d(empty_map, {2, 2, 1, 1, 1, 1}), c10::Error);
+}
+
+TEST(Models, CpuKernelsTrainTheCompactCnnToTheSameBits) {
+  // The compact CNN's maps never get small (28 -> 14 -> 7): only max pooling differs, and it gives the same bits.
+  auto model = lm::make_model(lm::ModelOptions{});
+  model->train();
+  torch::manual_seed(4);
+  const auto x = torch::randn({16, 1, 28, 28});
+  const auto y = torch::randint(0, 10, {16}, torch::kLong);
+  const auto own = loss_and_gradients(*model, x, y, true), library = loss_and_gradients(*model, x, y, false);
+  for (size_t k = 0; k < own.size(); ++k) EXPECT_TRUE(torch::equal(bits(own[k]), bits(library[k]))) << "tensor " << k;
+}
+
+TEST(Models, BadOptionsAreNamed) {
+  lm::ModelOptions o;
+  o.name = "vgg16";
+  EXPECT_THROW(lm::make_model(o), std::invalid_argument);
+  o.name = "cnn";
+  o.init = "orthogonal";
+  try {
+    lm::make_model(o);
+    ADD_FAILURE();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("init"), std::string::npos);
+  }
+}
+
+}  // namespace
