@@ -279,12 +279,12 @@ TEST(SelfSupervisedConfig, BadInputNamesTheFlagOrKey) {
     lt::PretrainConfig c;
     c.projector = "128-0";
     c.validate();
-  }, "--projector");
+  }, "projector: '128-0'");
   expect_usage([] {
     lt::LinearEvalConfig c;
     c.backbone = "random";
     c.model = "cnn";
     c.momentum = 1.0;
     c.validate();
-  }, "--momentum");
+  }, "momentum must be in [0, 1)");
 }

@@ -195,7 +195,7 @@ TEST(ValidationSplit, TrainRecordsValidationAndSelectsOnIt) {
     lt::run_training(other);
     ADD_FAILURE() << "a resume with another --val-split ran";
   } catch (const lt::UsageError& e) {
-    EXPECT_NE(std::string(e.what()).find("--val-split"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("val-split"), std::string::npos) << e.what();
   }
   // More than the training set: named.
   ScratchDir too_many("val-too-many");
@@ -205,7 +205,7 @@ TEST(ValidationSplit, TrainRecordsValidationAndSelectsOnIt) {
     lt::run_training(big);
     ADD_FAILURE() << "--val-split 512 of 512 images ran";
   } catch (const lt::UsageError& e) {
-    EXPECT_NE(std::string(e.what()).find("--val-split"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("val-split"), std::string::npos) << e.what();
   }
 }
 
@@ -473,7 +473,7 @@ TEST(OnNonfinite, StopNamesTheStepAndTheLayer) {
   const auto s = lt::run_training(c);
   EXPECT_EQ(s.status, "diverged");
   EXPECT_NE(s.message.find("non-finite gradient in fc1.weight at step 2"), std::string::npos) << s.message;
-  EXPECT_NE(s.message.find("--on-nonfinite skip"), std::string::npos) << s.message;
+  EXPECT_NE(s.message.find("on-nonfinite skip"), std::string::npos) << s.message;
   std::ifstream summary(dir.path / "summary.json");
   EXPECT_EQ(nlohmann::json::parse(summary)["status"], "diverged");
   EXPECT_FALSE(fs::exists(dir.path / "model.pt"));  // nothing presented as a finished model
@@ -522,7 +522,7 @@ TEST(OnNonfinite, SkippingCannotHideARunThatCannotRecover) {
   const auto s = lt::run_training(c);
   EXPECT_EQ(s.status, "diverged");
   EXPECT_EQ(s.skipped_steps, 2);
-  EXPECT_NE(s.message.find("3 steps skipped in a row (--skip-limit 3)"), std::string::npos) << s.message;
+  EXPECT_NE(s.message.find("3 steps skipped in a row (skip-limit 3)"), std::string::npos) << s.message;
 
   // An absurd learning rate: the losses after the first step are not finite, every step would be skipped.
   ScratchDir absurd("nonfinite-absurd");
@@ -557,7 +557,8 @@ TEST(OnNonfinite, SkippingCannotHideARunThatCannotRecover) {
   EXPECT_NE(u.message.find("2 steps skipped in a row"), std::string::npos) << u.message;
 }
 
-TEST(Trainer, BadInputIsAUsageErrorNamingTheFlag) {
+// The library names options by their keys (config.json's); the command line shows them as flags.
+TEST(Trainer, BadInputIsAUsageErrorNamingTheOption) {
   ScratchDir dir("bad");
   auto expect_usage = [&](lt::TrainConfig c, const std::string& needle) {
     try {
@@ -570,13 +571,13 @@ TEST(Trainer, BadInputIsAUsageErrorNamingTheFlag) {
   auto c = small_run(dir.path);
   auto bad = c;
   bad.micro_batch = 100;
-  expect_usage(bad, "--micro-batch 100 does not divide --batch-size 128");
+  expect_usage(bad, "micro-batch 100 does not divide batch-size 128");
   bad = c;
   bad.model = "vgg";
-  expect_usage(bad, "--model");
+  expect_usage(bad, "model: unknown model 'vgg'");
   bad = c;
   bad.optimizer = "adamax";
-  expect_usage(bad, "--optimizer");
+  expect_usage(bad, "optimizer: ");
   bad = c;
   bad.optimizer_options["momentun"] = "0.9";
   expect_usage(bad, "momentun");
@@ -589,14 +590,14 @@ TEST(Trainer, BadInputIsAUsageErrorNamingTheFlag) {
   }
   bad = c;
   bad.device = "cuda";
-  if (!torch::cuda::is_available()) expect_usage(bad, "--device cuda");
+  if (!torch::cuda::is_available()) expect_usage(bad, "device cuda");
   // An existing run is never overwritten.
   lt::run_training(c);
   expect_usage(c, "already holds a run");
   bad = c;
   bad.resume = true;
   bad.batch_size = 64;
-  expect_usage(bad, "--batch-size differs");
+  expect_usage(bad, "batch-size differs");
 }
 
 }  // namespace

@@ -1,11 +1,17 @@
 #pragma once
 // Subcommands of the largebatch program. Each registers its options and returns the function that runs it.
+#include <largebatch/optim/factory.h>
+#include <largebatch/train/options.h>
 #include <largebatch/train/reporter.h>
 
 #include <CLI/CLI.hpp>
 
 #include <functional>
+#include <map>
 #include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 namespace largebatch {
 namespace apps {
@@ -40,6 +46,46 @@ std::shared_ptr<bool> add_dry_run_flag(CLI::App* command);
 // Runs a training-like command's body with Ctrl-C / SIGTERM asking it to stop after the current step, and maps
 // its exceptions to one line on stderr prefixed with "largebatch <command>:" and the exit codes below.
 int run_training_command(const char* command, const std::function<int()>& body);
+
+// The flags of a command, from its option list (train/options.h): "--" + key (or the option's own names), its
+// help and default. Values are checked by the config's validate(), so that a flag and a config file key get the
+// same message.
+struct FlagAdder {
+  CLI::App* command;
+  template <class T, class Check>
+  void operator()(const train::Option& o, T& value, Check&&) {
+    const std::string names = o.flag_names() ? o.flag_names() : "--" + std::string(o.key());
+    CLI::Option* added = nullptr;
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!o.is_valued()) {
+        command->add_flag(names, value, o.help());
+        return;
+      }
+    }
+    if constexpr (std::is_same_v<T, std::map<std::string, std::string>>) {
+      // Repeatable key=value items, each parsed as it is read.
+      added = command->add_option_function<std::vector<std::string>>(
+          names,
+          [&value, names](const std::vector<std::string>& items) {
+            try {
+              for (const auto& item : items)
+                for (const auto& kv : optim::parse_overrides(item)) value[kv.first] = kv.second;
+            } catch (const std::invalid_argument& e) {
+              throw CLI::ValidationError(names, e.what());
+            }
+          },
+          o.help());
+    } else {
+      added = command->add_option(names, value, o.help());
+    }
+    if (o.show_default()) added->capture_default_str();
+  }
+};
+
+template <class Config>
+void add_flags(CLI::App* command, Config& config) {
+  train::visit_options(config, FlagAdder{command});
+}
 
 // The console of train, pretrain and linear-eval: banners, notes and epoch lines on stdout; a progress bar
 // (mode bar, or auto on a terminal) and warnings, prefixed "largebatch <command>:", on stderr. Mode none drops

@@ -48,6 +48,10 @@ Runner add_sweep_command(CLI::App& app) {
       }
       std::signal(SIGINT, on_sweep_signal);
       std::signal(SIGTERM, on_sweep_signal);
+      options->print = [](const std::string& line) {
+        std::printf("%s\n", line.c_str());
+        std::fflush(stdout);
+      };
       const auto r = report::run_sweep(grid, *options);
       if (options->dry_run) return 0;
       std::printf("sweep: %lld runs: %lld finished before, %lld completed, %lld diverged, %lld failed, %lld interrupted; "

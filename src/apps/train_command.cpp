@@ -107,6 +107,9 @@ int run_training_command(const char* command, const std::function<int()>& body) 
   } catch (const dist::PeerError& e) {
     std::fprintf(stderr, "largebatch %s: %s\n", command, e.what());
     return kExitPeerLost;
+  } catch (const train::OptionError& e) {  // named by its flag
+    std::fprintf(stderr, "largebatch %s: %s\n", command, e.worded("--").c_str());
+    return kExitBadInput;
   } catch (const train::UsageError& e) {
     std::fprintf(stderr, "largebatch %s: %s\n", command, e.what());
     return kExitBadInput;
@@ -125,105 +128,12 @@ int run_training_command(const char* command, const std::function<int()>& body) 
 Runner add_train_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("train", "Train an image classifier with any optimizer");
   auto config = std::make_shared<train::TrainConfig>();
-  auto opts = std::make_shared<std::vector<std::string>>();
-  auto& c = *config;
   cmd->fallthrough();  // --config belongs to the program and may follow the subcommand
-
-  const std::vector<std::string> optimizers = optim::recipe_names();
-
-  cmd->add_option("--data", c.data, "Data set: " + list(data::dataset_names()))->capture_default_str();
-  cmd->add_option("--data-dir", c.data_dir,
-                  "Directory of the data set (default for fashion-mnist: /usr/share/datasets/fashion-mnist)");
-  cmd->add_option("--augment", c.augment,
-                  "auto (crop-flip for CIFAR and Tiny-ImageNet, none otherwise), none, flip, crop-flip, or paper "
-                  "(crop with 4-pixel padding + flip + rotation up to 15 degrees)")->capture_default_str();
-  cmd->add_flag("--drop-last,!--keep-last", c.drop_last, "Drop the last partial batch of each epoch (default: keep)");
-  cmd->add_option("--loader-workers", c.loader_workers, "Threads assembling batches")->capture_default_str();
-  cmd->add_option("--synthetic-size", c.synthetic_size, "Training images of --data synthetic")->capture_default_str();
-  cmd->add_option("--model", c.model, "Model: " + list(models::model_names()))->capture_default_str();
-  cmd->add_option("--init", c.init, "Weight initialisation of conv and linear layers: " + list(models::init_names()))
-      ->capture_default_str();
-  cmd->add_option("--optimizer", c.optimizer, "Optimizer or preset: " + list(optimizers))->capture_default_str();
-  cmd->add_option("--opt", *opts,
-                  "Optimizer option override key=value (repeatable), e.g. --opt lambda=1e-3 --opt momentum=0.95; "
-                  "`largebatch optimizers` lists the keys");
-  cmd->add_option("--lr", c.lr, "Base learning rate (default: the optimizer's tuned default, see README)");
-  cmd->add_option("--weight-decay", c.weight_decay, "Weight decay (default: the preset's)");
-  cmd->add_option("--schedule", c.schedule,
-                  "auto (constant for lars/tvlars/lamb, warm-up + cosine for wa-* and LibTorch optimizers), "
-                  "constant, cosine, warmup-cosine")->capture_default_str();
-  cmd->add_option("--warmup-epochs", c.warmup_epochs, "Warm-up length of warmup-cosine")->capture_default_str();
-  cmd->add_option("--lr-scaling", c.lr_scaling, "Peak = lr * scale(B / 256): none, linear, sqrt")->capture_default_str();
-  cmd->add_option("--final-ratio", c.final_ratio, "Final learning rate of the cosine as a fraction of the peak")
-      ->capture_default_str();
-  cmd->add_option("--batch-size", c.batch_size, "Global batch size B")->capture_default_str();
-  cmd->add_option("--micro-batch", c.micro_batch,
-                  "Accumulate gradients over micro-batches of this many images (0: whole batch at once); "
-                  "BatchNorm statistics are then per micro-batch")->capture_default_str();
-  cmd->add_option("--eval-batch-size", c.eval_batch_size, "Batch size of evaluation")->capture_default_str();
-  cmd->add_option("--val-split", c.val_split,
-                  "Hold out N training images for validation (the same N images for every seed): metrics.csv "
-                  "gains val_* columns, summary.json the epoch selected on validation (0: no split)")
-      ->capture_default_str();
-  cmd->add_option("--epochs", c.epochs, "Epochs")->capture_default_str();
-  cmd->add_option("--seed", c.seed, "Seed of initialisation, data order and augmentation")->capture_default_str();
-  cmd->add_option("--threads", c.threads, "Intra-op threads (0: all cores)")->capture_default_str();
-  cmd->add_option("--device", c.device, "cpu or cuda[:N]")->capture_default_str();
-  cmd->add_option("--out", c.out, "Output directory")->capture_default_str();
-  cmd->add_option("--telemetry-every", c.telemetry_every,
-                  "Write per-layer |w|, |d|, trust ratio and lr*r every N steps to telemetry.csv (0: off)")
-      ->capture_default_str();
-  cmd->add_option("--sharpness-every", c.sharpness_every,
-                  "Every N steps, estimate the top Hessian eigenvalue of the training loss on a fixed batch (power "
-                  "iteration on Hessian-vector products) into sharpness.csv (0: off)")->capture_default_str();
-  cmd->add_option("--sharpness-batch", c.sharpness_batch, "Images of the fixed sharpness batch (the first ones)")
-      ->capture_default_str();
-  cmd->add_option("--sharpness-iterations", c.sharpness_iterations, "Most power iterations per estimate")
-      ->capture_default_str();
-  cmd->add_flag("--resume", c.resume, "Continue the run in --out from its last checkpoint");
-  cmd->add_option("--progress", c.progress, "auto (a bar on a terminal), bar, lines, none")->capture_default_str();
-  cmd->add_option("--on-nonfinite", c.on_nonfinite,
-                  "A NaN or infinite loss or gradient: stop (the run ends as diverged, naming the step and layer) "
-                  "or skip (the step is dropped without touching weights or optimizer state, and counted)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"stop", "skip"}));
-  cmd->add_option("--checkpoint-every", c.checkpoint_every,
-                  "Also write checkpoint.pt every N steps within epochs (0: at the end of each epoch only); a stop "
-                  "request (Ctrl-C, SIGTERM) always writes one at the step it stops after")
-      ->capture_default_str();
-  cmd->add_option("--skip-limit", c.skip_limit,
-                  "--on-nonfinite skip: this many steps skipped in a row end the run as diverged")
-      ->capture_default_str();
-  cmd->add_flag("--channels-last", c.channels_last,
-                "Channels-last activations for the CPU convolutions: can be faster (cnn up to 1.1x), but a data-parallel run then "
-                "matches the single-process one less closely");
-  cmd->add_option("--cpu-kernels,--small-map-kernels", c.cpu_kernels,
-                  "largebatch's CPU kernels where LibTorch 1.13's are slow: max pooling, convolutions over maps of a few "
-                  "pixels (2x2, 1x1) as matrix products, BatchNorm over them as over [N*H*W, C] (the same results to "
-                  "float rounding; docs/PERFORMANCE.md); false: LibTorch's kernels everywhere")
-      ->capture_default_str();
-  cmd->add_flag("--sync-bn", c.sync_bn,
-                "Data parallel: BatchNorm statistics over the global batch (default: per rank, as DDP)");
-  cmd->add_option("--dist-timeout", c.dist_timeout,
-                  "Data parallel: seconds to wait for the rendezvous and for any collective before naming the rank "
-                  "that stopped answering and exiting")->capture_default_str();
-  cmd->add_option("--bucket-mb", c.bucket_mb,
-                  "Data parallel: gradient all-reduce bucket size in MiB (smaller = more overlap with backward)")
-      ->capture_default_str();
-  cmd->add_flag("--plots,!--no-plots", c.plots,
-                "Draw curves.png, loss.png (and trust_ratios.png) with gnuplot (default: on)");
+  add_flags(cmd, *config);
   const auto check_only = add_dry_run_flag(cmd);
 
-  return [cmd, config, opts, check_only]() -> int {
+  return [cmd, config, check_only]() -> int {
     if (!cmd->parsed()) return -1;
-    try {
-      for (const auto& item : *opts) {
-        for (const auto& kv : optim::parse_overrides(item)) config->optimizer_options[kv.first] = kv.second;
-      }
-    } catch (const std::invalid_argument& e) {
-      std::fprintf(stderr, "largebatch train: --opt: %s\n", e.what());
-      return kExitBadInput;
-    }
     if (*check_only) {
       return dry_run("train", [&] {
         config->validate();

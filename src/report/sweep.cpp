@@ -81,6 +81,9 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
   if (o.jobs <= 0) throw std::invalid_argument("--jobs must be > 0");
   if (o.out.empty()) throw std::invalid_argument("--out must not be empty");
   const fs::path out(o.out);
+  const auto print = [&o](const std::string& line) {
+    if (o.print) o.print(line);
+  };
   std::error_code ec;
   fs::create_directories(out, ec);
   if (ec) throw std::invalid_argument("--out: cannot create " + out.string() + ": " + ec.message());
@@ -104,17 +107,22 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
       std::string settings;
       for (const auto& kv : grid.runs[i].settings) settings += " --" + kv.first + "=" + kv.second;
       const bool resumable = fs::exists(dir / "checkpoint.pt");
-      std::printf("%-12s %s:%s\n",
-                  !records[i].status.rfind("skipped", 0) ? "finished" : resumable ? "resume" : "run",
-                  grid.runs[i].name.c_str(), settings.c_str());
+      char state[16];
+      std::snprintf(state, sizeof(state), "%-12s",
+                    !records[i].status.rfind("skipped", 0) ? "finished" : resumable ? "resume" : "run");
+      print(state + std::string(" ") + grid.runs[i].name + ":" + settings);
     }
   }
   if (o.dry_run) return result;
-  std::printf("sweep: %lld runs (%lld finished before, %zu to run), %lld at a time, %lld thread(s) each unless set; "
-              "outputs in %s\n",
-              static_cast<long long>(result.total), static_cast<long long>(result.skipped), pending.size(),
-              static_cast<long long>(o.jobs), static_cast<long long>(threads), out.string().c_str());
-  std::fflush(stdout);
+  {
+    char line[512];
+    std::snprintf(line, sizeof(line),
+                  "sweep: %lld runs (%lld finished before, %zu to run), %lld at a time, %lld thread(s) each unless set; "
+                  "outputs in %s",
+                  static_cast<long long>(result.total), static_cast<long long>(result.skipped), pending.size(),
+                  static_cast<long long>(o.jobs), static_cast<long long>(threads), out.string().c_str());
+    print(line);
+  }
   write_atomically(out / "sweep.csv", sweep_csv(grid, records, out));
 
   std::map<pid_t, std::pair<size_t, std::chrono::steady_clock::time_point>> active;
@@ -172,8 +180,7 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
       sigprocmask(SIG_SETMASK, &previous, nullptr);
       active[pid] = {i, std::chrono::steady_clock::now()};
       records[i].status = "running";
-      std::printf("[start] %s%s\n", run.name.c_str(), resume ? " (resumed from its checkpoint)" : "");
-      std::fflush(stdout);
+      print("[start] " + run.name + (resume ? " (resumed from its checkpoint)" : ""));
     }
     if (g_sweep_stop && !stop_sent) {
       // Ask the runs to stop at their next step; they keep their checkpoints for the next invocation.
@@ -220,9 +227,10 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
       tail = " -- " + log.substr(cut == std::string::npos ? 0 : cut + 1);
       while (!tail.empty() && tail.back() == '\n') tail.pop_back();
     }
-    std::printf("[%zu/%zu] %s: %s (exit %d, %.1f s)%s\n", done, pending.size(), grid.runs[i].name.c_str(),
-                r.status.c_str(), r.exit_code, r.seconds, tail.c_str());
-    std::fflush(stdout);
+    char line[256];
+    std::snprintf(line, sizeof(line), "[%zu/%zu] %s: %s (exit %d, %.1f s)", done, pending.size(),
+                  grid.runs[i].name.c_str(), r.status.c_str(), r.exit_code, r.seconds);
+    print(line + tail);
     write_atomically(out / "sweep.csv", sweep_csv(grid, records, out));
   }
   for (size_t k = next; k < pending.size(); ++k) records[pending[k]].status = "not started";

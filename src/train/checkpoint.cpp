@@ -214,7 +214,7 @@ json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
   try {
     read_sealed_archive(read_whole_file(path, "checkpoint"), path, device, root);  // a bare archive is refused
   } catch (const CheckpointError& e) {
-    usage(std::string("--resume: ") + e.what());
+    throw OptionError("resume", std::string(": ") + e.what());
   }
   c10::IValue meta;
   torch::Tensor rng;
@@ -227,7 +227,7 @@ json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
     root.read("meta", meta);
     root.read("rng_cpu", rng);
   } catch (const std::exception& e) {  // c10::Error, torch::jit::ErrorReport, ...
-    usage("--resume: checkpoint " + path.string() + " does not match this run's model or optimizer");
+    throw OptionError("resume", ": checkpoint " + path.string() + " does not match this run's model or optimizer");
   }
   json parsed;
   try {
@@ -235,7 +235,7 @@ json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
     parsed = json::parse(meta.toStringRef());
     if (!parsed.is_object()) throw std::runtime_error("not an object");
   } catch (const std::exception& e) {
-    usage("--resume: checkpoint " + path.string() + ": its meta record is not a JSON object");
+    throw OptionError("resume", ": checkpoint " + path.string() + ": its meta record is not a JSON object");
   }
   {
     auto gen = at::detail::getDefaultCPUGenerator();
@@ -243,7 +243,7 @@ json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
     try {
       gen.set_state(rng.cpu());
     } catch (const std::exception& e) {  // c10::Error, torch::jit::ErrorReport, ...
-      usage("--resume: checkpoint " + path.string() + ": its random-number state is not a CPU generator state");
+      throw OptionError("resume", ": checkpoint " + path.string() + ": its random-number state is not a CPU generator state");
     }
   }
   return parsed;

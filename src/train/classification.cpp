@@ -28,6 +28,7 @@
 #include <thread>
 
 #include "classification_metrics.h"
+#include "config_fields.h"
 #include "run_loop.h"
 
 namespace fs = std::filesystem;
@@ -42,181 +43,20 @@ void request_stop() { stop_flag() = true; }
 
 // ------------------------------------------------------------------ config
 
-std::string TrainConfig::to_json() const {
-  json j;
-  j["data"] = data;
-  j["data-dir"] = data_dir;
-  j["augment"] = augment;
-  j["drop-last"] = drop_last;
-  j["loader-workers"] = loader_workers;
-  j["synthetic-size"] = synthetic_size;
-  j["model"] = model;
-  j["init"] = init;
-  j["optimizer"] = optimizer;
-  std::vector<std::string> opts;
-  for (const auto& kv : optimizer_options) opts.push_back(kv.first + "=" + kv.second);
-  j["opt"] = opts;
-  j["lr"] = lr;
-  j["weight-decay"] = weight_decay;
-  j["schedule"] = schedule;
-  j["warmup-epochs"] = warmup_epochs;
-  j["lr-scaling"] = lr_scaling;
-  j["final-ratio"] = final_ratio;
-  j["batch-size"] = batch_size;
-  j["micro-batch"] = micro_batch;
-  j["eval-batch-size"] = eval_batch_size;
-  j["val-split"] = val_split;
-  j["epochs"] = epochs;
-  j["seed"] = seed;
-  j["threads"] = threads;
-  j["device"] = device;
-  j["out"] = out;
-  j["telemetry-every"] = telemetry_every;
-  j["sharpness-every"] = sharpness_every;
-  j["sharpness-batch"] = sharpness_batch;
-  j["sharpness-iterations"] = sharpness_iterations;
-  j["progress"] = progress;
-  j["plots"] = plots;
-  j["sync-bn"] = sync_bn;
-  j["channels-last"] = channels_last;
-  j["cpu-kernels"] = cpu_kernels;
-  j["on-nonfinite"] = on_nonfinite;
-  j["skip-limit"] = skip_limit;
-  j["checkpoint-every"] = checkpoint_every;
-  j["dist-timeout"] = dist_timeout;
-  j["bucket-mb"] = bucket_mb;
-  return j.dump(2) + "\n";
-}
+std::string TrainConfig::to_json() const { return config_to_json(*this); }
 
 TrainConfig TrainConfig::from_json(const std::string& text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {  // parse_error, and out_of_range for 1e99999
-    usage(source + ": not valid JSON (" + std::string(e.what()) + ")");
-  }
-  if (!j.is_object()) usage(source + ": expected a JSON object");
-  TrainConfig c;
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    const std::string& k = it.key();
-    const json& v = it.value();
-    auto str = [&]() {
-      if (!v.is_string()) usage(source + ": '" + k + "' must be a string");
-      return v.get<std::string>();
-    };
-    auto num = [&]() {
-      if (!v.is_number()) usage(source + ": '" + k + "' must be a number");
-      return v.get<double>();
-    };
-    auto integer = [&]() {
-      if (!v.is_number_integer()) usage(source + ": '" + k + "' must be an integer");
-      return v.get<int64_t>();
-    };
-    auto boolean = [&]() {
-      if (!v.is_boolean()) usage(source + ": '" + k + "' must be true or false");
-      return v.get<bool>();
-    };
-    if (k == "data") c.data = str();
-    else if (k == "data-dir") c.data_dir = str();
-    else if (k == "augment") c.augment = str();
-    else if (k == "drop-last") c.drop_last = boolean();
-    else if (k == "loader-workers") c.loader_workers = integer();
-    else if (k == "synthetic-size") c.synthetic_size = integer();
-    else if (k == "model") c.model = str();
-    else if (k == "init") c.init = str();
-    else if (k == "optimizer") c.optimizer = str();
-    else if (k == "opt") {
-      if (!v.is_array()) usage(source + ": 'opt' must be an array of \"key=value\" strings");
-      for (const auto& item : v) {
-        if (!item.is_string()) usage(source + ": 'opt' must be an array of \"key=value\" strings");
-        for (const auto& kv : lo::parse_overrides(item.get<std::string>())) c.optimizer_options[kv.first] = kv.second;
-      }
-    } else if (k == "lr") c.lr = num();
-    else if (k == "weight-decay") c.weight_decay = num();
-    else if (k == "schedule") c.schedule = str();
-    else if (k == "warmup-epochs") c.warmup_epochs = num();
-    else if (k == "lr-scaling") c.lr_scaling = str();
-    else if (k == "final-ratio") c.final_ratio = num();
-    else if (k == "batch-size") c.batch_size = integer();
-    else if (k == "micro-batch") c.micro_batch = integer();
-    else if (k == "eval-batch-size") c.eval_batch_size = integer();
-    else if (k == "val-split") c.val_split = integer();
-    else if (k == "epochs") c.epochs = integer();
-    else if (k == "seed") c.seed = static_cast<uint64_t>(integer());
-    else if (k == "threads") c.threads = integer();
-    else if (k == "device") c.device = str();
-    else if (k == "out") c.out = str();
-    else if (k == "telemetry-every") c.telemetry_every = integer();
-    else if (k == "sharpness-every") c.sharpness_every = integer();
-    else if (k == "sharpness-batch") c.sharpness_batch = integer();
-    else if (k == "sharpness-iterations") c.sharpness_iterations = integer();
-    else if (k == "progress") c.progress = str();
-    else if (k == "plots") c.plots = boolean();
-    else if (k == "sync-bn") c.sync_bn = boolean();
-    else if (k == "channels-last") c.channels_last = boolean();
-    else if (k == "cpu-kernels" || k == "small-map-kernels") c.cpu_kernels = boolean();  // the second: its name before max pooling joined
-    else if (k == "on-nonfinite") c.on_nonfinite = str();
-    else if (k == "skip-limit") c.skip_limit = integer();
-    else if (k == "checkpoint-every") c.checkpoint_every = integer();
-    else if (k == "dist-timeout") c.dist_timeout = num();
-    else if (k == "bucket-mb") c.bucket_mb = num();
-    else usage(source + ": unknown key '" + k + "'");
-  }
-  return c;
+  return config_from_json<TrainConfig>(text, source);
 }
 
 void TrainConfig::validate() const {
-  const auto& datasets = data::dataset_names();
-  if (std::find(datasets.begin(), datasets.end(), data) == datasets.end()) {
-    std::string known;
-    for (const auto& d : datasets) known += (known.empty() ? "" : ", ") + d;
-    usage("--data: unknown data set '" + data + "' (known: " + known + ")");
-  }
-  const auto& models = models::model_names();
-  if (std::find(models.begin(), models.end(), model) == models.end())
-    usage("--model: unknown model '" + model + "'");
-  const auto& inits = models::init_names();
-  if (std::find(inits.begin(), inits.end(), init) == inits.end()) usage("--init: unknown method '" + init + "'");
-  try {
-    lo::find_recipe(optimizer);
-  } catch (const std::invalid_argument& e) {
-    usage(std::string("--optimizer: ") + e.what());
-  }
-  if (!one_of(augment, {"auto", "none", "flip", "crop-flip", "paper"}))
-    usage("--augment: '" + augment + "' is not auto, none, flip, crop-flip or paper");
-  if (!one_of(schedule, {"auto", "constant", "cosine", "warmup-cosine"}))
-    usage("--schedule: '" + schedule + "' is not auto, constant, cosine or warmup-cosine");
-  if (!one_of(lr_scaling, {"none", "linear", "sqrt"})) usage("--lr-scaling: '" + lr_scaling + "' is not none, linear or sqrt");
-  if (!one_of(progress, {"auto", "bar", "lines", "none"})) usage("--progress: '" + progress + "' is not auto, bar, lines or none");
-  if (batch_size <= 0) usage("--batch-size must be > 0, got " + std::to_string(batch_size));
-  if (epochs <= 0) usage("--epochs must be > 0, got " + std::to_string(epochs));
-  if (on_nonfinite != "stop" && on_nonfinite != "skip")
-    usage("--on-nonfinite must be stop or skip, got '" + on_nonfinite + "'");
-  if (skip_limit < 1) usage("--skip-limit must be >= 1, got " + std::to_string(skip_limit));
-  if (checkpoint_every < 0) usage("--checkpoint-every must be >= 0 (0: at the end of each epoch), got " +
-                                  std::to_string(checkpoint_every));
-  if (micro_batch < 0) usage("--micro-batch must be >= 0, got " + std::to_string(micro_batch));
+  check_options(*this);
   if (micro_batch > batch_size)
-    usage("--micro-batch " + std::to_string(micro_batch) + " is larger than --batch-size " + std::to_string(batch_size));
+    throw OptionError("micro-batch", std::to_string(micro_batch) + " is larger than batch-size " + std::to_string(batch_size),
+                      {"batch-size"});
   if (micro_batch > 0 && batch_size % micro_batch != 0)
-    usage("--micro-batch " + std::to_string(micro_batch) + " does not divide --batch-size " + std::to_string(batch_size));
-  if (eval_batch_size <= 0) usage("--eval-batch-size must be > 0");
-  if (val_split < 0) usage("--val-split must be >= 0, got " + std::to_string(val_split));
-  if (loader_workers <= 0) usage("--loader-workers must be > 0");
-  if (synthetic_size <= 0) usage("--synthetic-size must be > 0");
-  if (threads < 0) usage("--threads must be >= 0");
-  if (telemetry_every < 0) usage("--telemetry-every must be >= 0");
-  if (sharpness_every < 0) usage("--sharpness-every must be >= 0");
-  if (sharpness_batch <= 0) usage("--sharpness-batch must be > 0");
-  if (sharpness_iterations <= 0) usage("--sharpness-iterations must be > 0");
-  if (lr != -1 && !(lr >= 0 && std::isfinite(lr))) usage("--lr must be finite and >= 0");
-  if (weight_decay != -1 && !(weight_decay >= 0 && std::isfinite(weight_decay))) usage("--weight-decay must be >= 0");
-  if (!(warmup_epochs >= 0)) usage("--warmup-epochs must be >= 0");
-  if (!(final_ratio >= 0 && final_ratio <= 1)) usage("--final-ratio must be in [0, 1]");
-  if (out.empty()) usage("--out must not be empty");
-  if (!(dist_timeout > 0 && std::isfinite(dist_timeout))) usage("--dist-timeout must be > 0 seconds");
-  if (!(bucket_mb > 0 && std::isfinite(bucket_mb))) usage("--bucket-mb must be > 0");
-  if (!(device == "cpu" || device.rfind("cuda", 0) == 0)) usage("--device: '" + device + "' is not cpu or cuda[:N]");
+    throw OptionError("micro-batch", std::to_string(micro_batch) + " does not divide batch-size " + std::to_string(batch_size),
+                      {"batch-size"});
 }
 
 // ------------------------------------------------------------------ the classification task
@@ -308,12 +148,12 @@ class ClassificationTask : public Task {
 
   void check_resume(const std::string& saved, const fs::path& out) const override {
     const TrainConfig before = TrainConfig::from_json(saved, (out / "config.json").string());
-    require_same_on_resume("--data", c_.data, before.data, out);
-    require_same_on_resume("--model", c_.model, before.model, out);
-    require_same_on_resume("--optimizer", c_.optimizer, before.optimizer, out);
-    require_same_on_resume("--batch-size", c_.batch_size, before.batch_size, out);
-    require_same_on_resume("--seed", c_.seed, before.seed, out);
-    require_same_on_resume("--val-split", c_.val_split, before.val_split, out);
+    require_same_on_resume("data", c_.data, before.data, out);
+    require_same_on_resume("model", c_.model, before.model, out);
+    require_same_on_resume("optimizer", c_.optimizer, before.optimizer, out);
+    require_same_on_resume("batch-size", c_.batch_size, before.batch_size, out);
+    require_same_on_resume("seed", c_.seed, before.seed, out);
+    require_same_on_resume("val-split", c_.val_split, before.val_split, out);
   }
 
   void setup(const RunPlace& place) override {
@@ -325,7 +165,7 @@ class ClassificationTask : public Task {
         split_.train = std::move(held.train);
         validation_ = std::move(held.validation);
       } catch (const std::invalid_argument& e) {
-        usage(std::string("--val-split: ") + e.what());
+        throw OptionError("val-split", std::string(": ") + e.what());
       }
     }
     const auto& train_set = split_.train;
@@ -346,11 +186,13 @@ class ClassificationTask : public Task {
     o.world = place.world;
     source_ = std::make_unique<LoaderSource>(train_set, o);
     if (source_->batches_per_epoch() == 0)
-      usage("--batch-size " + std::to_string(c_.batch_size) + " with --drop-last leaves no batch");
+      throw OptionError("batch-size", std::to_string(c_.batch_size) + " with drop-last leaves no batch", {"drop-last"});
     const int64_t last_batch = train_set.size() % c_.batch_size;
     if (place.world > 1 && !c_.drop_last && last_batch > 0 && last_batch < place.world)
-      usage("the last batch of an epoch has " + std::to_string(last_batch) + " image(s), fewer than the " +
-            std::to_string(place.world) + " ranks; pass --drop-last or change --batch-size");
+      throw OptionError("batch-size", std::to_string(c_.batch_size) + " leaves a last batch of " +
+                                          std::to_string(last_batch) + " image(s), fewer than the " +
+                                          std::to_string(place.world) + " ranks; set drop-last or change batch-size",
+                        {"drop-last"});
     if (c_.sharpness_every > 0) {  // a fixed batch: the first training images, unaugmented
       data::LoaderOptions first_options;
       first_options.batch_size = std::min(c_.sharpness_batch, train_set.size());
@@ -468,9 +310,9 @@ TrainSummary run_training(const TrainConfig& config, Reporter* reporter) {
   config.validate();
   if (resolve_optimizer(config, 0).schedule == "warmup-cosine" && config.warmup_epochs > static_cast<double>(config.epochs)) {
     std::ostringstream msg;
-    msg << "--warmup-epochs " << config.warmup_epochs << " is longer than --epochs " << config.epochs
-        << " (the " << config.optimizer << " schedule is warmup-cosine)";
-    usage(msg.str());
+    msg << config.warmup_epochs << " is longer than epochs " << config.epochs << " (the " << config.optimizer
+        << " schedule is warmup-cosine)";
+    throw OptionError("warmup-epochs", msg.str(), {"epochs"});
   }
   ClassificationTask task(config);
   return classification_summary(run_loop(task, reporter));

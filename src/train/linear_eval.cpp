@@ -20,75 +20,24 @@ using namespace largebatch::train::detail;
 namespace largebatch {
 namespace train {
 
-namespace {
-
-template <class Config, class Visitor>
-void linear_eval_fields(Config& c, Visitor&& v) {
-  v("backbone", c.backbone);
-  v("data", c.data);
-  v("data-dir", c.data_dir);
-  v("synthetic-size", c.synthetic_size);
-  v("model", c.model);
-  v("init", c.init);
-  v("augment", c.augment);
-  v("standardize", c.standardize);
-  v("lr", c.lr);
-  v("momentum", c.momentum);
-  v("weight-decay", c.weight_decay);
-  v("batch-size", c.batch_size);
-  v("micro-batch", c.micro_batch);
-  v("eval-batch-size", c.eval_batch_size);
-  v("val-split", c.val_split);
-  v("epochs", c.epochs);
-  v("seed", c.seed);
-  v("threads", c.threads);
-  v("device", c.device);
-  v("out", c.out);
-  v("checkpoint-every", c.checkpoint_every);
-  v("on-nonfinite", c.on_nonfinite);
-  v("skip-limit", c.skip_limit);
-  v("progress", c.progress);
-  v("plots", c.plots);
-}
-
-
-}  // namespace
-
 // ------------------------------------------------------------------ linear-eval config
 
-std::string LinearEvalConfig::to_json() const {
-  return config_to_json(*this, [](LinearEvalConfig& c, JsonWriter& w) { linear_eval_fields(c, w); });
-}
+std::string LinearEvalConfig::to_json() const { return config_to_json(*this); }
 
 LinearEvalConfig LinearEvalConfig::from_json(const std::string& text, const std::string& source) {
-  return config_from_json<LinearEvalConfig>(text, source,
-                                            [](LinearEvalConfig& c, JsonReader& r) { linear_eval_fields(c, r); });
+  return config_from_json<LinearEvalConfig>(text, source);
 }
 
 void LinearEvalConfig::validate() const {
-  check_common(data, model, init, progress, device, out, threads);
-  if (backbone.empty()) usage("--backbone is required: a backbone.pt of `pretrain`, a model.pt of `train`, or random");
-  if (backbone == "random" && model.empty()) usage("--backbone random needs --model");
-  if (backbone != "random" && !fs::exists(backbone)) usage("--backbone: no such file " + backbone);
-  if (!one_of(augment, {"none", "flip", "crop-flip"})) usage("--augment: '" + augment + "' is not none, flip or crop-flip");
-  if (!(lr > 0 && std::isfinite(lr))) usage("--lr must be finite and > 0");
-  if (!(momentum >= 0 && momentum < 1)) usage("--momentum must be in [0, 1)");
-  if (!(weight_decay >= 0 && std::isfinite(weight_decay))) usage("--weight-decay must be >= 0");
-  if (batch_size <= 0) usage("--batch-size must be > 0");
-  if (eval_batch_size <= 0) usage("--eval-batch-size must be > 0");
-  if (epochs <= 0) usage("--epochs must be > 0, got " + std::to_string(epochs));
-  if (synthetic_size <= 0) usage("--synthetic-size must be > 0");
-  if (micro_batch < 0) usage("--micro-batch must be >= 0, got " + std::to_string(micro_batch));
+  check_options(*this);
+  if (backbone.empty())
+    throw OptionError("backbone", "is required: a backbone.pt of `pretrain`, a model.pt of `train`, or random");
+  if (backbone == "random" && model.empty()) throw OptionError("backbone", "random needs model", {"model"});
+  if (backbone != "random" && !fs::exists(backbone)) throw OptionError("backbone", ": no such file " + backbone);
   if (micro_batch > 0 && batch_size % micro_batch != 0)
-    usage("--micro-batch " + std::to_string(micro_batch) + " does not divide --batch-size " + std::to_string(batch_size));
-  if (val_split < 0) usage("--val-split must be >= 0, got " + std::to_string(val_split));
-  if (checkpoint_every < 0) usage("--checkpoint-every must be >= 0 (0: at the end of each epoch), got " +
-                                  std::to_string(checkpoint_every));
-  if (on_nonfinite != "stop" && on_nonfinite != "skip")
-    usage("--on-nonfinite must be stop or skip, got '" + on_nonfinite + "'");
-  if (skip_limit < 1) usage("--skip-limit must be >= 1, got " + std::to_string(skip_limit));
+    throw OptionError("micro-batch", std::to_string(micro_batch) + " does not divide batch-size " + std::to_string(batch_size),
+                      {"batch-size"});
 }
-
 
 // ------------------------------------------------------------------ the linear-probe task
 
@@ -128,12 +77,12 @@ std::string backbone_model_name(const LinearEvalConfig& c) {
   if (!c.model.empty()) return c.model;
   const fs::path config = fs::path(c.backbone).parent_path() / "config.json";
   std::ifstream in(config);
-  if (!in) usage("--backbone " + c.backbone + ": no config.json beside it to name the model; pass --model");
+  if (!in) throw OptionError("backbone", c.backbone + ": no config.json beside it to name the model; give model", {"model"});
   try {
     const json j = json::parse(in);
     return j.at("model").get<std::string>();
   } catch (const std::exception&) {
-    usage(config.string() + ": no \"model\" string to name the backbone's model; pass --model");
+    usage(config.string() + ": no \"model\" string to name the backbone's model; give model");
   }
 }
 
@@ -147,7 +96,7 @@ models::Classifier load_backbone(const LinearEvalConfig& config, const std::stri
   try {
     load_archive(config.backbone, archive, torch::kCPU);  // a GPU-trained file loads anywhere; moved later
   } catch (const CheckpointError& e) {
-    usage("--backbone " + config.backbone +
+    throw OptionError("backbone", config.backbone +
           ": not a model file (backbone.pt or checkpoint.pt of pretrain, model.pt of train): " + e.what());
   }  // load_archive turns every LibTorch error into a CheckpointError
   // A pretrain checkpoint.pt holds the whole network: its "backbone" part is the classifier module.
@@ -168,7 +117,7 @@ models::Classifier load_backbone(const LinearEvalConfig& config, const std::stri
   try {
     backbone->load(archive);
   } catch (const std::exception&) {  // c10::Error, torch::jit::ErrorReport, ...
-    usage("--backbone " + config.backbone + ": does not hold a " + model_name + " for " +
+    throw OptionError("backbone", config.backbone + ": does not hold a " + model_name + " for " +
           std::to_string(train.channels()) + "x" + std::to_string(train.height()) + "x" +
           std::to_string(train.width()) + " images of " + config.data);
   }
@@ -231,11 +180,11 @@ class LinearProbeTask : public Task {
 
   void check_resume(const std::string& saved, const fs::path& out) const override {
     const LinearEvalConfig before = LinearEvalConfig::from_json(saved, (out / "config.json").string());
-    require_same_on_resume("--backbone", c_.backbone, before.backbone, out);
-    require_same_on_resume("--data", c_.data, before.data, out);
-    require_same_on_resume("--batch-size", c_.batch_size, before.batch_size, out);
-    require_same_on_resume("--seed", c_.seed, before.seed, out);
-    require_same_on_resume("--val-split", c_.val_split, before.val_split, out);
+    require_same_on_resume("backbone", c_.backbone, before.backbone, out);
+    require_same_on_resume("data", c_.data, before.data, out);
+    require_same_on_resume("batch-size", c_.batch_size, before.batch_size, out);
+    require_same_on_resume("seed", c_.seed, before.seed, out);
+    require_same_on_resume("val-split", c_.val_split, before.val_split, out);
   }
 
   // The frozen features make the probe cheap; one process is enough.
@@ -251,13 +200,13 @@ class LinearProbeTask : public Task {
         split_.train = std::move(held.train);
         validation = std::move(held.validation);
       } catch (const std::invalid_argument& e) {
-        usage(std::string("--val-split: ") + e.what());
+        throw OptionError("val-split", std::string(": ") + e.what());
       }
     }
     model_name_ = backbone_model_name(c_);
     const auto& names = models::model_names();
     if (std::find(names.begin(), names.end(), model_name_) == names.end())
-      usage("--backbone " + c_.backbone + ": unknown model '" + model_name_ + "' in its config.json");
+      throw OptionError("backbone", c_.backbone + ": unknown model '" + model_name_ + "' in its config.json");
     backbone_ = load_backbone(c_, model_name_, split_.train);
     backbone_->to(place.device);
     for (auto& p : backbone_->parameters()) p.set_requires_grad(false);

@@ -5,11 +5,28 @@
 #include <largebatch/optim/recipes.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <stdexcept>
 
 namespace largebatch {
 namespace train {
+std::string OptionError::worded(const std::string& prefix) const {
+  std::string problem = problem_;
+  for (const auto& key : mentioned_) {  // each mention: a whole word, not part of another option's name
+    for (size_t at = problem.find(key); at != std::string::npos; at = problem.find(key, at + 1)) {
+      const auto is_name_char = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '-'; };
+      const bool starts = at == 0 || !is_name_char(problem[at - 1]);
+      const bool ends = at + key.size() == problem.size() || !is_name_char(problem[at + key.size()]);
+      if (starts && ends) {
+        problem.insert(at, prefix);
+        break;
+      }
+    }
+  }
+  return prefix + option_ + (problem.rfind(':', 0) == 0 ? "" : " ") + problem;
+}
+
 namespace check {
 
 namespace {

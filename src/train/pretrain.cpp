@@ -23,40 +23,6 @@ namespace train {
 
 namespace {
 
-template <class Config, class Visitor>
-void pretrain_fields(Config& c, Visitor&& v) {
-  v("data", c.data);
-  v("data-dir", c.data_dir);
-  v("loader-workers", c.loader_workers);
-  v("synthetic-size", c.synthetic_size);
-  v("model", c.model);
-  v("init", c.init);
-  v("projector", c.projector);
-  v("lambda", c.lambda);
-  v("min-scale", c.min_scale);
-  v("optimizer", c.optimizer);
-  v("opt", c.optimizer_options);
-  v("lr", c.lr);
-  v("weight-decay", c.weight_decay);
-  v("schedule", c.schedule);
-  v("warmup-epochs", c.warmup_epochs);
-  v("final-ratio", c.final_ratio);
-  v("batch-size", c.batch_size);
-  v("epochs", c.epochs);
-  v("seed", c.seed);
-  v("threads", c.threads);
-  v("device", c.device);
-  v("out", c.out);
-  v("telemetry-every", c.telemetry_every);
-  v("checkpoint-every", c.checkpoint_every);
-  v("on-nonfinite", c.on_nonfinite);
-  v("skip-limit", c.skip_limit);
-  v("progress", c.progress);
-  v("plots", c.plots);
-  v("sync-bn", c.sync_bn);
-  v("dist-timeout", c.dist_timeout);
-  v("bucket-mb", c.bucket_mb);
-}
 
 
 std::vector<int64_t> parse_projector(const std::string& text) {
@@ -67,10 +33,10 @@ std::vector<int64_t> parse_projector(const std::string& text) {
     char* end = nullptr;
     const long long v = std::strtoll(item.c_str(), &end, 10);
     if (item.empty() || *end != '\0' || v <= 0 || v > 65536)
-      usage("--projector: '" + text + "' is not a list of layer sizes such as 1024-1024-1024 (each 1..65536)");
+      throw OptionError("projector", ": '" + text + "' is not a list of layer sizes such as 1024-1024-1024 (each 1..65536)");
     sizes.push_back(v);
   }
-  if (sizes.empty()) usage("--projector: empty");
+  if (sizes.empty()) throw OptionError("projector", "must not be empty");
   return sizes;
 }
 
@@ -171,45 +137,16 @@ PretrainRecord pretrain_record_from(const json& j, double* augment_seconds) {
 
 // ------------------------------------------------------------------ pretrain config
 
-std::string PretrainConfig::to_json() const {
-  return config_to_json(*this, [](PretrainConfig& c, JsonWriter& w) { pretrain_fields(c, w); });
-}
+std::string PretrainConfig::to_json() const { return config_to_json(*this); }
 
 PretrainConfig PretrainConfig::from_json(const std::string& text, const std::string& source) {
-  return config_from_json<PretrainConfig>(text, source, [](PretrainConfig& c, JsonReader& r) { pretrain_fields(c, r); });
+  return config_from_json<PretrainConfig>(text, source);
 }
 
 void PretrainConfig::validate() const {
-  check_common(data, model, init, progress, device, out, threads);
-  if (model.empty()) usage("--model must not be empty");
+  check_options(*this);
   parse_projector(projector);
-  try {
-    lo::find_recipe(optimizer);
-  } catch (const std::invalid_argument& e) {
-    usage(std::string("--optimizer: ") + e.what());
-  }
-  if (!one_of(schedule, {"auto", "constant", "cosine", "warmup-cosine"}))
-    usage("--schedule: '" + schedule + "' is not auto, constant, cosine or warmup-cosine");
-  if (!(lambda >= 0 && std::isfinite(lambda))) usage("--lambda must be finite and >= 0");
-  if (!(min_scale > 0 && min_scale <= 1)) usage("--min-scale must be in (0, 1]");
-  if (batch_size < 2) usage("--batch-size must be >= 2 (Barlow Twins normalises over the batch)");
-  if (epochs <= 0) usage("--epochs must be > 0, got " + std::to_string(epochs));
-  if (loader_workers <= 0) usage("--loader-workers must be > 0");
-  if (synthetic_size <= 0) usage("--synthetic-size must be > 0");
-  if (telemetry_every < 0) usage("--telemetry-every must be >= 0");
-  if (checkpoint_every < 0) usage("--checkpoint-every must be >= 0 (0: at the end of each epoch), got " +
-                                  std::to_string(checkpoint_every));
-  if (lr != -1 && !(lr >= 0 && std::isfinite(lr))) usage("--lr must be finite and >= 0");
-  if (weight_decay != -1 && !(weight_decay >= 0 && std::isfinite(weight_decay))) usage("--weight-decay must be >= 0");
-  if (!(warmup_epochs >= 0)) usage("--warmup-epochs must be >= 0");
-  if (!(final_ratio >= 0 && final_ratio <= 1)) usage("--final-ratio must be in [0, 1]");
-  if (!(dist_timeout > 0 && std::isfinite(dist_timeout))) usage("--dist-timeout must be > 0 seconds");
-  if (!(bucket_mb > 0 && std::isfinite(bucket_mb))) usage("--bucket-mb must be > 0");
-  if (on_nonfinite != "stop" && on_nonfinite != "skip")
-    usage("--on-nonfinite must be stop or skip, got '" + on_nonfinite + "'");
-  if (skip_limit < 1) usage("--skip-limit must be >= 1, got " + std::to_string(skip_limit));
 }
-
 
 // ------------------------------------------------------------------ the Barlow Twins task
 
@@ -244,12 +181,12 @@ class BarlowTwinsTask : public Task {
 
   void check_resume(const std::string& saved, const fs::path& out) const override {
     const PretrainConfig before = PretrainConfig::from_json(saved, (out / "config.json").string());
-    require_same_on_resume("--data", c_.data, before.data, out);
-    require_same_on_resume("--model", c_.model, before.model, out);
-    require_same_on_resume("--projector", c_.projector, before.projector, out);
-    require_same_on_resume("--optimizer", c_.optimizer, before.optimizer, out);
-    require_same_on_resume("--batch-size", c_.batch_size, before.batch_size, out);
-    require_same_on_resume("--seed", c_.seed, before.seed, out);
+    require_same_on_resume("data", c_.data, before.data, out);
+    require_same_on_resume("model", c_.model, before.model, out);
+    require_same_on_resume("projector", c_.projector, before.projector, out);
+    require_same_on_resume("optimizer", c_.optimizer, before.optimizer, out);
+    require_same_on_resume("batch-size", c_.batch_size, before.batch_size, out);
+    require_same_on_resume("seed", c_.seed, before.seed, out);
   }
 
   void setup(const RunPlace& place) override {
@@ -257,7 +194,7 @@ class BarlowTwinsTask : public Task {
     split_ = load_data(c_.data, c_.data_dir, c_.synthetic_size, c_.seed);
     const auto& train_set = split_.train;
     if (train_set.size() < c_.batch_size && train_set.size() < 2)
-      usage("--data " + c_.data + ": too few training images for Barlow Twins");
+      throw OptionError("data", c_.data + ": too few training images for Barlow Twins");
     backbone_ = make_classifier(c_.model, train_set, c_.init, c_.seed, train_set.num_classes);
     torch::manual_seed(mix64(c_.seed) & 0x7fffffffffffffffULL);  // the projector's initialisation
     net_ = BarlowTwinsNet(backbone_, projector_sizes_);
@@ -277,7 +214,7 @@ class BarlowTwinsTask : public Task {
     o.world = place.world;
     source_ = std::make_unique<LoaderSource>(train_set, o);
     if (source_->batches_per_epoch() == 0)
-      usage("--batch-size " + std::to_string(c_.batch_size) + " is larger than the data set");
+      throw OptionError("batch-size", std::to_string(c_.batch_size) + " is larger than the data set");
     mean_ = torch::tensor(std::vector<float>(train_set.mean.begin(), train_set.mean.end())).view({1, -1, 1, 1});
     std_ = torch::tensor(std::vector<float>(train_set.std.begin(), train_set.std.end())).view({1, -1, 1, 1});
     view_options_.min_scale = c_.min_scale;
@@ -296,8 +233,9 @@ class BarlowTwinsTask : public Task {
     const lo::ResolvedRecipe recipe = lo::resolve_recipe(c_.optimizer, lo::Task::kSelfSupervised, c_.batch_size,
                                                          total_steps, c_.lr, c_.schedule, given);
     if (recipe.schedule == "warmup-cosine" && c_.warmup_epochs > static_cast<double>(c_.epochs))
-      usage("--warmup-epochs " + format("%g", c_.warmup_epochs) + " is longer than --epochs " +
-            std::to_string(c_.epochs));
+      throw OptionError("warmup-epochs", format("%g", c_.warmup_epochs) + " is longer than epochs " +
+                                               std::to_string(c_.epochs),
+                        {"epochs"});
     lo::ScheduleOptions so;
     so.warmup_steps = std::llround(c_.warmup_epochs * static_cast<double>(steps_per_epoch));
     so.total_steps = total_steps;

@@ -23,7 +23,7 @@ OptimizerPlan plan_from_recipe(const lo::ResolvedRecipe& recipe, const lo::Named
   try {
     plan.optimizer = lo::make_optimizer({recipe.optimizer, recipe.lr, batch_size, recipe.options}, parameters);
   } catch (const std::invalid_argument& e) {
-    usage(std::string("--opt: ") + e.what());
+    throw OptionError("opt", std::string(": ") + e.what());
   }
   so.kind = lo::parse_schedule_kind(recipe.schedule);
   so.lr = recipe.lr;
@@ -111,13 +111,14 @@ class RunLoop {
       usage(o_.command + " runs in one process (WORLD_SIZE is " + std::to_string(world) +
             "); start it without a launcher");
     if (o_.batch_size % world != 0)
-      usage("--batch-size " + std::to_string(o_.batch_size) + " is not divisible by the world size " +
+      throw OptionError("batch-size", std::to_string(o_.batch_size) + " is not divisible by the world size " +
             std::to_string(world) + " (WORLD_SIZE)");
     if (o_.micro_batch > 0 && !task_.per_example_loss())
-      usage("--micro-batch: the " + o_.command + " loss is a function of the whole batch, not a sum over its images");
+      throw OptionError("micro-batch", ": the " + o_.command + " loss is a function of the whole batch, not a sum over its images");
     if (o_.micro_batch > 0 && (o_.batch_size / world) % o_.micro_batch != 0)
-      usage("--micro-batch " + std::to_string(o_.micro_batch) + " does not divide the per-rank batch " +
-            std::to_string(o_.batch_size / world) + " (--batch-size / WORLD_SIZE)");
+      throw OptionError("micro-batch", std::to_string(o_.micro_batch) + " does not divide the per-rank batch " +
+            std::to_string(o_.batch_size / world) + " (batch-size / WORLD_SIZE)",
+                        {"batch-size"});
     checkpoint_path_ = o_.out / "checkpoint.pt";
     // Never overwrite a previous run's results; a resume needs the same identity.
     resuming_ = prepare_output_dir(o_.out, o_.resume, place_.lead, report(), [&](const std::string& saved) {
@@ -129,7 +130,7 @@ class RunLoop {
     task_.set_communicator(comm_.get());
     steps_per_epoch_ = task_.batches().batches_per_epoch();
     if (steps_per_epoch_ == 0)
-      usage("--batch-size " + std::to_string(o_.batch_size) + " leaves no batch in an epoch");
+      throw OptionError("batch-size", std::to_string(o_.batch_size) + " leaves no batch in an epoch");
     total_steps_ = o_.epochs * steps_per_epoch_;
     plan_ = task_.plan_optimizer(steps_per_epoch_, total_steps_);
     layerwise_ = dynamic_cast<lo::LayerwiseOptimizer*>(plan_.optimizer.get());
@@ -139,7 +140,7 @@ class RunLoop {
       tv_ = static_cast<const lo::LayerwiseOptions&>(layerwise_->param_groups()[0].options()).time_varying();
     if (o_.sharpness_every > 0) {
       sharpness_loss_ = task_.sharpness_loss();
-      if (!sharpness_loss_) usage("--sharpness-every: " + o_.command + " has no training loss on a fixed batch");
+      if (!sharpness_loss_) throw OptionError("sharpness-every", ": " + o_.command + " has no training loss on a fixed batch");
     }
   }
 
@@ -182,11 +183,11 @@ class RunLoop {
     }
     if (o_.telemetry_every > 0 && place_.lead) {
       open_telemetry(telemetry_, o_.out / "telemetry.csv", resuming_, step_);
-      if (!layerwise_) info("note: --telemetry-every records layer-wise optimizers only; this one has no trust ratio");
+      if (!layerwise_) info("note: telemetry-every records layer-wise optimizers only; this one has no trust ratio");
     }
     if (sharpness_loss_ && place_.lead)
       open_csv_log(sharpness_log_, o_.out / "sharpness.csv", "step,epoch,top_eigenvalue,iterations,converged,seconds",
-                   resuming_, step_ + 1, "--sharpness-every");
+                   resuming_, step_ + 1, "sharpness-every");
   }
 
   // The banner: the task's lines, then data parallelism and the optimizer's every option.
@@ -365,7 +366,7 @@ class RunLoop {
       result_.status = "diverged";
       result_.message = nonfinite + " at step " + std::to_string(step_) + " (epoch " + std::to_string(epoch + 1) + ")" +
                         largest_trust_ratio(layerwise_) + "; the last good checkpoint is " + last_good +
-                        " (--on-nonfinite skip drops such steps instead)";
+                        " (on-nonfinite skip drops such steps instead)";
       return StepEnd::kEnded;
     }
     // Skipping cannot recover from weights that are already NaN or infinite, nor from a run that keeps failing.
@@ -373,7 +374,7 @@ class RunLoop {
     if (const std::string bad_weights = first_nonfinite_parameter(task_.module()); !bad_weights.empty())
       hopeless = "the weights of " + bad_weights + " are no longer finite";
     else if (skipped_in_a_row_ + 1 >= o_.skip_limit)
-      hopeless = std::to_string(skipped_in_a_row_ + 1) + " steps skipped in a row (--skip-limit " +
+      hopeless = std::to_string(skipped_in_a_row_ + 1) + " steps skipped in a row (skip-limit " +
                  std::to_string(o_.skip_limit) + ")";
     if (!hopeless.empty()) {
       result_.status = "diverged";

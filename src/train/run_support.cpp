@@ -78,14 +78,14 @@ void write_atomically(const fs::path& path, const std::string& text) {
 
 torch::Device parse_device(const std::string& name) {
   if (name == "cpu") return torch::kCPU;
-  if (!torch::cuda::is_available()) usage("--device " + name + ": CUDA is not available in this build or machine");
+  if (!torch::cuda::is_available()) throw OptionError("device", name + ": CUDA is not available in this build or machine");
   try {
     torch::Device d(name);
     if (d.has_index() && d.index() >= static_cast<int>(torch::cuda::device_count()))
-      usage("--device " + name + ": only " + std::to_string(torch::cuda::device_count()) + " CUDA device(s)");
+      throw OptionError("device", name + ": only " + std::to_string(torch::cuda::device_count()) + " CUDA device(s)");
     return d;
   } catch (const c10::Error&) {
-    usage("--device: cannot parse '" + name + "'");
+    throw OptionError("device", ": cannot parse '" + name + "'");
   }
 }
 
@@ -167,22 +167,22 @@ bool prepare_output_dir(const fs::path& out, bool resume, bool lead, Reporter* r
       } catch (const std::exception&) {
       }
       if (status == "completed" || status == "diverged")
-        usage("--resume: " + out.string() + " holds a " + status + " run's results but no checkpoint.pt to resume "
-              "from; choose another --out");
+        throw OptionError("resume", ": " + out.string() + " holds a " + status + " run's results but no checkpoint.pt to resume "
+              "from; choose another out", {"out"});
     }
     if (!resuming && lead && reporter)
-      reporter->warning("--resume: no checkpoint in " + out.string() + " yet, starting from the beginning");
+      reporter->warning("resume: no checkpoint in " + out.string() + " yet, starting from the beginning");
   } else if (fs::exists(out / "metrics.csv") || fs::exists(checkpoint)) {
-    usage("--out " + out.string() + " already holds a run; pass --resume to continue it or choose another --out");
+    throw OptionError("out", out.string() + " already holds a run; resume it or choose another out", {"resume", "out"});
   }
   if (lead) {
     std::error_code ec;
     fs::create_directories(out, ec);
-    if (ec) usage("--out: cannot create " + out.string() + ": " + ec.message());
+    if (ec) throw OptionError("out", ": cannot create " + out.string() + ": " + ec.message());
     // Try it (access() says yes to root even where nothing can be written, /proc say).
     const fs::path probe = out / ".largebatch-write-test";
     const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) usage("--out: cannot write in " + out.string() + ": " + std::strerror(errno));
+    if (fd < 0) throw OptionError("out", ": cannot write in " + out.string() + ": " + std::strerror(errno));
     ::close(fd);
     ::unlink(probe.c_str());
   }
@@ -193,8 +193,8 @@ json within_epoch_of(const json& meta, int64_t steps_per_epoch, const fs::path& 
   const json within = meta.value("within_epoch", json::object());
   const int64_t batch = within.value("batch", int64_t{0});
   if (batch < 0 || batch > steps_per_epoch)
-    usage("--resume: checkpoint " + checkpoint.string() + " was taken after batch " + std::to_string(batch) +
-          " of an epoch that now has " + std::to_string(steps_per_epoch) + " (data set or --drop-last changed?)");
+    throw OptionError("resume", ": checkpoint " + checkpoint.string() + " was taken after batch " + std::to_string(batch) +
+          " of an epoch that now has " + std::to_string(steps_per_epoch) + " (data set or drop-last changed?)", {"drop-last"});
   return within;
 }
 
@@ -204,9 +204,9 @@ void require_same_resume_point(dist::Communicator* comm, bool resuming, int64_t 
   dist::guarded(*comm, [&] { comm->all_reduce_sum(sums); });
   const double world = static_cast<double>(comm->world());
   if (sums[0].item<double>() != (resuming ? world : 0.0) || sums[1].item<double>() != world * static_cast<double>(step))
-    usage("--resume: the ranks do not agree on where to resume (this rank: " +
+    throw OptionError("resume", ": the ranks do not agree on where to resume (this rank: " +
           (resuming ? "step " + std::to_string(step) : std::string("no checkpoint")) + " in " + out.string() +
-          "); every rank must see the same --out (a shared file system)");
+          "); every rank must see the same out (a shared file system)", {"out"});
 }
 
 void append_line(const fs::path& path, const std::string& text) {
@@ -224,13 +224,13 @@ std::atomic<bool>& stop_flag() {
 }
 
 void open_csv_log(std::ofstream& file, const fs::path& path, const std::string& header, bool resume,
-                  int64_t keep_below, const std::string& flag) {
+                  int64_t keep_below, const std::string& option) {
   if (resume && fs::exists(path)) {
     std::ifstream in(path);
     std::string line, kept;
     std::getline(in, line);
     if (line != header)
-      usage("--resume: " + path.string() + " has the columns \"" + line + "\", this version writes \"" + header +
+      throw OptionError("resume", ": " + path.string() + " has the columns \"" + line + "\", this version writes \"" + header +
             "\"; move the file away to resume");
     kept = line + "\n";
     while (std::getline(in, line)) {
@@ -246,12 +246,12 @@ void open_csv_log(std::ofstream& file, const fs::path& path, const std::string& 
     file.open(path, std::ios::trunc);
     file << header << "\n";
   }
-  if (!file) usage(flag + ": cannot write " + path.string());
+  if (!file) throw OptionError(option, ": cannot write " + path.string());
 }
 
 void open_telemetry(std::ofstream& file, const fs::path& path, bool resume, int64_t step) {
   open_csv_log(file, path, "step,layer,weight_norm,update_norm,grad_norm,trust_ratio,effective_lr,lr,phi", resume,
-               step, "--telemetry-every");
+               step, "telemetry-every");
 }
 
 void write_telemetry(std::ofstream& file, int64_t step, const optim::StepTelemetry& t) {

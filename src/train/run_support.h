@@ -7,6 +7,7 @@
 #include <largebatch/optim/layerwise.h>
 #include <largebatch/optim/recipes.h>
 #include <largebatch/train/checkpoint.h>
+#include <largebatch/train/options.h>
 #include <largebatch/train/reporter.h>
 #include <largebatch/train/trainer.h>
 
@@ -66,8 +67,8 @@ std::shared_ptr<dist::Communicator> connect_ranks(const dist::LaunchEnv& env, to
 
 // For prepare_output_dir's resume check: UsageError if an identity flag differs from the saved run's.
 template <class T>
-void require_same_on_resume(const std::string& flag, const T& now, const T& saved, const std::filesystem::path& out) {
-  if (now != saved) usage("--resume: " + flag + " differs from the checkpointed run in " + out.string());
+void require_same_on_resume(const std::string& option, const T& now, const T& saved, const std::filesystem::path& out) {
+  if (now != saved) throw OptionError(option, "differs from the checkpointed run in " + out.string());
 }
 
 // The output directory's rules: a fresh run never overwrites a previous one's results (metrics.csv or
@@ -122,7 +123,7 @@ void open_telemetry(std::ofstream& file, const std::filesystem::path& path, bool
 // Any per-step CSV log whose first column is a step: fresh with header, or on resume keeping only rows whose
 // step is below keep_below (rows the checkpoint covers) and appending. UsageError names flag if unwritable.
 void open_csv_log(std::ofstream& file, const std::filesystem::path& path, const std::string& header, bool resume,
-                  int64_t keep_below, const std::string& flag);
+                  int64_t keep_below, const std::string& option);
 void write_telemetry(std::ofstream& file, int64_t step, const optim::StepTelemetry& telemetry);
 
 // "; largest trust ratio at step t: <layer> (r = ..., lr*r = ...)" from the optimizer's last step, or "" when

@@ -1,6 +1,7 @@
 #pragma once
 // Sweeps: every combination of a grid runs as its own `largebatch` process in its own folder.
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -33,7 +34,9 @@ struct SweepOptions {
   std::string executable;  // the largebatch program the runs execute (normally this very program)
   std::string out;         // folder of the sweep: one sub-folder per run, sweep.csv
   int64_t jobs = 1;        // runs at a time; a run without "threads" gets cores / jobs threads
-  bool dry_run = false;    // print the runs and their state, run nothing
+  bool dry_run = false;    // list the runs and their state, run nothing
+  // Receives each line of the sweep's progress (the runs' states, starts and ends); none: silent.
+  std::function<void(const std::string& line)> print;
 };
 
 struct SweepResult {

@@ -18,21 +18,26 @@
 namespace largebatch {
 namespace train {
 
-// A bad value of one option. what() is "<option> <problem>" ("batch-size must be > 0, got 0"); the command
-// line shows the option as its flag ("--batch-size must be > 0, got 0"). Other options a problem mentions are
-// named by their keys too.
+// A bad value of one option. what() is "<option> <problem>" ("batch-size must be > 0, got 0"); other options
+// the problem mentions are named by their keys too, and listed, so that the command line can show every one as
+// its flag ("--micro-batch 48 does not divide --batch-size 64").
 class OptionError : public UsageError {
  public:
   // problem: "must be > 0, got 0", or ": unknown model 'x'" (no space is put before a colon).
-  OptionError(std::string option, const std::string& problem)
+  OptionError(std::string option, const std::string& problem, std::vector<std::string> mentioned = {})
       : UsageError(option + (problem.rfind(':', 0) == 0 ? "" : " ") + problem),
         option_(std::move(option)),
-        problem_(problem) {}
+        problem_(problem),
+        mentioned_(std::move(mentioned)) {}
   const std::string& option() const { return option_; }
   const std::string& problem() const { return problem_; }
+  const std::vector<std::string>& mentioned() const { return mentioned_; }
+  // The message with every option named by prefix + key (the command line's prefix is "--").
+  std::string worded(const std::string& prefix) const;
 
  private:
   std::string option_, problem_;
+  std::vector<std::string> mentioned_;
 };
 
 // How an option is named and shown.
@@ -41,6 +46,8 @@ class Option {
   Option(const char* key, std::string help) : key_(key), help_(std::move(help)) {}
   // Command-line names other than "--key", in CLI11's syntax: "--plots,!--no-plots", "--cpu-kernels,--old-name".
   Option& flags(const char* names) { flags_ = names; return *this; }
+  // A boolean given as a value (--cpu-kernels false) rather than as a flag (--sync-bn).
+  Option& valued() { valued_ = true; return *this; }
   // Another key config.json files may use (an option's earlier name).
   Option& alias(const char* key) { alias_ = key; return *this; }
   // The help shows no default (one that means "decided at run time", such as lr -1).
@@ -54,6 +61,7 @@ class Option {
   const char* alias_key() const { return alias_; }
   bool show_default() const { return show_default_; }
   bool saved() const { return saved_; }
+  bool is_valued() const { return valued_; }
 
  private:
   const char* key_;
@@ -62,6 +70,7 @@ class Option {
   const char* alias_ = nullptr;
   bool show_default_ = true;
   bool saved_ = true;
+  bool valued_ = false;
 };
 
 // Checks: the problem with a value ("must be > 0, got 0"), or "" when it is good.
@@ -243,6 +252,7 @@ void visit_options(TrainConfig& c, Visitor&& v) {
                           "(the same results to float rounding; docs/PERFORMANCE.md); false: LibTorch's kernels "
                           "everywhere")
         .flags("--cpu-kernels,--small-map-kernels")
+        .valued()
         .alias("small-map-kernels"),
     c.cpu_kernels, check::any);
   visit_dist_options(c, v);

@@ -1,0 +1,341 @@
+// The one training loop (src/train/run_loop.cpp) through its three tasks: each loop feature where it means
+// something for the task (resume within an epoch, the non-finite policy, micro-batches, the validation split),
+// the reporter the library prints through, and the option lists that configs, JSON and flags share.
+#include <largebatch/largebatch.h>
+#include <largebatch/train/options.h>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "scratch.h"
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+namespace fs = std::filesystem;
+namespace lt = largebatch::train;
+
+namespace {
+
+using largebatch_test::ScratchDir;
+
+lt::PretrainConfig small_pretrain(const fs::path& out) {
+  lt::PretrainConfig c;
+  c.data = "synthetic";
+  c.synthetic_size = 256;
+  c.batch_size = 64;  // 4 steps per epoch
+  c.epochs = 2;
+  c.model = "mlp";    // no BatchNorm in the backbone: a skipped step leaves it exactly as it was
+  c.projector = "64-64";
+  c.threads = 1;
+  c.loader_workers = 1;
+  c.progress = "none";
+  c.plots = false;
+  c.out = out.string();
+  return c;
+}
+
+lt::LinearEvalConfig small_probe(const fs::path& out) {
+  lt::LinearEvalConfig c;
+  c.backbone = "random";
+  c.model = "cnn";
+  c.data = "synthetic";
+  c.synthetic_size = 256;
+  c.batch_size = 64;  // 4 steps per epoch
+  c.epochs = 3;
+  c.threads = 1;
+  c.progress = "none";
+  c.plots = false;
+  c.out = out.string();
+  return c;
+}
+
+lt::TrainConfig small_train(const fs::path& out) {
+  lt::TrainConfig c;
+  c.data = "synthetic";
+  c.synthetic_size = 512;
+  c.model = "mlp";
+  c.optimizer = "lars";
+  c.batch_size = 128;
+  c.epochs = 2;
+  c.threads = 1;
+  c.loader_workers = 1;
+  c.progress = "none";
+  c.plots = false;
+  c.out = out.string();
+  return c;
+}
+
+// Every tensor of a bare LibTorch archive (model.pt, backbone.pt, head.pt) by its dotted name, submodules too.
+void collect_tensors(torch::serialize::InputArchive& archive, const std::string& prefix,
+                     std::map<std::string, torch::Tensor>& out) {
+  for (const auto& key : archive.keys()) {
+    torch::Tensor t;
+    torch::serialize::InputArchive part;
+    if (archive.try_read(key, t, true)) out[prefix + key] = t;
+    else if (archive.try_read(key, part)) collect_tensors(part, prefix + key + ".", out);
+  }
+}
+
+std::map<std::string, torch::Tensor> tensors_of(const fs::path& file) {
+  torch::serialize::InputArchive archive;
+  archive.load_from(file.string());
+  std::map<std::string, torch::Tensor> out;
+  collect_tensors(archive, "", out);
+  return out;
+}
+
+void expect_same_tensors(const fs::path& a, const fs::path& b) {
+  const auto ta = tensors_of(a), tb = tensors_of(b);
+  ASSERT_FALSE(ta.empty()) << a;
+  ASSERT_EQ(ta.size(), tb.size());
+  for (const auto& [key, t] : ta) {
+    ASSERT_TRUE(tb.count(key)) << key;
+    EXPECT_TRUE(torch::equal(t, tb.at(key))) << key << " differs between " << a << " and " << b;
+  }
+}
+
+std::string read(const fs::path& p) {
+  std::ifstream in(p);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// metrics.csv without its timing columns (the last ones of a row differ from run to run).
+std::vector<std::string> metric_rows(const fs::path& csv, size_t columns) {
+  std::vector<std::string> rows;
+  std::istringstream in(read(csv));
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string field, kept;
+    for (size_t i = 0; i < columns && std::getline(fields, field, ','); ++i) kept += field + ",";
+    rows.push_back(kept);
+  }
+  return rows;
+}
+
+struct RecordingReporter : lt::Reporter {
+  std::vector<std::string> infos, warnings, epochs;
+  int64_t steps = 0;
+  void info(const std::string& line) override { infos.push_back(line); }
+  void warning(const std::string& line) override { warnings.push_back(line); }
+  void step(int64_t, int64_t, int64_t, int64_t, const std::string&) override { ++steps; }
+  void epoch(const std::string& line) override { epochs.push_back(line); }
+};
+
+}  // namespace
+
+// Linear-eval, both on precomputed features and on augmented images through the backbone: killed within an
+// epoch and resumed, it ends with the head and metrics of an uninterrupted run (train and pretrain: the
+// Trainer.* and Pretrain.* resume tests).
+TEST(RunLoop, LinearEvalResumedWithinAnEpochIsBitIdentical) {
+  for (const std::string augment : {"none", "flip"}) {
+    SCOPED_TRACE("augment " + augment);
+    ScratchDir straight("probe-straight"), crashed("probe-crashed");
+    auto a = small_probe(straight.path);
+    a.augment = augment;
+    const auto sa = lt::run_linear_eval(a);
+    ASSERT_EQ(sa.status, "completed") << sa.message;
+    auto b = a;
+    b.out = crashed.path.string();
+    b.checkpoint_every = 3;
+    b.crash_after_step = 6;  // the last checkpoint is the one after step 6: epoch 2, batch 2
+    EXPECT_THROW(lt::run_linear_eval(b), lt::SimulatedCrash);
+    b.crash_after_step = -1;
+    b.resume = true;
+    const auto sb = lt::run_linear_eval(b);
+    ASSERT_EQ(sb.status, "completed") << sb.message;
+    EXPECT_EQ(sb.steps, 12);
+    expect_same_tensors(straight.path / "head.pt", crashed.path / "head.pt");
+    ASSERT_EQ(sa.history.size(), sb.history.size());
+    for (size_t i = 0; i < sa.history.size(); ++i) {
+      EXPECT_EQ(sa.history[i].train_loss, sb.history[i].train_loss) << "epoch " << i + 1;
+      EXPECT_EQ(sa.history[i].test_top1, sb.history[i].test_top1) << "epoch " << i + 1;
+      EXPECT_EQ(sa.history[i].lr, sb.history[i].lr) << "epoch " << i + 1;
+    }
+    EXPECT_EQ(metric_rows(straight.path / "metrics.csv", 9), metric_rows(crashed.path / "metrics.csv", 9));
+  }
+}
+
+// --on-nonfinite skip drops a step without touching weights or optimizer state, in every task: skipping every
+// step of epoch 2 leaves exactly the weights of a run that stopped after epoch 1.
+TEST(RunLoop, EveryTaskSkipsANonFiniteStepWithoutChangingAnything) {
+  {
+    ScratchDir one("skip-pre-one"), two("skip-pre-two");
+    auto a = small_pretrain(one.path);
+    a.epochs = 1;
+    a.schedule = "constant";
+    ASSERT_EQ(lt::run_pretraining(a).status, "completed");
+    auto b = a;
+    b.out = two.path.string();
+    b.epochs = 2;
+    b.on_nonfinite = "skip";
+    b.inject_nonfinite_gradient_at = {4, 5, 6, 7};
+    const auto s = lt::run_pretraining(b);
+    EXPECT_EQ(s.status, "completed") << s.message;
+    EXPECT_EQ(s.skipped_steps, 4);
+    EXPECT_EQ(s.steps, 8);
+    expect_same_tensors(one.path / "backbone.pt", two.path / "backbone.pt");
+    EXPECT_EQ(nlohmann::json::parse(read(two.path / "summary.json")).at("skipped_steps"), 4);
+    // Stop (the default) ends the run as diverged and names the layer.
+    ScratchDir stopped("skip-pre-stop");
+    auto c = b;
+    c.out = stopped.path.string();
+    c.on_nonfinite = "stop";
+    const auto t = lt::run_pretraining(c);
+    EXPECT_EQ(t.status, "diverged");
+    EXPECT_NE(t.message.find("non-finite gradient in backbone."), std::string::npos) << t.message;
+    EXPECT_NE(t.message.find("at step 4 (epoch 2)"), std::string::npos) << t.message;
+  }
+  {
+    ScratchDir one("skip-probe-one"), two("skip-probe-two");
+    auto a = small_probe(one.path);
+    a.epochs = 1;
+    ASSERT_EQ(lt::run_linear_eval(a).status, "completed");
+    auto b = a;
+    b.out = two.path.string();
+    b.epochs = 2;
+    b.on_nonfinite = "skip";
+    b.inject_nonfinite_gradient_at = {4, 5, 6, 7};
+    const auto s = lt::run_linear_eval(b);
+    EXPECT_EQ(s.status, "completed") << s.message;
+    EXPECT_EQ(s.skipped_steps, 4);
+    expect_same_tensors(one.path / "head.pt", two.path / "head.pt");
+    // skip-limit counts steps skipped in a row here too.
+    ScratchDir limited("skip-probe-limit");
+    auto c = b;
+    c.out = limited.path.string();
+    c.skip_limit = 3;
+    const auto t = lt::run_linear_eval(c);
+    EXPECT_EQ(t.status, "diverged");
+    EXPECT_NE(t.message.find("3 steps skipped in a row"), std::string::npos) << t.message;
+  }
+}
+
+// The probe has no BatchNorm: micro-batches give the whole batch's gradient (to float rounding).
+TEST(RunLoop, LinearEvalMicroBatchesEqualTheWholeBatch) {
+  ScratchDir whole("probe-whole"), micro("probe-micro");
+  auto a = small_probe(whole.path);
+  const auto sa = lt::run_linear_eval(a);
+  auto b = a;
+  b.out = micro.path.string();
+  b.micro_batch = 16;
+  const auto sb = lt::run_linear_eval(b);
+  ASSERT_EQ(sb.status, "completed") << sb.message;
+  const auto ta = tensors_of(whole.path / "head.pt"), tb = tensors_of(micro.path / "head.pt");
+  for (const auto& [key, t] : ta) EXPECT_TRUE(torch::allclose(t, tb.at(key), 1e-4, 1e-6)) << key;
+  EXPECT_NEAR(sa.history.back().train_loss, sb.history.back().train_loss, 1e-5);
+  // Pretrain's loss is a function of the whole batch: the loop has no micro-batches for it (no such option).
+  std::set<std::string> keys;
+  lt::PretrainConfig p;
+  lt::visit_options(p, [&](const lt::Option& o, auto&, auto&&) { keys.insert(o.key()); });
+  EXPECT_EQ(keys.count("micro-batch"), 0u);
+}
+
+// --val-split in linear-eval: held out of the head's training images, evaluated each epoch, selected on.
+TEST(RunLoop, LinearEvalValidationSplit) {
+  ScratchDir dir("probe-val");
+  auto c = small_probe(dir.path);
+  c.val_split = 64;
+  const auto s = lt::run_linear_eval(c);
+  ASSERT_EQ(s.status, "completed") << s.message;
+  EXPECT_EQ(s.steps, 9);  // 192 training images left, 3 steps of 64
+  for (const auto& r : s.history) {
+    EXPECT_TRUE(std::isfinite(r.val_top1));
+    EXPECT_GE(r.val_top1, 0.0);
+    EXPECT_LE(r.val_top1, 1.0);
+  }
+  EXPECT_GE(s.selected_epoch, 1);
+  const auto summary = nlohmann::json::parse(read(dir.path / "summary.json"));
+  EXPECT_EQ(summary.at("val_split"), 64);
+  EXPECT_EQ(summary.at("selected_epoch"), s.selected_epoch);
+  const std::string csv = read(dir.path / "metrics.csv");
+  EXPECT_NE(csv.find("val_loss,val_top1,val_top5"), std::string::npos);
+  EXPECT_EQ(csv.find(",,"), std::string::npos) << csv;  // no empty validation field
+}
+
+// The library prints nothing itself: a run without a reporter is silent, one with a reporter hears the banner,
+// every step, every epoch and every skipped step.
+TEST(RunLoop, TheLibraryReportsOnlyThroughItsReporter) {
+  ScratchDir quiet("report-quiet"), heard("report-heard");
+  auto c = small_train(quiet.path);
+  c.on_nonfinite = "skip";
+  c.inject_nonfinite_gradient_at = {1};
+  testing::internal::CaptureStdout();
+  testing::internal::CaptureStderr();
+  const auto s = lt::run_training(c);
+  const std::string out = testing::internal::GetCapturedStdout(), err = testing::internal::GetCapturedStderr();
+  ASSERT_EQ(s.status, "completed") << s.message;
+  EXPECT_EQ(out, "");
+  EXPECT_EQ(err, "");
+
+  c.out = heard.path.string();
+  RecordingReporter reporter;
+  const auto t = lt::run_training(c, &reporter);
+  ASSERT_EQ(t.status, "completed") << t.message;
+  ASSERT_FALSE(reporter.infos.empty());
+  EXPECT_EQ(reporter.infos.front().rfind("largebatch train: synthetic", 0), 0u) << reporter.infos.front();
+  EXPECT_EQ(reporter.epochs.size(), 2u);
+  EXPECT_EQ(reporter.steps, 7);  // 8 steps, one skipped
+  ASSERT_EQ(reporter.warnings.size(), 1u);
+  EXPECT_NE(reporter.warnings[0].find("step 1: non-finite gradient in"), std::string::npos) << reporter.warnings[0];
+}
+
+// Each command's options come from one list: config.json holds exactly its saved options, reads back to the same
+// config, and a bad value is an OptionError naming the option by its key.
+template <class Config>
+void check_option_list(Config config, const std::string& bad_key, const std::function<void(Config&)>& make_bad) {
+  std::set<std::string> saved, all;
+  lt::visit_options(config, [&](const lt::Option& o, auto&, auto&&) {
+    EXPECT_TRUE(all.insert(o.key()).second) << "option declared twice: " << o.key();
+    EXPECT_FALSE(o.help().empty()) << o.key();
+    if (o.saved()) saved.insert(o.key());
+  });
+  const auto written = nlohmann::json::parse(config.to_json());
+  std::set<std::string> keys;
+  for (auto it = written.begin(); it != written.end(); ++it) keys.insert(it.key());
+  EXPECT_EQ(keys, saved);
+  EXPECT_EQ(Config::from_json(config.to_json(), "config.json").to_json(), config.to_json());
+  make_bad(config);
+  try {
+    config.validate();
+    ADD_FAILURE() << "no error for a bad " << bad_key;
+  } catch (const lt::OptionError& e) {
+    EXPECT_EQ(e.option(), bad_key) << e.what();
+    EXPECT_EQ(std::string(e.what()).rfind(bad_key, 0), 0u) << e.what();
+  }
+}
+
+TEST(Options, EachCommandsOptionsComeFromOneList) {
+  check_option_list<lt::TrainConfig>({}, "batch-size", [](lt::TrainConfig& c) { c.batch_size = 0; });
+  check_option_list<lt::TrainConfig>({}, "on-nonfinite", [](lt::TrainConfig& c) { c.on_nonfinite = "ignore"; });
+  check_option_list<lt::PretrainConfig>({}, "lambda", [](lt::PretrainConfig& c) { c.lambda = -1; });
+  lt::LinearEvalConfig probe;
+  probe.backbone = "random";
+  probe.model = "cnn";
+  check_option_list<lt::LinearEvalConfig>(probe, "val-split", [](lt::LinearEvalConfig& c) { c.val_split = -1; });
+}
+
+// The command line words an error with flags: the option and every option its problem mentions.
+TEST(Options, AnErrorNamesEveryOptionItMentions) {
+  lt::TrainConfig c;
+  c.batch_size = 64;
+  c.micro_batch = 48;
+  try {
+    c.validate();
+    ADD_FAILURE() << "--micro-batch 48 of 64 was accepted";
+  } catch (const lt::OptionError& e) {
+    EXPECT_EQ(std::string(e.what()), "micro-batch 48 does not divide batch-size 64");
+    EXPECT_EQ(e.worded("--"), "--micro-batch 48 does not divide --batch-size 64");
+  }
+  const lt::OptionError unknown("data", ": unknown data set 'x'");
+  EXPECT_EQ(unknown.worded("--"), "--data: unknown data set 'x'");
+  // A mention is a whole option name, not part of another one.
+  const lt::OptionError partial("warmup-epochs", "3 is longer than epochs 1", {"epochs"});
+  EXPECT_EQ(partial.worded("--"), "--warmup-epochs 3 is longer than --epochs 1");
+}
