@@ -18,6 +18,8 @@
 #include <largebatch/train/barlow_twins.h>
 #include <largebatch/train/self_supervised.h>
 #include <largebatch/train/sharpness.h>
+#include <largebatch/train/options.h>
+#include <largebatch/train/reporter.h>
 #include <largebatch/report/report.h>
 #include <largebatch/report/sweep.h>
 #include <largebatch/dist/dist.h>

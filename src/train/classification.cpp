@@ -121,28 +121,14 @@ class ClassificationTask : public Task {
   explicit ClassificationTask(const TrainConfig& config) : c_(config) {}
 
   LoopOptions loop_options() const override {
-    LoopOptions o;
-    o.command = "train";
-    o.out = c_.out;
-    o.resume = c_.resume;
-    o.epochs = c_.epochs;
-    o.batch_size = c_.batch_size;
+    LoopOptions o = common_loop_options(c_, "train");
     o.micro_batch = c_.micro_batch;
-    o.seed = c_.seed;
-    o.threads = c_.threads;
-    o.device = c_.device;
-    o.checkpoint_every = c_.checkpoint_every;
     o.telemetry_every = c_.telemetry_every;
     o.sharpness_every = c_.sharpness_every;
     o.sharpness_iterations = c_.sharpness_iterations;
-    o.on_nonfinite = c_.on_nonfinite;
-    o.skip_limit = c_.skip_limit;
-    o.plots = c_.plots;
     o.sync_bn = c_.sync_bn;
     o.dist_timeout = c_.dist_timeout;
     o.bucket_mb = c_.bucket_mb;
-    o.inject_nonfinite_gradient_at = c_.inject_nonfinite_gradient_at;
-    o.crash_after_step = c_.crash_after_step;
     return o;
   }
 

@@ -159,22 +159,8 @@ class LinearProbeTask : public Task {
   explicit LinearProbeTask(const LinearEvalConfig& config) : c_(config) {}
 
   LoopOptions loop_options() const override {
-    LoopOptions o;
-    o.command = "linear-eval";
-    o.out = c_.out;
-    o.resume = c_.resume;
-    o.epochs = c_.epochs;
-    o.batch_size = c_.batch_size;
+    LoopOptions o = common_loop_options(c_, "linear-eval");
     o.micro_batch = c_.micro_batch;
-    o.seed = c_.seed;
-    o.threads = c_.threads;
-    o.device = c_.device;
-    o.checkpoint_every = c_.checkpoint_every;
-    o.on_nonfinite = c_.on_nonfinite;
-    o.skip_limit = c_.skip_limit;
-    o.plots = c_.plots;
-    o.inject_nonfinite_gradient_at = c_.inject_nonfinite_gradient_at;
-    o.crash_after_step = c_.crash_after_step;
     return o;
   }
 

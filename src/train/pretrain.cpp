@@ -157,25 +157,11 @@ class BarlowTwinsTask : public Task {
   explicit BarlowTwinsTask(const PretrainConfig& config) : c_(config), projector_sizes_(parse_projector(config.projector)) {}
 
   LoopOptions loop_options() const override {
-    LoopOptions o;
-    o.command = "pretrain";
-    o.out = c_.out;
-    o.resume = c_.resume;
-    o.epochs = c_.epochs;
-    o.batch_size = c_.batch_size;
-    o.seed = c_.seed;
-    o.threads = c_.threads;
-    o.device = c_.device;
-    o.checkpoint_every = c_.checkpoint_every;
+    LoopOptions o = common_loop_options(c_, "pretrain");
     o.telemetry_every = c_.telemetry_every;
-    o.on_nonfinite = c_.on_nonfinite;
-    o.skip_limit = c_.skip_limit;
-    o.plots = c_.plots;
     o.sync_bn = c_.sync_bn;
     o.dist_timeout = c_.dist_timeout;
     o.bucket_mb = c_.bucket_mb;
-    o.inject_nonfinite_gradient_at = c_.inject_nonfinite_gradient_at;
-    o.crash_after_step = c_.crash_after_step;
     return o;
   }
 

@@ -48,6 +48,27 @@ struct RunPlace {
   bool lead = true;  // rank 0: writes files and reports
 };
 
+// The loop options every command has (the configs share these members); a task adds its own.
+template <class Config>
+LoopOptions common_loop_options(const Config& c, const char* command) {
+  LoopOptions o;
+  o.command = command;
+  o.out = c.out;
+  o.resume = c.resume;
+  o.epochs = c.epochs;
+  o.batch_size = c.batch_size;
+  o.seed = c.seed;
+  o.threads = c.threads;
+  o.device = c.device;
+  o.checkpoint_every = c.checkpoint_every;
+  o.on_nonfinite = c.on_nonfinite;
+  o.skip_limit = c.skip_limit;
+  o.plots = c.plots;
+  o.inject_nonfinite_gradient_at = c.inject_nonfinite_gradient_at;
+  o.crash_after_step = c.crash_after_step;
+  return o;
+}
+
 // An epoch's batches. Batches must depend only on (seed, epoch, index), so that an epoch restarted at a batch
 // continues as it would have.
 class BatchSource {

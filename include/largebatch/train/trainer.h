@@ -77,11 +77,11 @@ struct TrainConfig {
   double dist_timeout = 300;      // seconds: rendezvous and every collective
   double bucket_mb = 1;           // gradient all-reduce bucket size
 
-  // Every field, with the command line's option names as keys.
+  // Every saved option (train/options.h lists them), under its key.
   std::string to_json() const;
   // Reads a JSON object written by to_json (unknown keys and wrong types are UsageErrors naming the key).
   static TrainConfig from_json(const std::string& text, const std::string& source);
-  // Checks every field; UsageError names the flag.
+  // Checks every option; an OptionError (train/options.h) names the first bad one by its key.
   void validate() const;
 };
 
