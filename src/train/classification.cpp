@@ -271,6 +271,8 @@ class ClassificationTask : public Task {
     s["optimizer"] = c_.optimizer;
     s["model"] = c_.model;
     s["data"] = c_.data;
+    s["images"] = {{"train", split_.train.size()}, {"validation", validation_.size()}, {"test", split_.test.size()}};
+    s["seed"] = c_.seed;
     return s;
   }
 

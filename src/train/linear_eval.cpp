@@ -324,6 +324,9 @@ class LinearProbeTask : public Task {
     s["backbone"] = c_.backbone;
     s["model"] = model_name_;
     s["data"] = c_.data;
+    s["images"] = {{"train", split_.train.size()}, {"validation", val_labels_.defined() ? val_labels_.size(0) : 0},
+                   {"test", split_.test.size()}};
+    s["seed"] = c_.seed;
     return s;
   }
 

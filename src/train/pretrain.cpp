@@ -310,7 +310,9 @@ class BarlowTwinsTask : public Task {
                 {"model", c_.model},
                 {"projector", c_.projector},
                 {"data", c_.data},
-                {"backbone", status == "completed" ? (fs::path(c_.out) / "backbone.pt").string() : ""}};
+                {"backbone", status == "completed" ? (fs::path(c_.out) / "backbone.pt").string() : ""},
+                {"images", {{"train", split_.train.size()}}},
+                {"seed", c_.seed}};
   }
 
   void save_artifacts(const fs::path& out) override { save_module(out / "backbone.pt", *backbone_); }

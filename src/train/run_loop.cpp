@@ -5,6 +5,7 @@
 #include <largebatch/optim/factory.h>
 #include <largebatch/report/plot.h>
 #include <largebatch/train/sharpness.h>
+#include <largebatch/version.h>
 
 #include <algorithm>
 #include <limits>
@@ -51,7 +52,9 @@ EpochState EpochState::from_json(const json& j, size_t metrics) {
   if (j.empty()) return s;
   s.index = j.at("batch");
   s.sums = j.at("sums").get<std::vector<double>>();
-  if (s.sums.size() != metrics) throw CheckpointError("checkpoint: the unfinished epoch's metrics do not fit this run");
+  if (s.sums.size() != metrics)
+    throw std::invalid_argument(std::to_string(s.sums.size()) + " metrics of the unfinished epoch, this run has " +
+                                std::to_string(metrics));
   s.steps_done = j.at("steps_done");
   s.seen = j.at("seen");
   s.lr = j.at("lr");
@@ -62,6 +65,33 @@ EpochState EpochState::from_json(const json& j, size_t metrics) {
   s.optimizer_s = j.at("optimizer_s");
   s.sharpness_s = j.at("sharpness_s");
   s.elapsed_s = j.at("elapsed_s");
+  return s;
+}
+
+json RunState::to_json() const {
+  json meta{{"epoch", epoch},
+            {"step", step},
+            {"skipped_steps", skipped_steps},
+            {"skipped_in_a_row", skipped_in_a_row},
+            {"history", history}};
+  if (within) meta["within_epoch"] = within->to_json();
+  return meta;
+}
+
+RunState RunState::from_json(const json& meta, size_t metrics, int64_t steps_per_epoch, const fs::path& checkpoint) {
+  RunState s;
+  const json within = within_epoch_of(meta, steps_per_epoch, checkpoint);
+  try {
+    s.epoch = meta.at("epoch");
+    s.step = meta.at("step");
+    s.skipped_steps = meta.value("skipped_steps", int64_t{0});
+    s.skipped_in_a_row = meta.value("skipped_in_a_row", int64_t{0});
+    for (const auto& r : meta.at("history")) s.history.push_back(r);
+    if (!within.empty()) s.within = EpochState::from_json(within, metrics);
+  } catch (const std::exception& e) {  // a missing or mistyped field, or another task's metrics
+    throw OptionError("resume", ": checkpoint " + checkpoint.string() + ": its meta record does not fit this run (" +
+                                    e.what() + ")");
+  }
   return s;
 }
 
@@ -148,16 +178,17 @@ class RunLoop {
   void restore() {
     if (!resuming_) return;
     const json meta = load_checkpoint(checkpoint_path_, task_.module(), *plan_.optimizer, place_.device);
-    start_epoch_ = meta.at("epoch");
-    step_ = meta.at("step");
-    within_epoch_ = within_epoch_of(meta, steps_per_epoch_, checkpoint_path_);
-    skipped_in_a_row_ = meta.value("skipped_in_a_row", int64_t{0});
-    result_.skipped_steps = meta.value("skipped_steps", int64_t{0});
-    for (const auto& r : meta.at("history")) result_.history.push_back(r);
-    if (within_epoch_.contains("batch"))
+    const RunState state = RunState::from_json(meta, task_.step_metrics().size(), steps_per_epoch_, checkpoint_path_);
+    start_epoch_ = state.epoch;
+    step_ = state.step;
+    within_epoch_ = state.within;
+    skipped_in_a_row_ = state.skipped_in_a_row;
+    result_.skipped_steps = state.skipped_steps;
+    result_.history = state.history;
+    if (within_epoch_)
       info(format("resumed %s in epoch %lld after its batch %lld (step %lld)", o_.out.c_str(),
-                  static_cast<long long>(start_epoch_ + 1),
-                  static_cast<long long>(within_epoch_.at("batch").get<int64_t>()), static_cast<long long>(step_)));
+                  static_cast<long long>(start_epoch_ + 1), static_cast<long long>(within_epoch_->index),
+                  static_cast<long long>(step_)));
     else
       info(format("resumed %s at epoch %lld (step %lld)", o_.out.c_str(), static_cast<long long>(start_epoch_),
                   static_cast<long long>(step_)));
@@ -209,8 +240,8 @@ class RunLoop {
     BatchSource& source = task_.batches();
     const double wait_before = source.wait_seconds();
     // A resumed epoch continues from the checkpoint's batch with its sums (JSON keeps doubles exactly).
-    EpochState s = EpochState::from_json(epoch == start_epoch_ ? within_epoch_ : json::object(),
-                                         task_.step_metrics().size());
+    EpochState s = epoch == start_epoch_ && within_epoch_ ? *within_epoch_
+                                                          : EpochState::from_json(json::object(), task_.step_metrics().size());
     const auto t_epoch = Clock::now() - std::chrono::duration_cast<Clock::duration>(
                                             std::chrono::duration<double>(s.elapsed_s));
     source.start_epoch(epoch, s.index);
@@ -266,13 +297,14 @@ class RunLoop {
   // The checkpoint: epoch (the next to run, or the unfinished one with `within`) and the run so far.
   void save(int64_t epoch, const EpochState* within) {
     if (telemetry_.is_open()) telemetry_.flush();  // the rows the checkpoint covers are on disk before it
-    json meta{{"epoch", epoch},
-              {"step", step_},
-              {"skipped_steps", result_.skipped_steps},
-              {"skipped_in_a_row", skipped_in_a_row_},  // --skip-limit counts across epochs
-              {"history", result_.history}};
-    if (within) meta["within_epoch"] = within->to_json();
-    save_checkpoint(checkpoint_path_, task_.module(), *plan_.optimizer, meta);
+    RunState state;
+    state.epoch = epoch;
+    state.step = step_;
+    state.skipped_steps = result_.skipped_steps;
+    state.skipped_in_a_row = skipped_in_a_row_;
+    state.history = result_.history;
+    if (within) state.within = *within;
+    save_checkpoint(checkpoint_path_, task_.module(), *plan_.optimizer, state.to_json());
   }
 
   // ---------------------------------------------------------------- one step
@@ -457,6 +489,7 @@ class RunLoop {
     s["world_size"] = result_.world_size;
     s["replica_mismatches"] = result_.replica_mismatches;
     s["skipped_steps"] = result_.skipped_steps;
+    s["largebatch_version"] = LARGEBATCH_VERSION;
     if (!plan_.resolved.empty()) s["optimizer_resolved"] = plan_.resolved;
     write_atomically(o_.out / "summary.json", s.dump(2) + "\n");
     if (o_.plots) {
@@ -483,7 +516,7 @@ class RunLoop {
   bool resuming_ = false;
   int64_t steps_per_epoch_ = 0, total_steps_ = 0;
   int64_t start_epoch_ = 0, step_ = 0, skipped_in_a_row_ = 0;
-  json within_epoch_ = json::object();  // where a checkpoint taken within an epoch left it
+  c10::optional<EpochState> within_epoch_;  // where a checkpoint taken within an epoch left it
   std::ofstream telemetry_, sharpness_log_;
   Clock::time_point t_start_;
   LoopResult result_;

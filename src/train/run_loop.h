@@ -117,6 +117,21 @@ struct EpochState {
   static EpochState from_json(const nlohmann::json& j, size_t metrics);
 };
 
+// What a checkpoint's meta record holds besides weights and optimizer state: where the run is, its non-finite
+// counters, the finished epochs' records and, for a checkpoint within an epoch, that epoch's state.
+struct RunState {
+  int64_t epoch = 0;  // the next epoch to run, or the unfinished one of `within`
+  int64_t step = 0;
+  int64_t skipped_steps = 0, skipped_in_a_row = 0;  // --skip-limit counts across epochs
+  std::vector<nlohmann::json> history;
+  c10::optional<EpochState> within;
+  nlohmann::json to_json() const;
+  // An OptionError (resume) naming the checkpoint for a record that does not fit this run (metrics: the task's
+  // count of step metrics).
+  static RunState from_json(const nlohmann::json& meta, size_t metrics, int64_t steps_per_epoch,
+                            const std::filesystem::path& checkpoint);
+};
+
 class Task {
  public:
   virtual ~Task() = default;
