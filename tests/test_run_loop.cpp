@@ -335,7 +335,8 @@ TEST(Options, AnErrorNamesEveryOptionItMentions) {
   }
   const lt::OptionError unknown("data", ": unknown data set 'x'");
   EXPECT_EQ(unknown.worded("--"), "--data: unknown data set 'x'");
-  // A mention is a whole option name, not part of another one.
-  const lt::OptionError partial("warmup-epochs", "3 is longer than epochs 1", {"epochs"});
-  EXPECT_EQ(partial.worded("--"), "--warmup-epochs 3 is longer than --epochs 1");
+  // Only the marked mentions become flags: a path holding an option's name stays as it is.
+  const lt::OptionError path("backbone", "runs/model/model.pt: no config.json beside it; give {model}", {"model"});
+  EXPECT_EQ(std::string(path.what()), "backbone runs/model/model.pt: no config.json beside it; give model");
+  EXPECT_EQ(path.worded("--"), "--backbone runs/model/model.pt: no config.json beside it; give --model");
 }

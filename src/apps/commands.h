@@ -97,6 +97,7 @@ class ConsoleReporter : public train::Reporter {
   void warning(const std::string& line) override;
   void step(int64_t epoch, int64_t epochs, int64_t index, int64_t steps_per_epoch, const std::string& fields) override;
   void epoch(const std::string& line) override;
+  std::string option(const std::string& key) const override { return "--" + key; }
 
  private:
   std::string command_;

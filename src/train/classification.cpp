@@ -52,10 +52,10 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& s
 void TrainConfig::validate() const {
   check_options(*this);
   if (micro_batch > batch_size)
-    throw OptionError("micro-batch", std::to_string(micro_batch) + " is larger than batch-size " + std::to_string(batch_size),
+    throw OptionError("micro-batch", std::to_string(micro_batch) + " is larger than {batch-size} " + std::to_string(batch_size),
                       {"batch-size"});
   if (micro_batch > 0 && batch_size % micro_batch != 0)
-    throw OptionError("micro-batch", std::to_string(micro_batch) + " does not divide batch-size " + std::to_string(batch_size),
+    throw OptionError("micro-batch", std::to_string(micro_batch) + " does not divide {batch-size} " + std::to_string(batch_size),
                       {"batch-size"});
 }
 
@@ -172,12 +172,12 @@ class ClassificationTask : public Task {
     o.world = place.world;
     source_ = std::make_unique<LoaderSource>(train_set, o);
     if (source_->batches_per_epoch() == 0)
-      throw OptionError("batch-size", std::to_string(c_.batch_size) + " with drop-last leaves no batch", {"drop-last"});
+      throw OptionError("batch-size", std::to_string(c_.batch_size) + " with {drop-last} leaves no batch", {"drop-last"});
     const int64_t last_batch = train_set.size() % c_.batch_size;
     if (place.world > 1 && !c_.drop_last && last_batch > 0 && last_batch < place.world)
       throw OptionError("batch-size", std::to_string(c_.batch_size) + " leaves a last batch of " +
                                           std::to_string(last_batch) + " image(s), fewer than the " +
-                                          std::to_string(place.world) + " ranks; set drop-last or change batch-size",
+                                          std::to_string(place.world) + " ranks; set {drop-last} or change batch-size",
                         {"drop-last"});
     if (c_.sharpness_every > 0) {  // a fixed batch: the first training images, unaugmented
       data::LoaderOptions first_options;
@@ -225,6 +225,7 @@ class ClassificationTask : public Task {
   }
 
   std::vector<std::string> step_metrics() const override { return {"loss_sum", "correct"}; }
+  std::vector<std::string> earlier_sum_keys() const override { return {"loss_sum", "correct"}; }
 
   std::vector<double> forward_backward(const data::Batch& batch, int64_t start, int64_t length,
                                        double loss_divisor) override {
@@ -298,7 +299,7 @@ TrainSummary run_training(const TrainConfig& config, Reporter* reporter) {
   config.validate();
   if (resolve_optimizer(config, 0).schedule == "warmup-cosine" && config.warmup_epochs > static_cast<double>(config.epochs)) {
     std::ostringstream msg;
-    msg << config.warmup_epochs << " is longer than epochs " << config.epochs << " (the " << config.optimizer
+    msg << config.warmup_epochs << " is longer than {epochs} " << config.epochs << " (the " << config.optimizer
         << " schedule is warmup-cosine)";
     throw OptionError("warmup-epochs", msg.str(), {"epochs"});
   }

@@ -32,10 +32,10 @@ void LinearEvalConfig::validate() const {
   check_options(*this);
   if (backbone.empty())
     throw OptionError("backbone", "is required: a backbone.pt of `pretrain`, a model.pt of `train`, or random");
-  if (backbone == "random" && model.empty()) throw OptionError("backbone", "random needs model", {"model"});
+  if (backbone == "random" && model.empty()) throw OptionError("backbone", "random needs {model}", {"model"});
   if (backbone != "random" && !fs::exists(backbone)) throw OptionError("backbone", ": no such file " + backbone);
   if (micro_batch > 0 && batch_size % micro_batch != 0)
-    throw OptionError("micro-batch", std::to_string(micro_batch) + " does not divide batch-size " + std::to_string(batch_size),
+    throw OptionError("micro-batch", std::to_string(micro_batch) + " does not divide {batch-size} " + std::to_string(batch_size),
                       {"batch-size"});
 }
 
@@ -77,12 +77,14 @@ std::string backbone_model_name(const LinearEvalConfig& c) {
   if (!c.model.empty()) return c.model;
   const fs::path config = fs::path(c.backbone).parent_path() / "config.json";
   std::ifstream in(config);
-  if (!in) throw OptionError("backbone", c.backbone + ": no config.json beside it to name the model; give model", {"model"});
+  if (!in)
+    throw OptionError("backbone", c.backbone + ": no config.json beside it to name the model; give {model}", {"model"});
   try {
     const json j = json::parse(in);
     return j.at("model").get<std::string>();
   } catch (const std::exception&) {
-    usage(config.string() + ": no \"model\" string to name the backbone's model; give model");
+    throw OptionError("backbone", ": " + config.string() + " has no \"model\" string to name the backbone's model; give {model}",
+                      {"model"});
   }
 }
 

@@ -5,26 +5,19 @@
 #include <largebatch/optim/recipes.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cstdio>
 #include <stdexcept>
 
 namespace largebatch {
 namespace train {
-std::string OptionError::worded(const std::string& prefix) const {
-  std::string problem = problem_;
-  for (const auto& key : mentioned_) {  // each mention: a whole word, not part of another option's name
-    for (size_t at = problem.find(key); at != std::string::npos; at = problem.find(key, at + 1)) {
-      const auto is_name_char = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '-'; };
-      const bool starts = at == 0 || !is_name_char(problem[at - 1]);
-      const bool ends = at + key.size() == problem.size() || !is_name_char(problem[at + key.size()]);
-      if (starts && ends) {
-        problem.insert(at, prefix);
-        break;
-      }
-    }
+std::string OptionError::render(const std::string& option, std::string problem,
+                                const std::vector<std::string>& mentioned, const std::string& prefix) {
+  for (const auto& key : mentioned) {
+    const std::string token = "{" + key + "}";
+    for (size_t at = problem.find(token); at != std::string::npos; at = problem.find(token, at + prefix.size() + key.size()))
+      problem.replace(at, token.size(), prefix + key);
   }
-  return prefix + option_ + (problem.rfind(':', 0) == 0 ? "" : " ") + problem;
+  return prefix + option + (problem.rfind(':', 0) == 0 ? "" : " ") + problem;
 }
 
 namespace check {

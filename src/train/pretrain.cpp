@@ -219,7 +219,7 @@ class BarlowTwinsTask : public Task {
     const lo::ResolvedRecipe recipe = lo::resolve_recipe(c_.optimizer, lo::Task::kSelfSupervised, c_.batch_size,
                                                          total_steps, c_.lr, c_.schedule, given);
     if (recipe.schedule == "warmup-cosine" && c_.warmup_epochs > static_cast<double>(c_.epochs))
-      throw OptionError("warmup-epochs", format("%g", c_.warmup_epochs) + " is longer than epochs " +
+      throw OptionError("warmup-epochs", format("%g", c_.warmup_epochs) + " is longer than {epochs} " +
                                                std::to_string(c_.epochs),
                         {"epochs"});
     lo::ScheduleOptions so;
@@ -250,6 +250,7 @@ class BarlowTwinsTask : public Task {
   // C is summed over ranks inside the loss, so the loss is the same on every rank (and not a sum over images).
   bool per_example_loss() const override { return false; }
   std::vector<std::string> step_metrics() const override { return {"loss", "on_diagonal", "off_diagonal"}; }
+  std::vector<std::string> earlier_sum_keys() const override { return {"loss_sum", "on_sum", "off_sum"}; }
 
   // The two views of the global batch, drawn from (seed, epoch, batch) alone: a resumed run draws the same ones.
   void prepare(data::Batch& batch, int64_t epoch) override {

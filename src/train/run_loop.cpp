@@ -46,24 +46,29 @@ json EpochState::to_json() const {
               {"optimizer_s", optimizer_s}, {"sharpness_s", sharpness_s}, {"elapsed_s", elapsed_s}};
 }
 
-EpochState EpochState::from_json(const json& j, size_t metrics) {
+EpochState EpochState::from_json(const json& j, size_t metrics, const std::vector<std::string>& earlier_keys) {
   EpochState s;
   s.sums.assign(metrics, 0.0);
   if (j.empty()) return s;
   s.index = j.at("batch");
-  s.sums = j.at("sums").get<std::vector<double>>();
+  if (j.contains("sums")) {
+    s.sums = j.at("sums").get<std::vector<double>>();
+  } else {  // a checkpoint of an earlier version: one key per sum
+    if (earlier_keys.size() != metrics) throw std::invalid_argument("no \"sums\" of the unfinished epoch");
+    for (size_t i = 0; i < metrics; ++i) s.sums[i] = j.at(earlier_keys[i]).get<double>();
+  }
   if (s.sums.size() != metrics)
     throw std::invalid_argument(std::to_string(s.sums.size()) + " metrics of the unfinished epoch, this run has " +
                                 std::to_string(metrics));
-  s.steps_done = j.at("steps_done");
+  s.steps_done = j.value("steps_done", int64_t{0});
   s.seen = j.at("seen");
   s.lr = j.at("lr");
   s.phi = j.at("phi");
-  s.prepare_s = j.at("prepare_s");
+  s.prepare_s = j.contains("prepare_s") ? j.at("prepare_s").get<double>() : j.value("augment_s", 0.0);
   s.compute_s = j.at("compute_s");
   s.allreduce_s = j.at("allreduce_s");
   s.optimizer_s = j.at("optimizer_s");
-  s.sharpness_s = j.at("sharpness_s");
+  s.sharpness_s = j.value("sharpness_s", 0.0);
   s.elapsed_s = j.at("elapsed_s");
   return s;
 }
@@ -78,7 +83,8 @@ json RunState::to_json() const {
   return meta;
 }
 
-RunState RunState::from_json(const json& meta, size_t metrics, int64_t steps_per_epoch, const fs::path& checkpoint) {
+RunState RunState::from_json(const json& meta, size_t metrics, const std::vector<std::string>& earlier_keys,
+                             int64_t steps_per_epoch, const fs::path& checkpoint) {
   RunState s;
   const json within = within_epoch_of(meta, steps_per_epoch, checkpoint);
   try {
@@ -87,7 +93,7 @@ RunState RunState::from_json(const json& meta, size_t metrics, int64_t steps_per
     s.skipped_steps = meta.value("skipped_steps", int64_t{0});
     s.skipped_in_a_row = meta.value("skipped_in_a_row", int64_t{0});
     for (const auto& r : meta.at("history")) s.history.push_back(r);
-    if (!within.empty()) s.within = EpochState::from_json(within, metrics);
+    if (!within.empty()) s.within = EpochState::from_json(within, metrics, earlier_keys);
   } catch (const std::exception& e) {  // a missing or mistyped field, or another task's metrics
     throw OptionError("resume", ": checkpoint " + checkpoint.string() + ": its meta record does not fit this run (" +
                                     e.what() + ")");
@@ -122,6 +128,8 @@ class RunLoop {
     if (report()) report()->info(line);
   }
   Reporter* report() const { return place_.lead ? reporter_ : nullptr; }
+  // An option as messages name it (the reporter's wording, the key without one).
+  std::string option(const std::string& key) const { return reporter_ ? reporter_->option(key) : key; }
 
   // ---------------------------------------------------------------- set-up
   void set_up() {
@@ -147,7 +155,7 @@ class RunLoop {
       throw OptionError("micro-batch", ": the " + o_.command + " loss is a function of the whole batch, not a sum over its images");
     if (o_.micro_batch > 0 && (o_.batch_size / world) % o_.micro_batch != 0)
       throw OptionError("micro-batch", std::to_string(o_.micro_batch) + " does not divide the per-rank batch " +
-            std::to_string(o_.batch_size / world) + " (batch-size / WORLD_SIZE)",
+            std::to_string(o_.batch_size / world) + " ({batch-size} / WORLD_SIZE)",
                         {"batch-size"});
     checkpoint_path_ = o_.out / "checkpoint.pt";
     // Never overwrite a previous run's results; a resume needs the same identity.
@@ -178,7 +186,8 @@ class RunLoop {
   void restore() {
     if (!resuming_) return;
     const json meta = load_checkpoint(checkpoint_path_, task_.module(), *plan_.optimizer, place_.device);
-    const RunState state = RunState::from_json(meta, task_.step_metrics().size(), steps_per_epoch_, checkpoint_path_);
+    const RunState state = RunState::from_json(meta, task_.step_metrics().size(), task_.earlier_sum_keys(),
+                                               steps_per_epoch_, checkpoint_path_);
     start_epoch_ = state.epoch;
     step_ = state.step;
     within_epoch_ = state.within;
@@ -214,7 +223,7 @@ class RunLoop {
     }
     if (o_.telemetry_every > 0 && place_.lead) {
       open_telemetry(telemetry_, o_.out / "telemetry.csv", resuming_, step_);
-      if (!layerwise_) info("note: telemetry-every records layer-wise optimizers only; this one has no trust ratio");
+      if (!layerwise_) info("note: " + option("telemetry-every") + " records layer-wise optimizers only; this one has no trust ratio");
     }
     if (sharpness_loss_ && place_.lead)
       open_csv_log(sharpness_log_, o_.out / "sharpness.csv", "step,epoch,top_eigenvalue,iterations,converged,seconds",
@@ -240,8 +249,9 @@ class RunLoop {
     BatchSource& source = task_.batches();
     const double wait_before = source.wait_seconds();
     // A resumed epoch continues from the checkpoint's batch with its sums (JSON keeps doubles exactly).
-    EpochState s = epoch == start_epoch_ && within_epoch_ ? *within_epoch_
-                                                          : EpochState::from_json(json::object(), task_.step_metrics().size());
+    EpochState s;
+    if (epoch == start_epoch_ && within_epoch_) s = *within_epoch_;
+    else s.sums.assign(task_.step_metrics().size(), 0.0);
     const auto t_epoch = Clock::now() - std::chrono::duration_cast<Clock::duration>(
                                             std::chrono::duration<double>(s.elapsed_s));
     source.start_epoch(epoch, s.index);
@@ -321,6 +331,7 @@ class RunLoop {
     else optimizer.zero_grad();
     const int64_t b = batch.labels.size(0);  // this rank's shard
     const int64_t global_b = batch.global_size;  // the step's global batch (an epoch's last may be partial)
+    if (b <= 0 || global_b < b) throw std::logic_error("a batch source gave a batch without its global size");
     const bool per_example = task_.per_example_loss();
     const int64_t micro = per_example && o_.micro_batch > 0 ? o_.micro_batch : b;
     // Gradient accumulation: each micro-batch's summed loss is divided by the global batch (times the world size,
@@ -332,6 +343,7 @@ class RunLoop {
       const int64_t len = std::min(micro, b - start);
       if (averager_) averager_->set_last_backward(start + len >= b);
       const auto m = task_.forward_backward(batch, start, len, divisor);
+      if (m.size() != metrics.size()) throw std::logic_error("a task returned other metrics than it names");
       for (size_t i = 0; i < metrics.size(); ++i) metrics[i] += m[i];
     }
     s.compute_s += seconds_since(t_phase);
@@ -398,7 +410,7 @@ class RunLoop {
       result_.status = "diverged";
       result_.message = nonfinite + " at step " + std::to_string(step_) + " (epoch " + std::to_string(epoch + 1) + ")" +
                         largest_trust_ratio(layerwise_) + "; the last good checkpoint is " + last_good +
-                        " (on-nonfinite skip drops such steps instead)";
+                        " (" + option("on-nonfinite") + " skip drops such steps instead)";
       return StepEnd::kEnded;
     }
     // Skipping cannot recover from weights that are already NaN or infinite, nor from a run that keeps failing.
@@ -406,7 +418,7 @@ class RunLoop {
     if (const std::string bad_weights = first_nonfinite_parameter(task_.module()); !bad_weights.empty())
       hopeless = "the weights of " + bad_weights + " are no longer finite";
     else if (skipped_in_a_row_ + 1 >= o_.skip_limit)
-      hopeless = std::to_string(skipped_in_a_row_ + 1) + " steps skipped in a row (skip-limit " +
+      hopeless = std::to_string(skipped_in_a_row_ + 1) + " steps skipped in a row (" + option("skip-limit") + " " +
                  std::to_string(o_.skip_limit) + ")";
     if (!hopeless.empty()) {
       result_.status = "diverged";

@@ -70,7 +70,7 @@ LoopOptions common_loop_options(const Config& c, const char* command) {
 }
 
 // An epoch's batches. Batches must depend only on (seed, epoch, index), so that an epoch restarted at a batch
-// continues as it would have.
+// continues as it would have, and set index, global_size (the images of the step over all ranks) and offset.
 class BatchSource {
  public:
   virtual ~BatchSource() = default;
@@ -114,7 +114,8 @@ struct EpochState {
   double prepare_s = 0, compute_s = 0, allreduce_s = 0, optimizer_s = 0, sharpness_s = 0;
   double elapsed_s = 0;              // since the epoch began, when it was last saved
   nlohmann::json to_json() const;
-  static EpochState from_json(const nlohmann::json& j, size_t metrics);
+  // earlier_keys: the sums' keys in checkpoints of earlier versions (Task::earlier_sum_keys).
+  static EpochState from_json(const nlohmann::json& j, size_t metrics, const std::vector<std::string>& earlier_keys);
 };
 
 // What a checkpoint's meta record holds besides weights and optimizer state: where the run is, its non-finite
@@ -128,8 +129,8 @@ struct RunState {
   nlohmann::json to_json() const;
   // An OptionError (resume) naming the checkpoint for a record that does not fit this run (metrics: the task's
   // count of step metrics).
-  static RunState from_json(const nlohmann::json& meta, size_t metrics, int64_t steps_per_epoch,
-                            const std::filesystem::path& checkpoint);
+  static RunState from_json(const nlohmann::json& meta, size_t metrics, const std::vector<std::string>& earlier_keys,
+                            int64_t steps_per_epoch, const std::filesystem::path& checkpoint);
 };
 
 class Task {
@@ -161,6 +162,9 @@ class Task {
   // Names of the metrics forward_backward returns; the first is the loss (summed over the micro-batch's examples
   // when per_example_loss(), else the batch's loss).
   virtual std::vector<std::string> step_metrics() const = 0;
+  // The keys of the step metrics' sums in an unfinished epoch's record of earlier versions (one key per sum), so
+  // that their checkpoints still resume; {} when there were none.
+  virtual std::vector<std::string> earlier_sum_keys() const { return {}; }
   // Runs once per batch before its micro-batches (e.g. drawing views); timed apart.
   virtual void prepare(data::Batch& batch, int64_t epoch) {}
   // Forward and backward of rows [start, start + length) of this rank's batch; the loss to differentiate is the

@@ -168,12 +168,12 @@ bool prepare_output_dir(const fs::path& out, bool resume, bool lead, Reporter* r
       }
       if (status == "completed" || status == "diverged")
         throw OptionError("resume", ": " + out.string() + " holds a " + status + " run's results but no checkpoint.pt to resume "
-              "from; choose another out", {"out"});
+              "from; choose another {out}", {"out"});
     }
     if (!resuming && lead && reporter)
-      reporter->warning("resume: no checkpoint in " + out.string() + " yet, starting from the beginning");
+      reporter->warning(reporter->option("resume") + ": no checkpoint in " + out.string() + " yet, starting from the beginning");
   } else if (fs::exists(out / "metrics.csv") || fs::exists(checkpoint)) {
-    throw OptionError("out", out.string() + " already holds a run; resume it or choose another out", {"resume", "out"});
+    throw OptionError("out", out.string() + " already holds a run; {resume} it or choose another {out}", {"resume", "out"});
   }
   if (lead) {
     std::error_code ec;
@@ -194,7 +194,7 @@ json within_epoch_of(const json& meta, int64_t steps_per_epoch, const fs::path& 
   const int64_t batch = within.value("batch", int64_t{0});
   if (batch < 0 || batch > steps_per_epoch)
     throw OptionError("resume", ": checkpoint " + checkpoint.string() + " was taken after batch " + std::to_string(batch) +
-          " of an epoch that now has " + std::to_string(steps_per_epoch) + " (data set or drop-last changed?)", {"drop-last"});
+          " of an epoch that now has " + std::to_string(steps_per_epoch) + " (data set or {drop-last} changed?)", {"drop-last"});
   return within;
 }
 
@@ -206,7 +206,7 @@ void require_same_resume_point(dist::Communicator* comm, bool resuming, int64_t 
   if (sums[0].item<double>() != (resuming ? world : 0.0) || sums[1].item<double>() != world * static_cast<double>(step))
     throw OptionError("resume", ": the ranks do not agree on where to resume (this rank: " +
           (resuming ? "step " + std::to_string(step) : std::string("no checkpoint")) + " in " + out.string() +
-          "); every rank must see the same out (a shared file system)", {"out"});
+          "); every rank must see the same {out} (a shared file system)", {"out"});
 }
 
 void append_line(const fs::path& path, const std::string& text) {
@@ -313,12 +313,16 @@ int64_t replica_mismatches(torch::nn::Module& module, dist::Communicator& comm) 
 }
 
 std::string format(const char* fmt, ...) {
-  char buf[1024];
   va_list args;
   va_start(args, fmt);
-  std::vsnprintf(buf, sizeof(buf), fmt, args);
+  va_list again;
+  va_copy(again, args);
+  const int n = std::vsnprintf(nullptr, 0, fmt, args);
   va_end(args);
-  return buf;
+  std::string out(n > 0 ? static_cast<size_t>(n) : 0, '\0');
+  if (n > 0) std::vsnprintf(out.data(), out.size() + 1, fmt, again);
+  va_end(again);
+  return out;
 }
 
 }  // namespace detail

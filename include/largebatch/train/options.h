@@ -18,24 +18,26 @@
 namespace largebatch {
 namespace train {
 
-// A bad value of one option. what() is "<option> <problem>" ("batch-size must be > 0, got 0"); other options
-// the problem mentions are named by their keys too, and listed, so that the command line can show every one as
-// its flag ("--micro-batch 48 does not divide --batch-size 64").
+// A bad value of one option. what() is "<option> <problem>" ("batch-size must be > 0, got 0"). Other options a
+// problem mentions are written "{key}" in it and listed in `mentioned`: what() shows them as keys, worded("--")
+// as flags, for the command line ("--micro-batch 48 does not divide --batch-size 64"). Values in the text (paths)
+// are never rewritten.
 class OptionError : public UsageError {
  public:
   // problem: "must be > 0, got 0", or ": unknown model 'x'" (no space is put before a colon).
   OptionError(std::string option, const std::string& problem, std::vector<std::string> mentioned = {})
-      : UsageError(option + (problem.rfind(':', 0) == 0 ? "" : " ") + problem),
+      : UsageError(render(option, problem, mentioned, "")),
         option_(std::move(option)),
         problem_(problem),
         mentioned_(std::move(mentioned)) {}
   const std::string& option() const { return option_; }
-  const std::string& problem() const { return problem_; }
   const std::vector<std::string>& mentioned() const { return mentioned_; }
-  // The message with every option named by prefix + key (the command line's prefix is "--").
-  std::string worded(const std::string& prefix) const;
+  // The message with every option named by prefix + key.
+  std::string worded(const std::string& prefix) const { return render(option_, problem_, mentioned_, prefix); }
 
  private:
+  static std::string render(const std::string& option, std::string problem, const std::vector<std::string>& mentioned,
+                            const std::string& prefix);
   std::string option_, problem_;
   std::vector<std::string> mentioned_;
 };

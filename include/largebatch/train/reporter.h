@@ -21,6 +21,8 @@ class Reporter {
   virtual void step(int64_t epoch, int64_t epochs, int64_t index, int64_t steps_per_epoch, const std::string& fields) {}
   // After each epoch: its metrics in one line.
   virtual void epoch(const std::string& line) {}
+  // How messages name an option (its key, "on-nonfinite"): the command line's reporter says "--on-nonfinite".
+  virtual std::string option(const std::string& key) const { return key; }
 };
 
 }  // namespace train
