@@ -311,6 +311,25 @@ void check_option_list(Config config, const std::string& bad_key, const std::fun
   }
 }
 
+// What a resume must keep is marked in the lists: the options that make a run what it is.
+template <class Config>
+std::set<std::string> identity_options() {
+  Config c;
+  std::set<std::string> keys;
+  lt::visit_options(c, [&](const lt::Option& o, auto&, auto&&) {
+    if (o.is_identity()) keys.insert(o.key());
+  });
+  return keys;
+}
+
+TEST(Options, AResumeKeepsTheIdentityOptions) {
+  using Keys = std::set<std::string>;
+  EXPECT_EQ(identity_options<lt::TrainConfig>(), (Keys{"batch-size", "data", "model", "optimizer", "seed", "val-split"}));
+  EXPECT_EQ(identity_options<lt::PretrainConfig>(),
+            (Keys{"batch-size", "data", "model", "optimizer", "projector", "seed"}));
+  EXPECT_EQ(identity_options<lt::LinearEvalConfig>(), (Keys{"backbone", "batch-size", "data", "seed", "val-split"}));
+}
+
 TEST(Options, EachCommandsOptionsComeFromOneList) {
   check_option_list<lt::TrainConfig>({}, "batch-size", [](lt::TrainConfig& c) { c.batch_size = 0; });
   check_option_list<lt::TrainConfig>({}, "on-nonfinite", [](lt::TrainConfig& c) { c.on_nonfinite = "ignore"; });

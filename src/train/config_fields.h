@@ -109,6 +109,18 @@ std::string config_to_json(const Config& c) {
   return j.dump(2) + "\n";
 }
 
+// --resume: every identity option (Option::identity) must have the saved config.json's value; OptionError naming
+// the first that differs.
+template <class Config>
+void require_same_identity(const Config& now, const std::string& saved_text, const std::filesystem::path& out) {
+  const Config before = Config::from_json(saved_text, (out / "config.json").string());
+  const nlohmann::json a = nlohmann::json::parse(now.to_json()), b = nlohmann::json::parse(before.to_json());
+  visit_options(const_cast<Config&>(now), [&](const Option& o, const auto&, auto&&) {
+    if (o.is_identity() && a.at(o.key()) != b.at(o.key()))
+      throw OptionError(o.key(), "differs from the checkpointed run in " + out.string());
+  });
+}
+
 // Every option's own check (OptionError for the first that fails).
 template <class Config>
 void check_options(const Config& c) {

@@ -167,12 +167,7 @@ class LinearProbeTask : public Task {
   }
 
   void check_resume(const std::string& saved, const fs::path& out) const override {
-    const LinearEvalConfig before = LinearEvalConfig::from_json(saved, (out / "config.json").string());
-    require_same_on_resume("backbone", c_.backbone, before.backbone, out);
-    require_same_on_resume("data", c_.data, before.data, out);
-    require_same_on_resume("batch-size", c_.batch_size, before.batch_size, out);
-    require_same_on_resume("seed", c_.seed, before.seed, out);
-    require_same_on_resume("val-split", c_.val_split, before.val_split, out);
+    require_same_identity(c_, saved, out);
   }
 
   // The frozen features make the probe cheap; one process is enough.

@@ -166,13 +166,7 @@ class BarlowTwinsTask : public Task {
   }
 
   void check_resume(const std::string& saved, const fs::path& out) const override {
-    const PretrainConfig before = PretrainConfig::from_json(saved, (out / "config.json").string());
-    require_same_on_resume("data", c_.data, before.data, out);
-    require_same_on_resume("model", c_.model, before.model, out);
-    require_same_on_resume("projector", c_.projector, before.projector, out);
-    require_same_on_resume("optimizer", c_.optimizer, before.optimizer, out);
-    require_same_on_resume("batch-size", c_.batch_size, before.batch_size, out);
-    require_same_on_resume("seed", c_.seed, before.seed, out);
+    require_same_identity(c_, saved, out);
   }
 
   void setup(const RunPlace& place) override {

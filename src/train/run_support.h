@@ -65,12 +65,6 @@ std::shared_ptr<dist::Communicator> connect_ranks(const dist::LaunchEnv& env, to
                                                   bool sync_bn, torch::nn::Module& module,
                                                   models::CrossRankSum* cross_rank_sum = nullptr);
 
-// For prepare_output_dir's resume check: UsageError if an identity flag differs from the saved run's.
-template <class T>
-void require_same_on_resume(const std::string& option, const T& now, const T& saved, const std::filesystem::path& out) {
-  if (now != saved) throw OptionError(option, "differs from the checkpointed run in " + out.string());
-}
-
 // The output directory's rules: a fresh run never overwrites a previous one's results (metrics.csv or
 // checkpoint.pt present); check_resumed (given the saved config.json's text) refuses a resume whose identity
 // flags differ. Creates the directory on the lead rank (UsageError naming --out if it cannot, or cannot write

@@ -48,6 +48,8 @@ class Option {
   Option(const char* key, std::string help) : key_(key), help_(std::move(help)) {}
   // Command-line names other than "--key", in CLI11's syntax: "--plots,!--no-plots", "--cpu-kernels,--old-name".
   Option& flags(const char* names) { flags_ = names; return *this; }
+  // Part of what a run is: a resume must keep it (the saved config.json's value).
+  Option& identity() { identity_ = true; return *this; }
   // A boolean given as a value (--cpu-kernels false) rather than as a flag (--sync-bn).
   Option& valued() { valued_ = true; return *this; }
   // Another key config.json files may use (an option's earlier name).
@@ -64,6 +66,7 @@ class Option {
   bool show_default() const { return show_default_; }
   bool saved() const { return saved_; }
   bool is_valued() const { return valued_; }
+  bool is_identity() const { return identity_; }
 
  private:
   const char* key_;
@@ -73,6 +76,7 @@ class Option {
   bool show_default_ = true;
   bool saved_ = true;
   bool valued_ = false;
+  bool identity_ = false;
 };
 
 // Checks: the problem with a value ("must be > 0, got 0"), or "" when it is good.
@@ -140,7 +144,7 @@ std::string init_list();
 
 template <class Config, class Visitor>
 void visit_data_options(Config& c, Visitor&& v) {
-  v(Option("data", "Data set: " + check::data_set_list()), c.data,
+  v(Option("data", "Data set: " + check::data_set_list()).identity(), c.data,
     check::data_set);
   v(Option("data-dir", "Directory of the data set (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
         .no_default(),
@@ -150,14 +154,14 @@ void visit_data_options(Config& c, Visitor&& v) {
 
 template <class Config, class Visitor>
 void visit_model_options(Config& c, Visitor&& v, const std::string& model_help) {
-  v(Option("model", model_help + ": " + check::model_list()), c.model, check::model);
+  v(Option("model", model_help + ": " + check::model_list()).identity(), c.model, check::model);
   v(Option("init", "Weight initialisation of conv and linear layers: " + check::init_list()),
     c.init, check::init);
 }
 
 template <class Config, class Visitor>
 void visit_optimizer_options(Config& c, Visitor&& v) {
-  v(Option("optimizer", "Optimizer recipe: `largebatch optimizers` lists them"), c.optimizer, check::recipe);
+  v(Option("optimizer", "Optimizer recipe: `largebatch optimizers` lists them").identity(), c.optimizer, check::recipe);
   v(Option("opt", "Optimizer option override key=value (repeatable), e.g. --opt lambda=1e-3 --opt momentum=0.95; "
                   "`largebatch optimizers` lists the keys")
         .no_default(),
@@ -179,7 +183,7 @@ void visit_optimizer_options(Config& c, Visitor&& v) {
 template <class Config, class Visitor>
 void visit_run_options(Config& c, Visitor&& v) {
   v(Option("epochs", "Epochs"), c.epochs, check::positive());
-  v(Option("seed", "Seed of initialisation, data order and augmentation"), c.seed, check::any);
+  v(Option("seed", "Seed of initialisation, data order and augmentation").identity(), c.seed, check::any);
   v(Option("threads", "Intra-op threads (0: all cores)"), c.threads, check::at_least(0));
   v(Option("device", "cpu or cuda[:N]"), c.device, check::device);
   v(Option("out", "Output directory"), c.out, check::not_empty);
@@ -228,13 +232,13 @@ void visit_options(TrainConfig& c, Visitor&& v) {
   visit_optimizer_options(c, v);
   v(Option("lr-scaling", "Peak = lr * scale(B / 256): none, linear, sqrt"), c.lr_scaling,
     check::one_of({"none", "linear", "sqrt"}));
-  v(Option("batch-size", "Global batch size B"), c.batch_size, check::positive());
+  v(Option("batch-size", "Global batch size B").identity(), c.batch_size, check::positive());
   v(Option("micro-batch", "Accumulate gradients over micro-batches of this many images (0: the whole batch at "
                           "once); BatchNorm statistics are then per micro-batch"),
     c.micro_batch, check::at_least(0));
   v(Option("eval-batch-size", "Batch size of evaluation"), c.eval_batch_size, check::positive());
   v(Option("val-split", "Hold out N training images for validation (the same N images for every seed): metrics.csv "
-                        "gains val_* columns, summary.json the epoch selected on validation (0: no split)"),
+                        "gains val_* columns, summary.json the epoch selected on validation (0: no split)").identity(),
     c.val_split, check::at_least(0));
   visit_run_options(c, v);
   v(Option("telemetry-every", "Write per-layer |w|, |d|, trust ratio and lr*r every N steps to telemetry.csv (0: off)"),
@@ -266,12 +270,13 @@ void visit_options(PretrainConfig& c, Visitor&& v) {
   v(Option("loader-workers", "Threads assembling batches"), c.loader_workers, check::positive());
   visit_model_options(c, v, "Backbone (a zoo model without its classifier head)");
   v(Option("projector", "Projector layer sizes (Linear-BN-ReLU ..., last Linear); the paper uses 8192-8192-8192 on "
-                        "ResNet-50 (4096s in the TVLARS paper)"),
+                        "ResNet-50 (4096s in the TVLARS paper)")
+        .identity(),
     c.projector, check::any);  // parse_projector checks it
   v(Option("lambda", "Weight lambda_BT of the off-diagonal term"), c.lambda, check::finite_at_least(0));
   v(Option("min-scale", "Smallest area fraction of the random resized crop"), c.min_scale, check::within(0, 1, check::Ends::kOpenLow));
   visit_optimizer_options(c, v);
-  v(Option("batch-size", "Global batch size (>= 2: Barlow Twins normalises over the batch)"), c.batch_size,
+  v(Option("batch-size", "Global batch size (>= 2: Barlow Twins normalises over the batch)").identity(), c.batch_size,
     check::at_least(2));
   visit_run_options(c, v);
   v(Option("telemetry-every", "Per-layer telemetry every N steps to telemetry.csv (0: off)"), c.telemetry_every,
@@ -282,7 +287,8 @@ void visit_options(PretrainConfig& c, Visitor&& v) {
 template <class Visitor>
 void visit_options(LinearEvalConfig& c, Visitor&& v) {
   v(Option("backbone", "backbone.pt of `pretrain`, model.pt of `train`, or `random` (with --model, --init, --seed)")
-        .no_default(),
+        .no_default()
+        .identity(),
     c.backbone, check::any);  // validate() checks it
   visit_data_options(c, v);
   v(Option("model", "Backbone model (default: the backbone run's config.json)").no_default(), c.model,
@@ -296,11 +302,11 @@ void visit_options(LinearEvalConfig& c, Visitor&& v) {
   v(Option("lr", "SGD learning rate (cosine to 0, stepped per epoch)"), c.lr, check::finite_above(0));
   v(Option("momentum", "SGD momentum"), c.momentum, check::within(0, 1, check::Ends::kOpenHigh));
   v(Option("weight-decay", "Weight decay of the head"), c.weight_decay, check::finite_at_least(0));
-  v(Option("batch-size", "Batch size of the head's training"), c.batch_size, check::positive());
+  v(Option("batch-size", "Batch size of the head's training").identity(), c.batch_size, check::positive());
   v(Option("micro-batch", "Accumulate gradients over micro-batches of this many images (0: the whole batch)"),
     c.micro_batch, check::at_least(0));
   v(Option("eval-batch-size", "Batch size of feature extraction"), c.eval_batch_size, check::positive());
-  v(Option("val-split", "Hold out N training images for validation (as train): val_* columns in metrics.csv"),
+  v(Option("val-split", "Hold out N training images for validation (as train): val_* columns in metrics.csv").identity(),
     c.val_split, check::at_least(0));
   visit_run_options(c, v);
 }
