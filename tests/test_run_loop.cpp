@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "scratch.h"
+#include "small_runs.h"
 
 #include <filesystem>
 #include <fstream>
@@ -22,50 +23,27 @@ namespace {
 
 using largebatch_test::ScratchDir;
 
+// mlp backbone (no BatchNorm: a skipped step leaves it exactly as it was), 2 epochs.
 lt::PretrainConfig small_pretrain(const fs::path& out) {
-  lt::PretrainConfig c;
-  c.data = "synthetic";
-  c.synthetic_size = 256;
-  c.batch_size = 64;  // 4 steps per epoch
+  auto c = largebatch_test::small_pretrain(out);
+  c.model = "mlp";
   c.epochs = 2;
-  c.model = "mlp";    // no BatchNorm in the backbone: a skipped step leaves it exactly as it was
-  c.projector = "64-64";
-  c.threads = 1;
-  c.loader_workers = 1;
-  c.progress = "none";
-  c.plots = false;
-  c.out = out.string();
   return c;
 }
 
+// A random compact-CNN backbone.
 lt::LinearEvalConfig small_probe(const fs::path& out) {
-  lt::LinearEvalConfig c;
-  c.backbone = "random";
+  auto c = largebatch_test::small_linear_eval(out, "random");
   c.model = "cnn";
-  c.data = "synthetic";
-  c.synthetic_size = 256;
-  c.batch_size = 64;  // 4 steps per epoch
-  c.epochs = 3;
-  c.threads = 1;
-  c.progress = "none";
-  c.plots = false;
-  c.out = out.string();
   return c;
 }
 
+// mlp with LARS, 2 epochs.
 lt::TrainConfig small_train(const fs::path& out) {
-  lt::TrainConfig c;
-  c.data = "synthetic";
-  c.synthetic_size = 512;
+  auto c = largebatch_test::small_run(out);
   c.model = "mlp";
   c.optimizer = "lars";
-  c.batch_size = 128;
   c.epochs = 2;
-  c.threads = 1;
-  c.loader_workers = 1;
-  c.progress = "none";
-  c.plots = false;
-  c.out = out.string();
   return c;
 }
 

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include "scratch.h"
+#include "small_runs.h"
 
 #include <filesystem>
 #include <fstream>
@@ -20,35 +21,8 @@ namespace lo = largebatch::optim;
 namespace {
 
 using largebatch_test::ScratchDir;
-
-lt::PretrainConfig small_pretrain(const fs::path& out) {
-  lt::PretrainConfig c;
-  c.data = "synthetic";
-  c.synthetic_size = 256;
-  c.batch_size = 64;
-  c.epochs = 3;
-  c.projector = "64-64";
-  c.threads = 1;
-  c.loader_workers = 1;
-  c.progress = "none";
-  c.plots = false;
-  c.out = out.string();
-  return c;
-}
-
-lt::LinearEvalConfig small_linear_eval(const fs::path& out, const std::string& backbone) {
-  lt::LinearEvalConfig c;
-  c.backbone = backbone;
-  c.data = "synthetic";
-  c.synthetic_size = 256;
-  c.batch_size = 64;
-  c.epochs = 3;
-  c.threads = 1;
-  c.progress = "none";
-  c.plots = false;
-  c.out = out.string();
-  return c;
-}
+using largebatch_test::small_linear_eval;
+using largebatch_test::small_pretrain;
 
 torch::OrderedDict<std::string, torch::Tensor> load_tensors(const fs::path& path, lm::Classifier model) {
   torch::serialize::InputArchive archive;

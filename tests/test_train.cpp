@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "scratch.h"
+#include "small_runs.h"
 
 #include <atomic>
 #include <chrono>
@@ -23,23 +24,9 @@ namespace lt = largebatch::train;
 namespace {
 
 using largebatch_test::ScratchDir;
+using largebatch_test::small_run;
 
 // ------------------------------------------------------------------ trainer
-
-lt::TrainConfig small_run(const fs::path& out) {
-  lt::TrainConfig c;
-  c.data = "synthetic";
-  c.synthetic_size = 512;
-  c.model = "cnn";
-  c.batch_size = 128;
-  c.epochs = 3;
-  c.threads = 1;
-  c.loader_workers = 1;
-  c.progress = "none";
-  c.plots = false;
-  c.out = out.string();
-  return c;
-}
 
 lm::Classifier load_model(const fs::path& path, const std::string& name = "cnn") {
   lm::ModelOptions o;
