@@ -166,6 +166,7 @@ class RunLoop {
     if (env_.distributed())
       comm_ = connect_ranks(env_, place_.device, o_.dist_timeout, o_.sync_bn, task_.module(), &cross_rank_sum_);
     task_.set_communicator(comm_.get());
+    metric_count_ = task_.step_metrics().size();  // asked once: the step runs without building the names
     steps_per_epoch_ = task_.batches().batches_per_epoch();
     if (steps_per_epoch_ == 0)
       throw OptionError("batch-size", std::to_string(o_.batch_size) + " leaves no batch in an epoch");
@@ -186,7 +187,7 @@ class RunLoop {
   void restore() {
     if (!resuming_) return;
     const json meta = load_checkpoint(checkpoint_path_, task_.module(), *plan_.optimizer, place_.device);
-    const RunState state = RunState::from_json(meta, task_.step_metrics().size(), task_.earlier_sum_keys(),
+    const RunState state = RunState::from_json(meta, metric_count_, task_.earlier_sum_keys(),
                                                steps_per_epoch_, checkpoint_path_);
     start_epoch_ = state.epoch;
     step_ = state.step;
@@ -251,7 +252,7 @@ class RunLoop {
     // A resumed epoch continues from the checkpoint's batch with its sums (JSON keeps doubles exactly).
     EpochState s;
     if (epoch == start_epoch_ && within_epoch_) s = *within_epoch_;
-    else s.sums.assign(task_.step_metrics().size(), 0.0);
+    else s.sums.assign(metric_count_, 0.0);
     const auto t_epoch = Clock::now() - std::chrono::duration_cast<Clock::duration>(
                                             std::chrono::duration<double>(s.elapsed_s));
     source.start_epoch(epoch, s.index);
@@ -338,7 +339,7 @@ class RunLoop {
     // which the all-reduce average divides out), so the gradient is the mean over the global batch whatever the
     // shard sizes. BatchNorm statistics are per micro-batch (and per rank unless --sync-bn).
     const double divisor = per_example ? static_cast<double>(global_b) / static_cast<double>(place_.world) : 1.0;
-    std::vector<double> metrics(task_.step_metrics().size(), 0.0);
+    std::vector<double> metrics(metric_count_, 0.0);
     for (int64_t start = 0; start < b; start += micro) {
       const int64_t len = std::min(micro, b - start);
       if (averager_) averager_->set_last_backward(start + len >= b);
@@ -526,6 +527,7 @@ class RunLoop {
   std::function<torch::Tensor()> sharpness_loss_;
   fs::path checkpoint_path_;
   bool resuming_ = false;
+  size_t metric_count_ = 0;
   int64_t steps_per_epoch_ = 0, total_steps_ = 0;
   int64_t start_epoch_ = 0, step_ = 0, skipped_in_a_row_ = 0;
   c10::optional<EpochState> within_epoch_;  // where a checkpoint taken within an epoch left it
