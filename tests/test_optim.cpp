@@ -119,6 +119,231 @@ TEST(Lamb, OneStepWithBiasCorrectionMatchesTheFormula) {
   EXPECT_TRUE(torch::allclose(p["w"], w0 - lr * r * s, 0, 1e-14));
 }
 
+// ------------------------------------------------------------------ the peers' options, hand-checked
+
+// Two named tensors in double: "w" (2-D, adapted) and "b" (1-D, neither decayed nor adapted by default).
+lo::NamedParameters weight_and_bias(const torch::Tensor& w, const torch::Tensor& b) {
+  lo::NamedParameters p;
+  p.insert("w", w.clone());
+  p.insert("b", b.clone());
+  return p;
+}
+
+const torch::Tensor kW0 = torch::tensor({{3.0, 4.0}}, torch::kDouble);   // |w| = 5
+const torch::Tensor kG0 = torch::tensor({{1.0, -2.0}}, torch::kDouble);  // |g| = sqrt 5
+const torch::Tensor kB0 = torch::tensor({0.5, -1.0}, torch::kDouble);
+const torch::Tensor kGb = torch::tensor({2.0, 2.0}, torch::kDouble);      // |g_b| = sqrt 8
+
+bool near(const torch::Tensor& a, const torch::Tensor& b) { return torch::allclose(a, b, 0, 1e-14); }
+
+TEST(PeerOptions, MaxGradNormDividesEveryGradientByTheGlobalNorm) {
+  const double lr = 0.1, wd = 0.01, eps = 1e-6, max_norm = 1.0;
+  for (const auto kernel : {lo::StepKernel::kFused, lo::StepKernel::kTensorOps}) {
+    auto p = weight_and_bias(kW0, kB0);
+    lo::LayerwiseOptimizer opt(p, lo::LayerwiseOptions::lamb(lr).weight_decay(wd).eps(eps).max_grad_norm(max_norm));
+    opt.set_kernel(kernel);
+    p["w"].mutable_grad() = kG0.clone();
+    p["b"].mutable_grad() = kGb.clone();
+    opt.step();
+    const double c = std::max(1.0, std::sqrt(5.0 + 8.0) / max_norm);  // over both tensors, the 1-D one included
+    const auto g = kG0 / c, gb = kGb / c;
+    const auto s = g / (g.abs() + eps) + wd * kW0;  // first step with bias correction: m^ = g, v^ = g^2
+    const double r = 5.0 / s.norm().item<double>();
+    EXPECT_TRUE(near(p["w"], kW0 - lr * r * s)) << p["w"];
+    EXPECT_TRUE(near(p["b"], kB0 - lr * (gb / (gb.abs() + eps)))) << p["b"];
+    EXPECT_TRUE(near(p["w"].grad(), kG0)) << "the gradient itself is left as it was";
+  }
+  // Below the threshold the divisor is 1: exactly the step without pre-normalisation.
+  auto a = weight_and_bias(kW0, kB0), b = weight_and_bias(kW0, kB0);
+  lo::LayerwiseOptimizer with(a, lo::LayerwiseOptions::lamb(0.1).max_grad_norm(100.0));
+  lo::LayerwiseOptimizer without(b, lo::LayerwiseOptions::lamb(0.1));
+  for (auto* q : {&a, &b}) {
+    (*q)["w"].mutable_grad() = kG0.clone();
+    (*q)["b"].mutable_grad() = kGb.clone();
+  }
+  with.step();
+  without.step();
+  EXPECT_TRUE(torch::equal(a["w"], b["w"]));
+  EXPECT_TRUE(torch::equal(a["b"], b["b"]));
+}
+
+TEST(PeerOptions, DecoupledDecayScalesTheWeightFirstAndTheRatioSeesIt) {
+  const double lr = 0.02, wd = 0.01, eps = 1e-6;
+  for (const auto kernel : {lo::StepKernel::kFused, lo::StepKernel::kTensorOps}) {
+    auto p = weight_and_bias(kW0, kB0);
+    lo::LayerwiseOptimizer opt(p, lo::LayerwiseOptions::lamb(lr).weight_decay(wd).eps(eps).decoupled_decay(true));
+    opt.set_kernel(kernel);
+    p["w"].mutable_grad() = kG0.clone();
+    p["b"].mutable_grad() = kGb.clone();
+    opt.step();
+    const auto w1 = kW0 * (1 - lr * wd);
+    const auto u = kG0 / (kG0.abs() + eps);
+    const double r = w1.norm().item<double>() / u.norm().item<double>();
+    EXPECT_TRUE(near(p["w"], w1 - lr * r * u)) << p["w"];
+    EXPECT_TRUE(near(p["b"], kB0 - lr * (kGb / (kGb.abs() + eps)))) << "the 1-D tensor is not decayed";
+  }
+}
+
+TEST(PeerOptions, LambTrustClipKeepsTheRatioAtMostOne) {
+  const double lr = 0.01, eps = 1e-6;
+  for (const bool clip : {false, true}) {
+    auto p = weight_and_bias(kW0 * 10, kB0);  // |w| = 50 against |u| about sqrt 2: r about 35 unclipped
+    auto o = lo::preset_options("lamb:timm", lr);
+    lo::apply_overrides(o, {{"trust_clip", clip ? "true" : "false"}, {"max_grad_norm", "none"}, {"weight_decay", "0.01"}});
+    lo::LayerwiseOptimizer opt(p, o);
+    opt.set_telemetry(true);
+    p["w"].mutable_grad() = kG0.clone();
+    p["b"].mutable_grad() = kGb.clone();
+    opt.step();
+    const auto s = kG0 / (kG0.abs() + eps) + 0.01 * kW0 * 10;
+    const double unclipped = 50.0 / s.norm().item<double>();
+    ASSERT_GT(unclipped, 1.0);
+    const double r = clip ? 1.0 : unclipped;
+    EXPECT_NEAR(opt.last_telemetry().layers.at(0).trust_ratio, r, 1e-12);
+    EXPECT_TRUE(near(p["w"], kW0 * 10 - lr * r * s));
+  }
+}
+
+TEST(PeerOptions, TimmLarsGuardsOnTheRawGradientAndClipsTheGuardedRatio) {
+  // A zero gradient on an adapted tensor with weight decay: timm's r = 1, then min(1 / lr, 1), times g + wd w.
+  const double lr = 2.0, wd = 5e-4;
+  for (const auto kernel : {lo::StepKernel::kFused, lo::StepKernel::kTensorOps}) {
+    for (const bool clip : {false, true}) {
+      auto p = weight_and_bias(kW0, kB0);
+      auto o = lo::preset_options("lars:timm", lr);
+      lo::apply_overrides(o, {{"trust_clip", clip ? "true" : "false"}, {"momentum", "0"}});
+      lo::LayerwiseOptimizer opt(p, o);
+      opt.set_kernel(kernel);
+      opt.set_telemetry(true);
+      p["w"].mutable_grad() = torch::zeros_like(kW0);
+      p["b"].mutable_grad() = kGb.clone();
+      opt.step();
+      const double r = clip ? std::min(1.0 / lr, 1.0) : 1.0;
+      EXPECT_EQ(opt.last_telemetry().layers.at(0).trust_ratio, r);
+      EXPECT_TRUE(near(p["w"], kW0 - lr * r * (wd * kW0))) << p["w"];
+      EXPECT_TRUE(near(p["b"], kB0 - lr * kGb)) << "1-D: plain SGD";
+    }
+    // The same corner under our guard (the denominator wd |w| + eps is not zero): a real ratio.
+    auto p = weight_and_bias(kW0, kB0);
+    auto o = lo::preset_options("lars:timm", lr);
+    lo::apply_overrides(o, {{"zero_guard", "denominator"}, {"momentum", "0"}});
+    lo::LayerwiseOptimizer opt(p, o);
+    opt.set_kernel(kernel);
+    p["w"].mutable_grad() = torch::zeros_like(kW0);
+    p["b"].mutable_grad() = kGb.clone();
+    opt.step();
+    const double r = 1e-3 * 5.0 / (wd * 5.0 + 1e-8);
+    EXPECT_TRUE(near(p["w"], kW0 - lr * r * (wd * kW0))) << p["w"];
+  }
+}
+
+TEST(PeerOptions, ApexLarcStepsAGuardedTensorWithItsPlainGradient) {
+  const double lr = 0.5, wd = 0.1, eta = 0.02, eps = 1e-8;
+  for (const auto kernel : {lo::StepKernel::kFused, lo::StepKernel::kTensorOps}) {
+    auto p = weight_and_bias(torch::zeros_like(kW0), kB0);  // |w| = 0: no decay, no ratio, d = g
+    lo::LayerwiseOptimizer opt(p, lo::preset_options("larc:apex", lr).weight_decay(wd).momentum(0));
+    opt.set_kernel(kernel);
+    p["w"].mutable_grad() = kG0.clone();
+    p["b"].mutable_grad() = torch::zeros_like(kB0);  // |g| = 0: w unchanged (no decay either)
+    opt.step();
+    EXPECT_TRUE(near(p["w"], -lr * kG0)) << p["w"];
+    EXPECT_TRUE(torch::equal(p["b"], kB0)) << p["b"];
+    // A tensor with both norms: apex's clipped ratio over the sum denominator, decay included, 1-D too.
+    auto q = weight_and_bias(kW0, kB0);
+    lo::LayerwiseOptimizer opt2(q, lo::preset_options("larc:apex", lr).weight_decay(wd).momentum(0));
+    opt2.set_kernel(kernel);
+    q["w"].mutable_grad() = kG0.clone();
+    q["b"].mutable_grad() = kGb.clone();
+    opt2.step();
+    const double r = std::min(eta * 5.0 / (std::sqrt(5.0) + wd * 5.0 + eps) / lr, 1.0);
+    EXPECT_TRUE(near(q["w"], kW0 - lr * r * (kG0 + wd * kW0))) << q["w"];
+    const double bn = kB0.norm().item<double>();
+    const double rb = std::min(eta * bn / (std::sqrt(8.0) + wd * bn + eps) / lr, 1.0);
+    EXPECT_TRUE(near(q["b"], kB0 - lr * rb * (kGb + wd * kB0))) << q["b"];
+  }
+}
+
+TEST(PeerOptions, LarcClipAtZeroLearningRateIsOne) {
+  auto p = weight_and_bias(kW0, kB0);
+  lo::LayerwiseOptimizer opt(p, lo::preset_options("larc:apex", 0.0));
+  opt.set_telemetry(true);
+  p["w"].mutable_grad() = kG0.clone();
+  p["b"].mutable_grad() = kGb.clone();
+  opt.step();
+  EXPECT_EQ(opt.last_telemetry().layers.at(0).trust_ratio, 1.0);  // the limit of min(r / lr, 1) as lr -> 0
+  EXPECT_TRUE(torch::equal(p["w"], kW0));
+}
+
+TEST(PeerOptions, LrRatio1dScalesTheTensorsThatAreNotAdapted) {
+  const double lr = 0.4, ratio = 0.024, wd = 1.5e-6, eta = 1e-3;
+  for (const auto kernel : {lo::StepKernel::kFused, lo::StepKernel::kTensorOps}) {
+    auto p = weight_and_bias(kW0, kB0);
+    lo::LayerwiseOptimizer opt(p, lo::preset_options("lars:barlowtwins", lr));
+    opt.set_kernel(kernel);
+    opt.set_telemetry(true);
+    for (int t = 0; t < 2; ++t) {
+      p["w"].mutable_grad() = kG0.clone();
+      p["b"].mutable_grad() = kGb.clone();
+      opt.step();
+    }
+    // Two steps of heavy-ball momentum: mu_1 = d_0, mu_2 = 0.9 mu_1 + d_1.
+    auto w = kW0.clone();
+    torch::Tensor mu;
+    for (int t = 0; t < 2; ++t) {
+      const auto d = kG0 + wd * w;
+      const auto r = eta * w.norm().item<double>() / d.norm().item<double>();
+      mu = t == 0 ? r * d : 0.9 * mu + r * d;
+      w = w - lr * mu;
+    }
+    EXPECT_TRUE(near(p["w"], w)) << p["w"];
+    EXPECT_TRUE(near(p["b"], kB0 - lr * ratio * (kGb + 0.9 * kGb + kGb))) << p["b"];
+    EXPECT_DOUBLE_EQ(opt.last_telemetry().layers.at(0).effective_lr, lr * opt.last_telemetry().layers.at(0).trust_ratio);
+  }
+}
+
+TEST(PeerOptions, AlwaysAdaptOffAdaptsNothingWithoutWeightDecay) {
+  auto p = weight_and_bias(kW0, kB0);
+  lo::LayerwiseOptimizer opt(p, lo::preset_options("lars:timm", 0.5).weight_decay(0).momentum(0));
+  opt.set_telemetry(true);
+  EXPECT_FALSE(opt.adapts(p["w"]));
+  p["w"].mutable_grad() = kG0.clone();
+  p["b"].mutable_grad() = kGb.clone();
+  opt.step();
+  EXPECT_TRUE(opt.last_telemetry().layers.empty());
+  EXPECT_TRUE(near(p["w"], kW0 - 0.5 * kG0)) << "plain SGD, as timm's Lars with weight_decay 0";
+  auto q = weight_and_bias(kW0, kB0);
+  lo::LayerwiseOptimizer adapting(q, lo::preset_options("lars:timm", 0.5));
+  EXPECT_TRUE(adapting.adapts(q["w"]));
+  EXPECT_FALSE(adapting.adapts(q["b"]));
+}
+
+TEST(PeerOptions, PeerVocabularyParsesAndBadValuesAreNamed) {
+  auto o = lo::preset_options("lamb:timm", 0.01);
+  lo::apply_overrides(o, {{"betas", "0.8:0.99"}, {"eps", "1e-7"}, {"max_grad_norm", "2.5"}, {"decoupled_decay", "true"}});
+  EXPECT_EQ(o.beta1(), 0.8);
+  EXPECT_EQ(o.beta2(), 0.99);
+  EXPECT_EQ(o.eps(), 1e-7);
+  EXPECT_EQ(*o.max_grad_norm(), 2.5);
+  EXPECT_TRUE(o.decoupled_decay());
+  auto l = lo::preset_options("lars:timm", 1.0);
+  lo::apply_overrides(l, {{"eps", "1e-5"}, {"trust_clip", "true"}, {"guarded_update", "raw-gradient"}});
+  EXPECT_EQ(l.trust_eps(), 1e-5) << "LARS's eps is the trust-ratio epsilon";
+  EXPECT_TRUE(l.larc_clip());
+  EXPECT_EQ(l.guarded_update(), lo::GuardedUpdate::kRawGradient);
+  for (const auto& [key, value, needle] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"betas", "0.9", "betas"}, {"max_grad_norm", "0", "max_grad_norm"}, {"zero_guard", "weights", "zero_guard"},
+           {"guarded_update", "skip", "guarded_update"}, {"lr_ratio_1d", "-1", "lr_ratio_1d"},
+           {"always_adapt", "maybe", "always_adapt"}, {"frobnicate", "1", "frobnicate"}}) {
+    auto x = lo::preset_options("lamb:timm", 0.01);
+    try {
+      lo::apply_overrides(x, {{key, value}});
+      ADD_FAILURE() << key << "=" << value << " was accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  }
+}
+
 // ------------------------------------------------------------------ masks
 
 TEST(Masks, DefaultExcludesOneDimensionalTensorsFromBoth) {
@@ -425,7 +650,9 @@ TEST(Recipes, AnExplicitPresetRunsWithExactlyItsValues) {
     const auto r = lo::resolve_recipe(p.name, lo::Task::kClassification, 4096, 300, 1.5, "auto", {});
     EXPECT_EQ(r.optimizer, p.name);
     EXPECT_TRUE(r.options.empty());
-    EXPECT_EQ(r.schedule, "constant");
+    // A preset's values are its own; its schedule is constant, except the Barlow Twins recipe's, which is part of
+    // what that peer is.
+    EXPECT_EQ(r.schedule, p.name == "lars:barlowtwins" ? "warmup-cosine" : "constant");
     auto opt = lo::make_optimizer({r.optimizer, r.lr, 4096, r.options}, model->named_parameters());
     EXPECT_EQ(group_options(*opt).describe(), lo::preset_options(p.name, 1.5, 4096).describe());
   }
@@ -434,6 +661,17 @@ TEST(Recipes, AnExplicitPresetRunsWithExactlyItsValues) {
   EXPECT_DOUBLE_EQ(group_options(*opt).eta(), 1e-3);
   EXPECT_DOUBLE_EQ(group_options(*opt).time_varying()->lambda, 1e-3);
   EXPECT_DOUBLE_EQ(group_options(*opt).time_varying()->gamma_min, 0.001 * 4096 / 256);
+}
+
+TEST(Recipes, BarlowTwinsRecipeScalesItsLearningRateWithTheBatch) {
+  const auto r = lo::resolve_recipe("lars:barlowtwins", lo::Task::kSelfSupervised, 2048, 100, -1, "auto", {});
+  EXPECT_EQ(r.optimizer, "lars:barlowtwins");
+  EXPECT_DOUBLE_EQ(r.lr, 0.2 * 2048 / 256);  // its --learning-rate-weights 0.2 times B / 256
+  EXPECT_EQ(r.schedule, "warmup-cosine");
+  EXPECT_EQ(lo::find_recipe("lars:barlowtwins").self_supervised.lr.describe(), "0.2 B/256");
+  const auto o = lo::preset_options("lars:barlowtwins", r.lr);
+  EXPECT_DOUBLE_EQ(o.lr_ratio_1d(), 0.024);
+  EXPECT_DOUBLE_EQ(o.weight_decay(), 1.5e-6);
 }
 
 TEST(Recipes, TheTrainersRecipesSayWhatTheyChange) {
@@ -567,6 +805,15 @@ std::vector<std::pair<std::string, lo::LayerwiseOptions>> every_option_case() {
       {"lamb sum, no bias correction, all adapted",
        lo::LayerwiseOptions::lamb(0.01).bias_correction(false).trust_denominator(lo::TrustDenominator::kSum)
            .adapt_mask(lo::ParamMask::all()).decay_mask(lo::ParamMask::all())},
+      {"lars:timm nesterov trust clip", lo::preset_options("lars:timm", 1.0).nesterov(true).larc_clip(true)},
+      {"larc:apex", lo::preset_options("larc:apex", 0.5)},
+      {"lamb:timm (max_grad_norm)", lo::preset_options("lamb:timm", 0.01).max_grad_norm(0.5)},
+      {"lamb decoupled trust clip", lo::preset_options("lamb:timm", 0.01).decoupled_decay(true)
+           .trust_ratio_clamp(lo::Range{0, 1})},
+      {"lars:barlowtwins", lo::preset_options("lars:barlowtwins", 0.5)},
+      {"lars decoupled, max_grad_norm, raw-gradient guard",
+       lo::LayerwiseOptions::lars(2.0).decoupled_decay(true).max_grad_norm(0.3).zero_guard(lo::ZeroGuard::kGradient)
+           .guarded_update(lo::GuardedUpdate::kRawGradient)},
   };
 }
 

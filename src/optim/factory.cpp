@@ -20,6 +20,19 @@ const std::vector<PresetInfo>& layerwise_presets() {
       {"tvlars:paper", "TVLARS of the paper: alpha 1, gamma_min = 0.001 B/256, lambda 1e-3, d_e 0, no clamp"},
       {"lamb:reference", "LAMB as released: no bias correction, |w| clamped to [0, 10], eps 1e-6, no masks"},
       {"lamb:paper", "LAMB of You et al.: bias correction, wd 0.01, eps 1e-6, 1-D tensors excluded"},
+      {"lars:timm",
+       "timm's Lars as its factory groups it: r = eta |w| / (|g| + wd |w| + eps), eps 1e-8; r = 1 where |w| or the raw "
+       "|g| is 0 (then LARC-clipped with trust_clip); 1-D tensors plain momentum SGD; no weight decay, no adaptation "
+       "(always_adapt off); m 0.9, eta 1e-3, wd 5e-4 (timm's default 0 adapts nothing)"},
+      {"larc:apex",
+       "NVIDIA apex's LARC around SGD: every tensor decayed and adapted, r = min(eta |w| / (|g| + wd |w| + eps) / lr, "
+       "1), eta 0.02, eps 1e-8; where |w| or |g| is 0 the plain gradient (no decay, no ratio); m 0.9, wd 5e-4"},
+      {"lamb:timm",
+       "timm's Lamb (NVIDIA FusedLAMB's rule) as its factory groups it: gradients first divided by max(1, global "
+       "norm / 1.0), bias correction, eps 1e-6, wd 0.01 coupled; 1-D tensors neither decayed nor adapted"},
+      {"lars:barlowtwins",
+       "the LARS of the Barlow Twins code with its recipe's groups: lars:reference's rule, wd 1.5e-6, and the 1-D "
+       "tensors at lr x 0.024 (0.0048 / 0.2)"},
   };
   return presets;
 }
@@ -54,6 +67,11 @@ bool to_bool(const std::string& key, const std::string& value) {
   if (v == "true" || v == "1" || v == "on" || v == "yes") return true;
   if (v == "false" || v == "0" || v == "off" || v == "no") return false;
   throw std::invalid_argument("optimizer option " + key + ": '" + value + "' is not a boolean (true/false)");
+}
+
+c10::optional<double> to_optional(const std::string& key, const std::string& value) {
+  if (lower(value) == "none" || lower(value) == "off" || lower(value) == "null") return c10::nullopt;
+  return to_double(key, value);
 }
 
 c10::optional<Range> to_range(const std::string& key, const std::string& value) {
@@ -99,6 +117,25 @@ LayerwiseOptions preset_options(const std::string& raw, double lr, int64_t batch
         .decay_mask(ParamMask::all())
         .adapt_mask(ParamMask::all());
   if (name == "lamb:paper") return LayerwiseOptions::lamb(lr);
+  if (name == "lars:timm")
+    return LayerwiseOptions::lars(lr)
+        .trust_denominator(TrustDenominator::kSum)
+        .trust_eps(1e-8)
+        .zero_guard(ZeroGuard::kGradient)
+        .guarded_update(GuardedUpdate::kClippedUnitRatio)
+        .always_adapt(false);
+  if (name == "larc:apex")
+    return LayerwiseOptions::lars(lr)
+        .eta(0.02)
+        .trust_denominator(TrustDenominator::kSum)
+        .trust_eps(1e-8)
+        .larc_clip(true)
+        .zero_guard(ZeroGuard::kGradient)
+        .guarded_update(GuardedUpdate::kRawGradient)
+        .decay_mask(ParamMask::all())
+        .adapt_mask(ParamMask::all());
+  if (name == "lamb:timm") return LayerwiseOptions::lamb(lr).max_grad_norm(1.0).always_adapt(false);
+  if (name == "lars:barlowtwins") return LayerwiseOptions::lars(lr).weight_decay(1.5e-6).lr_ratio_1d(0.024);
   throw std::invalid_argument("optimizer '" + raw + "' is not a layer-wise preset");
 }
 
@@ -125,7 +162,24 @@ void apply_overrides(LayerwiseOptions& o, const std::map<std::string, std::strin
     else if (k == "nesterov") o.nesterov(to_bool(k, v));
     else if (k == "beta1") o.beta1(to_double(k, v));
     else if (k == "beta2") o.beta2(to_double(k, v));
+    // The peers' vocabulary (docs/optimizers.md): eps is LARS's trust-ratio epsilon and LAMB's Adam epsilon.
+    else if (k == "eps" && o.direction() == Direction::kMomentum) o.trust_eps(to_double(k, v));
     else if (k == "eps") o.eps(to_double(k, v));
+    else if (k == "betas") {
+      const auto colon = v.find(':');
+      if (colon == std::string::npos)
+        throw std::invalid_argument("optimizer option betas: '" + v + "' is not BETA1:BETA2");
+      o.beta1(to_double(k, v.substr(0, colon))).beta2(to_double(k, v.substr(colon + 1)));
+    }
+    // trust_clip: LARS's LARC clip min(r / lr, 1), LAMB's r <= 1.
+    else if (k == "trust_clip" && o.direction() == Direction::kMomentum) o.larc_clip(to_bool(k, v));
+    else if (k == "trust_clip") o.trust_ratio_clamp(to_bool(k, v) ? c10::optional<Range>(Range{0, 1}) : c10::nullopt);
+    else if (k == "max_grad_norm") o.max_grad_norm(to_optional(k, v));
+    else if (k == "decoupled_decay") o.decoupled_decay(to_bool(k, v));
+    else if (k == "zero_guard") o.zero_guard(parse_zero_guard(v));
+    else if (k == "guarded_update") o.guarded_update(parse_guarded_update(v));
+    else if (k == "always_adapt") o.always_adapt(to_bool(k, v));
+    else if (k == "lr_ratio_1d") o.lr_ratio_1d(to_double(k, v));
     else if (k == "bias_correction") o.bias_correction(to_bool(k, v));
     else if (k == "weight_decay" || k == "wd") o.weight_decay(to_double(k, v));
     else if (k == "eta") o.eta(to_double(k, v));
@@ -149,9 +203,10 @@ void apply_overrides(LayerwiseOptions& o, const std::map<std::string, std::strin
     else
       throw std::invalid_argument(
           "unknown optimizer option '" + k +
-          "' (known: lr, momentum, nesterov, beta1, beta2, eps, bias_correction, weight_decay, eta, "
+          "' (known: lr, momentum, nesterov, beta1, beta2, betas, eps, bias_correction, weight_decay, eta, "
           "trust_denominator, trust_eps, norm_clamp, weight_norm_clamp, update_norm_clamp, trust_ratio_clamp, "
-          "larc_clip, tv, alpha, lambda, delay, gamma_min, decay_mask, adapt_mask)");
+          "larc_clip, trust_clip, zero_guard, guarded_update, max_grad_norm, decoupled_decay, tv, alpha, lambda, "
+          "delay, gamma_min, decay_mask, adapt_mask, always_adapt, lr_ratio_1d)");
   }
   o.validate();
 }

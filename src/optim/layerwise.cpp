@@ -74,6 +74,29 @@ ParamMask ParamMask::parse(const std::string& text, const std::string& what) {
 
 // ---------------------------------------------------------------- options
 
+std::string to_string(ZeroGuard guard) { return guard == ZeroGuard::kGradient ? "gradient" : "denominator"; }
+
+std::string to_string(GuardedUpdate update) {
+  switch (update) {
+    case GuardedUpdate::kClippedUnitRatio: return "clipped-unit-ratio";
+    case GuardedUpdate::kRawGradient: return "raw-gradient";
+    default: return "unit-ratio";
+  }
+}
+
+ZeroGuard parse_zero_guard(const std::string& text) {
+  if (text == "denominator") return ZeroGuard::kDenominator;
+  if (text == "gradient") return ZeroGuard::kGradient;
+  throw std::invalid_argument("optimizer option zero_guard: '" + text + "' is not denominator or gradient");
+}
+
+GuardedUpdate parse_guarded_update(const std::string& text) {
+  for (GuardedUpdate u : {GuardedUpdate::kUnitRatio, GuardedUpdate::kClippedUnitRatio, GuardedUpdate::kRawGradient})
+    if (text == to_string(u)) return u;
+  throw std::invalid_argument("optimizer option guarded_update: '" + text +
+                              "' is not unit-ratio, clipped-unit-ratio or raw-gradient");
+}
+
 LayerwiseOptions LayerwiseOptions::lars(double lr) {
   return LayerwiseOptions(lr).direction(Direction::kMomentum).momentum(0.9).weight_decay(5e-4).eta(1e-3);
 }
@@ -126,6 +149,15 @@ T read_value(torch::serialize::InputArchive& a, const std::string& key, T fallba
   return v.to<T>();
 }
 
+// An enum saved as its integer; a value outside [first, last] is a damaged checkpoint.
+template <typename E>
+E read_enum(torch::serialize::InputArchive& a, const std::string& key, E first, E last) {
+  const int64_t v = read_value<int64_t>(a, key, static_cast<int64_t>(first));
+  if (v < static_cast<int64_t>(first) || v > static_cast<int64_t>(last))
+    throw std::invalid_argument("checkpoint optimizer option " + key + " = " + std::to_string(v) + " is not known");
+  return static_cast<E>(v);
+}
+
 std::string range_text(const c10::optional<Range>& r) {
   if (!r) return "none";
   std::ostringstream os;
@@ -151,6 +183,9 @@ void LayerwiseOptions::validate() const {
   check_range(update_norm_clamp(), "update_norm_clamp", true);
   check_range(trust_ratio_clamp(), "trust_ratio_clamp");
   if (time_varying()) optim::validate(*time_varying());
+  if (max_grad_norm() && (!(*max_grad_norm() > 0) || std::isinf(*max_grad_norm())))
+    bad_option("max_grad_norm", *max_grad_norm(), "must be finite and > 0");
+  if (!(lr_ratio_1d() >= 0) || std::isinf(lr_ratio_1d())) bad_option("lr_ratio_1d", lr_ratio_1d(), "must be finite and >= 0");
 }
 
 std::string LayerwiseOptions::describe() const {
@@ -167,13 +202,19 @@ std::string LayerwiseOptions::describe() const {
   os << " weight_norm_clamp=" << range_text(weight_norm_clamp())
      << " update_norm_clamp=" << range_text(update_norm_clamp())
      << " trust_ratio_clamp=" << range_text(trust_ratio_clamp())
-     << " larc_clip=" << (larc_clip() ? "true" : "false");
+     << " larc_clip=" << (larc_clip() ? "true" : "false") << " zero_guard=" << to_string(zero_guard())
+     << " guarded_update=" << to_string(guarded_update());
   if (time_varying())
     os << " tv=on alpha=" << time_varying()->alpha << " lambda=" << time_varying()->lambda
        << " delay=" << time_varying()->delay << " gamma_min=" << time_varying()->gamma_min;
   else
     os << " tv=off";
-  os << " decay_mask=" << decay_mask().to_string() << " adapt_mask=" << adapt_mask().to_string();
+  os << " max_grad_norm=";
+  if (max_grad_norm()) os << *max_grad_norm();
+  else os << "none";
+  os << " decoupled_decay=" << (decoupled_decay() ? "true" : "false") << " decay_mask=" << decay_mask().to_string()
+     << " adapt_mask=" << adapt_mask().to_string() << " always_adapt=" << (always_adapt() ? "true" : "false")
+     << " lr_ratio_1d=" << lr_ratio_1d();
   return os.str();
 }
 
@@ -202,6 +243,13 @@ void LayerwiseOptions::serialize(torch::serialize::OutputArchive& a) const {
   a.write("tv/gamma_min", c10::IValue(tv ? time_varying()->gamma_min : 0.0));
   a.write("decay_mask", c10::IValue(decay_mask().to_string()));
   a.write("adapt_mask", c10::IValue(adapt_mask().to_string()));
+  a.write("zero_guard", c10::IValue(static_cast<int64_t>(zero_guard())));
+  a.write("guarded_update", c10::IValue(static_cast<int64_t>(guarded_update())));
+  a.write("max_grad_norm/set", c10::IValue(max_grad_norm().has_value()));
+  a.write("max_grad_norm/value", c10::IValue(max_grad_norm().value_or(0.0)));
+  a.write("decoupled_decay", c10::IValue(decoupled_decay()));
+  a.write("always_adapt", c10::IValue(always_adapt()));
+  a.write("lr_ratio_1d", c10::IValue(lr_ratio_1d()));
 }
 
 void LayerwiseOptions::serialize(torch::serialize::InputArchive& a) {
@@ -233,6 +281,17 @@ void LayerwiseOptions::serialize(torch::serialize::InputArchive& a) {
   }
   decay_mask(ParamMask::parse(read_value<std::string>(a, "decay_mask", "ndim<=1"), "checkpoint decay_mask"));
   adapt_mask(ParamMask::parse(read_value<std::string>(a, "adapt_mask", "ndim<=1"), "checkpoint adapt_mask"));
+  // Checkpoints of earlier versions lack what follows: the defaults are what those versions did.
+  zero_guard(read_enum<ZeroGuard>(a, "zero_guard", ZeroGuard::kDenominator, ZeroGuard::kGradient));
+  guarded_update(read_enum<GuardedUpdate>(a, "guarded_update", GuardedUpdate::kUnitRatio, GuardedUpdate::kRawGradient));
+  if (read_value<bool>(a, "max_grad_norm/set", false))
+    max_grad_norm(read_value<double>(a, "max_grad_norm/value", 1.0));
+  else
+    max_grad_norm(c10::nullopt);
+  decoupled_decay(read_value<bool>(a, "decoupled_decay", false));
+  always_adapt(read_value<bool>(a, "always_adapt", true));
+  lr_ratio_1d(read_value<double>(a, "lr_ratio_1d", 1.0));
+  validate();
 }
 
 // ---------------------------------------------------------------- param state
@@ -262,6 +321,9 @@ void LayerwiseParamState::serialize(torch::serialize::InputArchive& archive) {
 namespace {
 
 std::string key_of(const torch::Tensor& p) { return c10::guts::to_string(p.unsafeGetTensorImpl()); }
+
+// Whether a group adapts the tensors of its adaptation mask (timm's always_adapt).
+bool adapts_in(const LayerwiseOptions& o) { return o.always_adapt() || o.weight_decay() != 0; }
 
 std::vector<torch::optim::OptimizerParamGroup> groups_of(
     const std::vector<std::pair<NamedParameters, LayerwiseOptions>>& groups) {
@@ -340,7 +402,13 @@ LayerwiseParamState& LayerwiseOptimizer::state_of(const torch::Tensor& param) co
 }
 
 bool LayerwiseOptimizer::decays(const torch::Tensor& p) const { return state_of(p).decay(); }
-bool LayerwiseOptimizer::adapts(const torch::Tensor& p) const { return state_of(p).adapt(); }
+bool LayerwiseOptimizer::adapts(const torch::Tensor& p) const {
+  const bool in_mask = state_of(p).adapt();
+  for (const auto& group : param_groups_)
+    for (const auto& q : group.params())
+      if (q.is_same(p)) return in_mask && adapts_in(static_cast<const LayerwiseOptions&>(group.options()));
+  return in_mask;
+}
 const std::string& LayerwiseOptimizer::name_of(const torch::Tensor& p) const { return state_of(p).name(); }
 
 int64_t LayerwiseOptimizer::steps_taken() const {
@@ -363,6 +431,41 @@ int64_t LayerwiseOptimizer::step_memory_traffic() const {
   }
   return bytes;
 }
+
+namespace {
+
+// max_grad_norm: each entry's divisor max(1, |G| / max_grad_norm), |G| the norm over every gradient of the step.
+// The fused entries' part is summed on the host in a fixed order; the operations path keeps it on the device, so
+// a step without fused entries still never reads a value on the host.
+void prenormalise(std::vector<detail::StepEntry>& entries, std::vector<detail::StepEntry>& fused,
+                  const std::vector<size_t>& fused_index, const std::vector<size_t>& ops_index) {
+  const bool any = std::any_of(entries.begin(), entries.end(),
+                               [](const detail::StepEntry& e) { return e.options->max_grad_norm().has_value(); });
+  if (!any) return;
+  const double fused_squares = fused.empty() ? 0.0 : detail::fused_gradient_squares(fused);
+  torch::Tensor total;  // |G| as a device tensor, when the operations path has entries
+  if (!ops_index.empty()) {
+    const torch::Device device = entries[ops_index.front()].grad.device();
+    std::vector<torch::Tensor> norms;
+    for (size_t i : ops_index)
+      norms.push_back(at::linalg_vector_norm(entries[i].grad, 2, c10::nullopt, false, torch::kDouble).to(device));
+    total = (torch::stack(norms).pow(2).sum() + fused_squares).sqrt();
+  }
+  const double host_total = fused.empty() ? 0.0 : (total.defined() ? total.item<double>() : std::sqrt(fused_squares));
+  for (size_t k = 0; k < fused_index.size(); ++k) {
+    detail::StepEntry& e = entries[fused_index[k]];
+    if (!e.options->max_grad_norm()) continue;
+    e.grad_divisor = std::max(1.0, host_total / *e.options->max_grad_norm());
+    fused[k].grad_divisor = e.grad_divisor;
+  }
+  for (size_t i : ops_index) {
+    detail::StepEntry& e = entries[i];
+    if (!e.options->max_grad_norm()) continue;
+    e.grad_divisor_tensor = (total / *e.options->max_grad_norm()).clamp_min(1.0).to(e.grad.device());
+  }
+}
+
+}  // namespace
 
 torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
   torch::Tensor loss;
@@ -395,6 +498,8 @@ torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
       e.options = &o;
       e.t = st.step();
       e.phi = o.time_varying() ? tv_phi(*o.time_varying(), e.t) : 1.0;
+      e.adapt = st.adapt() && adapts_in(o);
+      e.lr = e.adapt ? o.lr() : o.lr() * o.lr_ratio_1d();
       entries.push_back(std::move(e));
     }
   }
@@ -419,6 +524,8 @@ torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
       ops_index.push_back(i);
     }
   }
+
+  prenormalise(entries, fused, fused_index, ops_index);
 
   const bool record = telemetry_enabled_;
   std::vector<detail::LayerNorms> fused_norms;
@@ -454,10 +561,10 @@ torch::Tensor LayerwiseOptimizer::step(LossClosure closure) {
         norms[on_device_index[k]] = detail::LayerNorms{acc[k][0], acc[k][1], acc[k][2], acc[k][3]};
     }
     for (size_t i = 0; i < entries.size(); ++i) {
-      if (!entries[i].state->adapt()) continue;
+      if (!entries[i].adapt) continue;
       const detail::LayerNorms& n = norms[i];
       telemetry.layers.push_back(LayerTelemetry{entries[i].state->name(), n.weight, n.update, n.ratio,
-                                                entries[i].options->lr() * n.ratio, n.grad});
+                                                entries[i].lr * n.ratio, n.grad});
     }
     last_telemetry_ = std::move(telemetry);
     if (telemetry_callback_) telemetry_callback_(last_telemetry_);

@@ -12,12 +12,15 @@ namespace largebatch {
 namespace optim {
 
 double LrRule::at(int64_t batch_size) const {
-  return sqrt_batch_scaled ? base * std::sqrt(static_cast<double>(batch_size) / 256.0) : base;
+  const double ratio = static_cast<double>(batch_size) / 256.0;
+  if (linear_batch_scaled) return base * ratio;
+  return sqrt_batch_scaled ? base * std::sqrt(ratio) : base;
 }
 
 std::string LrRule::describe() const {
   char text[48];
-  std::snprintf(text, sizeof(text), "%g%s", base, sqrt_batch_scaled ? " sqrt(B/256)" : "");
+  std::snprintf(text, sizeof(text), "%g%s", base,
+                linear_batch_scaled ? " B/256" : (sqrt_batch_scaled ? " sqrt(B/256)" : ""));
   return text;
 }
 
@@ -46,6 +49,13 @@ std::vector<Recipe> make_table() {
       {"tvlars:paper", {}, "tvlars:paper", "constant", false, lars_cls, lars_ssl, as_is("tvlars:paper")},
       {"lamb:reference", {}, "lamb:reference", "constant", false, lamb_any, lamb_any, as_is("lamb:reference")},
       {"lamb:paper", {}, "lamb:paper", "constant", false, lamb_any, lamb_any, as_is("lamb:paper")},
+      {"lars:timm", {}, "lars:timm", "constant", false, lars_cls, lars_ssl, as_is("lars:timm")},
+      {"larc:apex", {}, "larc:apex", "constant", false, lars_cls, lars_ssl, as_is("larc:apex")},
+      {"lamb:timm", {}, "lamb:timm", "constant", false, lamb_any, lamb_any, as_is("lamb:timm")},
+      {"lars:barlowtwins", {}, "lars:barlowtwins", "warmup-cosine", false, lars_cls, {{0.2, false, true}, {}},
+       as_is("lars:barlowtwins") +
+           ", with the recipe's schedule: warm-up (--warmup-epochs; the recipe's is 10 of 1000 epochs) then cosine "
+           "to --final-ratio (0.001); pre-training lr 0.2 B/256 (its --learning-rate-weights)"},
       {"lars", {}, "lars:reference", "constant", false, tuned_lars_cls, lars_ssl,
        "lars:reference, constant lr; classification: eta 2e-3 (the preset's 1e-3), lr 2; pre-training: the "
        "preset's eta, lr 0.2"},

@@ -18,8 +18,12 @@ torch::Tensor tensor_ops_step(const StepEntry& e, bool record) {
   const LayerwiseOptions& o = *e.options;
   LayerwiseParamState& st = *e.state;
   const torch::Tensor& p = e.param;
-  const torch::Tensor& g = e.grad;
-  const double lr = o.lr();
+  const double lr = e.lr;
+
+  // Stage 0: the global pre-normalisation.
+  torch::Tensor g = e.grad;
+  if (e.grad_divisor_tensor.defined()) g = g / e.grad_divisor_tensor;
+  else if (e.grad_divisor != 1) g = g / e.grad_divisor;
 
   // Stage 1: direction.
   torch::Tensor u;
@@ -43,20 +47,27 @@ torch::Tensor tensor_ops_step(const StepEntry& e, bool record) {
     u = g;
   }
 
-  // Stage 2: weight decay.
+  // Stage 2: weight decay, in the direction or (decoupled) on the weight first.
   const bool decay = st.decay() && o.weight_decay() != 0;
-  torch::Tensor d = decay ? u.add(p, o.weight_decay()) : u;
+  const bool coupled = decay && !o.decoupled_decay();
+  if (decay && o.decoupled_decay()) p.mul_(1 - lr * o.weight_decay());
+  torch::Tensor d = coupled ? u.add(p, o.weight_decay()) : u;
 
   // Stage 3: trust ratio (adapted tensors only).
   torch::Tensor recorded;
-  if (st.adapt()) {
+  if (e.adapt) {
     const torch::Tensor w_norm = p.norm();
     const bool exact = o.trust_denominator() == TrustDenominator::kExact;
     const torch::Tensor d_norm = exact ? d.norm() : u.norm();
-    const torch::Tensor denominator = trust_denominator(d_norm, d_norm, w_norm, decay, o);
-    const torch::Tensor r = trust_ratio(w_norm, denominator, o, e.phi, lr);
-    d = d.mul(r);
-    if (record) recorded = torch::stack({w_norm, denominator, r, g.norm()}).to(torch::kDouble);
+    const torch::Tensor denominator = trust_denominator(d_norm, d_norm, w_norm, coupled, o);
+    const bool need_g = record || o.zero_guard() == ZeroGuard::kGradient;
+    const torch::Tensor g_norm = need_g ? g.norm() : torch::Tensor();
+    const torch::Tensor r = trust_ratio(w_norm, denominator, g_norm, o, e.phi, lr);
+    if (o.guarded_update() == GuardedUpdate::kRawGradient)
+      d = torch::where(guard_passes(w_norm, denominator, g_norm, o), d.mul(r), u);
+    else
+      d = d.mul(r);
+    if (record) recorded = torch::stack({w_norm, denominator, r, g_norm}).to(torch::kDouble);
   }
 
   // Stage 4: heavy-ball momentum (LARS), then stage 5: learning rate.
@@ -161,10 +172,14 @@ Plan<T> plan_of(const StepEntry& e) {
   p.g = e.grad.data_ptr<T>();
   p.n = e.param.numel();
   p.adam = o.direction() == Direction::kAdam;
-  p.adapt = st.adapt();
-  p.decay = st.decay() && o.weight_decay() != 0;
+  p.adapt = e.adapt;
+  const bool decay = st.decay() && o.weight_decay() != 0;
+  p.decay = !decay ? simd::kNoDecay : (o.decoupled_decay() ? simd::kDecoupledDecay : simd::kCoupledDecay);
   p.wd = static_cast<T>(o.weight_decay());
-  p.neg_lr = static_cast<T>(-o.lr());
+  p.keep = static_cast<T>(1 - e.lr * o.weight_decay());
+  p.neg_lr = static_cast<T>(-e.lr);
+  p.scaled = e.grad_divisor != 1;
+  p.grad_divisor = static_cast<T>(e.grad_divisor);
   if (p.adam) {
     if (!st.exp_avg().defined()) {
       st.exp_avg(torch::zeros_like(e.param, torch::MemoryFormat::Contiguous));
@@ -233,12 +248,15 @@ void step_block(const simd::Kernels& kernels, const std::vector<StepEntry>& entr
     const Sums& sums = total[k - begin];
     const StepEntry& e = entries[which[k]];
     const LayerwiseOptions& o = *e.options;
-    const double w_norm = std::sqrt(sums.w);
-    const double denominator = trust_denominator(std::sqrt(sums.u), std::sqrt(sums.d), w_norm, plans[k].decay, o);
-    const double r = trust_ratio(w_norm, denominator, o, e.phi, o.lr());
+    const double w_norm = std::sqrt(sums.w), g_norm = std::sqrt(sums.g);
+    const bool coupled = plans[k].decay == simd::kCoupledDecay;
+    const double denominator = trust_denominator(std::sqrt(sums.u), std::sqrt(sums.d), w_norm, coupled, o);
+    const double r = trust_ratio(w_norm, denominator, g_norm, o, e.phi, e.lr);
     plans[k].ratio = static_cast<T>(r);
-    if (norms)
-      (*norms)[which[k]] = LayerNorms{w_norm, denominator, static_cast<double>(plans[k].ratio), std::sqrt(sums.g)};
+    // apex's LARC: a guarded tensor steps with its plain gradient (pass 2 then adds no wd w).
+    if (o.guarded_update() == GuardedUpdate::kRawGradient && coupled && !guard_passes(w_norm, denominator, g_norm, o))
+      plans[k].decay = simd::kNoDecay;
+    if (norms) (*norms)[which[k]] = LayerNorms{w_norm, denominator, static_cast<double>(plans[k].ratio), g_norm};
   }
 
   at::parallel_for(0, static_cast<int64_t>(second.size()), 1, [&](int64_t b, int64_t e) {
@@ -295,6 +313,25 @@ std::string why_not_fusable(const StepEntry& e) {
   for (const torch::Tensor* s : {&st.momentum_buffer(), &st.exp_avg(), &st.exp_avg_sq()})
     if (s->defined() && !dense_like(*s, p)) return "its optimizer state is not dense contiguous CPU memory like it";
   return "";
+}
+
+double fused_gradient_squares(const std::vector<StepEntry>& entries) {
+  const simd::Kernels& kernels = active_kernels();
+  std::vector<Chunk> chunks;
+  for (size_t k = 0; k < entries.size(); ++k)
+    for (int64_t b = 0, n = entries[k].grad.numel(); b < n; b += kChunk) chunks.push_back(Chunk{k, b, std::min(n, b + kChunk)});
+  std::vector<double> partial(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const torch::Tensor& g = entries[chunks[c].entry].grad;
+      partial[c] = g.scalar_type() == torch::kFloat
+                       ? kernels.squares_float(g.data_ptr<float>(), chunks[c].begin, chunks[c].end)
+                       : kernels.squares_double(g.data_ptr<double>(), chunks[c].begin, chunks[c].end);
+    }
+  });
+  double total = 0;
+  for (double x : partial) total += x;
+  return total;
 }
 
 void fused_step(const std::vector<StepEntry>& entries, std::vector<LayerNorms>* norms) {

@@ -25,6 +25,12 @@ struct StepEntry {
   const LayerwiseOptions* options = nullptr;
   int64_t t = 0;     // updates applied to this tensor before this step
   double phi = 1;    // phi_t of this tensor
+  bool adapt = false;  // adapted at this step (the mask, and always_adapt with the group's weight decay)
+  double lr = 0;       // this tensor's learning rate: the group's, times lr_ratio_1d when not adapted
+  // Global pre-normalisation: the gradient is divided by this (host value for the fused kernel; the operations
+  // path uses grad_divisor_tensor when it is defined, so that it never reads the norm on the host).
+  double grad_divisor = 1;
+  torch::Tensor grad_divisor_tensor;
 };
 
 // |w|, the trust-ratio denominator, r and |g| of one adapted tensor (telemetry's numbers).
@@ -34,6 +40,10 @@ struct LayerNorms {
 
 // Why the fused kernel cannot take this tensor, or "" when it can.
 std::string why_not_fusable(const StepEntry& entry);
+
+// The sum of |g|^2 over the entries' gradients (all fusable), in a fixed order of fixed chunks: the same for any
+// thread count and instruction set.
+double fused_gradient_squares(const std::vector<StepEntry>& entries);
 
 // Steps every entry; norms (resized to entries.size()) gets the numbers of adapted entries when given.
 void fused_step(const std::vector<StepEntry>& entries, std::vector<LayerNorms>* norms);
@@ -48,12 +58,31 @@ inline double clamp_to(double x, double lo, double hi) { return x < lo ? lo : (x
 inline torch::Tensor clamp_to(const torch::Tensor& x, double lo, double hi) { return x.clamp(lo, hi); }
 inline double at_most(double x, double hi) { return x > hi ? hi : x; }
 inline torch::Tensor at_most(const torch::Tensor& x, double hi) { return x.clamp_max(hi); }
-inline double one_unless_positive(double w, double d, double r) { return (w > 0 && d > 0) ? r : 1.0; }
-inline torch::Tensor one_unless_positive(const torch::Tensor& w, const torch::Tensor& d, const torch::Tensor& r) {
-  return torch::where(w.gt(0).logical_and(d.gt(0)), r, torch::ones_like(r));
+inline bool both_positive(double a, double b) { return a > 0 && b > 0; }
+inline torch::Tensor both_positive(const torch::Tensor& a, const torch::Tensor& b) {
+  return a.gt(0).logical_and(b.gt(0));
+}
+inline double choose(bool condition, double a, double b) { return condition ? a : b; }
+inline torch::Tensor choose(const torch::Tensor& condition, const torch::Tensor& a, double b) {
+  return torch::where(condition, a, torch::full_like(a, b));
+}
+inline double one_like(double) { return 1.0; }
+inline torch::Tensor one_like(const torch::Tensor& x) { return torch::ones_like(x); }
+
+// The LARC clip min(r / lr, 1); at lr = 0 its limit, 1 (a positive r over a vanishing lr).
+template <typename T>
+T larc_clipped(const T& ratio, double lr) {
+  return lr > 0 ? at_most(ratio / lr, 1.0) : one_like(ratio);
 }
 
-// Denominator of the ratio from |u| (the direction before decay), |d| = |u + wd w| and |w|.
+// Whether a tensor has a trust ratio: |w| and the guard's norm (the denominator, or |g|) both positive.
+template <typename T>
+auto guard_passes(const T& w_norm, const T& denominator, const T& g_norm, const LayerwiseOptions& o) {
+  return both_positive(w_norm, o.zero_guard() == ZeroGuard::kGradient ? g_norm : denominator);
+}
+
+// Denominator of the ratio from |u| (the direction before decay), |d| = |u + wd w| and |w|; decay: the tensor's
+// direction holds wd w (coupled decay).
 template <typename T>
 T trust_denominator(const T& u_norm, const T& d_norm, const T& w_norm, bool decay, const LayerwiseOptions& o) {
   if (o.trust_denominator() == TrustDenominator::kExact) return d_norm;
@@ -63,17 +92,20 @@ T trust_denominator(const T& u_norm, const T& d_norm, const T& w_norm, bool deca
   return sum;
 }
 
-// r = eta phi_t clamp(|w|) / clamp(denominator), LARC clip and ratio clamp when set; exactly 1 where either
-// norm is zero (no NaN, no zero-initialised tensor stuck at zero).
+// r = eta phi_t clamp(|w|) / clamp(denominator), LARC clip and ratio clamp when set; where the guard does not pass,
+// r = 1 (then the LARC clip for kClippedUnitRatio): no NaN, no zero-initialised tensor stuck at zero.
 template <typename T>
-T trust_ratio(const T& w_norm, const T& denominator, const LayerwiseOptions& o, double phi, double lr) {
+T trust_ratio(const T& w_norm, const T& denominator, const T& g_norm, const LayerwiseOptions& o, double phi,
+              double lr) {
   const T w = o.weight_norm_clamp() ? clamp_to(w_norm, o.weight_norm_clamp()->lo, o.weight_norm_clamp()->hi) : w_norm;
   const T d = o.update_norm_clamp() ? clamp_to(denominator, o.update_norm_clamp()->lo, o.update_norm_clamp()->hi)
                                     : denominator;
   T ratio = w * (o.eta() * phi) / d;
-  if (o.larc_clip() && lr > 0) ratio = at_most(ratio / lr, 1.0);
+  if (o.larc_clip()) ratio = larc_clipped(ratio, lr);
   if (o.trust_ratio_clamp()) ratio = clamp_to(ratio, o.trust_ratio_clamp()->lo, o.trust_ratio_clamp()->hi);
-  return one_unless_positive(w_norm, denominator, ratio);
+  const double guarded =
+      o.larc_clip() && o.guarded_update() == GuardedUpdate::kClippedUnitRatio ? larc_clipped(1.0, lr) : 1.0;
+  return choose(guard_passes(w_norm, denominator, g_norm, o), ratio, guarded);
 }
 
 }  // namespace detail

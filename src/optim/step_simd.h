@@ -18,6 +18,10 @@ namespace simd {
 
 constexpr int kLanes = 8;
 
+// How weight decay enters a tensor's step: not at all, as wd w added to the direction, or as w (1 - lr wd) before
+// the rest of the step.
+enum DecayMode : int { kNoDecay = 0, kCoupledDecay = 1, kDecoupledDecay = 2 };
+
 // One tensor's pointers and coefficients, in its element type. Value-initialise (Plan<T> p{}) before filling.
 template <typename T>
 struct Plan {
@@ -27,8 +31,12 @@ struct Plan {
   T* m;   // Adam moments (kAdam)
   T* v;
   int64_t n;
-  bool adam, adapt, decay, momentum, first, nesterov;
+  DecayMode decay;
+  bool adam, adapt, momentum, first, nesterov;
+  bool scaled;  // the gradient is divided by grad_divisor (global pre-normalisation)
   T wd, beta1, one_minus_beta1, beta2, one_minus_beta2, bc1, bc2, eps, mom, neg_lr;
+  T keep;          // 1 - lr wd: decoupled decay's factor
+  T grad_divisor;  // max(1, global norm / max_grad_norm)
   T ratio;
 };
 
@@ -37,9 +45,12 @@ struct Sums {
   double w, d, u, g;
 };
 
-// Pass 1 of elements [begin, end): norms (and LAMB's moments, updated in place). Pass 2: the update.
+// Pass 1 of elements [begin, end): norms (and LAMB's moments, updated in place). Pass 2: the update. Squares: the
+// sum of g^2 over [begin, end) of one gradient (the global norm of the pre-normalisation).
 struct Kernels {
   const char* name;
+  double (*squares_float)(const float* g, int64_t begin, int64_t end);
+  double (*squares_double)(const double* g, int64_t begin, int64_t end);
   Sums (*first_pass_float)(const Plan<float>&, int64_t begin, int64_t end);
   void (*second_pass_float)(const Plan<float>&, int64_t begin, int64_t end);
   Sums (*first_pass_double)(const Plan<double>&, int64_t begin, int64_t end);

@@ -129,6 +129,7 @@ class ClassificationTask : public Task {
     o.sync_bn = c_.sync_bn;
     o.dist_timeout = c_.dist_timeout;
     o.bucket_mb = c_.bucket_mb;
+    o.clip_grad_norm = c_.clip_grad_norm;
     return o;
   }
 

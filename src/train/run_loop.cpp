@@ -43,7 +43,8 @@ json EpochState::to_json() const {
   return json{{"batch", index},          {"sums", sums},               {"steps_done", steps_done},
               {"seen", seen},            {"lr", lr},                   {"phi", phi},
               {"prepare_s", prepare_s},  {"compute_s", compute_s},     {"allreduce_s", allreduce_s},
-              {"optimizer_s", optimizer_s}, {"sharpness_s", sharpness_s}, {"elapsed_s", elapsed_s}};
+              {"optimizer_s", optimizer_s}, {"sharpness_s", sharpness_s}, {"elapsed_s", elapsed_s},
+              {"grad_norm_sum", grad_norm_sum}, {"grad_norm_max", grad_norm_max}, {"clipped_steps", clipped_steps}};
 }
 
 EpochState EpochState::from_json(const json& j, size_t metrics, const std::vector<std::string>& earlier_keys) {
@@ -70,6 +71,9 @@ EpochState EpochState::from_json(const json& j, size_t metrics, const std::vecto
   s.optimizer_s = j.at("optimizer_s");
   s.sharpness_s = j.value("sharpness_s", 0.0);
   s.elapsed_s = j.at("elapsed_s");
+  s.grad_norm_sum = j.value("grad_norm_sum", 0.0);
+  s.grad_norm_max = j.value("grad_norm_max", 0.0);
+  s.clipped_steps = j.value("clipped_steps", int64_t{0});
   return s;
 }
 
@@ -78,6 +82,7 @@ json RunState::to_json() const {
             {"step", step},
             {"skipped_steps", skipped_steps},
             {"skipped_in_a_row", skipped_in_a_row},
+            {"clipped_steps", clipped_steps},
             {"history", history}};
   if (within) meta["within_epoch"] = within->to_json();
   return meta;
@@ -92,6 +97,7 @@ RunState RunState::from_json(const json& meta, size_t metrics, const std::vector
     s.step = meta.at("step");
     s.skipped_steps = meta.value("skipped_steps", int64_t{0});
     s.skipped_in_a_row = meta.value("skipped_in_a_row", int64_t{0});
+    s.clipped_steps = meta.value("clipped_steps", int64_t{0});
     for (const auto& r : meta.at("history")) s.history.push_back(r);
     if (!within.empty()) s.within = EpochState::from_json(within, metrics, earlier_keys);
   } catch (const std::exception& e) {  // a missing or mistyped field, or another task's metrics
@@ -194,6 +200,7 @@ class RunLoop {
     within_epoch_ = state.within;
     skipped_in_a_row_ = state.skipped_in_a_row;
     result_.skipped_steps = state.skipped_steps;
+    result_.clipped_steps = state.clipped_steps;
     result_.history = state.history;
     if (within_epoch_)
       info(format("resumed %s in epoch %lld after its batch %lld (step %lld)", o_.out.c_str(),
@@ -208,8 +215,8 @@ class RunLoop {
   // averager, telemetry.csv and sharpness.csv.
   void start_outputs() {
     if (place_.lead) {
-      std::string rows = task_.metrics_header();
-      for (const auto& r : result_.history) rows += task_.metrics_row(r);
+      std::string rows = metrics_header();
+      for (const auto& r : result_.history) rows += metrics_row(r);
       write_atomically(o_.out / "metrics.csv", rows);
     }
     require_same_resume_point(comm_.get(), resuming_, step_, o_.out);
@@ -296,11 +303,16 @@ class RunLoop {
     r["compute_s"] = s.compute_s;
     r["allreduce_s"] = s.allreduce_s;
     r["optimizer_s"] = s.optimizer_s;
+    if (o_.clip_grad_norm > 0) {
+      r["grad_norm"] = s.steps_done > 0 ? s.grad_norm_sum / static_cast<double>(s.steps_done) : 0.0;
+      r["grad_norm_max"] = s.grad_norm_max;
+      r["clipped_steps"] = s.clipped_steps;
+    }
     result_.history.push_back(r);
     // Checkpoint first, then the metrics row: the CSV never runs ahead of what can be resumed.
     if (place_.lead) {
       save(epoch + 1, nullptr);
-      append_line(o_.out / "metrics.csv", task_.metrics_row(r));
+      append_line(o_.out / "metrics.csv", metrics_row(r));
     }
     if (report()) report()->epoch(task_.epoch_line(r, o_.epochs));
   }
@@ -313,6 +325,7 @@ class RunLoop {
     state.step = step_;
     state.skipped_steps = result_.skipped_steps;
     state.skipped_in_a_row = skipped_in_a_row_;
+    state.clipped_steps = result_.clipped_steps;
     state.history = result_.history;
     if (within) state.within = *within;
     save_checkpoint(checkpoint_path_, task_.module(), *plan_.optimizer, state.to_json());
@@ -357,6 +370,7 @@ class RunLoop {
       return skip_or_end(nonfinite, epoch, stop_now);
     skipped_in_a_row_ = 0;
     t_phase = Clock::now();
+    if (o_.clip_grad_norm > 0) clip_gradients(s);
     optimizer.step();
     s.optimizer_s += seconds_since(t_phase);
     if (telemetry_.is_open() && layerwise_ && step_ % o_.telemetry_every == 0)
@@ -367,6 +381,38 @@ class RunLoop {
     ++s.steps_done;
     s.seen += global_b;
     return StepEnd::kTaken;
+  }
+
+  // --clip-grad-norm: the averaged, accumulated gradients scaled as torch.nn.utils.clip_grad_norm_ does (by
+  // N / (norm + 1e-6) when that is below 1), whatever the optimizer.
+  void clip_gradients(EpochState& s) {
+    std::vector<torch::Tensor> params;
+    for (const auto& kv : task_.trainable())
+      if (kv.value().grad().defined()) params.push_back(kv.value());
+    const double norm = torch::nn::utils::clip_grad_norm_(params, o_.clip_grad_norm);
+    s.grad_norm_sum += norm;
+    s.grad_norm_max = std::max(s.grad_norm_max, norm);
+    if (o_.clip_grad_norm / (norm + 1e-6) < 1) {
+      ++s.clipped_steps;
+      ++result_.clipped_steps;
+    }
+  }
+
+  // metrics.csv: the task's columns, then the loop's own (the gradient norm when clipping).
+  std::string metrics_header() const {
+    std::string header = task_.metrics_header();
+    if (o_.clip_grad_norm > 0) header.insert(header.size() - 1, ",grad_norm,grad_norm_max,clipped_steps");
+    return header;
+  }
+  std::string metrics_row(const json& r) const {
+    std::string row = task_.metrics_row(r);
+    if (o_.clip_grad_norm <= 0) return row;
+    std::string extra;
+    for (const char* key : {"grad_norm", "grad_norm_max"})
+      extra += "," + (r.contains(key) && r.at(key).is_number() ? format("%.6g", r.at(key).get<double>()) : std::string());
+    extra += "," + (r.contains("clipped_steps") ? std::to_string(r.at("clipped_steps").get<int64_t>()) : std::string());
+    row.insert(row.size() - 1, extra);
+    return row;
   }
 
   // Data parallel: the gradients averaged, and the metrics and a stop request agreed by every rank, so all of them
@@ -502,6 +548,10 @@ class RunLoop {
     s["world_size"] = result_.world_size;
     s["replica_mismatches"] = result_.replica_mismatches;
     s["skipped_steps"] = result_.skipped_steps;
+    if (o_.clip_grad_norm > 0) {
+      s["clip_grad_norm"] = o_.clip_grad_norm;
+      s["clipped_steps"] = result_.clipped_steps;
+    }
     s["largebatch_version"] = LARGEBATCH_VERSION;
     if (!plan_.resolved.empty()) s["optimizer_resolved"] = plan_.resolved;
     write_atomically(o_.out / "summary.json", s.dump(2) + "\n");

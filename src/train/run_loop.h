@@ -32,6 +32,7 @@ struct LoopOptions {
   int64_t checkpoint_every = 0;
   int64_t telemetry_every = 0;
   int64_t sharpness_every = 0, sharpness_iterations = 20;
+  double clip_grad_norm = 0;    // > 0: the global gradient norm clipped to it before every step
   std::string on_nonfinite = "stop";
   int64_t skip_limit = 20;
   bool plots = true;
@@ -113,6 +114,9 @@ struct EpochState {
   double lr = 0, phi = 1;
   double prepare_s = 0, compute_s = 0, allreduce_s = 0, optimizer_s = 0, sharpness_s = 0;
   double elapsed_s = 0;              // since the epoch began, when it was last saved
+  // --clip-grad-norm: the global norms before clipping, over steps taken, and the steps it clipped.
+  double grad_norm_sum = 0, grad_norm_max = 0;
+  int64_t clipped_steps = 0;
   nlohmann::json to_json() const;
   // earlier_keys: the sums' keys in checkpoints of earlier versions (Task::earlier_sum_keys).
   static EpochState from_json(const nlohmann::json& j, size_t metrics, const std::vector<std::string>& earlier_keys);
@@ -124,6 +128,7 @@ struct RunState {
   int64_t epoch = 0;  // the next epoch to run, or the unfinished one of `within`
   int64_t step = 0;
   int64_t skipped_steps = 0, skipped_in_a_row = 0;  // --skip-limit counts across epochs
+  int64_t clipped_steps = 0;                        // --clip-grad-norm, over the run
   std::vector<nlohmann::json> history;
   c10::optional<EpochState> within;
   nlohmann::json to_json() const;
@@ -190,7 +195,7 @@ class Task {
 struct LoopResult {
   std::string status;  // completed | diverged | interrupted
   std::string message;
-  int64_t steps = 0, skipped_steps = 0;
+  int64_t steps = 0, skipped_steps = 0, clipped_steps = 0;
   int64_t world_size = 1, rank = 0, replica_mismatches = 0;
   double wall_seconds = 0;
   std::vector<nlohmann::json> history;  // the epochs' records

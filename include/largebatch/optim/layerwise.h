@@ -39,6 +39,26 @@ enum class TrustDenominator : int64_t {
   kSum = 1,    // |g| + wd |w| + trust_eps (the LARS paper, apex, MLPerf)
 };
 
+// Which norms decide that a tensor has no trust ratio (the zero-norm guard): a zero |w|, or a zero ...
+enum class ZeroGuard : int64_t {
+  kDenominator = 0,  // ... trust-ratio denominator (|g + wd w|, |s + wd w| or the sum form): this project, Barlow Twins, timm's Lamb
+  kGradient = 1,     // ... gradient |g| (the raw gradient, not g + wd w): timm's Lars, apex's LARC
+};
+
+// What a guarded tensor (zero |w| or zero guard norm) steps with.
+enum class GuardedUpdate : int64_t {
+  kUnitRatio = 0,         // r = 1 (the LARC clip does not apply)
+  kClippedUnitRatio = 1,  // r = 1, then the LARC clip when on: min(1 / lr, 1) (timm's Lars)
+  kRawGradient = 2,       // r = 1 and no coupled decay: d = g (apex's LARC)
+};
+
+// Text forms ("denominator", "gradient"; "unit-ratio", "clipped-unit-ratio", "raw-gradient") and their inverses
+// (std::invalid_argument naming the choices).
+std::string to_string(ZeroGuard guard);
+std::string to_string(GuardedUpdate update);
+ZeroGuard parse_zero_guard(const std::string& text);
+GuardedUpdate parse_guarded_update(const std::string& text);
+
 // Which code applies a step.
 enum class StepKernel : int64_t {
   // The fused CPU kernel for dense contiguous float/double CPU tensors (norms, then the update while the
@@ -92,11 +112,24 @@ struct LayerwiseOptions : public torch::optim::OptimizerCloneableOptions<Layerwi
   // LARC clipping: r <- min(r / lr_t, 1)
   TORCH_ARG(bool, larc_clip) = false;
   TORCH_ARG(c10::optional<Range>, trust_ratio_clamp) = c10::nullopt;
+  TORCH_ARG(ZeroGuard, zero_guard) = ZeroGuard::kDenominator;
+  TORCH_ARG(GuardedUpdate, guarded_update) = GuardedUpdate::kUnitRatio;
   // TVLARS factor phi_t on the ratio of adapted tensors; nullopt means phi_t = 1.
   TORCH_ARG(c10::optional<TimeVarying>, time_varying) = c10::nullopt;
+  // Global pre-normalisation (timm's Lamb, NVIDIA FusedLAMB): before anything else every gradient is divided by
+  // max(1, sqrt(sum of |g|^2 over every tensor of the optimizer) / max_grad_norm). The norm spans all groups;
+  // each group divides by its own threshold's factor.
+  TORCH_ARG(c10::optional<double>, max_grad_norm) = c10::nullopt;
+  // Decoupled decay: w <- w (1 - lr wd) first (the ratio then sees the decayed w), instead of wd w in the direction.
+  TORCH_ARG(bool, decoupled_decay) = false;
   // masks
   TORCH_ARG(ParamMask, decay_mask) = ParamMask::exclude_1d();
   TORCH_ARG(ParamMask, adapt_mask) = ParamMask::exclude_1d();
+  // false: a group with weight_decay 0 adapts no tensor, whatever adapt_mask says (timm's always_adapt = False).
+  TORCH_ARG(bool, always_adapt) = true;
+  // The learning rate of the tensors that are not adapted, as a fraction of lr (the Barlow Twins recipe's bias and
+  // norm group): the schedule sets lr alone and the optimizer applies the ratio.
+  TORCH_ARG(double, lr_ratio_1d) = 1.0;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -141,7 +174,8 @@ class LayerwiseOptimizer : public torch::optim::Optimizer {
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
-  // Resolved masks of a parameter of this optimizer (std::out_of_range for a foreign tensor).
+  // Resolved masks of a parameter of this optimizer (std::out_of_range for a foreign tensor); adapts() also
+  // applies always_adapt with its group's current weight decay.
   bool decays(const torch::Tensor& param) const;
   bool adapts(const torch::Tensor& param) const;
   const std::string& name_of(const torch::Tensor& param) const;

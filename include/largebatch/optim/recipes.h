@@ -16,12 +16,13 @@ namespace optim {
 // The kind of training a recipe's defaults are for.
 enum class Task { kClassification, kSelfSupervised };
 
-// lr = base, times sqrt(B / 256) when batch_scaled.
+// lr = base, times sqrt(B / 256) or B / 256 when batch-scaled.
 struct LrRule {
   double base = 0.1;
   bool sqrt_batch_scaled = false;
+  bool linear_batch_scaled = false;
   double at(int64_t batch_size) const;
-  std::string describe() const;  // "2", "0.1 sqrt(B/256)"
+  std::string describe() const;  // "2", "0.1 sqrt(B/256)", "0.2 B/256"
 };
 
 // What one kind of task takes from a recipe unless the run gives it.

@@ -177,6 +177,10 @@ void visit_optimizer_options(Config& c, Visitor&& v) {
     check::finite_at_least(0));
   v(Option("final-ratio", "Final learning rate of the cosine as a fraction of the peak"), c.final_ratio,
     check::within(0, 1));
+  v(Option("clip-grad-norm", "Clip the global gradient norm to N before every step, for any optimizer (after the "
+                             "data-parallel average and micro-batch accumulation; 0: off); metrics.csv gains the "
+                             "norm, summary.json the clipped steps"),
+    c.clip_grad_norm, check::finite_at_least(0));
 }
 
 // epochs, seed, threads, device, out and the loop's resume, checkpoint and progress options.

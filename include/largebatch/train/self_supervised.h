@@ -42,6 +42,7 @@ struct PretrainConfig {
   std::string schedule = "auto";  // auto: warm-up + cosine, except constant for lars / tvlars / lamb ... as train
   double warmup_epochs = 2;       // of this run's epochs
   double final_ratio = 0.001;
+  double clip_grad_norm = 0;     // > 0: --clip-grad-norm
   // run
   int64_t batch_size = 1024;
   int64_t epochs = 10;

@@ -41,6 +41,7 @@ struct TrainConfig {
   double warmup_epochs = 5;
   std::string lr_scaling = "none";  // none | linear | sqrt: peak = lr * scale(B / 256)
   double final_ratio = 0.001;
+  double clip_grad_norm = 0;     // > 0: --clip-grad-norm
   // run
   int64_t batch_size = 4096;
   int64_t micro_batch = 0;        // 0: the whole batch at once
