@@ -567,7 +567,13 @@ TEST(Serialization, MasksAndOptionsSurviveACheckpoint) {
                .decay_mask(lo::ParamMask::parse("ndim<=1;name~^fc"))
                .adapt_mask(lo::ParamMask::all())
                .larc_clip(true)
-               .trust_ratio_clamp(lo::Range{0.01, 10});
+               .trust_ratio_clamp(lo::Range{0.01, 10})
+               .zero_guard(lo::ZeroGuard::kGradient)
+               .guarded_update(lo::GuardedUpdate::kRawGradient)
+               .max_grad_norm(3.5)
+               .decoupled_decay(true)
+               .always_adapt(false)
+               .lr_ratio_1d(0.25);
   lo::LayerwiseOptimizer opt(p, o);
   set_grads(p, 0);
   opt.step();
@@ -579,6 +585,9 @@ TEST(Serialization, MasksAndOptionsSurviveACheckpoint) {
   torch::load(fresh, buffer);
   const auto& restored = static_cast<const lo::LayerwiseOptions&>(fresh.param_groups()[0].options());
   EXPECT_EQ(restored.describe(), o.describe());
+  EXPECT_EQ(*restored.max_grad_norm(), 3.5);
+  EXPECT_EQ(restored.guarded_update(), lo::GuardedUpdate::kRawGradient);
+  EXPECT_EQ(restored.lr_ratio_1d(), 0.25);
   EXPECT_FALSE(fresh.decays(q["fc.weight"]));
   EXPECT_TRUE(fresh.decays(q["conv.weight"]));
   EXPECT_TRUE(fresh.adapts(q["bn.bias"]));

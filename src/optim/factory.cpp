@@ -22,8 +22,8 @@ const std::vector<PresetInfo>& layerwise_presets() {
       {"lamb:paper", "LAMB of You et al.: bias correction, wd 0.01, eps 1e-6, 1-D tensors excluded"},
       {"lars:timm",
        "timm's Lars as its factory groups it: r = eta |w| / (|g| + wd |w| + eps), eps 1e-8; r = 1 where |w| or the raw "
-       "|g| is 0 (then LARC-clipped with trust_clip); 1-D tensors plain momentum SGD; no weight decay, no adaptation "
-       "(always_adapt off); m 0.9, eta 1e-3, wd 5e-4 (timm's default 0 adapts nothing)"},
+       "|g| is 0 (then LARC-clipped with trust_clip); 1-D tensors plain momentum SGD; a group with wd 0 adapts nothing "
+       "(always_adapt off); m 0.9, eta 1e-3, wd 5e-4 (timm's default wd 0 would adapt no tensor)"},
       {"larc:apex",
        "NVIDIA apex's LARC around SGD: every tensor decayed and adapted, r = min(eta |w| / (|g| + wd |w| + eps) / lr, "
        "1), eta 0.02, eps 1e-8; where |w| or |g| is 0 the plain gradient (no decay, no ratio); m 0.9, wd 5e-4"},
