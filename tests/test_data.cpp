@@ -839,6 +839,77 @@ TEST(LoaderTest, ShardsOfWorldConcatenateToTheGlobalBatch) {
   }
 }
 
+// Mixup and CutMix (timm's semantics): each image mixed with the image at the mirrored position of the global
+// batch, lambda the weight of its own label; the same for any worker count and any rank split.
+TEST(LoaderTest, MixupAndCutmixFollowTheirFormulasForAnyWorkersAndRanks) {
+  const ImageDataset d = toy_dataset(37, 3, 10, 10);
+  LoaderOptions plain;
+  plain.batch_size = 8;
+  plain.seed = 5;
+  plain.augment.horizontal_flip = true;  // per-image augmentation, without the zero fill that makes equal pixels
+  BatchLoader unmixed_loader(d, plain);
+  const auto unmixed = whole_epoch(unmixed_loader, 1);
+  int cutmix_batches = 0, mixup_batches = 0;
+  for (const auto& [mixup, cutmix] : std::vector<std::pair<double, double>>{{0.2, 0}, {0, 1.0}, {0.4, 1.0}}) {
+    SCOPED_TRACE("mixup " + std::to_string(mixup) + " cutmix " + std::to_string(cutmix));
+    LoaderOptions o = plain;
+    o.mix.mixup_alpha = mixup;
+    o.mix.cutmix_alpha = cutmix;
+    std::vector<std::vector<Batch>> runs;
+    for (int64_t workers : {1, 2}) {
+      o.workers = workers;
+      BatchLoader loader(d, o);
+      runs.push_back(whole_epoch(loader, 1));
+    }
+    const auto& g = runs[0];
+    ASSERT_EQ(g.size(), unmixed.size());
+    for (size_t k = 0; k < g.size(); ++k) {
+      const Batch& b = g[k];
+      EXPECT_TRUE(torch::equal(b.images, runs[1][k].images)) << "1 and 2 workers differ at batch " << k;
+      EXPECT_EQ(b.mix_lambda, runs[1][k].mix_lambda);
+      ASSERT_TRUE(b.mix_labels.defined());
+      EXPECT_GE(b.mix_lambda, 0.0);
+      EXPECT_LE(b.mix_lambda, 1.0);
+      EXPECT_TRUE(torch::equal(b.labels, unmixed[k].labels));
+      EXPECT_TRUE(torch::equal(b.mix_labels, unmixed[k].labels.flip(0))) << "the partner is the mirrored image";
+      const auto own = unmixed[k].images, partner = unmixed[k].images.flip(0);
+      if (b.cutmix) {
+        ++cutmix_batches;
+        EXPECT_GT(cutmix, 0);
+        // Every pixel is its own or its partner's, and the partner's cover 1 - lambda of the image.
+        const auto from_partner = b.images.eq(partner).logical_and(b.images.ne(own));
+        EXPECT_TRUE(b.images.eq(own).logical_or(b.images.eq(partner)).all().item<bool>());
+        const auto box = from_partner.any(0).any(0);  // [H, W] where any image took the partner's pixel
+        EXPECT_NEAR(box.sum().item<int64_t>() / 100.0, 1 - b.mix_lambda, 1e-12) << "lambda is the kept area";
+      } else {
+        ++mixup_batches;
+        EXPECT_GT(mixup, 0);
+        const auto expected = own * static_cast<float>(b.mix_lambda) + partner * static_cast<float>(1 - b.mix_lambda);
+        EXPECT_TRUE(torch::allclose(b.images, expected, 1e-6, 1e-6)) << "batch " << k;
+      }
+    }
+    // Two ranks: their shards concatenate to the global batch, mixing included.
+    std::vector<std::vector<Batch>> shards;
+    for (int64_t rank = 0; rank < 2; ++rank) {
+      LoaderOptions r = o;
+      r.world = 2;
+      r.rank = rank;
+      BatchLoader loader(d, r);
+      shards.push_back(whole_epoch(loader, 1));
+    }
+    for (size_t k = 0; k < g.size(); ++k) {
+      EXPECT_TRUE(torch::equal(torch::cat({shards[0][k].images, shards[1][k].images}), g[k].images)) << k;
+      EXPECT_TRUE(torch::equal(torch::cat({shards[0][k].mix_labels, shards[1][k].mix_labels}), g[k].mix_labels));
+      EXPECT_EQ(shards[1][k].mix_lambda, g[k].mix_lambda);
+    }
+    // Another epoch draws other lambdas.
+    BatchLoader again(d, o);
+    EXPECT_NE(whole_epoch(again, 2)[0].mix_lambda, g[0].mix_lambda);
+  }
+  EXPECT_GT(cutmix_batches, 0);
+  EXPECT_GT(mixup_batches, 0);
+}
+
 TEST(LoaderTest, InvalidOptionsThrow) {
   const ImageDataset d = toy_dataset(10, 1, 4, 4);
   LoaderOptions o = plain_options(10);

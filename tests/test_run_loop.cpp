@@ -11,6 +11,7 @@
 #include "scratch.h"
 #include "small_runs.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -281,6 +282,84 @@ TEST(RunLoop, ClipGradNormClipsTheGradientOfAnyOptimizer) {
   ASSERT_EQ(lt::run_pretraining(p).status, "completed");
   EXPECT_EQ(summary_of(pre.path).at("clipped_steps").get<int64_t>(), 8);
   EXPECT_EQ(csv_rows(pre.path / "metrics.csv").at(1).at("clipped_steps"), "4");
+}
+
+// The average of the weights against its formula over three hand-set steps, BatchNorm buffers included.
+TEST(WeightAverage, EqualsItsFormulaAndSwapsBack) {
+  torch::nn::Sequential net(torch::nn::Linear(2, 1), torch::nn::BatchNorm1d(1));
+  torch::NoGradGuard no_grad;
+  auto w = net->named_parameters()["0.weight"];
+  auto mean = net->named_buffers()["1.running_mean"];
+  auto count = net->named_buffers()["1.num_batches_tracked"];
+  w.copy_(torch::tensor({{1.0f, 2.0f}}));
+  mean.fill_(0.0f);
+  const double d = 0.9;
+  lt::WeightAverage average(*net, d);
+  const std::vector<std::vector<float>> steps = {{3, 4}, {5, -2}, {0, 1}};
+  for (size_t t = 0; t < steps.size(); ++t) {
+    w.copy_(torch::tensor(steps[t]).view({1, 2}));
+    mean.fill_(static_cast<float>(t + 1));
+    count.fill_(static_cast<int64_t>(t + 1));
+    average.update();
+  }
+  // e3 = d^3 w0 + (1 - d)(d^2 w1 + d w2 + w3)
+  const double e0 = d * d * d * 1 + (1 - d) * (d * d * 3 + d * 5 + 0);
+  const double e1 = d * d * d * 2 + (1 - d) * (d * d * 4 + d * -2 + 1);
+  const double em = (1 - d) * (d * d * 1 + d * 2 + 3);
+  const auto names = average.names();
+  const auto at = [&](const std::string& name) {
+    return average.tensors()[std::find(names.begin(), names.end(), name) - names.begin()];
+  };
+  EXPECT_NEAR(at("0.weight")[0][0].item<double>(), e0, 1e-6);
+  EXPECT_NEAR(at("0.weight")[0][1].item<double>(), e1, 1e-6);
+  EXPECT_NEAR(at("1.running_mean")[0].item<double>(), em, 1e-6);
+  EXPECT_EQ(at("1.num_batches_tracked").item<int64_t>(), 3) << "integer buffers are copied";
+  const auto trained = w.clone();
+  average.swap();
+  EXPECT_NEAR(w[0][0].item<double>(), e0, 1e-6);
+  average.swap();
+  EXPECT_TRUE(torch::equal(w, trained));
+  EXPECT_THROW(lt::WeightAverage(*net, 1.0), std::invalid_argument);
+}
+
+// --ema-decay in a run: evaluated each epoch (metrics.csv's ema_* columns), saved as model_ema.pt, and resumed
+// within an epoch bit-identically; the trained weights are those of a run without it.
+TEST(RunLoop, WeightAverageIsEvaluatedSavedAndResumedBitIdentically) {
+  ScratchDir plain("ema-plain"), straight("ema-straight"), crashed("ema-crashed");
+  auto a = largebatch_test::small_run(plain.path);
+  a.epochs = 2;
+  a.val_split = 64;
+  ASSERT_EQ(lt::run_training(a).status, "completed");
+  auto b = a;
+  b.out = straight.path.string();
+  b.ema_decay = 0.9;
+  ASSERT_EQ(lt::run_training(b).status, "completed");
+  expect_same_tensors(plain.path / "model.pt", straight.path / "model.pt");
+  const auto rows = csv_rows(straight.path / "metrics.csv");
+  ASSERT_EQ(rows.size(), 2u);
+  for (const auto& row : rows) {
+    for (const char* key : {"ema_test_loss", "ema_test_top1", "ema_test_top5", "ema_val_top1"})
+      EXPECT_FALSE(row.at(key).empty()) << key;
+    EXPECT_NE(row.at("ema_test_loss"), row.at("test_loss"));
+  }
+  const auto summary = summary_of(straight.path);
+  EXPECT_EQ(summary.at("ema_decay").get<double>(), 0.9);
+  EXPECT_EQ(summary.at("final_ema_test_top1").get<double>(), std::stod(rows.back().at("ema_test_top1")));
+  const auto raw = tensors_of(straight.path / "model.pt"), ema = tensors_of(straight.path / "model_ema.pt");
+  ASSERT_EQ(raw.size(), ema.size());
+  EXPECT_FALSE(torch::equal(raw.begin()->second, ema.at(raw.begin()->first)));
+
+  auto c = b;
+  c.out = crashed.path.string();
+  c.checkpoint_every = 3;
+  c.crash_after_step = 5;
+  EXPECT_THROW(lt::run_training(c), lt::SimulatedCrash);
+  c.crash_after_step = -1;
+  c.resume = true;
+  ASSERT_EQ(lt::run_training(c).status, "completed");
+  expect_same_tensors(straight.path / "model_ema.pt", crashed.path / "model_ema.pt");
+  expect_same_tensors(straight.path / "model.pt", crashed.path / "model.pt");
+  EXPECT_EQ(metric_rows(straight.path / "metrics.csv", 9), metric_rows(crashed.path / "metrics.csv", 9));
 }
 
 TEST(RunLoop, LinearEvalMicroBatchesEqualTheWholeBatch) {

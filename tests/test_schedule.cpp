@@ -65,12 +65,64 @@ TEST(Schedules, ConstantCosineAndScalingRules) {
   EXPECT_NEAR(cosine.at(50), 0.05, 1e-15);  // past T it stays at the floor
 }
 
+// MLPerf's LARS schedule: warm-up, then end + (peak - end) (1 - p)^power; hand-computed at a few steps.
+TEST(Schedules, PolyMatchesItsFormula) {
+  lo::ScheduleOptions o;
+  o.kind = lo::ScheduleKind::kPoly;
+  o.lr = 2.0;
+  o.warmup_steps = 10;
+  o.total_steps = 110;
+  o.final_ratio = 0.01;
+  o.poly_power = 2.0;
+  const lo::LrSchedule s(o);
+  EXPECT_EQ(s.at(0), 0.0);
+  EXPECT_DOUBLE_EQ(s.at(5), 1.0);
+  EXPECT_DOUBLE_EQ(s.at(10), 2.0);
+  EXPECT_DOUBLE_EQ(s.at(60), 0.02 + (2.0 - 0.02) * 0.25);  // p = 1/2
+  EXPECT_DOUBLE_EQ(s.at(85), 0.02 + (2.0 - 0.02) * 0.0625);  // p = 3/4
+  EXPECT_DOUBLE_EQ(s.at(110), 0.02);
+  EXPECT_DOUBLE_EQ(s.at(500), 0.02);  // past the end: the end value
+  o.poly_power = 1.0;
+  EXPECT_DOUBLE_EQ(lo::LrSchedule(o).at(60), 0.02 + 1.98 * 0.5);
+}
+
+TEST(Schedules, StepMatchesItsFormula) {
+  lo::ScheduleOptions o;
+  o.kind = lo::ScheduleKind::kStep;
+  o.lr = 1.0;
+  o.warmup_steps = 4;
+  o.total_steps = 100;
+  o.milestones = {30, 60};
+  o.step_gamma = 0.1;
+  const lo::LrSchedule s(o);
+  EXPECT_DOUBLE_EQ(s.at(2), 0.5);
+  EXPECT_DOUBLE_EQ(s.at(4), 1.0);
+  EXPECT_DOUBLE_EQ(s.at(29), 1.0);
+  EXPECT_DOUBLE_EQ(s.at(30), 0.1);
+  EXPECT_DOUBLE_EQ(s.at(59), 0.1);
+  EXPECT_DOUBLE_EQ(s.at(60), 1.0 * 0.1 * 0.1);
+  EXPECT_DOUBLE_EQ(s.at(99), 1.0 * 0.1 * 0.1);
+  EXPECT_TRUE(lo::has_warmup(lo::ScheduleKind::kStep));
+  EXPECT_TRUE(lo::has_warmup(lo::ScheduleKind::kPoly));
+  EXPECT_FALSE(lo::has_warmup(lo::ScheduleKind::kCosine));
+  o.milestones = {60, 30};
+  EXPECT_THROW(lo::LrSchedule{o}, std::invalid_argument);
+  o.milestones = {30};
+  o.step_gamma = 0;
+  EXPECT_THROW(lo::LrSchedule{o}, std::invalid_argument);
+  o.step_gamma = 0.5;
+  o.kind = lo::ScheduleKind::kPoly;
+  o.poly_power = 0;
+  EXPECT_THROW(lo::LrSchedule{o}, std::invalid_argument);
+}
+
 TEST(Schedules, NamesRoundTrip) {
-  for (auto k : {lo::ScheduleKind::kConstant, lo::ScheduleKind::kCosine, lo::ScheduleKind::kWarmupCosine})
+  for (auto k : {lo::ScheduleKind::kConstant, lo::ScheduleKind::kCosine, lo::ScheduleKind::kWarmupCosine,
+                 lo::ScheduleKind::kPoly, lo::ScheduleKind::kStep})
     EXPECT_EQ(lo::parse_schedule_kind(lo::to_string(k)), k);
   for (auto s : {lo::LrScaling::kNone, lo::LrScaling::kLinear, lo::LrScaling::kSqrt})
     EXPECT_EQ(lo::parse_lr_scaling(lo::to_string(s)), s);
-  EXPECT_THROW(lo::parse_schedule_kind("step"), std::invalid_argument);
+  EXPECT_THROW(lo::parse_schedule_kind("exponential"), std::invalid_argument);
   EXPECT_THROW(lo::parse_lr_scaling("cube"), std::invalid_argument);
 }
 

@@ -435,6 +435,53 @@ TEST(Trainer, MicroBatchesEqualOneBigBatchWithoutBatchNorm) {
   }
 }
 
+// The training loss against its formula: (1 - e) CE + e times the mean over classes of -log p, and for a mixed
+// batch the lambda-weighted sum over the two labels.
+TEST(Loss, LabelSmoothingAndMixingEqualTheirFormulas) {
+  torch::manual_seed(3);
+  const auto logits = torch::randn({6, 5}, torch::kDouble);
+  const auto y = torch::tensor({0, 1, 2, 3, 4, 0}, torch::kLong), y2 = y.flip(0);
+  const auto logp = torch::log_softmax(logits, 1);
+  const auto nll = [&](const torch::Tensor& labels) { return -logp.gather(1, labels.unsqueeze(1)).squeeze(1); };
+  for (const double e : {0.0, 0.1, 0.3}) {
+    const auto smoothed = [&](const torch::Tensor& labels) {
+      return ((1 - e) * nll(labels) + e * (-logp).mean(1)).sum().item<double>();
+    };
+    EXPECT_NEAR(lt::classification_loss_sum(logits, y, torch::Tensor(), 1, e).item<double>(), smoothed(y), 1e-12);
+    const double lam = 0.7;
+    EXPECT_NEAR(lt::classification_loss_sum(logits, y, y2, lam, e).item<double>(),
+                lam * smoothed(y) + (1 - lam) * smoothed(y2), 1e-12);
+  }
+}
+
+// Label smoothing, mixup and CutMix in a run: they change the trajectory, are recorded, and a run with them is
+// reproducible.
+TEST(Trainer, LabelSmoothingMixupAndCutmixRun) {
+  ScratchDir plain("reg-plain"), mixed("reg-mixed");
+  auto a = largebatch_test::small_run(plain.path);
+  a.epochs = 1;
+  const auto sa = lt::run_training(a);
+  ASSERT_EQ(sa.status, "completed");
+  auto b = a;
+  b.out = mixed.path.string();
+  b.label_smoothing = 0.1;
+  b.mixup = 0.2;
+  b.cutmix = 1.0;
+  const auto sb = lt::run_training(b);
+  ASSERT_EQ(sb.status, "completed") << sb.message;
+  EXPECT_NE(sb.history.back().train_loss, sa.history.back().train_loss);
+  const auto config = nlohmann::json::parse(std::ifstream(mixed.path / "config.json"));
+  EXPECT_EQ(config.at("label-smoothing").get<double>(), 0.1);
+  EXPECT_EQ(config.at("mixup").get<double>(), 0.2);
+  EXPECT_EQ(config.at("cutmix").get<double>(), 1.0);
+  ScratchDir repeat("reg-repeat");
+  auto c = b;
+  c.out = repeat.path.string();
+  c.loader_workers = 2;
+  const auto sc = lt::run_training(c);
+  EXPECT_EQ(sc.history.back().train_loss, sb.history.back().train_loss) << "the same mixing with 2 loader workers";
+}
+
 TEST(Trainer, DivergenceStopsAndNamesTheStepAndLayer) {
   ScratchDir dir("diverge");
   auto c = small_run(dir.path);

@@ -55,6 +55,64 @@ struct Rng {
 
 uint64_t order_seed(uint64_t seed, int64_t epoch) { return mix(mix(seed, 0x0123456789ABCDEFull), static_cast<uint64_t>(epoch)); }
 
+uint64_t mix_seed(uint64_t seed, int64_t epoch, int64_t index) {
+  return mix(mix(mix(seed, 0x5DEECE66D1234567ull), static_cast<uint64_t>(epoch)), static_cast<uint64_t>(index));
+}
+
+// Standard normal (Box-Muller) and Gamma(shape, 1) (Marsaglia and Tsang; shape < 1 through shape + 1), from the
+// portable generator: the same draws on every platform.
+double normal(Rng& rng) {
+  const double u1 = 1.0 - rng.uniform(), u2 = rng.uniform();
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * kPi * u2);
+}
+
+double gamma_draw(Rng& rng, double shape) {
+  if (shape < 1) return gamma_draw(rng, shape + 1) * std::pow(1.0 - rng.uniform(), 1.0 / shape);
+  const double d = shape - 1.0 / 3.0, c = 1.0 / std::sqrt(9.0 * d);
+  for (;;) {
+    double x, v;
+    do {
+      x = normal(rng);
+      v = 1.0 + c * x;
+    } while (v <= 0);
+    v = v * v * v;
+    const double u = 1.0 - rng.uniform();
+    if (std::log(u) < 0.5 * x * x + d - d * v + d * std::log(v)) return d * v;
+  }
+}
+
+double beta_draw(Rng& rng, double alpha) {
+  const double a = gamma_draw(rng, alpha), b = gamma_draw(rng, alpha);
+  return a + b > 0 ? a / (a + b) : 0.5;
+}
+
+// One batch's mixing: lambda and, for CutMix, the box [y0, y1) x [x0, x1) taken from the partner.
+struct MixDraw {
+  bool cutmix = false;
+  double lambda = 1;
+  int64_t y0 = 0, y1 = 0, x0 = 0, x1 = 0;
+};
+
+MixDraw draw_mix(const MixOptions& o, uint64_t seed, int64_t H, int64_t W) {
+  Rng rng(seed);
+  MixDraw m;
+  m.cutmix = o.cutmix_alpha > 0 && (o.mixup_alpha <= 0 || rng.uniform() < o.switch_prob);
+  m.lambda = beta_draw(rng, m.cutmix ? o.cutmix_alpha : o.mixup_alpha);
+  if (m.cutmix) {  // timm's rand_bbox, then the kept area as lambda (correct_lam)
+    const double cut = std::sqrt(1.0 - m.lambda);
+    const int64_t cut_h = static_cast<int64_t>(static_cast<double>(H) * cut);
+    const int64_t cut_w = static_cast<int64_t>(static_cast<double>(W) * cut);
+    const int64_t cy = static_cast<int64_t>(rng.below(static_cast<uint64_t>(H)));
+    const int64_t cx = static_cast<int64_t>(rng.below(static_cast<uint64_t>(W)));
+    m.y0 = std::clamp<int64_t>(cy - cut_h / 2, 0, H);
+    m.y1 = std::clamp<int64_t>(cy + cut_h / 2, 0, H);
+    m.x0 = std::clamp<int64_t>(cx - cut_w / 2, 0, W);
+    m.x1 = std::clamp<int64_t>(cx + cut_w / 2, 0, W);
+    m.lambda = 1.0 - static_cast<double>((m.y1 - m.y0) * (m.x1 - m.x0)) / static_cast<double>(H * W);
+  }
+  return m;
+}
+
 uint64_t sample_seed(uint64_t seed, int64_t epoch, int64_t position) {
   return mix(mix(mix(seed, 0xFEDCBA9876543210ull), static_cast<uint64_t>(epoch)), static_cast<uint64_t>(position));
 }
@@ -287,18 +345,54 @@ Batch BatchLoader::assemble(int64_t epoch, int64_t index, const std::vector<int6
   float* out = count > 0 ? batch.images.data_ptr<float>() : nullptr;
   int64_t* out_labels = count > 0 ? batch.labels.data_ptr<int64_t>() : nullptr;
   std::vector<int64_t> tables;
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t position = start + offset + j;
+  // The sample at a position of the epoch order, its label checked.
+  auto sample_at = [&](int64_t position, int64_t* label) {
     const int64_t sample = order[static_cast<size_t>(position)];
     if (sample < 0 || sample >= n) throw std::logic_error("BatchLoader::assemble: sample index out of range");
-    const int64_t label = labels[sample];
-    if (label < 0 || label >= data_.num_classes)
-      throw std::out_of_range("BatchLoader: data set \"" + data_.name + "\": label " + std::to_string(label) +
+    *label = labels[sample];
+    if (*label < 0 || *label >= data_.num_classes)
+      throw std::out_of_range("BatchLoader: data set \"" + data_.name + "\": label " + std::to_string(*label) +
                               " of sample " + std::to_string(sample) + " out of range [0, " +
                               std::to_string(data_.num_classes) + ")");
+    return sample;
+  };
+  const bool mixing = options_.mix.enabled() && count > 0;
+  MixDraw m;
+  std::vector<float> partner;
+  int64_t* out_mix = nullptr;
+  if (mixing) {
+    m = draw_mix(options_.mix, mix_seed(options_.seed, epoch, index), H, W);
+    batch.mix_lambda = m.lambda;
+    batch.cutmix = m.cutmix;
+    batch.mix_labels = torch::empty({count}, torch::kInt64);
+    out_mix = batch.mix_labels.data_ptr<int64_t>();
+    partner.resize(static_cast<size_t>(chw));
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t position = start + offset + j;
+    int64_t label = 0;
+    const int64_t sample = sample_at(position, &label);
     out_labels[j] = label;
+    float* image = out + j * chw;
     const Transform t = draw_transform(options_.augment, sample_seed(options_.seed, epoch, position));
-    transform_sample(src + sample * chw, out + j * chw, C, H, W, t, norm, tables);
+    transform_sample(src + sample * chw, image, C, H, W, t, norm, tables);
+    if (!mixing) continue;
+    // The partner: the mirrored position of the global batch, augmented as it is where it stands.
+    const int64_t partner_position = start + (global - 1 - (position - start));
+    int64_t partner_label = 0;
+    const int64_t partner_sample = sample_at(partner_position, &partner_label);
+    out_mix[j] = partner_label;
+    const Transform pt = draw_transform(options_.augment, sample_seed(options_.seed, epoch, partner_position));
+    transform_sample(src + partner_sample * chw, partner.data(), C, H, W, pt, norm, tables);
+    if (m.cutmix) {
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t y = m.y0; y < m.y1; ++y)
+          std::memcpy(image + (c * H + y) * W + m.x0, partner.data() + (c * H + y) * W + m.x0,
+                      static_cast<size_t>(m.x1 - m.x0) * sizeof(float));
+    } else {
+      const float keep = static_cast<float>(m.lambda), take = static_cast<float>(1.0 - m.lambda);
+      for (int64_t k = 0; k < chw; ++k) image[k] = image[k] * keep + partner[static_cast<size_t>(k)] * take;
+    }
   }
   return batch;
 }

@@ -34,7 +34,13 @@ ScheduleKind parse_schedule_kind(const std::string& name) {
   if (name == "constant") return ScheduleKind::kConstant;
   if (name == "cosine") return ScheduleKind::kCosine;
   if (name == "warmup-cosine" || name == "warmup_cosine") return ScheduleKind::kWarmupCosine;
-  throw std::invalid_argument("unknown schedule '" + name + "' (expected constant, cosine or warmup-cosine)");
+  if (name == "poly") return ScheduleKind::kPoly;
+  if (name == "step") return ScheduleKind::kStep;
+  throw std::invalid_argument("unknown schedule '" + name + "' (expected constant, cosine, warmup-cosine, poly or step)");
+}
+
+bool has_warmup(ScheduleKind kind) {
+  return kind == ScheduleKind::kWarmupCosine || kind == ScheduleKind::kPoly || kind == ScheduleKind::kStep;
 }
 
 LrScaling parse_lr_scaling(const std::string& name) {
@@ -49,6 +55,8 @@ std::string to_string(ScheduleKind kind) {
     case ScheduleKind::kConstant: return "constant";
     case ScheduleKind::kCosine: return "cosine";
     case ScheduleKind::kWarmupCosine: return "warmup-cosine";
+    case ScheduleKind::kPoly: return "poly";
+    case ScheduleKind::kStep: return "step";
   }
   return "?";
 }
@@ -68,9 +76,14 @@ LrSchedule::LrSchedule(ScheduleOptions o) : options_(o) {
   if (o.base_batch_size <= 0) bad("base_batch_size", static_cast<double>(o.base_batch_size), "must be > 0");
   if (o.total_steps <= 0) bad("total_steps", static_cast<double>(o.total_steps), "must be > 0");
   if (o.warmup_steps < 0) bad("warmup_steps", static_cast<double>(o.warmup_steps), "must be >= 0");
-  if (o.kind == ScheduleKind::kWarmupCosine && o.warmup_steps > o.total_steps)
+  if (has_warmup(o.kind) && o.warmup_steps > o.total_steps)
     bad("warmup_steps", static_cast<double>(o.warmup_steps), "must be <= total_steps");
   if (!(o.final_ratio >= 0 && o.final_ratio <= 1)) bad("final_ratio", o.final_ratio, "must be in [0, 1]");
+  if (!(o.poly_power > 0) || std::isinf(o.poly_power)) bad("poly_power", o.poly_power, "must be finite and > 0");
+  if (!(o.step_gamma > 0 && o.step_gamma <= 1)) bad("step_gamma", o.step_gamma, "must be in (0, 1]");
+  for (size_t i = 0; i < o.milestones.size(); ++i)
+    if (o.milestones[i] < 0 || (i > 0 && o.milestones[i] <= o.milestones[i - 1]))
+      bad("milestones", static_cast<double>(o.milestones[i]), "must be >= 0 and increasing");
   const double ratio = static_cast<double>(o.batch_size) / static_cast<double>(o.base_batch_size);
   switch (o.scaling) {
     case LrScaling::kNone: peak_ = o.lr; break;
@@ -82,11 +95,21 @@ LrSchedule::LrSchedule(ScheduleOptions o) : options_(o) {
 double LrSchedule::at(int64_t step) const {
   const auto& o = options_;
   if (o.kind == ScheduleKind::kConstant) return peak_;
-  const int64_t warmup = o.kind == ScheduleKind::kWarmupCosine ? o.warmup_steps : 0;
+  const int64_t warmup = has_warmup(o.kind) ? o.warmup_steps : 0;
   if (step < warmup) return peak_ * static_cast<double>(step) / static_cast<double>(warmup);
+  if (o.kind == ScheduleKind::kStep) {
+    double lr = peak_;
+    for (int64_t m : o.milestones)
+      if (step >= m) lr *= o.step_gamma;
+    return lr;
+  }
   const int64_t span = o.total_steps - warmup;
   if (span <= 0) return peak_;  // warm-up spans the whole run: stay at the peak after it
   const double progress = std::min<double>(1.0, static_cast<double>(step - warmup) / static_cast<double>(span));
+  if (o.kind == ScheduleKind::kPoly) {
+    const double end = o.final_ratio * peak_;
+    return end + (peak_ - end) * std::pow(1.0 - progress, o.poly_power);
+  }
   const double q = (1.0 + std::cos(M_PI * progress)) / 2.0;
   return peak_ * q + o.final_ratio * peak_ * (1.0 - q);
 }

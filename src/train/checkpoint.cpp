@@ -190,7 +190,7 @@ void load_archive(const fs::path& path, torch::serialize::InputArchive& archive,
 namespace detail {
 
 void save_checkpoint(const fs::path& path, torch::nn::Module& module, torch::optim::Optimizer& optimizer,
-                     const json& meta) {
+                     const json& meta, const std::vector<torch::Tensor>* average) {
   torch::serialize::OutputArchive root;
   torch::serialize::OutputArchive model_archive, optimizer_archive;
   module.save(model_archive);
@@ -198,6 +198,12 @@ void save_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
   root.write("model", model_archive);
   root.write("optimizer", optimizer_archive);
   root.write("meta", c10::IValue(meta.dump()));
+  if (average) {
+    torch::serialize::OutputArchive average_archive;
+    average_archive.write("count", c10::IValue(static_cast<int64_t>(average->size())));
+    for (size_t i = 0; i < average->size(); ++i) average_archive.write(std::to_string(i), (*average)[i], true);
+    root.write("weight_average", average_archive);
+  }
   {
     auto gen = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(gen.mutex());
@@ -209,7 +215,7 @@ void save_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
 }
 
 json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::optim::Optimizer& optimizer,
-                     torch::Device device) {
+                     torch::Device device, std::vector<torch::Tensor>* average) {
   torch::serialize::InputArchive root;
   try {
     read_sealed_archive(read_whole_file(path, "checkpoint"), path, device, root);  // a bare archive is refused
@@ -226,6 +232,16 @@ json load_checkpoint(const fs::path& path, torch::nn::Module& module, torch::opt
     optimizer.load(optimizer_archive);
     root.read("meta", meta);
     root.read("rng_cpu", rng);
+    torch::serialize::InputArchive average_archive;
+    if (average && root.try_read("weight_average", average_archive)) {
+      c10::IValue count;
+      average_archive.read("count", count);
+      for (int64_t i = 0; i < count.toInt(); ++i) {
+        torch::Tensor t;
+        average_archive.read(std::to_string(i), t, true);
+        average->push_back(t);
+      }
+    }
   } catch (const std::exception& e) {  // c10::Error, torch::jit::ErrorReport, ...
     throw OptionError("resume", ": checkpoint " + path.string() + " does not match this run's model or optimizer");
   }

@@ -78,7 +78,7 @@ struct Evaluation {
 
 // The whole set's metrics: each rank evaluates its shard of every batch (the global batch rounded up to a multiple
 // of world) and the sums are added over ranks, so every image counts exactly once.
-Evaluation evaluate(models::ClassifierImpl& model, const data::ImageDataset& set, int64_t batch_size,
+Evaluation evaluate_on(models::ClassifierImpl& model, const data::ImageDataset& set, int64_t batch_size,
                     torch::Device device, dist::Communicator* comm) {
   const int64_t rank = comm ? comm->rank() : 0, world = comm ? comm->world() : 1;
   torch::NoGradGuard no_grad;
@@ -130,6 +130,7 @@ class ClassificationTask : public Task {
     o.dist_timeout = c_.dist_timeout;
     o.bucket_mb = c_.bucket_mb;
     o.clip_grad_norm = c_.clip_grad_norm;
+    o.ema_decay = c_.ema_decay;
     return o;
   }
 
@@ -163,6 +164,9 @@ class ClassificationTask : public Task {
     o.workers = c_.loader_workers;
     o.prefetch = 2;
     o.augment = data::augment_preset(c_.augment, c_.data);  // checked by validate()
+    o.mix.mixup_alpha = c_.mixup;
+    o.mix.cutmix_alpha = c_.cutmix;
+    o.mix.switch_prob = c_.mixup_switch_prob;
     o.rank = place.rank;
     o.world = place.world;
     source_ = std::make_unique<LoaderSource>(train_set, o);
@@ -192,11 +196,8 @@ class ClassificationTask : public Task {
   BatchSource& batches() override { return *source_; }
 
   OptimizerPlan plan_optimizer(int64_t steps_per_epoch, int64_t total_steps) override {
-    lo::ScheduleOptions so;
+    lo::ScheduleOptions so = schedule_options(c_, steps_per_epoch, total_steps);
     so.scaling = lo::parse_lr_scaling(c_.lr_scaling);
-    so.warmup_steps = std::llround(c_.warmup_epochs * static_cast<double>(steps_per_epoch));
-    so.total_steps = total_steps;
-    so.final_ratio = c_.final_ratio;
     return plan_from_recipe(resolve_optimizer(c_, total_steps), model_->named_parameters(), c_.batch_size, so);
   }
 
@@ -227,10 +228,17 @@ class ClassificationTask : public Task {
     const auto x = batch.images.narrow(0, start, length).to(place_.device);
     const auto y = batch.labels.narrow(0, start, length).to(place_.device);
     const auto logits = model_->forward(x);
-    const auto loss_sum = torch::nn::functional::cross_entropy(
-        logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    const bool mixed = batch.mix_labels.defined();
+    const auto y2 = mixed ? batch.mix_labels.narrow(0, start, length).to(place_.device) : torch::Tensor();
+    const auto loss_sum = classification_loss_sum(logits, y, y2, batch.mix_lambda, c_.label_smoothing);
     (loss_sum / loss_divisor).backward();
-    return {loss_sum.item<double>(), static_cast<double>(logits.argmax(1).eq(y).sum().item<int64_t>())};
+    // A mixed image counts as correct by the weights of its two labels.
+    const auto predicted = logits.argmax(1);
+    double correct = static_cast<double>(predicted.eq(y).sum().item<int64_t>());
+    if (mixed)
+      correct = batch.mix_lambda * correct +
+                (1 - batch.mix_lambda) * static_cast<double>(predicted.eq(y2).sum().item<int64_t>());
+    return {loss_sum.item<double>(), correct};
   }
 
   std::string progress_fields(const EpochState& s, double seconds) const override {
@@ -243,17 +251,26 @@ class ClassificationTask : public Task {
     const double seen = static_cast<double>(s.seen);
     r.train_loss = s.seen ? s.sums[0] / seen : NAN;  // NaN: every step of the epoch skipped
     r.train_acc = s.seen ? s.sums[1] / seen : NAN;
-    const Evaluation test = evaluate(*model_, split_.test, c_.eval_batch_size, place_.device, comm);
-    r.test_loss = test.loss;
-    r.test_top1 = test.top1;
-    r.test_top5 = test.top5;
+    json j = record_json(r);
+    j.update(evaluate(comm));
+    return j;
+  }
+
+  std::vector<std::string> evaluation_fields() const override {
+    return {"test_loss", "test_top1", "test_top5", "val_loss", "val_top1", "val_top5"};
+  }
+
+  json evaluate(dist::Communicator* comm) override {
+    const Evaluation test = evaluate_on(*model_, split_.test, c_.eval_batch_size, place_.device, comm);
+    json j{{"test_loss", test.loss}, {"test_top1", test.top1}, {"test_top5", test.top5},
+           {"val_loss", nullptr},    {"val_top1", nullptr},    {"val_top5", nullptr}};
     if (c_.val_split > 0) {
-      const Evaluation val = evaluate(*model_, validation_, c_.eval_batch_size, place_.device, comm);
-      r.val_loss = val.loss;
-      r.val_top1 = val.top1;
-      r.val_top5 = val.top5;
+      const Evaluation val = evaluate_on(*model_, validation_, c_.eval_batch_size, place_.device, comm);
+      j["val_loss"] = val.loss;
+      j["val_top1"] = val.top1;
+      j["val_top5"] = val.top5;
     }
-    return record_json(r);
+    return j;
   }
 
   std::string epoch_line(const json& record, int64_t epochs) const override {
@@ -292,12 +309,8 @@ class ClassificationTask : public Task {
 
 TrainSummary run_training(const TrainConfig& config, Reporter* reporter) {
   config.validate();
-  if (resolve_optimizer(config, 0).schedule == "warmup-cosine" && config.warmup_epochs > static_cast<double>(config.epochs)) {
-    std::ostringstream msg;
-    msg << config.warmup_epochs << " is longer than {epochs} " << config.epochs << " (the " << config.optimizer
-        << " schedule is warmup-cosine)";
-    throw OptionError("warmup-epochs", msg.str(), {"epochs"});
-  }
+  check_schedule(resolve_optimizer(config, 0).schedule, config.optimizer, config.warmup_epochs, config.epochs,
+                 config.step_epochs);
   ClassificationTask task(config);
   return classification_summary(run_loop(task, reporter));
 }

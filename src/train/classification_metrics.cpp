@@ -10,6 +10,16 @@ using nlohmann::json;
 
 namespace largebatch {
 namespace train {
+
+torch::Tensor classification_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels,
+                                      const torch::Tensor& mix_labels, double mix_lambda, double label_smoothing) {
+  namespace F = torch::nn::functional;
+  const auto options = F::CrossEntropyFuncOptions().reduction(torch::kSum).label_smoothing(label_smoothing);
+  const auto loss = F::cross_entropy(logits, labels, options);
+  if (!mix_labels.defined()) return loss;
+  return loss * mix_lambda + F::cross_entropy(logits, mix_labels, options) * (1 - mix_lambda);
+}
+
 namespace detail {
 
 std::string metrics_header() {

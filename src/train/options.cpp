@@ -5,6 +5,7 @@
 #include <largebatch/optim/recipes.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <stdexcept>
 
@@ -18,6 +19,30 @@ std::string OptionError::render(const std::string& option, std::string problem,
       problem.replace(at, token.size(), prefix + key);
   }
   return prefix + option + (problem.rfind(':', 0) == 0 ? "" : " ") + problem;
+}
+
+std::vector<double> parse_epoch_list(const std::string& text) {
+  std::vector<double> epochs;
+  size_t begin = 0;
+  while (begin < text.size()) {
+    size_t end = text.find(',', begin);
+    if (end == std::string::npos) end = text.size();
+    const std::string item = text.substr(begin, end - begin);
+    size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (item.empty() || used != item.size() || !std::isfinite(v) || v < 0)
+      throw std::invalid_argument("'" + item + "' in '" + text + "' is not a number of epochs >= 0");
+    if (!epochs.empty() && v <= epochs.back())
+      throw std::invalid_argument("'" + text + "' is not increasing");
+    epochs.push_back(v);
+    begin = end + 1;
+  }
+  return epochs;
 }
 
 namespace check {
@@ -73,6 +98,15 @@ std::string device(const std::string& name) {
 }
 
 std::string not_empty(const std::string& text) { return text.empty() ? "must not be empty" : ""; }
+
+std::string epoch_list(const std::string& text) {
+  try {
+    (void)train::parse_epoch_list(text);
+    return "";
+  } catch (const std::invalid_argument& e) {
+    return std::string(": ") + e.what();
+  }
+}
 
 std::string data_set_list() { return listed(data::dataset_names()); }
 std::string model_list() { return listed(models::model_names()); }

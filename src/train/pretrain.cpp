@@ -213,14 +213,8 @@ class BarlowTwinsTask : public Task {
     if (c_.weight_decay >= 0) given["weight_decay"] = format("%.17g", c_.weight_decay);
     const lo::ResolvedRecipe recipe = lo::resolve_recipe(c_.optimizer, lo::Task::kSelfSupervised, c_.batch_size,
                                                          total_steps, c_.lr, c_.schedule, given);
-    if (recipe.schedule == "warmup-cosine" && c_.warmup_epochs > static_cast<double>(c_.epochs))
-      throw OptionError("warmup-epochs", format("%g", c_.warmup_epochs) + " is longer than {epochs} " +
-                                               std::to_string(c_.epochs),
-                        {"epochs"});
-    lo::ScheduleOptions so;
-    so.warmup_steps = std::llround(c_.warmup_epochs * static_cast<double>(steps_per_epoch));
-    so.total_steps = total_steps;
-    so.final_ratio = c_.final_ratio;
+    check_schedule(recipe.schedule, c_.optimizer, c_.warmup_epochs, c_.epochs, c_.step_epochs);
+    const lo::ScheduleOptions so = schedule_options(c_, steps_per_epoch, total_steps);
     return plan_from_recipe(recipe, net_->trainable(), c_.batch_size, so);
   }
 

@@ -4,6 +4,7 @@
 
 #include <largebatch/optim/factory.h>
 #include <largebatch/report/plot.h>
+#include <largebatch/train/ema.h>
 #include <largebatch/train/sharpness.h>
 #include <largebatch/version.h>
 
@@ -29,14 +30,33 @@ OptimizerPlan plan_from_recipe(const lo::ResolvedRecipe& recipe, const lo::Named
   so.kind = lo::parse_schedule_kind(recipe.schedule);
   so.lr = recipe.lr;
   so.batch_size = batch_size;
-  if (so.kind != lo::ScheduleKind::kWarmupCosine) so.warmup_steps = 0;
+  if (!lo::has_warmup(so.kind)) so.warmup_steps = 0;
   so.warmup_steps = std::min(so.warmup_steps, so.total_steps);
   const auto schedule = std::make_shared<const lo::LrSchedule>(so);
   plan.lr_at = [schedule](int64_t step) { return schedule->at(step); };
   plan.lr = recipe.lr;
   plan.description = recipe.recipe + format(" lr %.4g (%s schedule)", recipe.lr, recipe.schedule.c_str());
   plan.resolved = resolved_optimizer_json(recipe, *plan.optimizer, so.warmup_steps, so.total_steps);
+  if (so.kind == lo::ScheduleKind::kPoly) plan.resolved["poly_power"] = so.poly_power;
+  if (so.kind == lo::ScheduleKind::kStep) {
+    plan.resolved["milestone_steps"] = so.milestones;
+    plan.resolved["step_gamma"] = so.step_gamma;
+  }
+  if (so.kind == lo::ScheduleKind::kPoly || lo::has_warmup(so.kind) || so.kind == lo::ScheduleKind::kCosine)
+    plan.resolved["final_ratio"] = so.final_ratio;
   return plan;
+}
+
+void check_schedule(const std::string& schedule, const std::string& optimizer, double warmup_epochs, int64_t epochs,
+                    const std::string& step_epochs) {
+  const lo::ScheduleKind kind = lo::parse_schedule_kind(schedule);
+  if (lo::has_warmup(kind) && warmup_epochs > static_cast<double>(epochs))
+    throw OptionError("warmup-epochs", format("%g", warmup_epochs) + " is longer than {epochs} " +
+                                           std::to_string(epochs) + " (the " + optimizer + " schedule is " +
+                                           schedule + ")",
+                      {"epochs"});
+  if (kind == lo::ScheduleKind::kStep && step_epochs.empty())
+    throw OptionError("step-epochs", ": the step schedule needs its milestones (e.g. {step-epochs} 30,60)");
 }
 
 json EpochState::to_json() const {
@@ -187,12 +207,30 @@ class RunLoop {
       sharpness_loss_ = task_.sharpness_loss();
       if (!sharpness_loss_) throw OptionError("sharpness-every", ": " + o_.command + " has no training loss on a fixed batch");
     }
+    if (o_.ema_decay > 0) {
+      if (task_.evaluation_fields().empty())
+        throw OptionError("ema-decay", ": " + o_.command + " has no evaluation to run on the averaged weights");
+      average_ = std::make_unique<WeightAverage>(task_.module(), o_.ema_decay);  // starts at the initial weights
+    }
   }
 
   // The checkpoint, when resuming: weights, optimizer state, the history and an unfinished epoch.
   void restore() {
     if (!resuming_) return;
-    const json meta = load_checkpoint(checkpoint_path_, task_.module(), *plan_.optimizer, place_.device);
+    std::vector<torch::Tensor> average;
+    const json meta = load_checkpoint(checkpoint_path_, task_.module(), *plan_.optimizer, place_.device, &average);
+    if (average_) {
+      if (average.empty()) {
+        average_ = std::make_unique<WeightAverage>(task_.module(), o_.ema_decay);
+        info("note: the checkpoint has no weight average; " + option("ema-decay") + " starts it at the resumed weights");
+      } else {
+        try {
+          average_->load(average);
+        } catch (const std::invalid_argument& e) {
+          throw OptionError("resume", ": checkpoint " + checkpoint_path_.string() + ": " + e.what());
+        }
+      }
+    }
     const RunState state = RunState::from_json(meta, metric_count_, task_.earlier_sum_keys(),
                                                steps_per_epoch_, checkpoint_path_);
     start_epoch_ = state.epoch;
@@ -293,6 +331,10 @@ class RunLoop {
     // as DistributedDataParallel does by broadcasting buffers.
     if (comm_) dist::broadcast_buffers(task_.module(), *comm_);
     json r = task_.epoch_record(s, comm_.get());
+    if (average_) {
+      const json averaged = evaluate_average();
+      for (const auto& [key, value] : averaged.items()) r["ema_" + key] = value;
+    }
     r["epoch"] = epoch + 1;
     r["step"] = step_;
     r["lr"] = s.lr;
@@ -328,7 +370,8 @@ class RunLoop {
     state.clipped_steps = result_.clipped_steps;
     state.history = result_.history;
     if (within) state.within = *within;
-    save_checkpoint(checkpoint_path_, task_.module(), *plan_.optimizer, state.to_json());
+    save_checkpoint(checkpoint_path_, task_.module(), *plan_.optimizer, state.to_json(),
+                    average_ ? &average_->tensors() : nullptr);
   }
 
   // ---------------------------------------------------------------- one step
@@ -372,6 +415,7 @@ class RunLoop {
     t_phase = Clock::now();
     if (o_.clip_grad_norm > 0) clip_gradients(s);
     optimizer.step();
+    if (average_) average_->update();
     s.optimizer_s += seconds_since(t_phase);
     if (telemetry_.is_open() && layerwise_ && step_ % o_.telemetry_every == 0)
       write_telemetry(telemetry_, step_, layerwise_->last_telemetry());
@@ -402,17 +446,40 @@ class RunLoop {
   std::string metrics_header() const {
     std::string header = task_.metrics_header();
     if (o_.clip_grad_norm > 0) header.insert(header.size() - 1, ",grad_norm,grad_norm_max,clipped_steps");
+    if (average_)
+      for (const auto& name : task_.evaluation_fields()) header.insert(header.size() - 1, ",ema_" + name);
     return header;
   }
   std::string metrics_row(const json& r) const {
     std::string row = task_.metrics_row(r);
-    if (o_.clip_grad_norm <= 0) return row;
     std::string extra;
-    for (const char* key : {"grad_norm", "grad_norm_max"})
-      extra += "," + (r.contains(key) && r.at(key).is_number() ? format("%.6g", r.at(key).get<double>()) : std::string());
-    extra += "," + (r.contains("clipped_steps") ? std::to_string(r.at("clipped_steps").get<int64_t>()) : std::string());
+    const auto number = [&](const std::string& key, const char* form) {
+      return "," + (r.contains(key) && r.at(key).is_number() ? format(form, r.at(key).get<double>()) : std::string());
+    };
+    if (o_.clip_grad_norm > 0) {
+      extra += number("grad_norm", "%.6g") + number("grad_norm_max", "%.6g");
+      extra += "," + (r.contains("clipped_steps") ? std::to_string(r.at("clipped_steps").get<int64_t>()) : std::string());
+    }
+    if (average_)
+      for (const auto& name : task_.evaluation_fields()) extra += number("ema_" + name, "%.6f");
     row.insert(row.size() - 1, extra);
     return row;
+  }
+
+  // The task's evaluation of the averaged weights. Data parallel: every rank evaluates with rank 0's averaged
+  // BatchNorm buffers (as with the weights' own), which the average then keeps.
+  json evaluate_average() {
+    average_->swap();
+    if (comm_) dist::broadcast_buffers(task_.module(), *comm_);
+    json fields;
+    try {
+      fields = task_.evaluate(comm_.get());
+    } catch (...) {
+      average_->swap();
+      throw;
+    }
+    average_->swap();
+    return fields;
   }
 
   // Data parallel: the gradients averaged, and the metrics and a stop request agreed by every rank, so all of them
@@ -537,7 +604,14 @@ class RunLoop {
     }
     result_.wall_seconds = seconds_since(t_start_);
     if (!place_.lead) return;
-    if (result_.status == "completed") task_.save_artifacts(o_.out);
+    if (result_.status == "completed") {
+      task_.save_artifacts(o_.out);
+      if (average_) {
+        average_->swap();
+        save_module(o_.out / "model_ema.pt", task_.module());
+        average_->swap();
+      }
+    }
     json s = task_.summary_fields(result_.history, result_.status);
     s["status"] = result_.status;
     s["message"] = result_.message;
@@ -548,6 +622,11 @@ class RunLoop {
     s["world_size"] = result_.world_size;
     s["replica_mismatches"] = result_.replica_mismatches;
     s["skipped_steps"] = result_.skipped_steps;
+    if (average_) {
+      s["ema_decay"] = o_.ema_decay;
+      const json* last = result_.history.empty() ? nullptr : &result_.history.back();
+      s["final_ema_test_top1"] = last && last->contains("ema_test_top1") ? last->at("ema_test_top1") : json(nullptr);
+    }
     if (o_.clip_grad_norm > 0) {
       s["clip_grad_norm"] = o_.clip_grad_norm;
       s["clipped_steps"] = result_.clipped_steps;
@@ -575,6 +654,7 @@ class RunLoop {
   lo::LayerwiseOptimizer* layerwise_ = nullptr;
   c10::optional<lo::TimeVarying> tv_;
   std::function<torch::Tensor()> sharpness_loss_;
+  std::unique_ptr<WeightAverage> average_;  // --ema-decay
   fs::path checkpoint_path_;
   bool resuming_ = false;
   size_t metric_count_ = 0;

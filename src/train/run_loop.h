@@ -5,6 +5,8 @@
 // the non-finite policy, telemetry, sharpness, phase timings, metrics.csv and summary.json. A task owns its data,
 // network, loss, evaluation and artifacts. Internal to the library (src/train).
 #include <largebatch/data/pipeline.h>
+#include <largebatch/optim/schedule.h>
+#include <largebatch/train/options.h>
 #include <largebatch/train/reporter.h>
 
 #include "run_support.h"
@@ -33,6 +35,7 @@ struct LoopOptions {
   int64_t telemetry_every = 0;
   int64_t sharpness_every = 0, sharpness_iterations = 20;
   double clip_grad_norm = 0;    // > 0: the global gradient norm clipped to it before every step
+  double ema_decay = 0;         // > 0: an average of the weights (train::WeightAverage), evaluated each epoch
   std::string on_nonfinite = "stop";
   int64_t skip_limit = 20;
   bool plots = true;
@@ -69,6 +72,27 @@ LoopOptions common_loop_options(const Config& c, const char* command) {
   o.crash_after_step = c.crash_after_step;
   return o;
 }
+
+// The schedule options of train and pretrain (their configs share these members), in this run's steps.
+template <class Config>
+optim::ScheduleOptions schedule_options(const Config& c, int64_t steps_per_epoch, int64_t total_steps) {
+  optim::ScheduleOptions so;
+  const auto steps = [&](double epochs) { return std::llround(epochs * static_cast<double>(steps_per_epoch)); };
+  so.warmup_steps = steps(c.warmup_epochs);
+  so.total_steps = total_steps;
+  so.final_ratio = c.final_ratio;
+  so.poly_power = c.poly_power;
+  so.step_gamma = c.step_gamma;
+  for (double e : parse_epoch_list(c.step_epochs)) {
+    const int64_t at = steps(e);
+    if (so.milestones.empty() || at > so.milestones.back()) so.milestones.push_back(at);  // epochs that round alike
+  }
+  return so;
+}
+
+// Refuses a warm-up longer than the run for a schedule that has one, and a step schedule without milestones.
+void check_schedule(const std::string& schedule, const std::string& optimizer, double warmup_epochs, int64_t epochs,
+                    const std::string& step_epochs);
 
 // An epoch's batches. Batches must depend only on (seed, epoch, index), so that an epoch restarted at a batch
 // continues as it would have, and set index, global_size (the images of the step over all ranks) and offset.
@@ -186,6 +210,10 @@ class Task {
   virtual std::string metrics_row(const nlohmann::json& record) const = 0;
   // The task's own fields of summary.json, from the epochs' records.
   virtual nlohmann::json summary_fields(const std::vector<nlohmann::json>& history, const std::string& status) const = 0;
+  // The evaluation of the module as it is now (every rank calls it), as fields named by evaluation_fields();
+  // --ema-decay evaluates the averaged weights through it. A task without one returns no names.
+  virtual std::vector<std::string> evaluation_fields() const { return {}; }
+  virtual nlohmann::json evaluate(dist::Communicator* comm) { return nlohmann::json::object(); }
   // Files of a completed run (model.pt, backbone.pt, head.pt).
   virtual void save_artifacts(const std::filesystem::path& out) = 0;
   // The training loss on a fixed batch for --sharpness-every; null: the task has none.

@@ -99,11 +99,14 @@ void append_line(const std::filesystem::path& path, const std::string& text);
 
 // Checkpoint: the module, the optimizer's state, the CPU generator's state and a JSON "meta" record, sealed
 // and written atomically (write_atomically).
+// average: the tensors of a weight average (--ema-decay), saved beside the module when given.
 void save_checkpoint(const std::filesystem::path& path, torch::nn::Module& module, torch::optim::Optimizer& optimizer,
-                     const nlohmann::json& meta);
+                     const nlohmann::json& meta, const std::vector<torch::Tensor>* average = nullptr);
 // Restores what save_checkpoint wrote and returns meta; UsageError naming the file if it cannot be read.
+// average: filled with the saved average's tensors (left empty when the checkpoint has none).
 nlohmann::json load_checkpoint(const std::filesystem::path& path, torch::nn::Module& module,
-                               torch::optim::Optimizer& optimizer, torch::Device device);
+                               torch::optim::Optimizer& optimizer, torch::Device device,
+                               std::vector<torch::Tensor>* average = nullptr);
 
 // Saves a module's parameters and buffers as a bare LibTorch archive (torch::load reads it), atomically.
 void save_module(const std::filesystem::path& path, torch::nn::Module& module);

@@ -33,6 +33,19 @@ struct AugmentOptions {
 // colour data sets (CIFAR, Tiny-ImageNet) and none otherwise. Throws std::invalid_argument on other names.
 AugmentOptions augment_preset(const std::string& name, const std::string& data_set = "");
 
+// Mixup and CutMix with timm's semantics (timm.data.Mixup, mode "batch"): each batch draws lambda ~ Beta(a, a) and
+// mixes every image with its partner, the image at the mirrored position of the global batch (timm's flip of the
+// batch): mixup blends the two, CutMix pastes a box of the partner covering about 1 - lambda of the image (lambda is
+// then the exact kept area). With both alphas set, a batch is CutMix with probability switch_prob, else mixup.
+// The draws depend only on (seed, epoch, batch index), and each partner is loaded and augmented by the rank that
+// needs it, so batches are the same for any worker count and rank split.
+struct MixOptions {
+  double mixup_alpha = 0;   // 0: off
+  double cutmix_alpha = 0;  // 0: off
+  double switch_prob = 0.5;
+  bool enabled() const { return mixup_alpha > 0 || cutmix_alpha > 0; }
+};
+
 struct LoaderOptions {
   int64_t batch_size = 256;
   bool shuffle = true;
@@ -41,6 +54,7 @@ struct LoaderOptions {
   int64_t workers = 1;            // assembling threads
   int64_t prefetch = 2;           // batches assembled ahead
   AugmentOptions augment;
+  MixOptions mix;
   // Data parallelism: this loader yields only the shard of each batch that belongs to rank of world.
   int64_t rank = 0;
   int64_t world = 1;
@@ -52,6 +66,11 @@ struct Batch {
   int64_t index = 0;     // batch number within the epoch
   int64_t global_size = 0;  // images in the whole (global) batch, over all ranks
   int64_t offset = 0;       // first row of this rank's shard within the global batch
+  // Mixup / CutMix: each image's partner label and the weight of its own label (the loss is
+  // lambda CE(labels) + (1 - lambda) CE(mix_labels)); mix_labels undefined and mix_lambda 1 when off.
+  torch::Tensor mix_labels;
+  double mix_lambda = 1;
+  bool cutmix = false;  // which of the two this batch drew
 };
 
 class BatchLoader {

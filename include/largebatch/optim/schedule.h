@@ -3,6 +3,7 @@
 // training loop asks the schedule for lr_t and writes it into the optimizer's parameter groups.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace torch {
 namespace optim {
@@ -30,10 +31,12 @@ double tv_phi(const TimeVarying& tv, int64_t t);
 // Throws std::invalid_argument naming the option when alpha <= 0, lambda < 0 or gamma_min < 0.
 void validate(const TimeVarying& tv);
 
-enum class ScheduleKind { kConstant, kCosine, kWarmupCosine };
+enum class ScheduleKind { kConstant, kCosine, kWarmupCosine, kPoly, kStep };
 enum class LrScaling { kNone, kLinear, kSqrt };
 
-ScheduleKind parse_schedule_kind(const std::string& name);  // constant | cosine | warmup-cosine
+ScheduleKind parse_schedule_kind(const std::string& name);  // constant | cosine | warmup-cosine | poly | step
+// Whether a kind starts with the linear warm-up (warmup-cosine, poly, step).
+bool has_warmup(ScheduleKind kind);
 LrScaling parse_lr_scaling(const std::string& name);        // none | linear | sqrt
 std::string to_string(ScheduleKind kind);
 std::string to_string(LrScaling scaling);
@@ -46,13 +49,18 @@ struct ScheduleOptions {
   int64_t base_batch_size = 256;  // B_base
   int64_t warmup_steps = 0;       // W
   int64_t total_steps = 1;        // T
-  double final_ratio = 0.001;     // lr at T as a fraction of the peak
+  double final_ratio = 0.001;     // lr at T as a fraction of the peak (cosine, poly)
+  double poly_power = 2.0;        // kPoly's exponent (MLPerf's LARS schedule: 2)
+  std::vector<int64_t> milestones;  // kStep: the steps at which lr is multiplied by step_gamma, increasing
+  double step_gamma = 0.1;
 };
 
 // peak = lr * scale(B / B_base)
 //   step < W: lr_t = peak * step / W
 //   else:     q = (1 + cos(pi (step - W) / (T - W))) / 2 ; lr_t = peak q + final_ratio peak (1 - q)
 // kCosine is kWarmupCosine with W = 0; kConstant returns the peak at every step.
+// kPoly, after the same warm-up: end = final_ratio peak, lr_t = end + (peak - end) (1 - (step - W) / (T - W))^power.
+// kStep, after the same warm-up: lr_t = peak step_gamma^k, k the milestones <= step.
 class LrSchedule {
  public:
   explicit LrSchedule(ScheduleOptions options);  // validates; std::invalid_argument on bad values

@@ -79,6 +79,9 @@ class Option {
   bool identity_ = false;
 };
 
+// "30,60,80" -> {30, 60, 80}; "" -> {}. std::invalid_argument unless the numbers are finite, >= 0 and increasing.
+std::vector<double> parse_epoch_list(const std::string& text);
+
 // Checks: the problem with a value ("must be > 0, got 0"), or "" when it is good.
 namespace check {
 
@@ -132,6 +135,7 @@ std::string init(const std::string& name);
 std::string recipe(const std::string& name);  // optim/recipes.h
 std::string device(const std::string& name);  // cpu | cuda | cuda:N
 std::string not_empty(const std::string& text);
+std::string epoch_list(const std::string& text);  // "" or increasing numbers >= 0: "30,60,80"
 
 // "a, b, c": for help texts.
 std::string data_set_list();
@@ -171,12 +175,19 @@ void visit_optimizer_options(Config& c, Visitor&& v) {
     c.lr, check::default_or_at_least(0));
   v(Option("weight-decay", "Weight decay (default: the recipe's)").no_default(), c.weight_decay,
     check::default_or_at_least(0));
-  v(Option("schedule", "auto (the recipe's), constant, cosine, warmup-cosine"), c.schedule,
-    check::one_of({"auto", "constant", "cosine", "warmup-cosine"}));
-  v(Option("warmup-epochs", "Warm-up length of warmup-cosine, in epochs of this run"), c.warmup_epochs,
+  v(Option("schedule", "auto (the recipe's), constant, cosine, warmup-cosine, poly (warm-up then polynomial decay "
+                       "to --final-ratio, MLPerf's LARS schedule) or step (warm-up then x --step-gamma at each of "
+                       "--step-epochs)"),
+    c.schedule, check::one_of({"auto", "constant", "cosine", "warmup-cosine", "poly", "step"}));
+  v(Option("warmup-epochs", "Warm-up length of warmup-cosine, poly and step, in epochs of this run"), c.warmup_epochs,
     check::finite_at_least(0));
-  v(Option("final-ratio", "Final learning rate of the cosine as a fraction of the peak"), c.final_ratio,
-    check::within(0, 1));
+  v(Option("final-ratio", "Final learning rate of the cosine and poly schedules as a fraction of the peak"),
+    c.final_ratio, check::within(0, 1));
+  v(Option("poly-power", "Exponent of the poly schedule"), c.poly_power, check::finite_above(0));
+  v(Option("step-epochs", "The step schedule's milestones, in epochs of this run: e.g. 30,60,80"), c.step_epochs,
+    check::epoch_list);
+  v(Option("step-gamma", "The step schedule's factor at each milestone"), c.step_gamma,
+    check::within(0, 1, check::Ends::kOpenLow));
   v(Option("clip-grad-norm", "Clip the global gradient norm to N before every step, for any optimizer (after the "
                              "data-parallel average and micro-batch accumulation; 0: off); metrics.csv gains the "
                              "norm, summary.json the clipped steps"),
@@ -232,8 +243,23 @@ void visit_options(TrainConfig& c, Visitor&& v) {
   v(Option("drop-last", "Drop the last partial batch of each epoch (default: keep)").flags("--drop-last,!--keep-last"),
     c.drop_last, check::any);
   v(Option("loader-workers", "Threads assembling batches"), c.loader_workers, check::positive());
+  v(Option("label-smoothing", "Label smoothing e of the training loss: 1 - e on the label, e / K on every class "
+                              "(timm's --smoothing)").alias("smoothing"),
+    c.label_smoothing, check::within(0, 1, check::Ends::kOpenHigh));
+  v(Option("mixup", "Mixup: every batch blends each image with its partner, lambda ~ Beta(A, A) (timm's --mixup; "
+                    "0: off)"),
+    c.mixup, check::finite_at_least(0));
+  v(Option("cutmix", "CutMix: every batch pastes a box of each image's partner, lambda ~ Beta(A, A) (timm's "
+                     "--cutmix; 0: off)"),
+    c.cutmix, check::finite_at_least(0));
+  v(Option("mixup-switch-prob", "With --mixup and --cutmix both set: the probability that a batch is CutMix"),
+    c.mixup_switch_prob, check::within(0, 1));
   visit_model_options(c, v, "Model");
   visit_optimizer_options(c, v);
+  v(Option("ema-decay", "Keep an exponential moving average of the weights and BatchNorm buffers (timm's "
+                        "--model-ema-decay: e = D e + (1 - D) w after every step), evaluated each epoch beside the "
+                        "weights (metrics.csv's ema_* columns) and saved as model_ema.pt (0: off)"),
+    c.ema_decay, check::within(0, 1, check::Ends::kOpenHigh));
   v(Option("lr-scaling", "Peak = lr * scale(B / 256): none, linear, sqrt"), c.lr_scaling,
     check::one_of({"none", "linear", "sqrt"}));
   v(Option("batch-size", "Global batch size B").identity(), c.batch_size, check::positive());

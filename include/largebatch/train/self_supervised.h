@@ -42,6 +42,9 @@ struct PretrainConfig {
   std::string schedule = "auto";  // auto: warm-up + cosine, except constant for lars / tvlars / lamb ... as train
   double warmup_epochs = 2;       // of this run's epochs
   double final_ratio = 0.001;
+  double poly_power = 2.0;        // --schedule poly
+  std::string step_epochs;        // --schedule step: milestones in epochs, "30,60"
+  double step_gamma = 0.1;
   double clip_grad_norm = 0;     // > 0: --clip-grad-norm
   // run
   int64_t batch_size = 1024;

@@ -20,6 +20,12 @@ class UsageError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// The classification loss summed over the rows: cross-entropy against targets smoothed by label_smoothing
+// (1 - e on the label, e / K spread over all K classes: timm's and PyTorch's), and, for a mixed batch (mix_labels
+// defined), lambda times that loss on labels plus (1 - lambda) times it on mix_labels.
+torch::Tensor classification_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels,
+                                      const torch::Tensor& mix_labels, double mix_lambda, double label_smoothing);
+
 struct TrainConfig {
   // data
   std::string data = "fashion-mnist";
@@ -28,6 +34,11 @@ struct TrainConfig {
   bool drop_last = false;
   int64_t loader_workers = 2;
   int64_t synthetic_size = 2048;  // train images of --data synthetic
+  // regularisation of the targets (timm's semantics: data::MixOptions)
+  double label_smoothing = 0;
+  double mixup = 0;               // Beta(a, a) mixup; 0: off
+  double cutmix = 0;              // Beta(a, a) CutMix; 0: off
+  double mixup_switch_prob = 0.5; // with both: the probability of CutMix per batch
   // model
   std::string model = "cnn";
   std::string init = "default";
@@ -41,7 +52,11 @@ struct TrainConfig {
   double warmup_epochs = 5;
   std::string lr_scaling = "none";  // none | linear | sqrt: peak = lr * scale(B / 256)
   double final_ratio = 0.001;
+  double poly_power = 2.0;        // --schedule poly
+  std::string step_epochs;        // --schedule step: milestones in epochs, "30,60"
+  double step_gamma = 0.1;
   double clip_grad_norm = 0;     // > 0: --clip-grad-norm
+  double ema_decay = 0;           // > 0: an exponential moving average of the weights, evaluated each epoch
   // run
   int64_t batch_size = 4096;
   int64_t micro_batch = 0;        // 0: the whole batch at once
