@@ -192,7 +192,9 @@ def bench_train(args):
 
     def one_step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         opt.step()
         return loss.item()
@@ -225,6 +227,7 @@ def main():
     t.add_argument("--optimizer", choices=["lars", "tvlars", "lamb"], default="lars")
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--channels-last", action="store_true")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)

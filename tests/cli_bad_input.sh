@@ -62,7 +62,11 @@ expect unknown-opt-key 2 "unknown optimizer option 'momentun'" -- $S --opt momen
 expect bad-opt-value 2 "momentum = 1.5" -- $S --opt momentum=1.5 --out "$WORK/o10"
 expect opt-not-kv 2 "not key=value" -- $S --opt momentum --out "$WORK/o11"
 expect micro-batch 2 "--micro-batch 48 does not divide --batch-size 64" -- $S --micro-batch 48 --out "$WORK/o12"
-expect schedule 2 "--schedule" -- $S --schedule step --out "$WORK/o13"
+expect schedule 2 "--schedule: 'exponential' is not" -- $S --schedule exponential --out "$WORK/o13"
+expect step-epochs 2 "--step-epochs: '60,30' is not increasing" -- $S --schedule step --step-epochs 60,30 --out "$WORK/o13b"
+expect step-needs-milestones 2 "the step schedule needs its milestones" -- $S --schedule step --warmup-epochs 0 --out "$WORK/o13c"
+expect precision 2 "--precision: 'fp16' is not" -- $S --precision fp16 --out "$WORK/o13d"
+expect ema 2 "--ema-decay must be in" -- $S --ema-decay 1 --out "$WORK/o13e"
 expect warmup 2 "--warmup-epochs" -- $S --schedule warmup-cosine --warmup-epochs 5 --out "$WORK/o14"
 # --resume with nothing to resume from starts from the beginning (a retry loop can always pass it).
 expect no-checkpoint-yet 0 "no checkpoint in $WORK/o15 yet, starting from the beginning" -- $S --resume --out "$WORK/o15"

@@ -362,6 +362,27 @@ TEST(RunLoop, WeightAverageIsEvaluatedSavedAndResumedBitIdentically) {
   EXPECT_EQ(metric_rows(straight.path / "metrics.csv", 9), metric_rows(crashed.path / "metrics.csv", 9));
 }
 
+// bf16 with micro-batches and clipping: the master weights stay float32 and the loss falls.
+TEST(RunLoop, Bf16RunKeepsFloat32WeightsAndItsLossFalls) {
+  ScratchDir fp32("prec-fp32"), bf16("prec-bf16");
+  auto a = largebatch_test::small_run(fp32.path);
+  a.optimizer = "lamb";
+  const auto sa = lt::run_training(a);
+  auto b = a;
+  b.out = bf16.path.string();
+  b.precision = "bf16";
+  b.micro_batch = 64;
+  b.clip_grad_norm = 1.0;
+  const auto sb = lt::run_training(b);
+  ASSERT_EQ(sb.status, "completed") << sb.message;
+  EXPECT_LT(sb.history.back().train_loss, sb.history.front().train_loss);
+  EXPECT_NE(sb.history.back().train_loss, sa.history.back().train_loss) << "autocast did not change the arithmetic";
+  const auto saved = tensors_of(bf16.path / "model.pt");
+  ASSERT_FALSE(saved.empty());
+  for (const auto& [name, t] : saved)
+    if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kFloat) << name << " is not float32";
+}
+
 TEST(RunLoop, LinearEvalMicroBatchesEqualTheWholeBatch) {
   ScratchDir whole("probe-whole"), micro("probe-micro");
   auto a = small_probe(whole.path);

@@ -9,7 +9,9 @@
 #include "scratch.h"
 #include "small_runs.h"
 
+#include <algorithm>
 #include <atomic>
+#include <iostream>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -19,6 +21,7 @@
 
 namespace fs = std::filesystem;
 namespace lm = largebatch::models;
+namespace lb = largebatch;
 namespace lt = largebatch::train;
 
 namespace {
@@ -480,6 +483,51 @@ TEST(Trainer, LabelSmoothingMixupAndCutmixRun) {
   c.loader_workers = 2;
   const auto sc = lt::run_training(c);
   EXPECT_EQ(sc.history.back().train_loss, sb.history.back().train_loss) << "the same mixing with 2 loader workers";
+}
+
+// The guard turns bf16 autocast on for its scope only, and a bf16 run trains float32 weights whose loss falls.
+TEST(Precision, AutocastGuardScopesBf16) {
+  const auto a = torch::randn({4, 4}), b = torch::randn({4, 4});
+  {
+    const lt::AutocastGuard on(true, torch::kCPU);
+    EXPECT_EQ(torch::mm(a, b).scalar_type(), torch::kBFloat16);
+    {
+      const lt::AutocastGuard off(false, torch::kCPU);
+      EXPECT_EQ(torch::mm(a, b).scalar_type(), torch::kBFloat16) << "an off guard changes nothing";
+    }
+  }
+  EXPECT_EQ(torch::mm(a, b).scalar_type(), torch::kFloat);
+  EXPECT_FALSE(at::autocast::is_cpu_enabled());
+  EXPECT_THROW(lt::is_bf16("fp16"), std::invalid_argument);
+}
+
+// The LR range test on the synthetic set: the loss falls, then diverges at large lr; its minimum is inside the
+// range, and the CSV and the summary are written (the PNG where gnuplot is installed).
+TEST(LrFind, FindsTheLossMinimumInsideTheRangeAndWritesItsFiles) {
+  ScratchDir out("lr-find");
+  auto c = small_run(out.path);
+  c.optimizer = "sgd";
+  lt::LrFindOptions o;
+  o.lr_min = 1e-3;
+  o.lr_max = 1e4;
+  o.steps = 60;
+  const auto r = lt::run_lr_find(c, o);
+  ASSERT_FALSE(r.lr.empty());
+  EXPECT_EQ(r.lr.front(), 1e-3);
+  EXPECT_GT(r.min_loss_lr, o.lr_min) << "the loss kept rising from the start";
+  EXPECT_LT(r.min_loss_lr, r.lr.back()) << "the loss was still falling at the end of the range";
+  EXPECT_NE(r.stopped, "range end") << "a range up to lr 1e4 must diverge";
+  EXPECT_DOUBLE_EQ(r.suggested_lr, r.min_loss_lr / 10);
+  const auto lowest = *std::min_element(r.smoothed.begin(), r.smoothed.end());
+  EXPECT_LT(lowest, r.smoothed.front());
+  EXPECT_TRUE(fs::exists(out.path / "lr_find.csv"));
+  const auto summary = nlohmann::json::parse(std::ifstream(out.path / "lr_find.json"));
+  EXPECT_EQ(summary.at("suggested_lr").get<double>(), r.suggested_lr);
+  EXPECT_EQ(summary.at("steps_taken").get<size_t>(), r.lr.size());
+  if (lb::report::gnuplot_available()) EXPECT_TRUE(fs::exists(out.path / "lr_find.png"));
+  else std::cout << "[ SKIP     ] lr_find.png: gnuplot is not installed\n";
+  o.lr_max = o.lr_min;
+  EXPECT_THROW(lt::run_lr_find(c, o), lt::UsageError);
 }
 
 TEST(Trainer, DivergenceStopsAndNamesTheStepAndLayer) {

@@ -16,6 +16,7 @@
 #include <largebatch/train/trainer.h>
 #include <largebatch/train/checkpoint.h>
 #include <largebatch/train/ema.h>
+#include <largebatch/train/precision.h>
 #include <largebatch/train/barlow_twins.h>
 #include <largebatch/train/self_supervised.h>
 #include <largebatch/train/sharpness.h>

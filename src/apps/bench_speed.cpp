@@ -8,6 +8,7 @@
 #include <largebatch/optim/factory.h>
 #include <largebatch/optim/layerwise.h>
 #include <largebatch/report/plot.h>
+#include <largebatch/train/precision.h>
 #include <largebatch/train/trainer.h>
 
 #include <nlohmann/json.hpp>
@@ -353,7 +354,7 @@ Runner add_bench_train_command(CLI::App& bench) {
   auto* cmd = bench.add_subcommand("train", "Training images/s against PyTorch Python on the same model, batch, "
                                             "threads and optimizer (synthetic batch in memory)");
   struct Args {
-    std::string model = "resnet18", optimizer = "lars", reference, out;
+    std::string model = "resnet18", optimizer = "lars", precision = "fp32", reference, out;
     std::vector<int64_t> batches{512};
     int64_t steps = 5, warmup = 2, threads = 0;
     bool channels_last = false, cpu_kernels = true;
@@ -374,6 +375,10 @@ Runner add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--cpu-kernels,--small-map-kernels", a->cpu_kernels,
                   "largebatch's CPU kernels: max pooling, 1x1 and 2x2 maps (train --cpu-kernels; Python runs LibTorch's)")
       ->capture_default_str();
+  cmd->add_option("--precision", a->precision,
+                  "fp32, or bf16: the forward pass under bfloat16 autocast on both sides (train --precision)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   cmd->add_option("--out", a->out, "Write bench_train.csv and bench_train.png (step time and images/s against batch size) here");
   add_common_options(cmd, a->threads, a->py, a->reference);
 
@@ -381,9 +386,10 @@ Runner add_bench_train_command(CLI::App& bench) {
     if (!cmd->parsed()) return -1;
     try {
       const int threads = start_bench(a->threads, a->py, a->reference);
-      std::printf("largebatch bench train: %s%s%s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
+      std::printf("largebatch bench train: %s%s%s, %s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
                   a->model.c_str(), a->channels_last ? " (channels-last)" : "",
-                  a->cpu_kernels ? "" : " (LibTorch's kernels)", a->optimizer.c_str(), threads, static_cast<long long>(a->steps),
+                  a->cpu_kernels ? "" : " (LibTorch's kernels)", a->optimizer.c_str(), a->precision.c_str(), threads,
+                  static_cast<long long>(a->steps),
                   static_cast<long long>(a->warmup), runtime_summary().c_str());
       const DenseRate roof = dense_rate();
       std::printf("Dense arithmetic in this run: matrix multiply %.1f GFLOP/s, 3x3 convolution %.1f GFLOP/s\n",
@@ -407,7 +413,12 @@ Runner add_bench_train_command(CLI::App& bench) {
         const auto y = torch::randint(0, 10, {batch}, torch::kLong);
         auto one_step = [&] {
           opt->zero_grad();
-          auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+          torch::Tensor logits;
+          {
+            const train::AutocastGuard autocast(a->precision == "bf16", torch::kCPU);
+            logits = model->forward(x);
+          }
+          auto loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y);
           loss.backward();
           opt->step();
           return loss.item<double>();  // the trainer reads the loss once per step too
@@ -425,7 +436,8 @@ Runner add_bench_train_command(CLI::App& bench) {
                                    "train --model " + a->model + " --optimizer " + a->optimizer + " --batch-size " +
                                        std::to_string(batch) + " --steps " + std::to_string(a->steps) +
                                        " --warmup " + std::to_string(a->warmup) + " --threads " +
-                                       std::to_string(threads) + (a->channels_last ? " --channels-last" : ""),
+                                       std::to_string(threads) + (a->channels_last ? " --channels-last" : "") +
+                                       " --precision " + a->precision,
                                    &why);
         const double python = py.is_null() ? 0.0 : py.at("median_s").get<double>();
         if (py.is_null()) std::fprintf(stderr, "Python reference skipped: %s\n", why.c_str());

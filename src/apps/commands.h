@@ -19,6 +19,8 @@ namespace apps {
 using Runner = std::function<int()>;
 
 Runner add_train_command(CLI::App& app);
+// `largebatch lr-find`: the learning-rate range test (train::run_lr_find) with every train option.
+Runner add_lr_find_command(CLI::App& app);
 Runner add_summarize_command(CLI::App& app);
 Runner add_bench_command(CLI::App& app);  // bench pipeline, and the two below
 Runner add_bench_step_command(CLI::App& bench);

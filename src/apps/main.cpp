@@ -115,6 +115,7 @@ int main(int argc, char** argv) {
   auto run_linear_eval = largebatch::apps::add_linear_eval_command(app);
   auto run_sweep = largebatch::apps::add_sweep_command(app);
   auto run_report = largebatch::apps::add_report_command(app);
+  auto run_lr_find = largebatch::apps::add_lr_find_command(app);
 
   try {
     app.parse(argc, argv);
@@ -142,6 +143,7 @@ int main(int argc, char** argv) {
     if (int rc = run_linear_eval(); rc >= 0) return rc;
     if (int rc = run_sweep(); rc >= 0) return rc;
     if (int rc = run_report(); rc >= 0) return rc;
+    if (int rc = run_lr_find(); rc >= 0) return rc;
     if (list->parsed()) {
       // The recipes (what --optimizer takes), then the engine presets they build, with every value.
       auto options_text = [](const std::map<std::string, std::string>& options) {

@@ -160,5 +160,33 @@ Runner add_train_command(CLI::App& app) {
   };
 }
 
+Runner add_lr_find_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("lr-find", "The learning-rate range test: lr rising exponentially over --steps steps "
+                                            "from a fresh model, the loss smoothed, stopped when it diverges");
+  auto config = std::make_shared<train::TrainConfig>();
+  auto options = std::make_shared<train::LrFindOptions>();
+  config->out = "runs/lr-find";
+  cmd->fallthrough();
+  add_flags(cmd, *config);  // every train option: model, data, optimizer, batch size, ...
+  cmd->add_option("--lr-min", options->lr_min, "First learning rate")->capture_default_str();
+  cmd->add_option("--lr-max", options->lr_max, "Last learning rate")->capture_default_str();
+  cmd->add_option("--steps", options->steps, "Steps of the test")->capture_default_str();
+  cmd->add_option("--smooth-beta", options->smoothing, "Weight of the past in the smoothed loss")->capture_default_str();
+  cmd->add_option("--diverge-factor", options->diverge_factor,
+                  "Stop once the smoothed loss exceeds this many times its lowest")
+      ->capture_default_str();
+  return [cmd, config, options]() -> int {
+    if (!cmd->parsed()) return -1;
+    return run_training_command("lr-find", [&]() -> int {
+      ConsoleReporter console("lr-find", config->progress);
+      const auto r = train::run_lr_find(*config, *options, &console);
+      std::printf("lowest smoothed loss at lr %.4g (%s after %zu steps); suggested lr %.4g (a tenth of it); "
+                  "%s/lr_find.csv, lr_find.png\n",
+                  r.min_loss_lr, r.stopped.c_str(), r.lr.size(), r.suggested_lr, config->out.c_str());
+      return 0;
+    });
+  };
+}
+
 }  // namespace apps
 }  // namespace largebatch

@@ -7,6 +7,7 @@
 #include <largebatch/optim/factory.h>
 #include <largebatch/optim/recipes.h>
 #include <largebatch/report/plot.h>
+#include <largebatch/train/precision.h>
 #include <largebatch/train/sharpness.h>
 
 #include <nlohmann/json.hpp>
@@ -227,7 +228,12 @@ class ClassificationTask : public Task {
                                        double loss_divisor) override {
     const auto x = batch.images.narrow(0, start, length).to(place_.device);
     const auto y = batch.labels.narrow(0, start, length).to(place_.device);
-    const auto logits = model_->forward(x);
+    torch::Tensor logits;
+    {
+      const AutocastGuard autocast(bf16_, place_.device);
+      logits = model_->forward(x);
+    }
+    logits = logits.to(torch::kFloat);  // the loss in float32 whatever the precision
     const bool mixed = batch.mix_labels.defined();
     const auto y2 = mixed ? batch.mix_labels.narrow(0, start, length).to(place_.device) : torch::Tensor();
     const auto loss_sum = classification_loss_sum(logits, y, y2, batch.mix_lambda, c_.label_smoothing);
@@ -297,6 +303,7 @@ class ClassificationTask : public Task {
 
  private:
   const TrainConfig& c_;
+  const bool bf16_ = is_bf16(c_.precision);
   RunPlace place_;
   data::DatasetSplit split_;
   data::ImageDataset validation_;
@@ -306,6 +313,89 @@ class ClassificationTask : public Task {
 };
 
 }  // namespace
+
+LrFindResult run_lr_find(const TrainConfig& config, const LrFindOptions& o, Reporter* reporter) {
+  config.validate();
+  if (!(o.lr_min > 0) || !std::isfinite(o.lr_min)) throw OptionError("lr-min", format("%g", o.lr_min) + " must be finite and > 0");
+  if (!(o.lr_max > o.lr_min) || !std::isfinite(o.lr_max))
+    throw OptionError("lr-max", format("%g", o.lr_max) + " must be finite and above {lr-min}", {"lr-min"});
+  if (o.steps < 2) throw OptionError("steps", std::to_string(o.steps) + " must be >= 2");
+  if (!(o.smoothing >= 0 && o.smoothing < 1)) throw OptionError("smooth-beta", format("%g", o.smoothing) + " must be in [0, 1)");
+  if (!(o.diverge_factor > 1) || !std::isfinite(o.diverge_factor))
+    throw OptionError("diverge-factor", format("%g", o.diverge_factor) + " must be finite and > 1");
+  set_threads(config.threads);
+  RunPlace place;
+  place.device = parse_device(config.device);
+  const fs::path out = config.out;
+  fs::create_directories(out);
+  ClassificationTask task(config);
+  task.setup(place);
+  BatchSource& source = task.batches();
+  OptimizerPlan plan = task.plan_optimizer(source.batches_per_epoch(), o.steps);
+  torch::optim::Optimizer& optimizer = *plan.optimizer;
+  if (reporter)
+    reporter->info(format("largebatch lr-find: %s, %s, batch %lld, lr %g to %g over %lld steps", config.model.c_str(),
+                          config.optimizer.c_str(), static_cast<long long>(config.batch_size), o.lr_min, o.lr_max,
+                          static_cast<long long>(o.steps)));
+  LrFindResult r;
+  r.stopped = "range end";
+  int64_t epoch = 0;
+  source.start_epoch(epoch, 0);
+  double average = 0, lowest = std::numeric_limits<double>::infinity();
+  std::string csv = "step,lr,loss,smoothed_loss\n";
+  for (int64_t t = 0; t < o.steps; ++t) {
+    data::Batch batch;
+    if (!source.next(batch)) {
+      source.start_epoch(++epoch, 0);
+      if (!source.next(batch)) throw std::logic_error("lr-find: an epoch without batches");
+    }
+    const double lr = o.lr_min * std::pow(o.lr_max / o.lr_min, static_cast<double>(t) / static_cast<double>(o.steps - 1));
+    lo::set_learning_rate(optimizer, lr);
+    task.prepare(batch, epoch);
+    optimizer.zero_grad();
+    const double global = static_cast<double>(batch.global_size);
+    const double loss = task.forward_backward(batch, 0, batch.labels.size(0), global).at(0) / global;
+    if (!std::isfinite(loss)) {
+      r.stopped = "non-finite loss";
+      break;
+    }
+    optimizer.step();
+    average = o.smoothing * average + (1 - o.smoothing) * loss;
+    const double smoothed = average / (1 - std::pow(o.smoothing, static_cast<double>(t + 1)));
+    r.lr.push_back(lr);
+    r.loss.push_back(loss);
+    r.smoothed.push_back(smoothed);
+    csv += format("%lld,%.9g,%.9g,%.9g\n", static_cast<long long>(t), lr, loss, smoothed);
+    if (smoothed < lowest) {
+      lowest = smoothed;
+      r.min_loss_lr = lr;
+    }
+    if (reporter) reporter->step(0, 1, t, o.steps, format("lr %.3g loss %.4f smoothed %.4f", lr, loss, smoothed));
+    if (smoothed > o.diverge_factor * lowest) {
+      r.stopped = "diverged";
+      break;
+    }
+  }
+  if (r.lr.empty()) throw UsageError("lr-find: the first step's loss is not finite at --lr-min " + format("%g", o.lr_min));
+  r.suggested_lr = r.min_loss_lr / 10;
+  write_atomically(out / "lr_find.csv", csv);
+  const json summary{{"lr_min", o.lr_min}, {"lr_max", o.lr_max}, {"steps", o.steps}, {"steps_taken", r.lr.size()},
+                     {"smoothing", o.smoothing}, {"diverge_factor", o.diverge_factor}, {"stopped", r.stopped},
+                     {"min_loss_lr", r.min_loss_lr}, {"suggested_lr", r.suggested_lr},
+                     {"optimizer_resolved", plan.resolved}, {"config", json::parse(config.to_json())}};
+  write_atomically(out / "lr_find.json", summary.dump(2) + "\n");
+  report::PlotSpec spec;
+  spec.png = (out / "lr_find.png").string();
+  spec.title = "LR range test: " + config.model + ", " + config.optimizer + ", batch " + std::to_string(config.batch_size);
+  spec.x_label = "learning rate";
+  spec.y_label = "training loss";
+  spec.log_x = true;
+  const std::string csv_path = (out / "lr_find.csv").string();
+  spec.series = {{csv_path, "lr", "loss", "loss", false}, {csv_path, "lr", "smoothed_loss", "smoothed", false}};
+  std::string error;
+  if (!report::plot(spec, &error) && reporter) reporter->warning("no plot: " + error);
+  return r;
+}
 
 TrainSummary run_training(const TrainConfig& config, Reporter* reporter) {
   config.validate();

@@ -50,6 +50,7 @@ OptimizerPlan plan_from_recipe(const lo::ResolvedRecipe& recipe, const lo::Named
 void check_schedule(const std::string& schedule, const std::string& optimizer, double warmup_epochs, int64_t epochs,
                     const std::string& step_epochs) {
   const lo::ScheduleKind kind = lo::parse_schedule_kind(schedule);
+  warmup_epochs = warmup_epochs_of(warmup_epochs, epochs);
   if (lo::has_warmup(kind) && warmup_epochs > static_cast<double>(epochs))
     throw OptionError("warmup-epochs", format("%g", warmup_epochs) + " is longer than {epochs} " +
                                            std::to_string(epochs) + " (the " + optimizer + " schedule is " +

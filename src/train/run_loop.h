@@ -11,6 +11,7 @@
 
 #include "run_support.h"
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>
@@ -73,12 +74,17 @@ LoopOptions common_loop_options(const Config& c, const char* command) {
   return o;
 }
 
+// The warm-up a run uses: the given epochs, or (given < 0) 5 epochs, at most a quarter of the run.
+inline double warmup_epochs_of(double given, int64_t epochs) {
+  return given >= 0 ? given : std::min(5.0, static_cast<double>(epochs) / 4.0);
+}
+
 // The schedule options of train and pretrain (their configs share these members), in this run's steps.
 template <class Config>
 optim::ScheduleOptions schedule_options(const Config& c, int64_t steps_per_epoch, int64_t total_steps) {
   optim::ScheduleOptions so;
   const auto steps = [&](double epochs) { return std::llround(epochs * static_cast<double>(steps_per_epoch)); };
-  so.warmup_steps = steps(c.warmup_epochs);
+  so.warmup_steps = steps(warmup_epochs_of(c.warmup_epochs, c.epochs));
   so.total_steps = total_steps;
   so.final_ratio = c.final_ratio;
   so.poly_power = c.poly_power;

@@ -179,8 +179,9 @@ void visit_optimizer_options(Config& c, Visitor&& v) {
                        "to --final-ratio, MLPerf's LARS schedule) or step (warm-up then x --step-gamma at each of "
                        "--step-epochs)"),
     c.schedule, check::one_of({"auto", "constant", "cosine", "warmup-cosine", "poly", "step"}));
-  v(Option("warmup-epochs", "Warm-up length of warmup-cosine, poly and step, in epochs of this run"), c.warmup_epochs,
-    check::finite_at_least(0));
+  v(Option("warmup-epochs", "Warm-up length of warmup-cosine, poly and step, in epochs of this run (train's default: 5, "
+                            "or a quarter of the run when that is shorter)"),
+    c.warmup_epochs, check::default_or_at_least(0));
   v(Option("final-ratio", "Final learning rate of the cosine and poly schedules as a fraction of the peak"),
     c.final_ratio, check::within(0, 1));
   v(Option("poly-power", "Exponent of the poly schedule"), c.poly_power, check::finite_above(0));
@@ -256,6 +257,9 @@ void visit_options(TrainConfig& c, Visitor&& v) {
     c.mixup_switch_prob, check::within(0, 1));
   visit_model_options(c, v, "Model");
   visit_optimizer_options(c, v);
+  v(Option("precision", "fp32, or bf16: the forward pass under bfloat16 autocast, with float32 weights, gradients and "
+                        "optimizer state (docs/TRAINING.md)"),
+    c.precision, check::one_of({"fp32", "bf16"}));
   v(Option("ema-decay", "Keep an exponential moving average of the weights and BatchNorm buffers (timm's "
                         "--model-ema-decay: e = D e + (1 - D) w after every step), evaluated each epoch beside the "
                         "weights (metrics.csv's ema_* columns) and saved as model_ema.pt (0: off)"),

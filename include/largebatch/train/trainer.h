@@ -49,7 +49,7 @@ struct TrainConfig {
   double weight_decay = -1;       // < 0: the preset's
   // schedule
   std::string schedule = "auto";  // auto (the preset's) | constant | cosine | warmup-cosine
-  double warmup_epochs = 5;
+  double warmup_epochs = -1;     // < 0: 5 epochs, or a quarter of the run when that is shorter
   std::string lr_scaling = "none";  // none | linear | sqrt: peak = lr * scale(B / 256)
   double final_ratio = 0.001;
   double poly_power = 2.0;        // --schedule poly
@@ -57,6 +57,7 @@ struct TrainConfig {
   double step_gamma = 0.1;
   double clip_grad_norm = 0;     // > 0: --clip-grad-norm
   double ema_decay = 0;           // > 0: an exponential moving average of the weights, evaluated each epoch
+  std::string precision = "fp32"; // fp32 | bf16: the forward pass under bf16 autocast (train/precision.h)
   // run
   int64_t batch_size = 4096;
   int64_t micro_batch = 0;        // 0: the whole batch at once
@@ -138,6 +139,25 @@ struct SimulatedCrash : std::runtime_error {
 // Runs the whole training (through the loop every command shares, src/train/run_loop.h), reporting progress to
 // reporter (none: silent). Throws UsageError for bad input, data::DataError for bad data files.
 TrainSummary run_training(const TrainConfig& config, Reporter* reporter = nullptr);
+
+// The learning-rate range test (`largebatch lr-find`): from the fresh model of a TrainConfig, `steps` training steps
+// with lr rising exponentially from lr_min to lr_max, the loss smoothed by an exponential average (bias-corrected),
+// stopped once the smoothed loss exceeds diverge_factor times its lowest or is not finite.
+struct LrFindOptions {
+  double lr_min = 1e-4, lr_max = 10;
+  int64_t steps = 100;
+  double smoothing = 0.9;       // weight of the past in the loss average
+  double diverge_factor = 4;
+};
+struct LrFindResult {
+  std::vector<double> lr, loss, smoothed;  // per step taken
+  double min_loss_lr = 0;   // where the smoothed loss was lowest
+  double suggested_lr = 0;  // min_loss_lr / 10: a step below the edge of divergence
+  std::string stopped;      // "range end", "diverged" (the factor) or "non-finite loss"
+};
+// Writes lr_find.csv (step, lr, loss, smoothed_loss), lr_find.json and lr_find.png (gnuplot) into config.out.
+// One process; throws UsageError for bad input.
+LrFindResult run_lr_find(const TrainConfig& config, const LrFindOptions& options, Reporter* reporter = nullptr);
 
 // Asks a running training to stop after the current step (signal-safe: sets a flag).
 void request_stop();
