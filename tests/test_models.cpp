@@ -205,6 +205,49 @@ TEST(Models, SmallMapBatchNormComputesWhatBatchNormComputes) {
   }
 }
 
+// Ghost BatchNorm: each group of the batch normalised exactly as LibTorch's batch_norm normalises it alone
+// (groups 4, 4 and a last of 2), gradients flowing through, and the running statistics moved once by the mean
+// over groups of their means and unbiased variances.
+TEST(Models, GhostBatchNormNormalisesEachGroupAsBatchNormDoes) {
+  torch::manual_seed(11);
+  lm::SyncableBatchNorm2d ghost(3);
+  ghost->group_size = 4;
+  ghost->train();
+  {
+    torch::NoGradGuard no_grad;
+    ghost->weight.uniform_(0.5, 1.5);
+    ghost->bias.uniform_(-0.5, 0.5);
+  }
+  const auto x = (torch::randn({10, 3, 5, 5}, torch::kFloat64) * 2 + 1).requires_grad_(true);
+  const auto before_mean = ghost->running_mean.clone(), before_var = ghost->running_var.clone();
+  const auto y = ghost->forward(x.to(torch::kFloat32));
+  const auto groups = x.detach().to(torch::kFloat32).split(4, 0);
+  ASSERT_EQ(groups.size(), 3u);
+  torch::Tensor means, variances;
+  for (size_t k = 0; k < groups.size(); ++k) {
+    const auto expected = torch::batch_norm(groups[k], ghost->weight, ghost->bias, {}, {}, true, 0.0, 1e-5, false);
+    EXPECT_TRUE(torch::equal(y.narrow(0, static_cast<int64_t>(4 * k), groups[k].size(0)), expected)) << "group " << k;
+    const auto g = groups[k].to(torch::kFloat64);
+    means = k == 0 ? g.mean({0, 2, 3}) : means + g.mean({0, 2, 3});
+    variances = k == 0 ? g.var({0, 2, 3}, true) : variances + g.var({0, 2, 3}, true);
+  }
+  const double m = 0.1;  // BatchNormOptions' default momentum
+  EXPECT_TRUE(torch::allclose(ghost->running_mean, (before_mean * (1 - m) + m * means / 3).to(torch::kFloat32), 1e-6, 1e-7));
+  EXPECT_TRUE(torch::allclose(ghost->running_var, (before_var * (1 - m) + m * variances / 3).to(torch::kFloat32), 1e-6, 1e-7));
+  y.sum().backward();
+  ASSERT_TRUE(x.grad().defined());
+  EXPECT_TRUE(torch::isfinite(x.grad()).all().item<bool>());
+  // A whole-batch BatchNorm differs; a group as large as the batch is the whole batch.
+  lm::SyncableBatchNorm2d whole(3);
+  whole->train();
+  EXPECT_FALSE(torch::allclose(whole->forward(x.detach().to(torch::kFloat32)), y.detach()));
+  // Evaluation uses the running statistics, as BatchNorm does.
+  ghost->eval();
+  const auto e = ghost->forward(x.detach().to(torch::kFloat32));
+  EXPECT_TRUE(torch::allclose(e, torch::batch_norm(x.detach().to(torch::kFloat32), ghost->weight, ghost->bias,
+                                                   ghost->running_mean, ghost->running_var, false, 0.1, 1e-5, false)));
+}
+
 // One training step's loss (first) and every parameter's gradient, with largebatch's CPU kernels on or off.
 std::vector<torch::Tensor> loss_and_gradients(lm::ClassifierImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                                               bool cpu_kernels) {

@@ -383,6 +383,37 @@ TEST(RunLoop, Bf16RunKeepsFloat32WeightsAndItsLossFalls) {
     if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kFloat) << name << " is not float32";
 }
 
+// --bn-group-size in a run: it changes the trajectory of a BatchNorm model, equals the whole batch when the group
+// is the batch, and is refused for a model without BatchNorm and with --sync-bn.
+TEST(RunLoop, GhostBatchNormGroupsChangeTrainingAndAreRefusedWhereMeaningless) {
+  ScratchDir plain("ghost-plain"), grouped("ghost-grouped"), whole("ghost-whole");
+  auto a = largebatch_test::small_run(plain.path);
+  a.epochs = 1;
+  a.cpu_kernels = false;  // LibTorch's batch_norm on both sides
+  ASSERT_EQ(lt::run_training(a).status, "completed");
+  auto b = a;
+  b.out = grouped.path.string();
+  b.bn_group_size = 32;
+  ASSERT_EQ(lt::run_training(b).status, "completed");
+  const auto ta = tensors_of(plain.path / "model.pt"), tb = tensors_of(grouped.path / "model.pt");
+  bool differs = false;
+  for (const auto& [key, t] : ta) differs = differs || !torch::equal(t, tb.at(key));
+  EXPECT_TRUE(differs);
+  auto c = a;
+  c.out = whole.path.string();
+  c.bn_group_size = 128;  // the batch
+  ASSERT_EQ(lt::run_training(c).status, "completed");
+  expect_same_tensors(plain.path / "model.pt", whole.path / "model.pt");
+  ScratchDir mlp("ghost-mlp");
+  auto d = small_train(mlp.path);
+  d.bn_group_size = 32;
+  EXPECT_THROW(lt::run_training(d), lt::OptionError);
+  auto e = a;
+  e.sync_bn = true;
+  e.bn_group_size = 32;
+  EXPECT_THROW(lt::run_training(e), lt::OptionError);
+}
+
 TEST(RunLoop, LinearEvalMicroBatchesEqualTheWholeBatch) {
   ScratchDir whole("probe-whole"), micro("probe-micro");
   auto a = small_probe(whole.path);

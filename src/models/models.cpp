@@ -393,6 +393,16 @@ void ClassifierImpl::set_cpu_kernels(bool on) {
   }
 }
 
+int64_t ClassifierImpl::set_bn_group_size(int64_t images) {
+  int64_t layers = 0;
+  for (auto& module : modules(/*include_self=*/false))
+    if (auto* bn = module->as<SyncableBatchNorm2dImpl>()) {
+      bn->group_size = images;
+      ++layers;
+    }
+  return layers;
+}
+
 // to() rather than contiguous(): with one channel both layouts have the same strides and contiguous() keeps
 // NCHW's, which the convolution then reads as NCHW; to() restrides (as Python's .to(memory_format=) does).
 torch::Tensor ClassifierImpl::input_layout(const torch::Tensor& x) const {
@@ -438,6 +448,29 @@ void SyncableBatchNorm2dImpl::pretty_print(std::ostream& stream) const {
          << ", synchronised=" << synchronised() << ")";
 }
 
+torch::Tensor SyncableBatchNorm2dImpl::ghost_forward(const torch::Tensor& input, double momentum, bool track) {
+  std::vector<torch::Tensor> out;
+  torch::Tensor means, variances;
+  int64_t groups = 0;
+  for (const auto& group : input.split(group_size, 0)) {
+    out.push_back(torch::batch_norm(group, weight, bias, /*running_mean=*/{}, /*running_var=*/{}, /*training=*/true,
+                                    0.0, options.eps(), at::globalContext().userEnabledCuDNN()));
+    if (!track) continue;
+    torch::NoGradGuard no_grad;
+    const auto x = group.detach().to(torch::kFloat64);
+    const auto mean = x.mean({0, 2, 3}), var = x.var({0, 2, 3}, /*unbiased=*/true);
+    means = groups == 0 ? mean : means + mean;
+    variances = groups == 0 ? var : variances + var;
+    ++groups;
+  }
+  if (track) {
+    torch::NoGradGuard no_grad;
+    running_mean.mul_(1 - momentum).add_((means / groups).to(running_mean.scalar_type()), momentum);
+    running_var.mul_(1 - momentum).add_((variances / groups).to(running_var.scalar_type()), momentum);
+  }
+  return torch::cat(out, 0);
+}
+
 torch::Tensor SyncableBatchNorm2dImpl::forward(const torch::Tensor& input) {
   TORCH_CHECK(input.dim() == 4, "SyncableBatchNorm2d: expected a 4-D input, got ", input.dim(), "-D");
   const bool track = options.track_running_stats() && is_training();
@@ -447,6 +480,8 @@ torch::Tensor SyncableBatchNorm2dImpl::forward(const torch::Tensor& input) {
     num_batches_tracked += 1;
     if (!options.momentum()) momentum = 1.0 / static_cast<double>(num_batches_tracked.item<int64_t>());
   }
+  if (is_training() && !cross_rank_sum_ && group_size > 0 && input.size(0) > group_size)
+    return ghost_forward(input, momentum, track);
   const int64_t pixels = input.size(2) * input.size(3);
   if (is_training() && !cross_rank_sum_ && small_map_kernels && pixels >= 2 && pixels <= 4 && input.device().is_cpu() &&
       input.is_contiguous()) {

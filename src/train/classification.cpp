@@ -52,6 +52,8 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& s
 
 void TrainConfig::validate() const {
   check_options(*this);
+  if (bn_group_size > 0 && sync_bn)
+    throw OptionError("bn-group-size", ": ghost BatchNorm groups and {sync-bn} exclude each other", {"sync-bn"});
   if (micro_batch > batch_size)
     throw OptionError("micro-batch", std::to_string(micro_batch) + " is larger than {batch-size} " + std::to_string(batch_size),
                       {"batch-size"});
@@ -155,6 +157,8 @@ class ClassificationTask : public Task {
     model_ = make_classifier(c_.model, train_set, c_.init, c_.seed, train_set.num_classes);
     model_->set_channels_last(c_.channels_last);
     model_->set_cpu_kernels(c_.cpu_kernels);
+    if (c_.bn_group_size > 0 && model_->set_bn_group_size(c_.bn_group_size) == 0)
+      throw OptionError("bn-group-size", ": model " + c_.model + " has no BatchNorm layer");
     model_->to(place.device);
 
     data::LoaderOptions o;

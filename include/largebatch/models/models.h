@@ -43,8 +43,14 @@ class SyncableBatchNorm2dImpl : public torch::nn::Cloneable<SyncableBatchNorm2dI
   // kernel loops over a handful of pixels per image there and is 4-10x slower (ClassifierImpl::
   // set_cpu_kernels). The same statistics, summed in another order.
   bool small_map_kernels = true;
+  // Ghost BatchNorm (MLPerf's "BN span"): in training, statistics over consecutive groups of this many images
+  // of the batch (the last one may be smaller), each group normalised as batch_norm normalises it alone; the
+  // running statistics move once per batch, by the mean over groups of their means and unbiased variances.
+  // 0, or a batch no larger than a group: the whole batch.
+  int64_t group_size = 0;
 
  private:
+  torch::Tensor ghost_forward(const torch::Tensor& input, double momentum, bool track);
   CrossRankSum cross_rank_sum_;
 };
 TORCH_MODULE(SyncableBatchNorm2d);
@@ -101,6 +107,9 @@ class ClassifierImpl : public torch::nn::Module {
   // (docs/PERFORMANCE.md). Off: LibTorch's max_pool2d, conv2d and batch_norm everywhere.
   void set_cpu_kernels(bool on);
   bool cpu_kernels() const { return cpu_kernels_; }
+  // Ghost BatchNorm over groups of this many images in every BatchNorm layer (SyncableBatchNorm2dImpl::
+  // group_size; 0: the whole batch). Returns how many layers it set.
+  int64_t set_bn_group_size(int64_t images);
 
  protected:
   // The input as the first convolution should read it.

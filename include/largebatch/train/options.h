@@ -257,6 +257,9 @@ void visit_options(TrainConfig& c, Visitor&& v) {
     c.mixup_switch_prob, check::within(0, 1));
   visit_model_options(c, v, "Model");
   visit_optimizer_options(c, v);
+  v(Option("bn-group-size", "Ghost BatchNorm: statistics over groups of G images of each rank's (micro-)batch, "
+                            "MLPerf's BN span (0: the whole batch); not with --sync-bn"),
+    c.bn_group_size, check::at_least(0));
   v(Option("precision", "fp32, or bf16: the forward pass under bfloat16 autocast, with float32 weights, gradients and "
                         "optimizer state (docs/TRAINING.md)"),
     c.precision, check::one_of({"fp32", "bf16"}));

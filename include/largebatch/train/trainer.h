@@ -81,6 +81,7 @@ struct TrainConfig {
   bool plots = true;
   // Data parallelism (world size and rank come from the launcher's environment, see dist/dist.h).
   bool sync_bn = false;           // BatchNorm statistics over the global batch instead of per rank
+  int64_t bn_group_size = 0;      // > 0: ghost BatchNorm over groups of this many images (models.h)
   bool channels_last = false;     // NHWC activations for convolutions on the CPU (models::ClassifierImpl)
   bool cpu_kernels = true;  // largebatch's CPU kernels: max pooling, small-map convolutions and BatchNorm (models.h)
   std::string on_nonfinite = "stop";  // a NaN/Inf loss or gradient: stop (diverged, named) | skip the step
