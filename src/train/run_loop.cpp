@@ -42,7 +42,7 @@ OptimizerPlan plan_from_recipe(const lo::ResolvedRecipe& recipe, const lo::Named
     plan.resolved["milestone_steps"] = so.milestones;
     plan.resolved["step_gamma"] = so.step_gamma;
   }
-  if (so.kind == lo::ScheduleKind::kPoly || lo::has_warmup(so.kind) || so.kind == lo::ScheduleKind::kCosine)
+  if (so.kind == lo::ScheduleKind::kPoly || so.kind == lo::ScheduleKind::kWarmupCosine || so.kind == lo::ScheduleKind::kCosine)
     plan.resolved["final_ratio"] = so.final_ratio;
   return plan;
 }
@@ -264,6 +264,8 @@ class RunLoop {
     // buckets that overlap backward.
     if (comm_) {
       dist::broadcast_module(task_.module(), *comm_);
+      // A fresh average starts at rank 0's weights too (a resumed one came from the checkpoint).
+      if (average_ && !resuming_) average_ = std::make_unique<WeightAverage>(task_.module(), o_.ema_decay);
       std::vector<torch::Tensor> trainable;
       for (const auto& kv : task_.trainable()) trainable.push_back(kv.value());
       averager_ = std::make_unique<dist::GradientAverager>(trainable, comm_, std::llround(o_.bucket_mb * 1024 * 1024));
