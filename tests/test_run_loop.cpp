@@ -78,6 +78,14 @@ void expect_same_tensors(const fs::path& a, const fs::path& b) {
   }
 }
 
+// Whether two archives of the same model differ in any tensor.
+bool some_tensor_differs(const fs::path& a, const fs::path& b) {
+  const auto ta = tensors_of(a), tb = tensors_of(b);
+  for (const auto& [key, t] : ta)
+    if (!tb.count(key) || !torch::equal(t, tb.at(key))) return true;
+  return false;
+}
+
 std::string read(const fs::path& p) {
   std::ifstream in(p);
   std::stringstream ss;
@@ -257,10 +265,8 @@ TEST(RunLoop, ClipGradNormClipsTheGradientOfAnyOptimizer) {
     }
     EXPECT_EQ(csv_rows(plain.path / "metrics.csv").front().count("grad_norm"), 0u);
     expect_same_tensors(plain.path / "model.pt", huge.path / "model.pt");
-    const auto ta = tensors_of(plain.path / "model.pt"), tb = tensors_of(tiny.path / "model.pt");
-    bool differs = false;
-    for (const auto& [key, t] : ta) differs = differs || !torch::equal(t, tb.at(key));
-    EXPECT_TRUE(differs) << "clipping every step left the weights unchanged";
+    EXPECT_TRUE(some_tensor_differs(plain.path / "model.pt", tiny.path / "model.pt"))
+        << "clipping every step left the weights unchanged";
   }
   // After micro-batch accumulation: the norm is the whole batch's.
   ScratchDir whole("clip-whole"), micro("clip-micro");
@@ -395,10 +401,7 @@ TEST(RunLoop, GhostBatchNormGroupsChangeTrainingAndAreRefusedWhereMeaningless) {
   b.out = grouped.path.string();
   b.bn_group_size = 32;
   ASSERT_EQ(lt::run_training(b).status, "completed");
-  const auto ta = tensors_of(plain.path / "model.pt"), tb = tensors_of(grouped.path / "model.pt");
-  bool differs = false;
-  for (const auto& [key, t] : ta) differs = differs || !torch::equal(t, tb.at(key));
-  EXPECT_TRUE(differs);
+  EXPECT_TRUE(some_tensor_differs(plain.path / "model.pt", grouped.path / "model.pt"));
   auto c = a;
   c.out = whole.path.string();
   c.bn_group_size = 128;  // the batch
