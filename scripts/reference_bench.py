@@ -6,7 +6,7 @@ The optimizers are written the way the paper's released code is (a per-tensor lo
 scalar read per layer for logging); the rule is docs/algorithms.md's.
 
     reference_bench.py step  --shapes FILE --optimizer lars|tvlars|lamb --repeats N --threads T
-    reference_bench.py train --model resnet18|cnn|mlp --batch-size B --steps N --threads T --optimizer lars
+    reference_bench.py train --model resnet18|resnet20|cnn|mlp --batch-size B --steps N --threads T --optimizer lars
                              [--channels-last]
 
 Prints one JSON object on its last line.
@@ -122,6 +122,49 @@ class CompactCNN(nn.Module):
         return self.fc(F.relu(self.fc1(y.flatten(1))))
 
 
+class BasicBlock(nn.Module):
+    """largebatch's ResNet block (models.cpp): two 3x3 convs with BatchNorm, a 1x1 conv + BN shortcut when the
+    shape changes."""
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or cin != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+
+class ResNet20(nn.Module):
+    """largebatch's `resnet20`: a 3x3 stem of 16 channels, three stages of three blocks (16, 32, 64)."""
+
+    def __init__(self, in_channels=3, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks, cin = [], 16
+        for stage, planes in enumerate((16, 32, 64)):
+            for b in range(3):
+                blocks.append(BasicBlock(cin, planes, 2 if b == 0 and stage > 0 else 1))
+                cin = planes
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        y = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
 class MLP(nn.Module):
     """largebatch's `mlp`: 784-256-10."""
 
@@ -175,6 +218,8 @@ def bench_train(args):
         import torchvision
         model = torchvision.models.resnet18(num_classes=10)
         shape = (args.batch_size, 3, 32, 32)
+    elif args.model == "resnet20":
+        model, shape = ResNet20(), (args.batch_size, 3, 32, 32)
     elif args.model == "cnn":
         model, shape = CompactCNN(), (args.batch_size, 1, 28, 28)
     elif args.model == "mlp":

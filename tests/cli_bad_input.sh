@@ -124,6 +124,8 @@ expect le-random-model 2 "--backbone random needs --model" -- $L --backbone rand
 expect le-augment 2 "--augment: 'paper'" -- $L --backbone random --model cnn --augment paper --out "$WORK/l4"
 expect le-not-a-model 2 "$WORK/bad.json: not a model file" -- $L --backbone "$WORK/bad.json" --model cnn --out "$WORK/l5"
 expect le-wrong-model 2 "does not hold a resnet20" -- $L --backbone "$WORK/pre/backbone.pt" --model resnet20 --out "$WORK/l6"
+expect compare-exclude-regex 2 "--exclude '(running': not a regular expression" -- compare "$WORK/pre/backbone.pt" "$WORK/pre/backbone.pt" --exclude '(running'
+expect compare-exclude-all 2 "no tensor left to compare (--exclude '.' matches all" -- compare "$WORK/pre/backbone.pt" "$WORK/pre/backbone.pt" --exclude .
 WORLD_SIZE=2 RANK=0 expect le-world 2 "linear-eval runs in one process" -- $L --backbone "$WORK/pre/backbone.pt" --out "$WORK/l8"
 expect le-lr 2 "--lr must be" -- $L --backbone random --model cnn --lr 0 --out "$WORK/l9"
 

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Data-parallel acceptance tests of `largebatch train` over c10d/Gloo, with real processes:
-#  1. world 2 == world 1 at the same global batch after 20 steps (MLP without BatchNorm; CNN with --sync-bn),
+#  1. world 2 == world 1 at the same global batch after 20 steps (MLP without BatchNorm; CNN with --sync-bn;
+#     one step of ghost BatchNorm, whose groups never span ranks),
 #     replicas bit-identical; a CNN with per-rank BatchNorm differs (the comparison has teeth); the same for
 #     Barlow Twins pre-training (2 steps);
 #  2. a rank killed (SIGKILL) or stopped (SIGSTOP) makes the other exit 4 naming it, within --dist-timeout;
@@ -66,6 +67,32 @@ if out=$("$LB" compare "$W/cnn1-step/model.pt" "$W/cnn2-step/model.pt" --rtol 1e
   ok "cnn --sync-bn: world 2 == world 1 after 1 step, rtol 1e-5 ($out)"
 else
   bad "cnn --sync-bn: world 2 != world 1 after 1 step: $out"
+fi
+# Ghost BatchNorm: each rank's groups are groups of the global batch (rank r holds its images r*128 ...), so
+# world 2 and world 1 normalise the same groups and take the same step; a group never spans ranks, so
+# --bn-group-size 256 on two ranks of 128 is groups of 128. The running statistics are each rank's own (as
+# per-rank BatchNorm's), so the weights are compared without them; whole-batch BatchNorm differs (teeth).
+no_stats=(--exclude 'running_|num_batches')
+for g in 64 128; do
+  world1 --model cnn --epochs 1 --synthetic-size 256 --bn-group-size "$g" --out "$W/cnn1-ghost$g" || bad "cnn ghost $g runs"
+done
+world2 --model cnn --epochs 1 --synthetic-size 256 --bn-group-size 64 --out "$W/cnn2-ghost64" &&
+  world2 --model cnn --epochs 1 --synthetic-size 256 --bn-group-size 256 --out "$W/cnn2-ghost256" ||
+  bad "cnn ghost world 2 runs"
+if out=$("$LB" compare "$W/cnn1-ghost64/model.pt" "$W/cnn2-ghost64/model.pt" "${no_stats[@]}" --rtol 1e-5 --atol 1e-7 --quiet); then
+  ok "cnn --bn-group-size 64: world 2 == world 1 after 1 step, rtol 1e-5 ($out)"
+else
+  bad "cnn --bn-group-size 64: world 2 != world 1 after 1 step: $out"
+fi
+if out=$("$LB" compare "$W/cnn1-ghost128/model.pt" "$W/cnn2-ghost256/model.pt" "${no_stats[@]}" --rtol 1e-5 --atol 1e-7 --quiet); then
+  ok "cnn --bn-group-size 256 on two ranks of 128 == groups of 128 in one process: no group spans ranks ($out)"
+else
+  bad "cnn --bn-group-size 256 on two ranks: not groups of 128: $out"
+fi
+if out=$("$LB" compare "$W/cnn1-step/model.pt" "$W/cnn1-ghost128/model.pt" "${no_stats[@]}" --rtol 1e-5 --atol 1e-7 --quiet); then
+  bad "whole-batch BatchNorm == groups of 128 after 1 step: the ghost comparisons above cannot tell ($out)"
+else
+  ok "whole-batch BatchNorm differs from groups of 128 after 1 step (the ghost comparisons have teeth)"
 fi
 # Barlow Twins: the cross-correlation is summed over ranks and BatchNorm (backbone and projector) synchronised,
 # so two ranks take the single-process step. One SGD step at lr 1e-3 (Barlow Twins gradients are large: at

@@ -389,6 +389,27 @@ TEST(RunLoop, Bf16RunKeepsFloat32WeightsAndItsLossFalls) {
     if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kFloat) << name << " is not float32";
 }
 
+// Barlow Twins pre-training under bf16 autocast: the loss falls, autocast changes the arithmetic, and the
+// backbone stays float32.
+TEST(RunLoop, Bf16PretrainingKeepsFloat32WeightsAndItsLossFalls) {
+  ScratchDir fp32("prec-bt-fp32"), bf16("prec-bt-bf16");
+  auto a = largebatch_test::small_pretrain(fp32.path);  // the compact CNN backbone: convolutions and BatchNorm
+  a.optimizer = "lamb";
+  const auto sa = lt::run_pretraining(a);
+  ASSERT_EQ(sa.status, "completed") << sa.message;
+  auto b = a;
+  b.out = bf16.path.string();
+  b.precision = "bf16";
+  const auto sb = lt::run_pretraining(b);
+  ASSERT_EQ(sb.status, "completed") << sb.message;
+  EXPECT_LT(sb.history.back().train_loss, sb.history.front().train_loss);
+  EXPECT_NE(sb.history.back().train_loss, sa.history.back().train_loss) << "autocast did not change the arithmetic";
+  const auto saved = tensors_of(bf16.path / "backbone.pt");
+  ASSERT_FALSE(saved.empty());
+  for (const auto& [name, t] : saved)
+    if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kFloat) << name << " is not float32";
+}
+
 // --bn-group-size in a run: it changes the trajectory of a BatchNorm model, equals the whole batch when the group
 // is the batch, and is refused for a model without BatchNorm and with --sync-bn.
 TEST(RunLoop, GhostBatchNormGroupsChangeTrainingAndAreRefusedWhereMeaningless) {

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <regex>
 #include <thread>
 
 namespace largebatch {
@@ -151,7 +152,7 @@ Runner add_compare_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "compare", "Compare two saved models or checkpoints tensor by tensor (exit 0 when all are within tolerance)");
   struct Args {
-    std::string a, b;
+    std::string a, b, exclude;
     double rtol = 1e-5, atol = 1e-6;
     bool quiet = false;
   };
@@ -161,10 +162,31 @@ Runner add_compare_command(CLI::App& app) {
   cmd->add_option("--rtol", args->rtol, "Relative tolerance: |a - b| <= atol + rtol |b|")->capture_default_str();
   cmd->add_option("--atol", args->atol, "Absolute tolerance")->capture_default_str();
   cmd->add_flag("--quiet", args->quiet, "Print only the verdict");
+  cmd->add_option("--exclude", args->exclude,
+                  "Leave out the tensors whose names contain a match of this regular expression (ECMAScript), "
+                  "e.g. 'running_|num_batches' for BatchNorm's statistics");
   return [cmd, args]() -> int {
     if (!cmd->parsed()) return -1;
     try {
-      const auto a = load_tensors(args->a), b = load_tensors(args->b);
+      std::regex excluded;
+      try {
+        if (!args->exclude.empty()) excluded = std::regex(args->exclude);
+      } catch (const std::regex_error& e) {
+        std::fprintf(stderr, "largebatch compare: --exclude '%s': not a regular expression (%s)\n",
+                     args->exclude.c_str(), e.what());
+        return kExitBadInput;
+      }
+      auto a = load_tensors(args->a), b = load_tensors(args->b);
+      size_t left_out = 0;
+      for (auto* tensors : {&a, &b})
+        for (auto it = tensors->begin(); it != tensors->end();) {
+          if (!args->exclude.empty() && std::regex_search(it->first, excluded)) {
+            left_out += tensors == &a ? 1 : 0;
+            it = tensors->erase(it);
+          } else {
+            ++it;
+          }
+        }
       int64_t failures = 0;
       double worst_share = 0;
       std::string worst_name;
@@ -203,9 +225,16 @@ Runner add_compare_command(CLI::App& app) {
           std::printf("%s: only in %s\n", kv.first.c_str(), args->b.c_str());
           ++failures;
         }
-      std::printf("%zu tensors compared; worst %s uses %.3g of the tolerance (atol %g, rtol %g): %s\n", a.size(),
-                  worst_name.empty() ? "-" : worst_name.c_str(), worst_share, args->atol, args->rtol,
-                  failures ? "DIFFERENT" : "equal within tolerance");
+      if (a.empty() && b.empty()) {
+        std::fprintf(stderr, "largebatch compare: no tensor left to compare (--exclude '%s' matches all %zu)\n",
+                     args->exclude.c_str(), left_out);
+        return kExitBadInput;
+      }
+      const std::string excluded_note =
+          args->exclude.empty() ? "" : " (" + std::to_string(left_out) + " left out by --exclude)";
+      std::printf("%zu tensors compared%s; worst %s uses %.3g of the tolerance (atol %g, rtol %g): %s\n", a.size(),
+                  excluded_note.c_str(), worst_name.empty() ? "-" : worst_name.c_str(), worst_share, args->atol,
+                  args->rtol, failures ? "DIFFERENT" : "equal within tolerance");
       return failures ? 1 : 0;
     } catch (const std::invalid_argument& e) {
       std::fprintf(stderr, "largebatch compare: %s\n", e.what());

@@ -361,9 +361,10 @@ Runner add_bench_train_command(CLI::App& bench) {
     Python py;
   };
   auto a = std::make_shared<Args>();
-  cmd->add_option("--model", a->model, "resnet18 (torchvision layout, 32x32 inputs), cnn or mlp (28x28)")
+  cmd->add_option("--model", a->model, "resnet18 (torchvision layout) or resnet20 (CIFAR layout), 3x32x32 inputs; cnn or mlp, "
+                                    "1x28x28")
       ->capture_default_str()
-      ->check(CLI::IsMember({"resnet18", "cnn", "mlp"}));
+      ->check(CLI::IsMember({"resnet18", "resnet20", "cnn", "mlp"}));
   cmd->add_option("--optimizer", a->optimizer, "lars, tvlars or lamb (the Python side uses its reference)")
       ->capture_default_str()
       ->check(CLI::IsMember({"lars", "tvlars", "lamb"}));

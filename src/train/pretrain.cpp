@@ -5,6 +5,7 @@
 #include <largebatch/data/pipeline.h>
 #include <largebatch/optim/recipes.h>
 #include <largebatch/train/barlow_twins.h>
+#include <largebatch/train/precision.h>
 
 #include "config_fields.h"
 #include "run_loop.h"
@@ -253,8 +254,15 @@ class BarlowTwinsTask : public Task {
   }
 
   std::vector<double> forward_backward(const data::Batch&, int64_t, int64_t, double) override {
+    torch::Tensor z1, z2;
+    {
+      const AutocastGuard autocast(bf16_, place_.device);
+      z1 = net_->forward(view1_);
+      z2 = net_->forward(view2_);
+    }
+    // The cross-correlation in float32 whatever the precision: it sums over the whole batch.
     BarlowTwinsTerms terms;
-    const auto loss = barlow_twins_loss(net_->forward(view1_), net_->forward(view2_), c_.lambda, comm_, &terms);
+    const auto loss = barlow_twins_loss(z1.to(torch::kFloat), z2.to(torch::kFloat), c_.lambda, comm_, &terms);
     loss.backward();
     // One host copy per step for the loss and its two terms.
     const auto logged =
@@ -309,6 +317,7 @@ class BarlowTwinsTask : public Task {
 
  private:
   const PretrainConfig& c_;
+  const bool bf16_ = is_bf16(c_.precision);
   const std::vector<int64_t> projector_sizes_;
   RunPlace place_;
   dist::Communicator* comm_ = nullptr;

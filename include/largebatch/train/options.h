@@ -313,6 +313,9 @@ void visit_options(PretrainConfig& c, Visitor&& v) {
   v(Option("lambda", "Weight lambda_BT of the off-diagonal term"), c.lambda, check::finite_at_least(0));
   v(Option("min-scale", "Smallest area fraction of the random resized crop"), c.min_scale, check::within(0, 1, check::Ends::kOpenLow));
   visit_optimizer_options(c, v);
+  v(Option("precision", "fp32, or bf16: both views' forward pass under bfloat16 autocast, the loss and everything "
+                        "the optimizer holds in float32 (docs/TRAINING.md)"),
+    c.precision, check::one_of({"fp32", "bf16"}));
   v(Option("batch-size", "Global batch size (>= 2: Barlow Twins normalises over the batch)").identity(), c.batch_size,
     check::at_least(2));
   visit_run_options(c, v);

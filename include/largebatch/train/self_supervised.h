@@ -46,6 +46,7 @@ struct PretrainConfig {
   std::string step_epochs;        // --schedule step: milestones in epochs, "30,60"
   double step_gamma = 0.1;
   double clip_grad_norm = 0;     // > 0: --clip-grad-norm
+  std::string precision = "fp32"; // fp32 | bf16: both views' forward pass under bf16 autocast (train/precision.h)
   // run
   int64_t batch_size = 1024;
   int64_t epochs = 10;
