@@ -7,7 +7,8 @@ scalar read per layer for logging); the rule is docs/algorithms.md's.
 
     reference_bench.py step  --shapes FILE --optimizer lars|tvlars|lamb --repeats N --threads T
     reference_bench.py train --model resnet18|resnet20|cnn|mlp --batch-size B --steps N --threads T --optimizer lars
-                             [--channels-last]
+                             [--channels-last] [--precision fp32|bf16]
+    reference_bench.py pretrain --model resnet20|cnn --projector 1024-1024-1024 --lambda L --batch-size B ... (as train)
 
 Prints one JSON object on its last line.
 """
@@ -219,7 +220,7 @@ def bench_train(args):
         model = torchvision.models.resnet18(num_classes=10)
         shape = (args.batch_size, 3, 32, 32)
     elif args.model == "resnet20":
-        model, shape = ResNet20(), (args.batch_size, 3, 32, 32)
+        model, shape = ResNet20(in_channels=1), (args.batch_size, 1, 28, 28)
     elif args.model == "cnn":
         model, shape = CompactCNN(), (args.batch_size, 1, 28, 28)
     elif args.model == "mlp":
@@ -256,6 +257,87 @@ def bench_train(args):
             "train_macs_per_image": train_macs_per_image(model, shape)}
 
 
+class Projector(nn.Module):
+    """largebatch's Barlow Twins projector: Linear (no bias) - BatchNorm - ReLU, the last layer a bare Linear."""
+
+    def __init__(self, cin, sizes):
+        super().__init__()
+        layers = []
+        for i, size in enumerate(sizes):
+            layers.append(nn.Linear(cin, size, bias=False))
+            if i + 1 < len(sizes):
+                layers += [nn.BatchNorm1d(size), nn.ReLU()]
+            cin = size
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class BarlowTwinsNet(nn.Module):
+    """The backbone's features (the model without its last linear layer), then the projector."""
+
+    def __init__(self, backbone, features, sizes):
+        super().__init__()
+        backbone.fc = nn.Identity()
+        self.backbone, self.projector = backbone, Projector(features, sizes)
+
+    def forward(self, x):
+        return self.projector(self.backbone(x))
+
+
+def barlow_twins_loss(z1, z2, lam):
+    """largebatch's barlow_twins_loss (train/barlow_twins.h): both embeddings batch-normalised without affine,
+    C = z1n^T z2n / N, sum (1 - C_ii)^2 + lam * sum_{i != j} C_ij^2."""
+    n = z1.shape[0]
+    z1n = F.batch_norm(z1, None, None, training=True, eps=1e-5)
+    z2n = F.batch_norm(z2, None, None, training=True, eps=1e-5)
+    c = z1n.t() @ z2n / n
+    diagonal = torch.diagonal(c)
+    return (1 - diagonal).pow(2).sum() + lam * (c.pow(2).sum() - diagonal.pow(2).sum())
+
+
+def bench_pretrain(args):
+    sizes = [int(v) for v in args.projector.split("-")]
+    if args.model == "resnet20":
+        backbone, features = ResNet20(in_channels=1), 64
+    elif args.model == "cnn":
+        backbone, features = CompactCNN(), 128
+    else:
+        raise SystemExit(f"reference_bench.py: unknown backbone {args.model}")
+    net = BarlowTwinsNet(backbone, features, sizes)
+    shape = (args.batch_size, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    v1, v2 = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    if args.channels_last:
+        v1, v2 = v1.to(memory_format=torch.channels_last), v2.to(memory_format=torch.channels_last)
+    lr = 0.01 if args.optimizer == "lamb" else 1.0
+    opt = ReferenceLayerwise(net.parameters(), args.optimizer, lr)
+    net.train()
+
+    def one_step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            z1, z2 = net(v1), net(v2)
+        loss = barlow_twins_loss(z1.float(), z2.float(), args.lam)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    for _ in range(args.warmup):
+        one_step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    # Both views pass the network: twice the arithmetic of one image through backbone and projector (the
+    # cross-correlation's D x D product over the batch is left out).
+    return {"median_s": median, "images_per_s": args.batch_size / median, "steps": args.steps,
+            "train_macs_per_image": 2 * train_macs_per_image(net, shape)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -273,10 +355,21 @@ def main():
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--channels-last", action="store_true")
     t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p = sub.add_parser("pretrain")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--projector", default="1024-1024-1024")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.005)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--optimizer", choices=["lars", "tvlars", "lamb"], default="lars")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    result = bench_step(args) if args.what == "step" else bench_train(args)
+    result = {"step": bench_step, "train": bench_train, "pretrain": bench_pretrain}[args.what](args)
     result["threads"] = torch.get_num_threads()
     result["torch"] = torch.__version__
     print(json.dumps(result))

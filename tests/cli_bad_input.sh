@@ -126,6 +126,7 @@ expect le-not-a-model 2 "$WORK/bad.json: not a model file" -- $L --backbone "$WO
 expect le-wrong-model 2 "does not hold a resnet20" -- $L --backbone "$WORK/pre/backbone.pt" --model resnet20 --out "$WORK/l6"
 expect compare-exclude-regex 2 "--exclude '(running': not a regular expression" -- compare "$WORK/pre/backbone.pt" "$WORK/pre/backbone.pt" --exclude '(running'
 expect compare-exclude-all 2 "no tensor left to compare (--exclude '.' matches all" -- compare "$WORK/pre/backbone.pt" "$WORK/pre/backbone.pt" --exclude .
+expect bench-pretrain-projector 2 "largebatch bench pretrain: --projector: '64-x' is not a list of layer sizes" -- bench pretrain --projector 64-x --no-python
 WORLD_SIZE=2 RANK=0 expect le-world 2 "linear-eval runs in one process" -- $L --backbone "$WORK/pre/backbone.pt" --out "$WORK/l8"
 expect le-lr 2 "--lr must be" -- $L --backbone random --model cnn --lr 0 --out "$WORK/l9"
 

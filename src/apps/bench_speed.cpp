@@ -8,7 +8,9 @@
 #include <largebatch/optim/factory.h>
 #include <largebatch/optim/layerwise.h>
 #include <largebatch/report/plot.h>
+#include <largebatch/train/barlow_twins.h>
 #include <largebatch/train/precision.h>
+#include <largebatch/train/self_supervised.h>
 #include <largebatch/train/trainer.h>
 
 #include <nlohmann/json.hpp>
@@ -141,7 +143,8 @@ models::ModelOptions bench_model(const std::string& name) {
   models::ModelOptions mo;
   mo.name = name;
   mo.num_classes = 10;
-  const bool small = name == "cnn" || name == "mlp";
+  // The studies' Fashion-MNIST images for the models they train; CIFAR's for ResNet-18.
+  const bool small = name == "cnn" || name == "mlp" || name == "resnet20";
   mo.in_channels = small ? 1 : 3;
   mo.image_size = small ? 28 : 32;
   return mo;
@@ -350,140 +353,243 @@ Runner add_bench_step_command(CLI::App& bench) {
   };
 }
 
+namespace {
+
+// The options bench train and bench pretrain share.
+struct SpeedArgs {
+  std::string model, optimizer = "lars", precision = "fp32", reference, out;
+  std::vector<int64_t> batches{512};
+  int64_t steps = 5, warmup = 2, threads = 0;
+  bool channels_last = false, cpu_kernels = true;
+  Python py;
+};
+
+void add_speed_options(CLI::App* cmd, SpeedArgs& a, const std::string& what) {
+  cmd->add_option("--optimizer", a.optimizer, "lars, tvlars or lamb (the Python side uses its reference)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"lars", "tvlars", "lamb"}));
+  cmd->add_option("--batch-sizes", a.batches, "Batch sizes measured")->capture_default_str()->delimiter(',')->check(CLI::PositiveNumber);
+  cmd->add_option("--steps", a.steps, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--warmup", a.warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--channels-last", a.channels_last,
+                "Channels-last activations on both sides (" + what + " --channels-last; Python's .to(memory_format=))");
+  cmd->add_option("--cpu-kernels,--small-map-kernels", a.cpu_kernels,
+                  "largebatch's CPU kernels: max pooling, 1x1 and 2x2 maps (" + what +
+                      " --cpu-kernels; Python runs LibTorch's)")
+      ->capture_default_str();
+  cmd->add_option("--precision", a.precision,
+                  "fp32, or bf16: the forward pass under bfloat16 autocast on both sides (" + what + " --precision)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+  cmd->add_option("--out", a.out, "Write bench_" + what + ".csv and bench_" + what +
+                                      ".png (step time and images/s against batch size) here");
+  add_common_options(cmd, a.threads, a.py, a.reference);
+}
+
+// What differs between the benchmarks: the step of one batch size, and the Python reference's arguments.
+struct SpeedBench {
+  std::string what;   // "train" or "pretrain": the command and the output names
+  std::string title;  // after "largebatch bench <what>: "
+  std::function<std::function<void()>(int64_t batch)> make_step;
+  std::function<std::string(int64_t batch)> python_arguments;
+};
+
+// Median step time of ours and of the Python reference for every batch size, in the same run, with the
+// training arithmetic against the dense rate measured first; a table, and with --out a CSV and a plot.
+int run_speed_bench(const SpeedArgs& a, const SpeedBench& bench) {
+  try {
+    Python py = a.py;
+    const int threads = start_bench(a.threads, py, a.reference);
+    std::printf("largebatch bench %s: %s%s%s, %s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
+                bench.what.c_str(), bench.title.c_str(), a.channels_last ? " (channels-last)" : "",
+                a.cpu_kernels ? "" : " (LibTorch's kernels)", a.optimizer.c_str(), a.precision.c_str(), threads,
+                static_cast<long long>(a.steps), static_cast<long long>(a.warmup), runtime_summary().c_str());
+    const DenseRate roof = dense_rate();
+    std::printf("Dense arithmetic in this run: matrix multiply %.1f GFLOP/s, 3x3 convolution %.1f GFLOP/s\n",
+                roof.matmul / 1e9, roof.convolution / 1e9);
+    std::printf("| batch | largebatch step ms | largebatch img/s | Python step ms | Python img/s | ratio |"
+                " largebatch GFLOP/s (of dense) | Python GFLOP/s (of dense) |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    std::ostringstream csv;
+    csv << "batch_size,largebatch_step_s,largebatch_img_per_s,python_step_s,python_img_per_s,ratio,"
+           "train_flops_per_image,dense_flops_per_s\n";
+    for (int64_t batch : a.batches) {
+      const auto one_step = bench.make_step(batch);
+      for (int64_t i = 0; i < a.warmup; ++i) one_step();
+      std::vector<double> times;
+      for (int64_t i = 0; i < a.steps; ++i) {
+        const auto t0 = Clock::now();
+        one_step();
+        times.push_back(seconds_since(t0));
+      }
+      const double ours = median(times);
+      std::string why;
+      const json result =
+          run_python(py,
+                     bench.python_arguments(batch) + " --optimizer " + a.optimizer + " --batch-size " +
+                         std::to_string(batch) + " --steps " + std::to_string(a.steps) + " --warmup " +
+                         std::to_string(a.warmup) + " --threads " + std::to_string(threads) +
+                         (a.channels_last ? " --channels-last" : "") + " --precision " + a.precision,
+                     &why);
+      const double python = result.is_null() ? 0.0 : result.at("median_s").get<double>();
+      if (result.is_null()) std::fprintf(stderr, "Python reference skipped: %s\n", why.c_str());
+      const double ratio = python > 0 ? python / ours : 0.0;
+      // Training arithmetic per image: the multiply-adds of the forward pass, the weight gradients and the
+      // input gradients (counted by the Python side, padding taps left out), 2 FLOP each.
+      const double flops = result.is_null() ? 0.0 : 2.0 * result.value("train_macs_per_image", 0.0);
+      auto rate = [&](double step_s) {
+        if (flops <= 0 || step_s <= 0) return std::string("n/a");
+        char text[64];
+        const double r = flops * static_cast<double>(batch) / step_s;
+        std::snprintf(text, sizeof text, "%.1f (%.0f %%)", r / 1e9, 100.0 * r / roof.best());
+        return std::string(text);
+      };
+      std::printf("| %lld | %.1f | %.0f | %s | %s | %s | %s | %s |\n", static_cast<long long>(batch), ours * 1e3,
+                  batch / ours, cell(python * 1e3, "%.1f").c_str(), cell(python > 0 ? batch / python : 0, "%.0f").c_str(),
+                  cell(ratio, "%.2f").c_str(), rate(ours).c_str(), rate(python).c_str());
+      std::fflush(stdout);
+      csv << batch << "," << ours << "," << batch / ours << "," << python << ","
+          << (python > 0 ? batch / python : 0.0) << "," << ratio << "," << flops << "," << roof.best() << "\n";
+    }
+    if (!a.out.empty()) {
+      fs::create_directories(a.out);
+      const std::string csv_path = (fs::path(a.out) / ("bench_" + bench.what + ".csv")).string();
+      std::ofstream(csv_path) << csv.str();
+      report::PlotSpec spec;
+      spec.png = (fs::path(a.out) / ("bench_" + bench.what + ".png")).string();
+      spec.title = bench.what + " speed, " + bench.title + ", " + a.optimizer + ", " + a.precision + ", " +
+                   std::to_string(threads) + " thread(s)";
+      spec.x_label = "batch size";
+      spec.y_label = "images/s";
+      spec.y2_label = "step time (s)";
+      spec.log_x = true;
+      spec.series = {{csv_path, "batch_size", "largebatch_img_per_s", "largebatch images/s", false},
+                     {csv_path, "batch_size", "python_img_per_s", "PyTorch Python images/s", false},
+                     {csv_path, "batch_size", "largebatch_step_s", "largebatch step time", true},
+                     {csv_path, "batch_size", "python_step_s", "PyTorch Python step time", true}};
+      std::string error;
+      if (!report::plot(spec, &error)) std::fprintf(stderr, "no plot: %s\n", error.c_str());
+      std::printf("wrote %s and %s\n", csv_path.c_str(), spec.png.c_str());
+    }
+    return 0;
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "largebatch bench %s: %s\n", bench.what.c_str(), e.what());
+    return kExitBadInput;
+  }
+}
+
+double bench_lr(const std::string& optimizer) { return optimizer == "lamb" ? 0.01 : 1.0; }
+
+std::string number_text(double v) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.17g", v);
+  return text;
+}
+
+}  // namespace
+
 Runner add_bench_train_command(CLI::App& bench) {
   auto* cmd = bench.add_subcommand("train", "Training images/s against PyTorch Python on the same model, batch, "
                                             "threads and optimizer (synthetic batch in memory)");
-  struct Args {
-    std::string model = "resnet18", optimizer = "lars", precision = "fp32", reference, out;
-    std::vector<int64_t> batches{512};
-    int64_t steps = 5, warmup = 2, threads = 0;
-    bool channels_last = false, cpu_kernels = true;
-    Python py;
-  };
-  auto a = std::make_shared<Args>();
-  cmd->add_option("--model", a->model, "resnet18 (torchvision layout) or resnet20 (CIFAR layout), 3x32x32 inputs; cnn or mlp, "
-                                    "1x28x28")
+  auto a = std::make_shared<SpeedArgs>();
+  a->model = "resnet18";
+  cmd->add_option("--model", a->model, "resnet18 (torchvision layout, 3x32x32 inputs); resnet20 (CIFAR layout), cnn or "
+                                       "mlp (1x28x28, as the Fashion-MNIST studies)")
       ->capture_default_str()
       ->check(CLI::IsMember({"resnet18", "resnet20", "cnn", "mlp"}));
-  cmd->add_option("--optimizer", a->optimizer, "lars, tvlars or lamb (the Python side uses its reference)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"lars", "tvlars", "lamb"}));
-  cmd->add_option("--batch-sizes", a->batches, "Batch sizes measured")->capture_default_str()->delimiter(',')->check(CLI::PositiveNumber);
-  cmd->add_option("--steps", a->steps, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--warmup", a->warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
-  cmd->add_flag("--channels-last", a->channels_last,
-                "Channels-last activations on both sides (train --channels-last; Python's .to(memory_format=))");
-  cmd->add_option("--cpu-kernels,--small-map-kernels", a->cpu_kernels,
-                  "largebatch's CPU kernels: max pooling, 1x1 and 2x2 maps (train --cpu-kernels; Python runs LibTorch's)")
-      ->capture_default_str();
-  cmd->add_option("--precision", a->precision,
-                  "fp32, or bf16: the forward pass under bfloat16 autocast on both sides (train --precision)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"fp32", "bf16"}));
-  cmd->add_option("--out", a->out, "Write bench_train.csv and bench_train.png (step time and images/s against batch size) here");
-  add_common_options(cmd, a->threads, a->py, a->reference);
-
+  add_speed_options(cmd, *a, "train");
   return [cmd, a]() -> int {
     if (!cmd->parsed()) return -1;
-    try {
-      const int threads = start_bench(a->threads, a->py, a->reference);
-      std::printf("largebatch bench train: %s%s%s, %s, %s, %d thread(s), median of %lld steps after %lld; %s\n",
-                  a->model.c_str(), a->channels_last ? " (channels-last)" : "",
-                  a->cpu_kernels ? "" : " (LibTorch's kernels)", a->optimizer.c_str(), a->precision.c_str(), threads,
-                  static_cast<long long>(a->steps),
-                  static_cast<long long>(a->warmup), runtime_summary().c_str());
-      const DenseRate roof = dense_rate();
-      std::printf("Dense arithmetic in this run: matrix multiply %.1f GFLOP/s, 3x3 convolution %.1f GFLOP/s\n",
-                  roof.matmul / 1e9, roof.convolution / 1e9);
-      std::printf("| batch | largebatch step ms | largebatch img/s | Python step ms | Python img/s | ratio |"
-                  " largebatch GFLOP/s (of dense) | Python GFLOP/s (of dense) |\n"
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |\n");
-      std::ostringstream csv;
-      csv << "batch_size,largebatch_step_s,largebatch_img_per_s,python_step_s,python_img_per_s,ratio,"
-             "train_flops_per_image,dense_flops_per_s\n";
-      const double lr = a->optimizer == "lamb" ? 0.01 : 1.0;
-      for (int64_t batch : a->batches) {
-        const auto mo = bench_model(a->model);
-        auto model = models::make_model(mo);
-        model->set_channels_last(a->channels_last);
-        model->set_cpu_kernels(a->cpu_kernels);
-        model->train();
-        auto opt = optim::make_optimizer({a->optimizer, lr, batch, {}}, model->named_parameters());
-        torch::manual_seed(0);
-        const auto x = torch::randn({batch, mo.in_channels, mo.image_size, mo.image_size});
-        const auto y = torch::randint(0, 10, {batch}, torch::kLong);
-        auto one_step = [&] {
-          opt->zero_grad();
-          torch::Tensor logits;
-          {
-            const train::AutocastGuard autocast(a->precision == "bf16", torch::kCPU);
-            logits = model->forward(x);
-          }
-          auto loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y);
-          loss.backward();
-          opt->step();
-          return loss.item<double>();  // the trainer reads the loss once per step too
-        };
-        for (int64_t i = 0; i < a->warmup; ++i) one_step();
-        std::vector<double> times;
-        for (int64_t i = 0; i < a->steps; ++i) {
-          const auto t0 = Clock::now();
-          one_step();
-          times.push_back(seconds_since(t0));
+    SpeedBench b;
+    b.what = "train";
+    b.title = a->model;
+    b.python_arguments = [a](int64_t) { return "train --model " + a->model; };
+    b.make_step = [a](int64_t batch) -> std::function<void()> {
+      const auto mo = bench_model(a->model);
+      auto model = models::make_model(mo);
+      model->set_channels_last(a->channels_last);
+      model->set_cpu_kernels(a->cpu_kernels);
+      model->train();
+      auto opt = std::shared_ptr<torch::optim::Optimizer>(
+          optim::make_optimizer({a->optimizer, bench_lr(a->optimizer), batch, {}}, model->named_parameters()));
+      torch::manual_seed(0);
+      const auto x = torch::randn({batch, mo.in_channels, mo.image_size, mo.image_size});
+      const auto y = torch::randint(0, 10, {batch}, torch::kLong);
+      return [a, model, opt, x, y] {
+        opt->zero_grad();
+        torch::Tensor logits;
+        {
+          const train::AutocastGuard autocast(a->precision == "bf16", torch::kCPU);
+          logits = model->forward(x);
         }
-        const double ours = median(times);
-        std::string why;
-        const json py = run_python(a->py,
-                                   "train --model " + a->model + " --optimizer " + a->optimizer + " --batch-size " +
-                                       std::to_string(batch) + " --steps " + std::to_string(a->steps) +
-                                       " --warmup " + std::to_string(a->warmup) + " --threads " +
-                                       std::to_string(threads) + (a->channels_last ? " --channels-last" : "") +
-                                       " --precision " + a->precision,
-                                   &why);
-        const double python = py.is_null() ? 0.0 : py.at("median_s").get<double>();
-        if (py.is_null()) std::fprintf(stderr, "Python reference skipped: %s\n", why.c_str());
-        const double ratio = python > 0 ? python / ours : 0.0;
-        // Training arithmetic per image: the multiply-adds of the forward pass, the weight gradients and the
-        // input gradients (counted by the Python side, padding taps left out), 2 FLOP each.
-        const double flops = py.is_null() ? 0.0 : 2.0 * py.value("train_macs_per_image", 0.0);
-        auto rate = [&](double step_s) {
-          if (flops <= 0 || step_s <= 0) return std::string("n/a");
-          char text[64];
-          const double r = flops * static_cast<double>(batch) / step_s;
-          std::snprintf(text, sizeof text, "%.1f (%.0f %%)", r / 1e9, 100.0 * r / roof.best());
-          return std::string(text);
-        };
-        std::printf("| %lld | %.1f | %.0f | %s | %s | %s | %s | %s |\n", static_cast<long long>(batch), ours * 1e3,
-                    batch / ours, cell(python * 1e3, "%.1f").c_str(), cell(python > 0 ? batch / python : 0, "%.0f").c_str(),
-                    cell(ratio, "%.2f").c_str(), rate(ours).c_str(), rate(python).c_str());
-        std::fflush(stdout);
-        csv << batch << "," << ours << "," << batch / ours << "," << python << ","
-            << (python > 0 ? batch / python : 0.0) << "," << ratio << "," << flops << "," << roof.best() << "\n";
-      }
-      if (!a->out.empty()) {
-        fs::create_directories(a->out);
-        const std::string csv_path = (fs::path(a->out) / "bench_train.csv").string();
-        std::ofstream(csv_path) << csv.str();
-        report::PlotSpec spec;
-        spec.png = (fs::path(a->out) / "bench_train.png").string();
-        spec.title = "training speed, " + a->model + ", " + a->optimizer + ", " + std::to_string(threads) + " thread(s)";
-        spec.x_label = "batch size";
-        spec.y_label = "images/s";
-        spec.y2_label = "step time (s)";
-        spec.log_x = true;
-        spec.series = {{csv_path, "batch_size", "largebatch_img_per_s", "largebatch images/s", false},
-                       {csv_path, "batch_size", "python_img_per_s", "PyTorch Python images/s", false},
-                       {csv_path, "batch_size", "largebatch_step_s", "largebatch step time", true},
-                       {csv_path, "batch_size", "python_step_s", "PyTorch Python step time", true}};
-        std::string error;
-        if (!report::plot(spec, &error)) std::fprintf(stderr, "no plot: %s\n", error.c_str());
-        std::printf("wrote %s and %s\n", csv_path.c_str(), spec.png.c_str());
-      }
-      return 0;
-    } catch (const std::invalid_argument& e) {
-      std::fprintf(stderr, "largebatch bench train: %s\n", e.what());
+        auto loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y);
+        loss.backward();
+        opt->step();
+        (void)loss.item<double>();  // the trainer reads the loss once per step too
+      };
+    };
+    return run_speed_bench(*a, b);
+  };
+}
+
+Runner add_bench_pretrain_command(CLI::App& bench) {
+  auto* cmd = bench.add_subcommand(
+      "pretrain", "The Barlow Twins step (backbone and projector on two views, the loss, backward, optimizer) in "
+                  "images/s against PyTorch Python doing the same (views drawn once, in memory; the augmentation "
+                  "is data work and not in it)");
+  auto a = std::make_shared<SpeedArgs>();
+  a->model = "resnet20";
+  auto projector = std::make_shared<std::string>("1024-1024-1024");
+  auto lambda = std::make_shared<double>(0.005);
+  cmd->add_option("--model", a->model, "Backbone: resnet20 or cnn (1x28x28, as the Fashion-MNIST studies)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"resnet20", "cnn"}));
+  cmd->add_option("--projector", *projector, "Projector layer sizes (pretrain --projector)")->capture_default_str();
+  cmd->add_option("--lambda", *lambda, "Weight of the off-diagonal term (pretrain --lambda)")->capture_default_str();
+  add_speed_options(cmd, *a, "pretrain");
+  return [cmd, a, projector, lambda]() -> int {
+    if (!cmd->parsed()) return -1;
+    std::vector<int64_t> sizes;
+    try {
+      sizes = train::parse_projector(*projector);
+    } catch (const train::OptionError& e) {
+      std::fprintf(stderr, "largebatch bench pretrain: %s\n", e.worded("--").c_str());
       return kExitBadInput;
     }
+    SpeedBench b;
+    b.what = "pretrain";
+    b.title = "Barlow Twins, " + a->model + " + projector " + *projector;
+    b.python_arguments = [a, projector, lambda](int64_t) {
+      return "pretrain --model " + a->model + " --projector " + *projector + " --lambda " + number_text(*lambda);
+    };
+    b.make_step = [a, sizes, lambda](int64_t batch) -> std::function<void()> {
+      auto mo = bench_model(a->model);
+      auto backbone = models::make_model(mo);
+      backbone->set_channels_last(a->channels_last);
+      backbone->set_cpu_kernels(a->cpu_kernels);
+      train::BarlowTwinsNet net(backbone, sizes);
+      net->train();
+      auto opt = std::shared_ptr<torch::optim::Optimizer>(
+          optim::make_optimizer({a->optimizer, bench_lr(a->optimizer), batch, {}}, net->trainable()));
+      torch::manual_seed(0);
+      const auto v1 = torch::randn({batch, mo.in_channels, mo.image_size, mo.image_size});
+      const auto v2 = torch::randn({batch, mo.in_channels, mo.image_size, mo.image_size});
+      const double l = *lambda;
+      return [a, net, opt, v1, v2, l]() mutable {
+        opt->zero_grad();
+        torch::Tensor z1, z2;
+        {
+          const train::AutocastGuard autocast(a->precision == "bf16", torch::kCPU);
+          z1 = net->forward(v1);
+          z2 = net->forward(v2);
+        }
+        auto loss = train::barlow_twins_loss(z1.to(torch::kFloat), z2.to(torch::kFloat), l);
+        loss.backward();
+        opt->step();
+        (void)loss.item<double>();
+      };
+    };
+    return run_speed_bench(*a, b);
   };
 }
 

@@ -148,5 +148,38 @@ torch::Tensor barlow_twins_view(const torch::Tensor& images, int view, uint64_t 
   return x.clamp(0, 1);
 }
 
+// ------------------------------------------------------------------ the pre-training network
+
+ProjectorImpl::ProjectorImpl(int64_t in, const std::vector<int64_t>& sizes) {
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    linears_.push_back(register_module("linear" + std::to_string(i),
+                                       torch::nn::Linear(torch::nn::LinearOptions(in, sizes[i]).bias(false))));
+    if (i + 1 < sizes.size())
+      norms_.push_back(register_module("bn" + std::to_string(i), models::SyncableBatchNorm2d(sizes[i])));
+    in = sizes[i];
+  }
+}
+
+torch::Tensor ProjectorImpl::forward(torch::Tensor x) {
+  for (size_t i = 0; i < linears_.size(); ++i) {
+    x = linears_[i](x);
+    if (i < norms_.size()) x = torch::relu(norms_[i](x.view({x.size(0), x.size(1), 1, 1})).view({x.size(0), -1}));
+  }
+  return x;
+}
+
+BarlowTwinsNetImpl::BarlowTwinsNetImpl(models::Classifier backbone_, const std::vector<int64_t>& sizes)
+    : backbone(register_module("backbone", std::move(backbone_))),
+      projector(register_module("projector", Projector(backbone->feature_dim(), sizes))) {}
+
+torch::Tensor BarlowTwinsNetImpl::forward(const torch::Tensor& x) { return projector(backbone->features(x)); }
+
+optim::NamedParameters BarlowTwinsNetImpl::trainable() {
+  optim::NamedParameters out;
+  for (auto& kv : models::backbone_parameters(*backbone)) out.insert("backbone." + kv.first, kv.second);
+  for (const auto& kv : projector->named_parameters()) out.insert("projector." + kv.key(), kv.value());
+  return out;
+}
+
 }  // namespace train
 }  // namespace largebatch

@@ -22,10 +22,6 @@ using namespace largebatch::train::detail;
 namespace largebatch {
 namespace train {
 
-namespace {
-
-
-
 std::vector<int64_t> parse_projector(const std::string& text) {
   std::vector<int64_t> sizes;
   std::stringstream ss(text);
@@ -41,53 +37,12 @@ std::vector<int64_t> parse_projector(const std::string& text) {
   return sizes;
 }
 
+namespace {
 
-// ------------------------------------------------------------------ the pre-training network
 
-// Barlow Twins' projector: Linear (no bias) - BatchNorm - ReLU for every layer but the last, which is a bare
-// Linear. BatchNorm is the zoo's SyncableBatchNorm2d on [n, C, 1, 1], so --sync-bn reaches it too.
-class ProjectorImpl : public torch::nn::Module {
- public:
-  ProjectorImpl(int64_t in, const std::vector<int64_t>& sizes) {
-    for (size_t i = 0; i < sizes.size(); ++i) {
-      linears_.push_back(register_module("linear" + std::to_string(i),
-                                         torch::nn::Linear(torch::nn::LinearOptions(in, sizes[i]).bias(false))));
-      if (i + 1 < sizes.size())
-        norms_.push_back(register_module("bn" + std::to_string(i), models::SyncableBatchNorm2d(sizes[i])));
-      in = sizes[i];
-    }
-  }
-  torch::Tensor forward(torch::Tensor x) {
-    for (size_t i = 0; i < linears_.size(); ++i) {
-      x = linears_[i](x);
-      if (i < norms_.size()) x = torch::relu(norms_[i](x.view({x.size(0), x.size(1), 1, 1})).view({x.size(0), -1}));
-    }
-    return x;
-  }
 
- private:
-  std::vector<torch::nn::Linear> linears_;
-  std::vector<models::SyncableBatchNorm2d> norms_;
-};
-TORCH_MODULE(Projector);
 
-class BarlowTwinsNetImpl : public torch::nn::Module {
- public:
-  BarlowTwinsNetImpl(models::Classifier backbone_, const std::vector<int64_t>& sizes)
-      : backbone(register_module("backbone", std::move(backbone_))),
-        projector(register_module("projector", Projector(backbone->feature_dim(), sizes))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return projector(backbone->features(x)); }
-  // What the optimizer trains: everything but the backbone's classifier head.
-  lo::NamedParameters trainable() {
-    lo::NamedParameters out;
-    for (auto& kv : models::backbone_parameters(*backbone)) out.insert("backbone." + kv.first, kv.second);
-    for (const auto& kv : projector->named_parameters()) out.insert("projector." + kv.key(), kv.value());
-    return out;
-  }
-  models::Classifier backbone;
-  Projector projector;
-};
-TORCH_MODULE(BarlowTwinsNet);
+
 
 std::string pretrain_metrics_header() {
   return "epoch,step,lr,phi,train_loss,on_diagonal,off_diagonal,epoch_seconds,img_per_s,data_wait_s,augment_s,"

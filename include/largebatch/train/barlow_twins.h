@@ -1,6 +1,11 @@
 #pragma once
 // Barlow Twins (Zbontar et al., 2021): the loss and the two asymmetric augmented views.
 #include <largebatch/dist/dist.h>
+#include <largebatch/models/models.h>
+#include <largebatch/optim/layerwise.h>
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
 
 #include <torch/types.h>
 
@@ -41,6 +46,31 @@ struct ViewOptions {
 // images get in a single-process run.
 torch::Tensor barlow_twins_view(const torch::Tensor& images, int view, uint64_t seed, int64_t global_batch,
                                 int64_t offset, const ViewOptions& options = {});
+
+// Barlow Twins' projector: Linear (no bias) - BatchNorm - ReLU for every layer but the last, which is a bare
+// Linear. BatchNorm is the zoo's SyncableBatchNorm2d on [n, C, 1, 1], so --sync-bn reaches it too.
+class ProjectorImpl : public torch::nn::Module {
+ public:
+  ProjectorImpl(int64_t in, const std::vector<int64_t>& sizes);
+  torch::Tensor forward(torch::Tensor x);
+
+ private:
+  std::vector<torch::nn::Linear> linears_;
+  std::vector<models::SyncableBatchNorm2d> norms_;
+};
+TORCH_MODULE(Projector);
+
+// The pre-training network: a zoo backbone's features, then the projector.
+class BarlowTwinsNetImpl : public torch::nn::Module {
+ public:
+  BarlowTwinsNetImpl(models::Classifier backbone, const std::vector<int64_t>& projector_sizes);
+  torch::Tensor forward(const torch::Tensor& x);
+  // What the optimizer trains: everything but the backbone's classifier head.
+  optim::NamedParameters trainable();
+  models::Classifier backbone;
+  Projector projector;
+};
+TORCH_MODULE(BarlowTwinsNet);
 
 }  // namespace train
 }  // namespace largebatch

@@ -92,6 +92,9 @@ struct PretrainSummary {
   std::vector<PretrainRecord> history;
 };
 
+// "1024-1024-1024" as layer sizes; OptionError("projector") unless each is 1..65536.
+std::vector<int64_t> parse_projector(const std::string& text);
+
 PretrainSummary run_pretraining(const PretrainConfig& config, Reporter* reporter = nullptr);
 
 struct LinearEvalConfig {
