@@ -66,6 +66,8 @@ bench: build
 	$(BUILD_DIR)/largebatch bench train --model cnn --batch-sizes 256,1024,4096 --cpu-kernels false
 	$(BUILD_DIR)/largebatch bench train --model cnn --batch-sizes 256,1024,4096 --channels-last
 	$(BUILD_DIR)/largebatch bench train --model mlp --batch-sizes 1024,4096,16384 --steps 10
+	$(BUILD_DIR)/largebatch bench train --model resnet20 --batch-sizes 256,512,1024 --steps 5
+	$(BUILD_DIR)/largebatch bench pretrain --model resnet20 --batch-sizes 256,512 --steps 3
 	$(BUILD_DIR)/largebatch bench pipeline --batches 6
 
 demo: build

@@ -278,10 +278,26 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     if (ba != bb) return ba < bb;
     return a.key < b.key;
   });
+  // Labels (plot keys, headings) name only the options a group sets away from the value most groups share
+  // (the first such value on a tie): "lars precision=bf16", not every varying option. Two groups still get
+  // two labels: where they differ, at least one of them is away from the common value.
+  std::map<std::string, json> common;
+  for (const auto& k : varying) {
+    std::vector<std::pair<json, int>> counts;
+    for (const auto& g : groups) {
+      const json v = g.config.value(k, json());
+      auto it = std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == v; });
+      if (it == counts.end()) counts.emplace_back(v, 1);
+      else ++it->second;
+    }
+    common[k] = std::max_element(counts.begin(), counts.end(), [](const auto& a, const auto& b) {
+                  return a.second < b.second;
+                })->first;
+  }
   auto group_label = [&](const Group& g) {
     std::string label = optimizer_label(g.config);
     for (const auto& k : varying)
-      if (g.config.contains(k)) label += " " + k + "=" + text_of(g.config[k]);
+      if (g.config.contains(k) && g.config[k] != common.at(k)) label += " " + k + "=" + text_of(g.config[k]);
     return label;
   };
 
