@@ -80,7 +80,8 @@ check_sweep() {
   local grid command runs failed
   grid=$(awk '{ for (i = 1; i <= NF; i++) if ($(i - 1) == "sweep") print $i }' <<<"${line%%#*}")
   command=$(sed -n 's/.*"command": *"\([a-z-]*\)".*/\1/p' "$W/$grid" 2>/dev/null | head -1)
-  grep '^run ' "$W/sweep.log" | sed 's/^run *[^:]*: //' > "$W/runs.txt"
+  # Every run, whatever its state (a checkout with finished runs in runs/ lists them as finished).
+  grep -E '^(run|resume|finished) ' "$W/sweep.log" | sed -E 's/^(run|resume|finished) *[^:]*: //' > "$W/runs.txt"
   runs=$(wc -l < "$W/runs.txt")
   if [ -n "${grids_checked[$grid]:-}" ]; then  # the same grid's runs were checked for an earlier command
     checked=$((checked + 1))
