@@ -214,6 +214,20 @@ def train_macs_per_image(model, shape):
     return total[0] // 2
 
 
+def timed_steps(args, one_step, macs_per_image):
+    """The median time of args.steps calls of one_step after args.warmup untimed ones."""
+    for _ in range(args.warmup):
+        one_step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"median_s": median, "images_per_s": args.batch_size / median, "steps": args.steps,
+            "train_macs_per_image": macs_per_image}
+
+
 def bench_train(args):
     if args.model == "resnet18":
         import torchvision
@@ -245,16 +259,7 @@ def bench_train(args):
         opt.step()
         return loss.item()
 
-    for _ in range(args.warmup):
-        one_step()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        one_step()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"median_s": median, "images_per_s": args.batch_size / median, "steps": args.steps,
-            "train_macs_per_image": train_macs_per_image(model, shape)}
+    return timed_steps(args, one_step, train_macs_per_image(model, shape))
 
 
 class Projector(nn.Module):
@@ -324,18 +329,9 @@ def bench_pretrain(args):
         opt.step()
         return loss.item()
 
-    for _ in range(args.warmup):
-        one_step()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        one_step()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
     # Both views pass the network: twice the arithmetic of one image through backbone and projector (the
     # cross-correlation's D x D product over the batch is left out).
-    return {"median_s": median, "images_per_s": args.batch_size / median, "steps": args.steps,
-            "train_macs_per_image": 2 * train_macs_per_image(net, shape)}
+    return timed_steps(args, one_step, 2 * train_macs_per_image(net, shape))
 
 
 def main():

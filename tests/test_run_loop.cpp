@@ -369,6 +369,14 @@ TEST(RunLoop, WeightAverageIsEvaluatedSavedAndResumedBitIdentically) {
 }
 
 // bf16 with micro-batches and clipping: the master weights stay float32 and the loss falls.
+// Every floating tensor of a model file is float32 (what a bf16 run must save).
+void expect_float32_tensors(const fs::path& file) {
+  const auto saved = tensors_of(file);
+  ASSERT_FALSE(saved.empty()) << file;
+  for (const auto& [name, t] : saved)
+    if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kFloat) << name << " is not float32";
+}
+
 TEST(RunLoop, Bf16RunKeepsFloat32WeightsAndItsLossFalls) {
   ScratchDir fp32("prec-fp32"), bf16("prec-bf16");
   auto a = largebatch_test::small_run(fp32.path);
@@ -383,10 +391,7 @@ TEST(RunLoop, Bf16RunKeepsFloat32WeightsAndItsLossFalls) {
   ASSERT_EQ(sb.status, "completed") << sb.message;
   EXPECT_LT(sb.history.back().train_loss, sb.history.front().train_loss);
   EXPECT_NE(sb.history.back().train_loss, sa.history.back().train_loss) << "autocast did not change the arithmetic";
-  const auto saved = tensors_of(bf16.path / "model.pt");
-  ASSERT_FALSE(saved.empty());
-  for (const auto& [name, t] : saved)
-    if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kFloat) << name << " is not float32";
+  expect_float32_tensors(bf16.path / "model.pt");
 }
 
 // Barlow Twins pre-training under bf16 autocast: the loss falls, autocast changes the arithmetic, and the
@@ -404,10 +409,7 @@ TEST(RunLoop, Bf16PretrainingKeepsFloat32WeightsAndItsLossFalls) {
   ASSERT_EQ(sb.status, "completed") << sb.message;
   EXPECT_LT(sb.history.back().train_loss, sb.history.front().train_loss);
   EXPECT_NE(sb.history.back().train_loss, sa.history.back().train_loss) << "autocast did not change the arithmetic";
-  const auto saved = tensors_of(bf16.path / "backbone.pt");
-  ASSERT_FALSE(saved.empty());
-  for (const auto& [name, t] : saved)
-    if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kFloat) << name << " is not float32";
+  expect_float32_tensors(bf16.path / "backbone.pt");
 }
 
 // --bn-group-size in a run: it changes the trajectory of a BatchNorm model, equals the whole batch when the group
