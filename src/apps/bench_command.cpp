@@ -178,17 +178,20 @@ Runner add_compare_command(CLI::App& app) {
                      args->exclude.c_str(), e.what());
         return kExitBadInput;
       }
-      auto a = load_tensors(args->a), b = load_tensors(args->b);
-      size_t left_out = 0;
-      for (auto* tensors : {&a, &b})
-        for (auto it = tensors->begin(); it != tensors->end();) {
-          if (!args->exclude.empty() && std::regex_search(it->first, excluded)) {
-            left_out += tensors == &a ? 1 : 0;
-            it = tensors->erase(it);
-          } else {
-            ++it;
-          }
+      // Drops the excluded tensors of one file; returns how many.
+      auto drop_excluded = [&](std::map<std::string, torch::Tensor>& tensors) {
+        size_t dropped = 0;
+        if (args->exclude.empty()) return dropped;
+        for (auto it = tensors.begin(); it != tensors.end();) {
+          const bool drop = std::regex_search(it->first, excluded);
+          it = drop ? tensors.erase(it) : std::next(it);
+          dropped += drop ? 1 : 0;
         }
+        return dropped;
+      };
+      auto a = load_tensors(args->a), b = load_tensors(args->b);
+      const size_t left_out = drop_excluded(a);
+      drop_excluded(b);
       int64_t failures = 0;
       double worst_share = 0;
       std::string worst_name;
@@ -227,7 +230,7 @@ Runner add_compare_command(CLI::App& app) {
           std::printf("%s: only in %s\n", kv.first.c_str(), args->b.c_str());
           ++failures;
         }
-      if (a.empty() && b.empty()) {
+      if (left_out > 0 && a.empty() && b.empty()) {
         std::fprintf(stderr, "largebatch compare: no tensor left to compare (--exclude '%s' matches all %zu)\n",
                      args->exclude.c_str(), left_out);
         return kExitBadInput;

@@ -372,10 +372,10 @@ void add_speed_options(CLI::App* cmd, SpeedArgs& a, const std::string& what) {
   cmd->add_option("--steps", a.steps, "Timed steps per measurement (median)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--warmup", a.warmup, "Untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_flag("--channels-last", a.channels_last,
-                "Channels-last activations on both sides (" + what + " --channels-last; Python's .to(memory_format=))");
+                "Channels-last activations on both sides (as train --channels-last; Python's .to(memory_format=))");
   cmd->add_option("--cpu-kernels,--small-map-kernels", a.cpu_kernels,
-                  "largebatch's CPU kernels: max pooling, 1x1 and 2x2 maps (" + what +
-                      " --cpu-kernels; Python runs LibTorch's)")
+                  "largebatch's CPU kernels: max pooling, 1x1 and 2x2 maps (as train --cpu-kernels; Python runs "
+                  "LibTorch's)")
       ->capture_default_str();
   cmd->add_option("--precision", a.precision,
                   "fp32, or bf16: the forward pass under bfloat16 autocast on both sides (" + what + " --precision)")

@@ -39,11 +39,6 @@ std::vector<int64_t> parse_projector(const std::string& text) {
 
 namespace {
 
-
-
-
-
-
 std::string pretrain_metrics_header() {
   return "epoch,step,lr,phi,train_loss,on_diagonal,off_diagonal,epoch_seconds,img_per_s,data_wait_s,augment_s,"
          "compute_s,allreduce_s,optimizer_s\n";
