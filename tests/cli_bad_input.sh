@@ -57,6 +57,7 @@ expect unknown-optimizer 2 "unknown optimizer 'adamax'" -- $S --optimizer adamax
 expect on-nonfinite 2 "--on-nonfinite" -- $S --on-nonfinite ignore --out "$WORK/o8b"
 expect checkpoint-every 2 "--checkpoint-every must be >= 0" -- $S --checkpoint-every -1 --out "$WORK/o8d"
 LARGEBATCH_STEP_SIMD=sse9 expect step-simd 2 "LARGEBATCH_STEP_SIMD: unknown or unavailable instruction set 'sse9'" -- $S --out "$WORK/o8e"
+LARGEBATCH_STEP_BLOCK_BYTES=12Q expect step-block-bytes 2 "LARGEBATCH_STEP_BLOCK_BYTES: '12Q' is not a byte count" -- $S --out "$WORK/o8f"
 expect skip-limit 2 "--skip-limit must be >= 1" -- $S --skip-limit 0 --out "$WORK/o8c"
 expect unknown-opt-key 2 "unknown optimizer option 'momentun'" -- $S --opt momentun=0.9 --out "$WORK/o9"
 expect bad-opt-value 2 "momentum = 1.5" -- $S --opt momentum=1.5 --out "$WORK/o10"
@@ -127,6 +128,10 @@ expect le-wrong-model 2 "does not hold a resnet20" -- $L --backbone "$WORK/pre/b
 expect compare-exclude-regex 2 "--exclude '(running': not a regular expression" -- compare "$WORK/pre/backbone.pt" "$WORK/pre/backbone.pt" --exclude '(running'
 expect compare-exclude-all 2 "no tensor left to compare (--exclude '.' matches all" -- compare "$WORK/pre/backbone.pt" "$WORK/pre/backbone.pt" --exclude .
 expect bench-pretrain-projector 2 "largebatch bench pretrain: --projector: '64-x' is not a list of layer sizes" -- bench pretrain --projector 64-x --no-python
+expect bench-step-block-bytes 2 "largebatch bench step: --block-bytes: 'lots' is not a byte count" -- bench step --models mlp --no-python --block-bytes lots
+LARGEBATCH_STEP_BLOCK_BYTES=12Q expect bench-step-block-env 2 "LARGEBATCH_STEP_BLOCK_BYTES: '12Q' is not a byte count" -- bench step --models mlp --no-python
+expect bench-profile-projector 2 "largebatch bench profile: --projector: '64-x' is not a list of layer sizes" -- bench profile --task barlow-twins --projector 64-x
+expect bench-profile-data 2 "largebatch bench profile: .*nowhere" -- bench profile --data cifar10 --data-dir "$WORK/nowhere"
 WORLD_SIZE=2 RANK=0 expect le-world 2 "linear-eval runs in one process" -- $L --backbone "$WORK/pre/backbone.pt" --out "$WORK/l8"
 expect le-lr 2 "--lr must be" -- $L --backbone random --model cnn --lr 0 --out "$WORK/l9"
 

@@ -121,6 +121,7 @@ TEST(Models, SyncBatchNormPathMatchesLibTorchBatchNorm) {
   torch::manual_seed(3);
   for (auto dtype : {torch::kFloat64, torch::kFloat32}) {
     lm::SyncableBatchNorm2d native(6), synced(6);
+    native->small_map_kernels = false;  // LibTorch's batch_norm itself
     synced->set_cross_rank_sum([](const torch::Tensor& t) { return t.clone(); });
     expect_same_batchnorm(native, synced, {8, 6, 5, 5}, dtype);
     EXPECT_TRUE(synced->synchronised());
@@ -205,6 +206,60 @@ TEST(Models, SmallMapBatchNormComputesWhatBatchNormComputes) {
   }
 }
 
+// largebatch's BatchNorm kernel (dense NCHW maps in training) against LibTorch's batch_norm: outputs, the
+// gradients of input, weight and bias, running statistics (momentum and cumulative average), a second
+// derivative; the same bits for any thread count.
+TEST(Models, OwnBatchNormComputesWhatBatchNormComputes) {
+  const std::vector<std::vector<int64_t>> shapes{{8, 6, 5, 5}, {4, 3, 28, 28}, {16, 4, 1, 1}, {3, 5, 7, 9}, {2, 6, 17, 1}};
+  for (const auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    for (const auto& shape : shapes) {
+      for (const bool cumulative : {false, true}) {
+        SCOPED_TRACE(std::to_string(shape[2]) + "x" + std::to_string(shape[3]) + (cumulative ? " cumulative" : ""));
+        torch::manual_seed(6);
+        auto options = torch::nn::BatchNormOptions(6).momentum(cumulative ? c10::optional<double>() : 0.1);
+        lm::SyncableBatchNorm2d own(options.num_features(shape[1])), library(options.num_features(shape[1]));
+        library->small_map_kernels = false;
+        const BatchNormRun run = expect_same_batchnorm(own, library, shape, dtype);
+        ASSERT_TRUE(run.y.grad_fn());
+        EXPECT_NE(run.y.grad_fn()->name().find("BatchNormFunction"), std::string::npos) << run.y.grad_fn()->name();
+        // A second step moves the running statistics again the same way.
+        (void)own->forward(run.x.detach());
+        (void)library->forward(run.x2.detach());
+        EXPECT_TRUE(torch::allclose(own->running_mean, library->running_mean, run.tol, run.tol));
+        EXPECT_TRUE(torch::allclose(own->running_var, library->running_var, run.tol, run.tol));
+      }
+    }
+  }
+  // A second derivative (create_graph) through both.
+  torch::manual_seed(8);
+  lm::SyncableBatchNorm2d own(4), library(4);
+  library->small_map_kernels = false;
+  own->to(torch::kFloat64);
+  library->to(torch::kFloat64);
+  const auto x = torch::randn({5, 4, 3, 3}, torch::kFloat64).requires_grad_(true);
+  const auto x2 = x.detach().clone().requires_grad_(true);
+  const auto up = torch::randn({5, 4, 3, 3}, torch::kFloat64);
+  const auto g1 = torch::autograd::grad({(own->forward(x) * up).sum()}, {x}, {}, true, true)[0];
+  const auto g2 = torch::autograd::grad({(library->forward(x2) * up).sum()}, {x2}, {}, true, true)[0];
+  (g1 * g1).sum().backward();
+  (g2 * g2).sum().backward();
+  EXPECT_TRUE(torch::allclose(x.grad(), x2.grad(), 1e-10, 1e-10)) << (x.grad() - x2.grad()).abs().max();
+  // Thread counts do not change a bit.
+  const int before = torch::get_num_threads();
+  std::vector<torch::Tensor> runs[2];
+  for (int threads : {1, 2}) {
+    torch::set_num_threads(threads);
+    torch::manual_seed(9);
+    lm::SyncableBatchNorm2d bn(32);
+    const auto input = torch::randn({64, 32, 14, 14}).requires_grad_(true);
+    const auto y = bn->forward(input);
+    (y * torch::randn_like(y)).sum().backward();
+    runs[threads - 1] = {y.detach(), input.grad(), bn->weight.grad(), bn->bias.grad(), bn->running_var};
+  }
+  torch::set_num_threads(before);
+  for (size_t k = 0; k < runs[0].size(); ++k) EXPECT_TRUE(torch::equal(runs[0][k], runs[1][k])) << "tensor " << k;
+}
+
 // Ghost BatchNorm: each group of the batch normalised exactly as LibTorch's batch_norm normalises it alone
 // (groups 4, 4 and a last of 2), gradients flowing through, and the running statistics moved once by the mean
 // over groups of their means and unbiased variances.
@@ -212,6 +267,7 @@ TEST(Models, GhostBatchNormNormalisesEachGroupAsBatchNormDoes) {
   torch::manual_seed(11);
   lm::SyncableBatchNorm2d ghost(3);
   ghost->group_size = 4;
+  ghost->small_map_kernels = false;  // each group through LibTorch's batch_norm, to compare bits
   ghost->train();
   {
     torch::NoGradGuard no_grad;
@@ -250,8 +306,11 @@ TEST(Models, GhostBatchNormNormalisesEachGroupAsBatchNormDoes) {
 
 // One training step's loss (first) and every parameter's gradient, with largebatch's CPU kernels on or off.
 std::vector<torch::Tensor> loss_and_gradients(lm::ClassifierImpl& model, const torch::Tensor& x, const torch::Tensor& y,
-                                              bool cpu_kernels) {
+                                              bool cpu_kernels, bool batch_norm_kernel = true) {
   model.set_cpu_kernels(cpu_kernels);
+  if (!batch_norm_kernel)
+    for (auto& module : model.modules())
+      if (auto* bn = module->as<lm::SyncableBatchNorm2dImpl>()) bn->small_map_kernels = false;
   model.zero_grad();
   auto loss = torch::nn::functional::cross_entropy(model.forward(x), y);
   loss.backward();
@@ -372,14 +431,22 @@ TEST(Models, OwnMaxPoolComputesWhatMaxPool2dComputesToTheBit) {
 }
 
 TEST(Models, CpuKernelsTrainTheCompactCnnToTheSameBits) {
-  // The compact CNN's maps never get small (28 -> 14 -> 7): only max pooling differs, and it gives the same bits.
+  // The compact CNN's maps never get small (28 -> 14 -> 7): with the BatchNorm kernel off, only max pooling
+  // differs, and it gives the same bits. With it on: the same loss and gradients to float rounding.
   auto model = lm::make_model(lm::ModelOptions{});
   model->train();
   torch::manual_seed(4);
   const auto x = torch::randn({16, 1, 28, 28});
   const auto y = torch::randint(0, 10, {16}, torch::kLong);
-  const auto own = loss_and_gradients(*model, x, y, true), library = loss_and_gradients(*model, x, y, false);
-  for (size_t k = 0; k < own.size(); ++k) EXPECT_TRUE(torch::equal(bits(own[k]), bits(library[k]))) << "tensor " << k;
+  const auto pooling_only = loss_and_gradients(*model, x, y, true, false), library = loss_and_gradients(*model, x, y, false);
+  for (size_t k = 0; k < library.size(); ++k)
+    EXPECT_TRUE(torch::equal(bits(pooling_only[k]), bits(library[k]))) << "tensor " << k;
+  const auto own = loss_and_gradients(*model, x, y, true);
+  EXPECT_NEAR(own[0].item<double>(), library[0].item<double>(), 1e-5 * library[0].item<double>());
+  for (size_t k = 1; k < own.size(); ++k) {
+    const double scale = library[k].abs().max().item<double>() + 1e-12;
+    EXPECT_LE((own[k] - library[k]).abs().max().item<double>(), 2e-4 * scale) << "parameter " << k - 1;
+  }
 }
 
 TEST(Models, BadOptionsAreNamed) {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <limits>
 #include <sstream>
@@ -871,6 +872,73 @@ TEST(StepKernels, FusedResultsDoNotDependOnTheThreadCount) {
   for (const auto& item : one) EXPECT_TRUE(torch::equal(item.value(), two[item.key()])) << item.key();
   for (size_t k = 0; k < one_tel.back().layers.size(); ++k)
     EXPECT_EQ(one_tel.back().layers[k].update_norm, two_tel.back().layers[k].update_norm);
+}
+
+TEST(StepKernels, FusedResultsDoNotDependOnTheBlockSize) {
+  // 1 byte: every tensor a block of its own; 1 GiB: the whole step one block; and the default from the caches.
+  const int before = torch::get_num_threads();
+  torch::set_num_threads(2);
+  for (const auto& [label, o] : every_option_case()) {
+    SCOPED_TRACE(label);
+    lo::use_fused_step_block_bytes(0);
+    auto [base, base_tel] = run_kernel(o, lo::StepKernel::kFused, torch::kFloat, 3);
+    for (const int64_t bytes : {int64_t{1}, int64_t{100000}, int64_t{1} << 30}) {
+      lo::use_fused_step_block_bytes(bytes);
+      EXPECT_EQ(lo::fused_step_block_bytes(), bytes);
+      auto [other, other_tel] = run_kernel(o, lo::StepKernel::kFused, torch::kFloat, 3);
+      for (const auto& item : base) EXPECT_TRUE(torch::equal(item.value(), other[item.key()])) << bytes << " " << item.key();
+      for (size_t t = 0; t < base_tel.size(); ++t)
+        for (size_t l = 0; l < base_tel[t].layers.size(); ++l) {
+          EXPECT_EQ(base_tel[t].layers[l].weight_norm, other_tel[t].layers[l].weight_norm) << bytes;
+          EXPECT_EQ(base_tel[t].layers[l].update_norm, other_tel[t].layers[l].update_norm) << bytes;
+          EXPECT_EQ(base_tel[t].layers[l].trust_ratio, other_tel[t].layers[l].trust_ratio) << bytes;
+        }
+    }
+  }
+  lo::use_fused_step_block_bytes(0);
+  torch::set_num_threads(before);
+  EXPECT_THROW(lo::use_fused_step_block_bytes(-1), std::invalid_argument);
+}
+
+TEST(StepKernels, BlockBudgetIsHalfTheL2OfOneCpuOrTheEnvironmentVariable) {
+  if (std::getenv("LARGEBATCH_STEP_BLOCK_BYTES")) GTEST_SKIP() << "SKIP: LARGEBATCH_STEP_BLOCK_BYTES is set";
+  const lo::CpuCaches caches = lo::cpu_caches();
+  lo::use_fused_step_block_bytes(0);
+  if (caches.l2_bytes > 0)
+    EXPECT_EQ(lo::fused_step_block_bytes(), std::max<int64_t>(64 << 10, caches.l2_bytes / caches.l2_shared_by / 2));
+  else
+    EXPECT_EQ(lo::fused_step_block_bytes(), 512 << 10);
+  ::setenv("LARGEBATCH_STEP_BLOCK_BYTES", "3M", 1);
+  lo::use_fused_step_block_bytes(0);
+  EXPECT_EQ(lo::fused_step_block_bytes(), 3 << 20);
+  ::setenv("LARGEBATCH_STEP_BLOCK_BYTES", "lots", 1);
+  lo::use_fused_step_block_bytes(0);
+  try {
+    (void)lo::fused_step_block_bytes();
+    ADD_FAILURE() << "a bad LARGEBATCH_STEP_BLOCK_BYTES was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("LARGEBATCH_STEP_BLOCK_BYTES: 'lots'"), std::string::npos) << e.what();
+  }
+  ::unsetenv("LARGEBATCH_STEP_BLOCK_BYTES");
+  lo::use_fused_step_block_bytes(0);
+  EXPECT_GT(lo::fused_step_block_bytes(), 0);
+}
+
+TEST(StepKernels, ByteCountsAndCaches) {
+  EXPECT_EQ(lo::parse_byte_count("524288", "x"), 524288);
+  EXPECT_EQ(lo::parse_byte_count("512K", "x"), 512 << 10);
+  EXPECT_EQ(lo::parse_byte_count("2M", "x"), 2 << 20);
+  EXPECT_EQ(lo::parse_byte_count("1MiB", "x"), 1 << 20);
+  for (const char* bad : {"", "-1", "1.5M", "12Q", "M"}) EXPECT_THROW(lo::parse_byte_count(bad, "--block-bytes"), std::invalid_argument) << bad;
+  const lo::CpuCaches c = lo::cpu_caches();
+  std::cout << "[ INFO     ] caches (" << c.source << "): L1d " << c.l1d_bytes << ", L2 " << c.l2_bytes << " per "
+            << c.l2_shared_by << ", L3 " << c.l3_bytes << " per " << c.l3_shared_by << "\n";
+  std::ifstream sysfs("/sys/devices/system/cpu/cpu0/cache/index0/level");
+  if (!sysfs) GTEST_SKIP() << "SKIP: this system has no /sys/devices/system/cpu/cpu0/cache";
+  EXPECT_EQ(c.source, "sysfs");
+  EXPECT_GT(c.l1d_bytes, 0);
+  EXPECT_GE(c.l2_shared_by, 1);
+  EXPECT_GE(c.l3_shared_by, 1);
 }
 
 TEST(StepKernels, EveryInstructionSetGivesTheSameBits) {

@@ -52,11 +52,12 @@ Runner add_bench_command(CLI::App& app) {
   pipe->add_option("--threads", a->threads, "Intra-op threads of training (0: all cores)")->capture_default_str();
 
   Runner step = add_bench_step_command(*bench), train = add_bench_train_command(*bench),
-         pretrain = add_bench_pretrain_command(*bench);
-  return [pipe, a, step, train, pretrain]() -> int {
+         pretrain = add_bench_pretrain_command(*bench), profile = add_bench_profile_command(*bench);
+  return [pipe, a, step, train, pretrain, profile]() -> int {
     if (const int code = step(); code != -1) return code;
     if (const int code = train(); code != -1) return code;
     if (const int code = pretrain(); code != -1) return code;
+    if (const int code = profile(); code != -1) return code;
     if (!pipe->parsed()) return -1;
     try {
       const int threads = a->threads > 0 ? static_cast<int>(a->threads)

@@ -2,6 +2,7 @@
 // the memory-bandwidth bound; `largebatch bench train`: training images/s against PyTorch Python. Each figure
 // is measured in the same run as its baseline (these machines are noisy).
 #include "commands.h"
+#include "bench_support.h"
 
 #include <largebatch/core/runtime.h>
 #include <largebatch/models/models.h>
@@ -40,10 +41,15 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+std::string byte_text(int64_t bytes) {
+  char text[32];
+  if (bytes >= (int64_t{1} << 20) && bytes % (int64_t{1} << 20) == 0)
+    std::snprintf(text, sizeof text, "%lld MiB", static_cast<long long>(bytes >> 20));
+  else if (bytes >= 1024 && bytes % 1024 == 0)
+    std::snprintf(text, sizeof text, "%lld KiB", static_cast<long long>(bytes >> 10));
+  else
+    std::snprintf(text, sizeof text, "%lld B", static_cast<long long>(bytes));
+  return text;
 }
 
 int resolve_threads(int64_t threads) {
@@ -139,6 +145,29 @@ std::string cell(double value, const char* format) {
   return text;
 }
 
+}  // namespace
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::string cache_summary() {
+  std::string model;
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  for (std::string line; model.empty() && std::getline(cpuinfo, line);)
+    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos)
+      model = line.substr(line.find(':') + 2);
+  const auto c = optim::cpu_caches();
+  std::ostringstream os;
+  os << "CPU " << (model.empty() ? "unknown" : model) << " | caches (" << c.source << "): L1d "
+     << byte_text(c.l1d_bytes) << ", L2 " << byte_text(c.l2_bytes) << " per " << c.l2_shared_by << " CPU(s), L3 "
+     << byte_text(c.l3_bytes) << " per " << c.l3_shared_by << " CPU(s) | fused-step blocks "
+     << byte_text(optim::fused_step_block_bytes()) << " per thread";
+  return os.str();
+}
+
 models::ModelOptions bench_model(const std::string& name) {
   models::ModelOptions mo;
   mo.name = name;
@@ -149,32 +178,6 @@ models::ModelOptions bench_model(const std::string& name) {
   mo.image_size = small ? 28 : 32;
   return mo;
 }
-
-// --threads and the Python reference's options, common to bench step and bench train.
-void add_common_options(CLI::App* cmd, int64_t& threads, Python& py, std::string& reference) {
-  cmd->add_option("--threads", threads, "Intra-op threads for both sides (0: all cores)")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--python", py.interpreter, "Python with torch for the reference")->capture_default_str();
-  cmd->add_option("--reference", reference, "Path of scripts/reference_bench.py (found by default)");
-  cmd->add_flag("--no-python", [&py](int64_t) { py.enabled = false; }, "Do not run the Python reference");
-}
-
-// Sets the thread count for this process (the Python side gets the same) and finds the reference script.
-int start_bench(int64_t threads_flag, Python& py, const std::string& reference) {
-  const int threads = resolve_threads(threads_flag);
-  torch::set_num_threads(threads);
-  py.script = find_reference_script(reference);
-  return threads;
-}
-
-// The best rate of dense arithmetic this machine gives LibTorch right now, in FLOP/s: a matrix multiply
-// (BLAS) and a 3x3 convolution forward (oneDNN where LibTorch has it), the better of the two. Training cannot
-// run much faster than this however its work is organised.
-struct DenseRate {
-  double matmul = 0, convolution = 0;
-  double best() const { return std::max(matmul, convolution); }
-};
 
 DenseRate dense_rate() {
   torch::NoGradGuard no_grad;
@@ -200,13 +203,34 @@ DenseRate dense_rate() {
   return rate;
 }
 
+namespace {
+
+// --threads and the Python reference's options, common to bench step and bench train.
+void add_common_options(CLI::App* cmd, int64_t& threads, Python& py, std::string& reference) {
+  cmd->add_option("--threads", threads, "Intra-op threads for both sides (0: all cores)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--python", py.interpreter, "Python with torch for the reference")->capture_default_str();
+  cmd->add_option("--reference", reference, "Path of scripts/reference_bench.py (found by default)");
+  cmd->add_flag("--no-python", [&py](int64_t) { py.enabled = false; }, "Do not run the Python reference");
+}
+
+// Sets the thread count for this process (the Python side gets the same) and finds the reference script.
+int start_bench(int64_t threads_flag, Python& py, const std::string& reference) {
+  const int threads = resolve_threads(threads_flag);
+  torch::set_num_threads(threads);
+  py.script = find_reference_script(reference);
+  return threads;
+}
+
 }  // namespace
 
 Runner add_bench_step_command(CLI::App& bench) {
   auto* cmd = bench.add_subcommand(
       "step", "Optimizer step: fused kernel vs per-tensor LibTorch ops vs the Python reference vs the bandwidth bound");
   struct Args {
-    std::vector<std::string> models{"resnet18", "resnet50"}, optimizers{"lars", "tvlars", "lamb"}, instruction_sets;
+    std::vector<std::string> models{"resnet18", "resnet50"}, optimizers{"lars", "tvlars", "lamb"}, instruction_sets,
+        block_sizes;
     int64_t repeats = 20, threads = 0;
     std::string reference, json_out;
     Python py;
@@ -221,6 +245,10 @@ Runner add_bench_step_command(CLI::App& bench) {
   cmd->add_option("--json", a->json_out, "Also write the measurements to this JSON file");
   cmd->add_option("--instruction-sets", a->instruction_sets,
                   "Also time the fused step with each of these instruction sets (all: every one this CPU runs)")
+      ->delimiter(',');
+  cmd->add_option("--block-bytes", a->block_sizes,
+                  "Also time the fused step with each of these block budgets per thread (e.g. 256K,1M,4M; the "
+                  "default comes from the L2 cache, LARGEBATCH_STEP_BLOCK_BYTES overrides it)")
       ->delimiter(',');
   add_common_options(cmd, a->threads, a->py, a->reference);
 
@@ -237,10 +265,16 @@ Runner add_bench_step_command(CLI::App& bench) {
         if (std::find(runnable.begin(), runnable.end(), name) == runnable.end())
           throw std::invalid_argument("--instruction-sets: '" + name + "' is not one this build runs on this CPU (" +
                                       runnable_list + "or all)");
+      std::vector<int64_t> block_sizes;
+      for (const auto& text : a->block_sizes) {
+        block_sizes.push_back(optim::parse_byte_count(text, "--block-bytes"));
+        if (block_sizes.back() <= 0) throw std::invalid_argument("--block-bytes: '" + text + "' is not positive");
+      }
       const int threads = start_bench(a->threads, a->py, a->reference);
       for (const auto& m : a->models) models::make_model(bench_model(m));  // bad names fail before timing
-      std::printf("largebatch bench step: %d thread(s), median of %lld steps; %s\n", threads,
-                  static_cast<long long>(a->repeats), runtime_summary().c_str());
+      const int64_t default_block = optim::fused_step_block_bytes();
+      std::printf("largebatch bench step: %d thread(s), median of %lld steps; %s\n%s\n", threads,
+                  static_cast<long long>(a->repeats), runtime_summary().c_str(), cache_summary().c_str());
       const double bandwidth_before = stream_triad_bandwidth();
       std::printf("STREAM triad: %.1f GB/s\n", bandwidth_before / 1e9);
       json results = json::array();
@@ -290,6 +324,12 @@ Runner add_bench_step_command(CLI::App& bench) {
             by_set[name] = time_kernel(optim::StepKernel::kFused, &traffic);
           }
           optim::use_fused_step_instruction_set(default_set);
+          json by_block = json::object();
+          for (const int64_t bytes : block_sizes) {
+            optim::use_fused_step_block_bytes(bytes);
+            by_block[std::to_string(bytes)] = time_kernel(optim::StepKernel::kFused, &traffic);
+          }
+          optim::use_fused_step_block_bytes(default_block);
           std::string why;
           const json py = run_python(a->py,
                                      "step --shapes " + shell_quote(shapes_file) + " --optimizer " + opt_name +
@@ -302,7 +342,8 @@ Runner add_bench_step_command(CLI::App& bench) {
           for (const auto& item : named) count += item.value().numel();
           results.push_back({{"model", model_name}, {"optimizer", opt_name}, {"parameters", count},
                              {"fused_s", fused}, {"tensor_ops_s", ops}, {"python_s", python},
-                             {"bytes", traffic}, {"fused_s_by_instruction_set", by_set}});
+                             {"bytes", traffic}, {"fused_s_by_instruction_set", by_set},
+                             {"fused_s_by_block_bytes", by_block}});
         }
       }
       const double bandwidth_after = stream_triad_bandwidth();
@@ -338,8 +379,29 @@ Runner add_bench_step_command(CLI::App& bench) {
           std::printf("\n");
         }
       }
+      if (!block_sizes.empty()) {
+        std::printf("\nThe fused step (ms) by block budget per thread (the default: %s; every one gives the same "
+                    "bits)\n\n| model | optimizer |", byte_text(default_block).c_str());
+        for (const int64_t bytes : block_sizes) std::printf(" %s | / bound |", byte_text(bytes).c_str());
+        std::printf("\n| --- | --- |");
+        for (size_t k = 0; k < block_sizes.size(); ++k) std::printf(" --- | --- |");
+        std::printf("\n");
+        for (const auto& r : results) {
+          std::printf("| %s | %s |", r["model"].get<std::string>().c_str(), r["optimizer"].get<std::string>().c_str());
+          for (const int64_t bytes : block_sizes) {
+            const double t = r["fused_s_by_block_bytes"][std::to_string(bytes)];
+            std::printf(" %.2f | %.2f |", t * 1e3, t / r["bound_s"].get<double>());
+          }
+          std::printf("\n");
+        }
+      }
       if (!a->json_out.empty()) {
+        const auto caches = optim::cpu_caches();
         json out = {{"threads", threads},
+                    {"cpu_caches", {{"l1d_bytes", caches.l1d_bytes}, {"l2_bytes", caches.l2_bytes},
+                                    {"l2_shared_by", caches.l2_shared_by}, {"l3_bytes", caches.l3_bytes},
+                                    {"l3_shared_by", caches.l3_shared_by}, {"source", caches.source}}},
+                    {"fused_step_block_bytes", default_block},
                     {"stream_triad_bytes_per_s", bandwidth},
                     {"fused_step_instruction_set", default_set},
                     {"results", results}};

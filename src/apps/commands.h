@@ -26,6 +26,7 @@ Runner add_bench_command(CLI::App& app);  // bench pipeline, and the two below
 Runner add_bench_step_command(CLI::App& bench);
 Runner add_bench_train_command(CLI::App& bench);
 Runner add_bench_pretrain_command(CLI::App& bench);
+Runner add_bench_profile_command(CLI::App& bench);  // bench_profile.cpp
 Runner add_launch_command(CLI::App& app);
 Runner add_compare_command(CLI::App& app);
 Runner add_pretrain_command(CLI::App& app);

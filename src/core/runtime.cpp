@@ -48,7 +48,8 @@ namespace {
 // The fused step's instruction set, or why there is none (a bad LARGEBATCH_STEP_SIMD must not stop --version).
 std::string fused_step_set() {
   try {
-    return optim::fused_step_instruction_set();
+    return optim::fused_step_instruction_set() + " in blocks of " +
+           std::to_string(optim::fused_step_block_bytes() >> 10) + " KiB per thread";
   } catch (const std::exception& e) {
     return std::string("unavailable (") + e.what() + ")";
   }

@@ -1,6 +1,9 @@
 #include <largebatch/models/models.h>
 #include <largebatch/models/pooling.h>
 
+#include "batch_norm_kernel.h"
+
+#include <ATen/record_function.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -349,6 +352,7 @@ bool ConvImpl::unrolls(const torch::Tensor& x) const {
 
 torch::Tensor ConvImpl::forward(const torch::Tensor& x) {
   if (!unrolls(x)) return nn::Conv2dImpl::forward(x);
+  RECORD_FUNCTION("largebatch::small_map_conv2d", std::vector<c10::IValue>{});  // named in profiles
   const auto& o = options;
   const auto& padding = c10::get<torch::ExpandingArray<2>>(o.padding());
   const int64_t n = x.size(0), in = weight.size(1), h = x.size(2), w = x.size(3);
@@ -453,8 +457,10 @@ torch::Tensor SyncableBatchNorm2dImpl::ghost_forward(const torch::Tensor& input,
   torch::Tensor means, variances;
   int64_t groups = 0;
   for (const auto& group : input.split(group_size, 0)) {
-    out.push_back(torch::batch_norm(group, weight, bias, /*running_mean=*/{}, /*running_var=*/{}, /*training=*/true,
-                                    0.0, options.eps(), at::globalContext().userEnabledCuDNN()));
+    out.push_back(small_map_kernels && batch_norm_kernel_takes(group, weight, bias)
+                      ? batch_norm_training(group, weight, bias, {}, {}, 0.0, options.eps())
+                      : torch::batch_norm(group, weight, bias, /*running_mean=*/{}, /*running_var=*/{},
+                                          /*training=*/true, 0.0, options.eps(), at::globalContext().userEnabledCuDNN()));
     if (!track) continue;
     torch::NoGradGuard no_grad;
     const auto x = group.detach().to(torch::kFloat64);
@@ -485,12 +491,15 @@ torch::Tensor SyncableBatchNorm2dImpl::forward(const torch::Tensor& input) {
   const int64_t pixels = input.size(2) * input.size(3);
   if (is_training() && !cross_rank_sum_ && small_map_kernels && pixels >= 2 && pixels <= 4 && input.device().is_cpu() &&
       input.is_contiguous()) {
+    RECORD_FUNCTION("largebatch::small_map_batch_norm", std::vector<c10::IValue>{});  // named in profiles
     const int64_t n = input.size(0), channels = input.size(1);
     const auto rows = input.view({n, channels, pixels}).transpose(1, 2).reshape({n * pixels, channels});
     const auto out = torch::batch_norm(rows, weight, bias, running_mean, running_var, /*training=*/true, momentum,
                                        options.eps(), /*cudnn_enabled=*/false);
     return out.view({n, pixels, channels}).transpose(1, 2).contiguous().view(input.sizes());  // NCHW again
   }
+  if (is_training() && !cross_rank_sum_ && small_map_kernels && batch_norm_kernel_takes(input, weight, bias))
+    return batch_norm_training(input, weight, bias, running_mean, running_var, momentum, options.eps());
   if (!is_training() || !cross_rank_sum_) {
     // torch::nn::BatchNorm2d's computation (batch statistics in training, running ones in eval).
     return torch::batch_norm(input, weight, bias, running_mean, running_var,

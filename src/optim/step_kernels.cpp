@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <stdexcept>
@@ -101,9 +102,25 @@ bool dense_like(const torch::Tensor& x, const torch::Tensor& p) {
 // between threads. Fixed (not derived from the thread count) so that sums do not depend on it.
 constexpr int64_t kChunk = int64_t{1} << 13;
 
-// Tensors are stepped in blocks of whole tensors whose w, g and state take about this much per thread: half a
-// typical L2 cache, so that the block is still cached when pass 2 follows pass 1.
-constexpr int64_t kBlockBytesPerThread = int64_t{512} << 10;
+// The blocks' budget per thread (fused_step_block_bytes): 0 until the first step reads the caches or the
+// environment, and after use_fused_step_block_bytes(0).
+std::atomic<int64_t> chosen_block_bytes{0};
+
+int64_t block_bytes_from_caches() {
+  const CpuCaches c = cpu_caches();
+  if (c.l2_bytes <= 0) return int64_t{512} << 10;
+  return std::max<int64_t>(int64_t{64} << 10, c.l2_bytes / std::max(1, c.l2_shared_by) / 2);
+}
+
+int64_t active_block_bytes() {
+  int64_t bytes = chosen_block_bytes.load();
+  if (bytes > 0) return bytes;
+  const char* env = std::getenv("LARGEBATCH_STEP_BLOCK_BYTES");
+  bytes = (env && *env) ? parse_byte_count(env, "LARGEBATCH_STEP_BLOCK_BYTES") : block_bytes_from_caches();
+  if (bytes <= 0) throw std::invalid_argument("LARGEBATCH_STEP_BLOCK_BYTES: must be positive");
+  chosen_block_bytes.store(bytes);
+  return bytes;
+}
 
 struct Chunk {
   size_t entry;
@@ -215,37 +232,29 @@ int64_t footprint(const Plan<T>& p) {
   return arrays * p.n * static_cast<int64_t>(sizeof(T));
 }
 
-// Pass 1, the ratios, then pass 2 over plans [begin, end).
-template <typename T>
-void step_block(const simd::Kernels& kernels, const std::vector<StepEntry>& entries, const std::vector<size_t>& which,
-                std::vector<Plan<T>>& plans, size_t begin, size_t end, std::vector<LayerNorms>* norms) {
-  // Pass 1 runs over adapted tensors (norms) and LAMB tensors (moments).
+// Plans [begin, end) cut into chunks: those of pass 1 (adapted tensors: norms; LAMB tensors: moments) with
+// pass 1's partial sums, and those of pass 2 (every tensor).
+struct Block {
+  size_t begin = 0, end = 0;
   std::vector<Chunk> first, second;
-  for (size_t k = begin; k < end; ++k) {
-    for (int64_t b = 0; b < plans[k].n; b += kChunk) {
-      const Chunk c{k, b, std::min(plans[k].n, b + kChunk)};
-      if (plans[k].adapt || plans[k].adam) first.push_back(c);
-      second.push_back(c);
-    }
-  }
-  std::vector<Sums> partial(first.size());
-  at::parallel_for(0, static_cast<int64_t>(first.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c)
-      partial[c] = first_pass(kernels, plans[first[c].entry], first[c].begin, first[c].end);
-  });
+  std::vector<Sums> partial;
+};
 
-  // Norms in chunk order, then each ratio on the host.
-  std::vector<Sums> total(end - begin);
-  for (size_t c = 0; c < first.size(); ++c) {
-    Sums& s = total[first[c].entry - begin];
-    s.w += partial[c].w;
-    s.d += partial[c].d;
-    s.u += partial[c].u;
-    s.g += partial[c].g;
+// The ratios of a block's adapted tensors from pass 1's sums, added in chunk order.
+template <typename T>
+void form_ratios(const std::vector<StepEntry>& entries, const std::vector<size_t>& which, std::vector<Plan<T>>& plans,
+                 const Block& block, std::vector<LayerNorms>* norms) {
+  std::vector<Sums> total(block.end - block.begin, Sums{0, 0, 0, 0});
+  for (size_t c = 0; c < block.first.size(); ++c) {
+    Sums& s = total[block.first[c].entry - block.begin];
+    s.w += block.partial[c].w;
+    s.d += block.partial[c].d;
+    s.u += block.partial[c].u;
+    s.g += block.partial[c].g;
   }
-  for (size_t k = begin; k < end; ++k) {
+  for (size_t k = block.begin; k < block.end; ++k) {
     if (!plans[k].adapt) continue;
-    const Sums& sums = total[k - begin];
+    const Sums& sums = total[k - block.begin];
     const StepEntry& e = entries[which[k]];
     const LayerwiseOptions& o = *e.options;
     const double w_norm = std::sqrt(sums.w), g_norm = std::sqrt(sums.g);
@@ -258,10 +267,6 @@ void step_block(const simd::Kernels& kernels, const std::vector<StepEntry>& entr
       plans[k].decay = simd::kNoDecay;
     if (norms) (*norms)[which[k]] = LayerNorms{w_norm, denominator, static_cast<double>(plans[k].ratio), g_norm};
   }
-
-  at::parallel_for(0, static_cast<int64_t>(second.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) second_pass(kernels, plans[second[c].entry], second[c].begin, second[c].end);
-  });
 }
 
 // Steps the entries whose element type is T.
@@ -273,19 +278,55 @@ void fused_step_of(const std::vector<StepEntry>& entries, const std::vector<size
   plans.reserve(which.size());
   for (size_t i : which) plans.push_back(plan_of<T>(entries[i]));
 
-  // Tensors are stepped in blocks of whole tensors whose w, g and state fit a cache budget: pass 2 of a block
-  // follows its pass 1 while the block is still cached, so memory sees each element about once.
-  const int64_t budget = kBlockBytesPerThread * at::get_num_threads();
-  size_t block_begin = 0;
-  while (block_begin < plans.size()) {
-    size_t block_end = block_begin;
+  // Blocks of whole tensors whose w, g and state fit the cache budget: pass 2 of a block follows its pass 1
+  // while the block is still cached, so memory sees each element about once.
+  const int threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  const int64_t budget = active_block_bytes() * threads;
+  std::vector<Block> blocks;
+  for (size_t begin = 0; begin < plans.size();) {
+    Block b;
+    b.begin = b.end = begin;
     int64_t bytes = 0;
     do {
-      bytes += footprint(plans[block_end]);
-      ++block_end;
-    } while (block_end < plans.size() && bytes + footprint(plans[block_end]) <= budget);
-    step_block(kernels, entries, which, plans, block_begin, block_end, norms);
-    block_begin = block_end;
+      bytes += footprint(plans[b.end]);
+      ++b.end;
+    } while (b.end < plans.size() && bytes + footprint(plans[b.end]) <= budget);
+    for (size_t k = b.begin; k < b.end; ++k)
+      for (int64_t c = 0; c < plans[k].n; c += kChunk) {
+        const Chunk chunk{k, c, std::min(plans[k].n, c + kChunk)};
+        if (plans[k].adapt || plans[k].adam) b.first.push_back(chunk);
+        b.second.push_back(chunk);
+      }
+    b.partial.resize(b.first.size());
+    begin = b.end;
+    blocks.push_back(std::move(b));
+  }
+
+  // One team of threads for the whole step: a parallel region per pass would start and stop the team twice per
+  // block, hundreds of times per step. Per block: pass 1 (the loop's barrier), the ratios on one thread (the
+  // single's barrier), then pass 2 with no barrier after it, as the next block's pass 1 touches other tensors.
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+  {
+    for (Block& block : blocks) {
+      const int64_t n_first = static_cast<int64_t>(block.first.size());
+      const int64_t n_second = static_cast<int64_t>(block.second.size());
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t c = 0; c < n_first; ++c)
+        block.partial[c] = first_pass(kernels, plans[block.first[c].entry], block.first[c].begin, block.first[c].end);
+#ifdef _OPENMP
+#pragma omp single
+#endif
+      form_ratios(entries, which, plans, block, norms);
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+      for (int64_t c = 0; c < n_second; ++c)
+        second_pass(kernels, plans[block.second[c].entry], block.second[c].begin, block.second[c].end);
+    }
   }
 
   // Written through raw pointers: bump the version counters as in-place operations would, so autograd still
@@ -355,6 +396,14 @@ std::string fused_step_instruction_set() { return detail::active_kernels().name;
 
 void use_fused_step_instruction_set(const std::string& name) {
   detail::chosen_kernels.store(detail::kernels_named(name, "use_fused_step_instruction_set"));
+}
+
+int64_t fused_step_block_bytes() { return detail::active_block_bytes(); }
+
+void use_fused_step_block_bytes(int64_t bytes) {
+  if (bytes < 0)
+    throw std::invalid_argument("use_fused_step_block_bytes: " + std::to_string(bytes) + " is negative");
+  detail::chosen_block_bytes.store(bytes);
 }
 
 }  // namespace optim

@@ -39,9 +39,10 @@ class SyncableBatchNorm2dImpl : public torch::nn::Cloneable<SyncableBatchNorm2dI
 
   torch::nn::BatchNormOptions options;
   torch::Tensor weight, bias, running_mean, running_var, num_batches_tracked;
-  // Batch statistics of CPU maps of 2 to 4 pixels computed over an [N*H*W, C] view: LibTorch 1.13's NCHW
-  // kernel loops over a handful of pixels per image there and is 4-10x slower (ClassifierImpl::
-  // set_cpu_kernels). The same statistics, summed in another order.
+  // largebatch's CPU kernels in training (ClassifierImpl::set_cpu_kernels): batch statistics of maps of 2 to 4
+  // pixels over an [N*H*W, C] view (LibTorch 1.13's NCHW kernel loops over a handful of pixels per image there),
+  // and for other dense NCHW maps a forward and backward of its own (LibTorch's statistics run a scalar Welford
+  // loop). The same statistics, summed in another order.
   bool small_map_kernels = true;
   // Ghost BatchNorm (MLPerf's "BN span"): in training, statistics over consecutive groups of this many images
   // of the batch (the last one may be smaller), each group normalised as batch_norm normalises it alone; the

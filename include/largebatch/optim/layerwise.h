@@ -78,6 +78,26 @@ std::string fused_step_instruction_set();
 // Use this one from now on (std::invalid_argument naming the choices when unknown or not runnable here).
 void use_fused_step_instruction_set(const std::string& name);
 
+// The caches of the CPU this process runs on, as Linux describes cpu0's (/sys/devices/system/cpu/cpu0/cache;
+// sysconf where that is missing): sizes in bytes, 0 where unknown, and how many logical CPUs share one.
+struct CpuCaches {
+  int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
+  int l2_shared_by = 1, l3_shared_by = 1;
+  std::string source;  // "sysfs", "sysconf" or "none"
+};
+CpuCaches cpu_caches();
+
+// The fused kernel steps blocks of whole tensors whose w, g and state take about this many bytes per thread,
+// so that a block is still cached when its second pass follows its first: half the L2 cache one logical CPU
+// has (512 KiB when the caches are unknown), or the environment variable LARGEBATCH_STEP_BLOCK_BYTES (bytes,
+// or with a K or M suffix). The blocking never changes the results.
+int64_t fused_step_block_bytes();
+// Use this budget per thread from now on; 0: the default again (LARGEBATCH_STEP_BLOCK_BYTES, else the caches'),
+// read at the next step (std::invalid_argument below 0).
+void use_fused_step_block_bytes(int64_t bytes);
+// Parses a byte count: "524288", "512K", "1M" (std::invalid_argument naming `what` otherwise).
+int64_t parse_byte_count(const std::string& text, const std::string& what);
+
 struct Range {
   double lo = 0;
   double hi = 0;

@@ -1,0 +1,32 @@
+#pragma once
+// What the bench commands share (bench_speed.cpp defines these): the machine's dense rate, the models as the
+// benchmarks build them, and the facts a figure depends on.
+#include <largebatch/models/models.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace largebatch {
+namespace apps {
+
+// The best rate of dense arithmetic this machine gives LibTorch right now, in FLOP/s: a matrix multiply
+// (BLAS) and a 3x3 convolution forward (oneDNN where LibTorch has it), the better of the two. Training cannot
+// run much faster than this however its work is organised.
+struct DenseRate {
+  double matmul = 0, convolution = 0;
+  double best() const { return matmul > convolution ? matmul : convolution; }
+};
+DenseRate dense_rate();
+
+// A zoo model as the benchmarks train it: the studies' 1x28x28 images for cnn, mlp and resnet20, CIFAR's
+// 3x32x32 for resnet18; 10 classes.
+models::ModelOptions bench_model(const std::string& name);
+
+// "CPU <model> | caches (...): L1d ..., L2 ... | fused-step blocks ... per thread".
+std::string cache_summary();
+
+double median(std::vector<double> values);
+
+}  // namespace apps
+}  // namespace largebatch
