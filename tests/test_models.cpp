@@ -230,6 +230,25 @@ TEST(Models, OwnBatchNormComputesWhatBatchNormComputes) {
       }
     }
   }
+  // Without running statistics (track_running_stats false; ghost BatchNorm's groups), and ghost BatchNorm itself.
+  for (const bool ghost : {false, true}) {
+    SCOPED_TRACE(ghost ? "ghost groups of 4" : "no running statistics");
+    torch::manual_seed(7);
+    auto options = torch::nn::BatchNormOptions(3).track_running_stats(ghost);
+    lm::SyncableBatchNorm2d own(options), library(options);
+    library->small_map_kernels = false;
+    own->group_size = library->group_size = ghost ? 4 : 0;
+    const auto x = torch::randn({10, 3, 5, 5}, torch::kFloat64).requires_grad_(true);
+    const auto x2 = x.detach().clone().requires_grad_(true);
+    own->to(torch::kFloat64);
+    library->to(torch::kFloat64);
+    const auto y = own->forward(x), y2 = library->forward(x2);
+    EXPECT_TRUE(torch::allclose(y, y2, 1e-12, 1e-12));
+    (y * y).sum().backward();
+    (y2 * y2).sum().backward();
+    EXPECT_TRUE(torch::allclose(x.grad(), x2.grad(), 1e-12, 1e-12));
+    if (ghost) EXPECT_TRUE(torch::allclose(own->running_var, library->running_var, 1e-12, 1e-12));
+  }
   // A second derivative (create_graph) through both.
   torch::manual_seed(8);
   lm::SyncableBatchNorm2d own(4), library(4);

@@ -93,10 +93,16 @@ void normalise(const T* x, T* y, int64_t n, int64_t channels, int64_t plane, con
   });
 }
 
+// The running statistics a forward pass moves (undefined when none): outside autograd's inputs, which must be
+// defined tensors.
+struct RunningStats {
+  torch::Tensor mean, var;
+};
+
 template <typename T>
 torch::Tensor forward_as(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-                         const torch::Tensor& running_mean, const torch::Tensor& running_var, double momentum,
-                         double eps, torch::Tensor* mean_out, torch::Tensor* invstd_out) {
+                         const RunningStats& running, double momentum, double eps, torch::Tensor* mean_out,
+                         torch::Tensor* invstd_out) {
   const int64_t n = input.size(0), channels = input.size(1), plane = input.size(2) * input.size(3);
   const T* x = input.data_ptr<T>();
   std::vector<double> mean(channels), var_sum(channels), invstd(channels);
@@ -110,11 +116,11 @@ torch::Tensor forward_as(const torch::Tensor& input, const torch::Tensor& weight
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   *mean_out = torch::from_blob(mean.data(), {channels}, f64).clone();
   *invstd_out = torch::from_blob(invstd.data(), {channels}, f64).clone();
-  if (running_mean.defined() && running_var.defined()) {
+  if (running.mean.defined() && running.var.defined()) {
     torch::NoGradGuard no_grad;
     const auto unbiased = torch::from_blob(var_sum.data(), {channels}, f64) / (count - 1);
-    running_mean.mul_(1 - momentum).add_(mean_out->to(running_mean.scalar_type()), momentum);
-    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.scalar_type()), momentum);
+    running.mean.mul_(1 - momentum).add_(mean_out->to(running.mean.scalar_type()), momentum);
+    running.var.mul_(1 - momentum).add_(unbiased.to(running.var.scalar_type()), momentum);
   }
   return output;
 }
@@ -165,13 +171,11 @@ variable_list backward_as(const torch::Tensor& grad, const torch::Tensor& input,
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
-                               const torch::Tensor& bias, const torch::Tensor& running_mean,
-                               const torch::Tensor& running_var, double momentum, double eps) {
+                               const torch::Tensor& bias, const RunningStats* running, double momentum, double eps) {
     torch::Tensor mean, invstd;
-    const auto output =
-        input.scalar_type() == torch::kDouble
-            ? forward_as<double>(input, weight, bias, running_mean, running_var, momentum, eps, &mean, &invstd)
-            : forward_as<float>(input, weight, bias, running_mean, running_var, momentum, eps, &mean, &invstd);
+    const auto output = input.scalar_type() == torch::kDouble
+                            ? forward_as<double>(input, weight, bias, *running, momentum, eps, &mean, &invstd)
+                            : forward_as<float>(input, weight, bias, *running, momentum, eps, &mean, &invstd);
     ctx->save_for_backward({input, weight, mean, invstd});
     ctx->saved_data["eps"] = eps;
     return output;
@@ -199,7 +203,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                   ? backward_as<double>(grad, input, weight, mean, invstd, ctx->needs_input_grad(0))
                   : backward_as<float>(grad, input, weight, mean, invstd, ctx->needs_input_grad(0));
     }
-    return {grads[0], grads[1], grads[2], torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {grads[0], grads[1], grads[2], torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -221,7 +225,8 @@ torch::Tensor batch_norm_training(const torch::Tensor& input, const torch::Tenso
                                   const torch::Tensor& running_mean, const torch::Tensor& running_var,
                                   double momentum, double eps) {
   RECORD_FUNCTION("largebatch::batch_norm", std::vector<c10::IValue>{});  // named in profiles
-  return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, momentum, eps);
+  const RunningStats running{running_mean, running_var};
+  return BatchNormFunction::apply(input, weight, bias, &running, momentum, eps);
 }
 
 }  // namespace models
