@@ -57,7 +57,7 @@ fuzz:
 # Speed against the Python reference and the bandwidth bound (docs/PERFORMANCE.md); needs python3-torch.
 bench: build
 	bash scripts/setup.sh --bench
-	$(BUILD_DIR)/largebatch bench step --repeats 30 --instruction-sets all
+	$(BUILD_DIR)/largebatch bench step --repeats 30 --instruction-sets all --block-bytes 128K,512K,2M,8M
 	$(BUILD_DIR)/bench_step --benchmark_counters_tabular=true --benchmark_min_time=0.5
 	$(BUILD_DIR)/largebatch bench train --model resnet18 --batch-sizes 64,128,256,512 --steps 7 --out $(BUILD_DIR)/bench
 	$(BUILD_DIR)/bench_kernels --benchmark_counters_tabular=true --benchmark_min_time=0.5
@@ -69,6 +69,9 @@ bench: build
 	$(BUILD_DIR)/largebatch bench train --model resnet20 --batch-sizes 256,512,1024 --steps 5
 	$(BUILD_DIR)/largebatch bench pretrain --model resnet20 --batch-sizes 256,512 --steps 3
 	$(BUILD_DIR)/largebatch bench pipeline --batches 6
+	$(BUILD_DIR)/largebatch bench profile --model cnn --batch-size 1024
+	$(BUILD_DIR)/largebatch bench profile --model resnet20 --batch-size 512
+	$(BUILD_DIR)/largebatch bench profile --model resnet20 --task barlow-twins --batch-size 512
 
 demo: build
 	bash scripts/demo.sh $(BUILD_DIR)/largebatch
