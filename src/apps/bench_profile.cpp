@@ -347,8 +347,9 @@ Runner add_bench_profile_command(CLI::App& bench) {
                   "| input | weight | stride | calls | forward ms | GFLOP/s | input grad ms | GFLOP/s | weight grad ms |"
                   " GFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
                   static_cast<long long>(a->replays));
-      for (const auto& [c, count] : conv_calls) {
-        const double n = static_cast<double>(count);  // calls per step
+      for (const auto& call : conv_calls) {
+        const ConvCall& c = call.first;  // a named reference: lambdas below capture it
+        const double n = static_cast<double>(call.second);  // calls per step
         const auto x = torch::randn(c.input), w = torch::randn(c.weight);
         auto y = torch::conv2d(x, w, {}, c.stride, c.padding, c.dilation, c.groups);
         const auto dy = torch::randn_like(y);

@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
+#include <ATen/ops/native_batch_norm_backward.h>
 #include <torch/autograd.h>
 
 #include <algorithm>
@@ -48,32 +49,6 @@ void channel_moments(const T* x, int64_t n, int64_t channels, int64_t plane, int
   const double count = static_cast<double>(n * plane), s = lanes_total(sum);
   *mean = shift + s / count;
   *var_sum = std::max(0.0, lanes_total(square) - s * s / count);
-}
-
-// Sum of dy and of dy (x - mean) over channel c's planes.
-template <typename T>
-void channel_gradient_sums(const T* dy, const T* x, int64_t n, int64_t channels, int64_t plane, int64_t c, double mean,
-                           double* sum_dy, double* sum_dy_xmu) {
-  double a[kLanes] = {}, b[kLanes] = {};
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t offset = (k * channels + c) * plane;
-    const T* g = dy + offset;
-    const T* p = x + offset;
-    int64_t i = 0;
-    for (; i + kLanes <= plane; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const double gi = static_cast<double>(g[i + j]);
-        a[j] += gi;
-        b[j] += gi * (static_cast<double>(p[i + j]) - mean);
-      }
-    for (int j = 0; i < plane; ++i, ++j) {
-      const double gi = static_cast<double>(g[i]);
-      a[j] += gi;
-      b[j] += gi * (static_cast<double>(p[i]) - mean);
-    }
-  }
-  *sum_dy = lanes_total(a);
-  *sum_dy_xmu = lanes_total(b);
 }
 
 // y = x alpha + beta per channel (LibTorch's form of (x - mean) invstd w + b).
@@ -125,49 +100,6 @@ torch::Tensor forward_as(const torch::Tensor& input, const torch::Tensor& weight
   return output;
 }
 
-// dx = (dy - sum(dy) / M - (x - mean) invstd^2 sum(dy (x - mean)) / M) invstd w; dw = invstd sum(dy (x - mean));
-// db = sum(dy): LibTorch's batch_norm_backward in training mode.
-template <typename T>
-variable_list backward_as(const torch::Tensor& grad, const torch::Tensor& input, const torch::Tensor& weight,
-                          const torch::Tensor& mean_t, const torch::Tensor& invstd_t, bool want_input) {
-  const int64_t n = input.size(0), channels = input.size(1), plane = input.size(2) * input.size(3);
-  const T* dy = grad.data_ptr<T>();
-  const T* x = input.data_ptr<T>();
-  const T* w = weight.data_ptr<T>();
-  const double* mean = mean_t.data_ptr<double>();
-  const double* invstd = invstd_t.data_ptr<double>();
-  std::vector<double> sum_dy(channels), sum_dy_xmu(channels);
-  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c)
-      channel_gradient_sums(dy, x, n, channels, plane, c, mean[c], &sum_dy[c], &sum_dy_xmu[c]);
-  });
-  auto grad_weight = torch::empty({channels}, weight.options()), grad_bias = torch::empty({channels}, weight.options());
-  for (int64_t c = 0; c < channels; ++c) {
-    grad_weight.data_ptr<T>()[c] = static_cast<T>(sum_dy_xmu[c] * invstd[c]);
-    grad_bias.data_ptr<T>()[c] = static_cast<T>(sum_dy[c]);
-  }
-  torch::Tensor grad_input;
-  if (want_input) {
-    grad_input = torch::empty_like(input, torch::MemoryFormat::Contiguous);
-    T* dx = grad_input.data_ptr<T>();
-    const double count = static_cast<double>(n * plane);
-    at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t c = q % channels;
-        const T m = static_cast<T>(mean[c]), grad_mean = static_cast<T>(sum_dy[c] / count);
-        const T k = static_cast<T>(sum_dy_xmu[c] * invstd[c] * invstd[c] / count);
-        const T scale = static_cast<T>(invstd[c] * static_cast<double>(w[c]));
-        const T* g = dy + q * plane;
-        const T* p = x + q * plane;
-        T* o = dx + q * plane;
-#pragma omp simd
-        for (int64_t i = 0; i < plane; ++i) o[i] = (g[i] - grad_mean - (p[i] - m) * k) * scale;
-      }
-    });
-  }
-  return {grad_input, grad_weight, grad_bias};
-}
-
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
@@ -199,9 +131,12 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                               weight.view(shape);
       grads = {grad_input, grad_weight, grad_bias};
     } else {
-      grads = input.scalar_type() == torch::kDouble
-                  ? backward_as<double>(grad, input, weight, mean, invstd, ctx->needs_input_grad(0))
-                  : backward_as<float>(grad, input, weight, mean, invstd, ctx->needs_input_grad(0));
+      // LibTorch's backward kernel is as fast as the memory traffic allows: given this forward's statistics.
+      const auto type = input.scalar_type();
+      const auto [grad_input, grad_weight, grad_bias] = at::native_batch_norm_backward(
+          grad, input, weight, {}, {}, mean.to(type), invstd.to(type), /*train=*/true,
+          ctx->saved_data["eps"].toDouble(), {ctx->needs_input_grad(0), true, true});
+      grads = {grad_input, grad_weight, grad_bias};
     }
     return {grads[0], grads[1], grads[2], torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }

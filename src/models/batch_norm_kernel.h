@@ -1,9 +1,9 @@
 #pragma once
-// BatchNorm in training mode for dense NCHW float/double CPU maps, forward and backward (private to the
-// models): LibTorch 1.13's CPU kernel gathers the statistics with a scalar Welford loop per channel, slower than
-// the memory traffic (docs/PERFORMANCE.md). Per direction, one pass for the statistics (sums in double, in a
-// fixed order per channel, so the result does not depend on the thread count) and one elementwise pass. The
-// same formulas as LibTorch's, summed in another order.
+// BatchNorm in training mode for dense NCHW float/double CPU maps (private to the models): LibTorch 1.13's CPU
+// forward gathers the statistics with a scalar Welford loop per channel, slower than the memory traffic
+// (docs/PERFORMANCE.md). The forward here makes one pass for the statistics (shifted sums in double, in a fixed
+// order per channel, so the result does not depend on the thread count) and one elementwise pass; the backward
+// is LibTorch's kernel given those statistics. The same formulas as LibTorch's, summed in another order.
 #include <torch/types.h>
 
 namespace largebatch {
