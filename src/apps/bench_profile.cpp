@@ -3,8 +3,8 @@
 // convolutions' arithmetic rate against the dense rate of the same run; the convolution backward pass is
 // replayed layer by layer to split it into input and weight gradients.
 //
-// Operations are timed through LibTorch's RecordFunction callbacks: an operation counts when no other one
-// encloses it on its thread (so nothing is counted twice), a backward node under the layer type of the forward
+// Operations are timed through LibTorch's RecordFunction callbacks: an operation of the training thread counts
+// when no other one encloses it (so nothing is counted twice), a backward node under the layer type of the forward
 // operation that made it (matched by autograd sequence number). Time in a phase outside any operation is the
 // framework's own (dispatch, the autograd engine, allocation).
 #include "bench_support.h"
@@ -67,12 +67,14 @@ struct Profile {
 };
 Profile profile;
 thread_local int depth = 0;
+// The thread that runs the steps: the loader's workers run operations too, at the same time, and do not count.
+std::thread::id stepping_thread;
 
 struct Started : at::ObserverContext {
   Clock::time_point t0;
   uint64_t first_sequence = 0;
   bool outermost = false;
-  bool wrapper = false;
+  bool ignored = false;  // the engine's wrapper of a node, or another thread's operation
 };
 
 // The autograd engine wraps each backward node in a range of this name; the node inside is what counts.
@@ -82,8 +84,8 @@ bool engine_wrapper(const at::RecordFunction& fn) {
 
 std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   auto started = std::make_unique<Started>();
-  started->wrapper = engine_wrapper(fn);
-  if (started->wrapper) return started;
+  started->ignored = engine_wrapper(fn) || std::this_thread::get_id() != stepping_thread;
+  if (started->ignored) return started;
   started->outermost = depth++ == 0;
   if (started->outermost) {
     started->first_sequence = at::sequence_number::peek();
@@ -94,7 +96,7 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
 
 void on_end(const at::RecordFunction& fn, at::ObserverContext* context) {
   auto* started = static_cast<Started*>(context);
-  if (started->wrapper) return;
+  if (started->ignored) return;
   --depth;
   if (!started->outermost) return;
   const double s = seconds_since(started->t0);
@@ -331,6 +333,7 @@ Runner add_bench_profile_command(CLI::App& bench) {
       std::map<std::string, double> phases;
       profile.seconds.clear();
       profile.calls.clear();
+      stepping_thread = std::this_thread::get_id();
       auto handle = at::addGlobalCallback(at::RecordFunctionCallback(on_start, on_end));
       const auto t0 = Clock::now();
       for (int64_t i = 0; i < a->steps; ++i) run(true, &phases);
@@ -398,8 +401,8 @@ Runner add_bench_profile_command(CLI::App& bench) {
       auto ends_with = [](const std::string& t, const std::string& tail) {
         return t.size() >= tail.size() && t.compare(t.size() - tail.size(), tail.size(), tail) == 0;
       };
-      rows.push_back({"data (batch" + std::string(a->task == "barlow-twins" ? " and its two views)" : ")"),
-                      phases["data"] * per, 0});
+      // Barlow Twins: the batch and its two augmented views, as pretrain makes them on the training thread.
+      rows.push_back({"data on the training thread", phases["data"] * per, 0});
       rows.push_back({"zero_grad", phases["zero_grad"] * per, 0});
       const double forward_phase = phases["model forward"] * per, backward_phase = phases["backward"] * per;
       rows.push_back({"forward pass", forward_phase, 0});
@@ -439,11 +442,15 @@ Runner add_bench_profile_command(CLI::App& bench) {
                   2 * conv_forward_macs / 1e9, 2 * conv_input_macs / 1e9,
                   2 * conv_weight_macs / 1e9);
       json out_rows = json::array();
+      std::string phase;  // the row a layer type's row belongs to
       for (const auto& r : rows) {
+        const bool inner = r.what.rfind("  ", 0) == 0;
+        if (!inner) phase = r.what;
         const double rate = r.flops > 0 && r.seconds > 0 ? r.flops / r.seconds : 0.0;
         std::printf("| %s | %.2f | %.1f %% | %s | %s |\n", r.what.c_str(), r.seconds * 1e3, 100 * r.seconds / step_s,
                     rate > 0 ? fixed(rate / 1e9, 1).c_str() : "", rate > 0 ? (fixed(100 * rate / roof.best(), 0) + " %").c_str() : "");
-        out_rows.push_back({{"what", r.what}, {"seconds", r.seconds}, {"flops", r.flops}});
+        out_rows.push_back({{"phase", phase}, {"what", inner ? r.what.substr(2) : r.what}, {"seconds", r.seconds},
+                            {"flops", r.flops}});
       }
       const double replay_total = (replay_forward + replay_input + replay_weight);
       std::printf("\nThe convolutions replayed alone, per step: forward %.2f ms, input gradients %.2f ms, weight "
@@ -454,7 +461,7 @@ Runner add_bench_profile_command(CLI::App& bench) {
                                          replay_total / roof.best()
                                    : 0.0);
       if (!a->json_out.empty()) {
-        json out = {{"model", a->model},           {"task", a->task},
+        json out = {{"model", a->model},           {"task", a->task}, {"cpu_kernels", a->cpu_kernels},
                     {"batch_size", a->batch},      {"threads", threads},
                     {"step_s", step_s},            {"dense_flops_per_s", roof.best()},
                     {"rows", out_rows},            {"convolutions", per_shape},
