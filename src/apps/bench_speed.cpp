@@ -179,7 +179,7 @@ models::ModelOptions bench_model(const std::string& name) {
   return mo;
 }
 
-DenseRate dense_rate() {
+DenseRate dense_rate(bool bf16) {
   torch::NoGradGuard no_grad;
   torch::manual_seed(0);
   auto best_of = [](int repeats, double flops, const std::function<void()>& work) {
@@ -200,6 +200,11 @@ DenseRate dense_rate() {
   const auto x = torch::randn({batch, channels, side, side}), w = torch::randn({channels, channels, 3, 3});
   const double taps = (3.0 * side - 2) * (3.0 * side - 2);  // those not on the zero padding
   rate.convolution = best_of(5, 2.0 * batch * channels * channels * taps, [&] { (void)torch::conv2d(x, w, {}, 1, 1); });
+  if (bf16) {
+    const auto xb = x.to(torch::kBFloat16), wb = w.to(torch::kBFloat16);
+    rate.convolution_bf16 =
+        best_of(5, 2.0 * batch * channels * channels * taps, [&] { (void)torch::conv2d(xb, wb, {}, 1, 1); });
+  }
   return rate;
 }
 
@@ -466,9 +471,13 @@ int run_speed_bench(const SpeedArgs& a, const SpeedBench& bench) {
                 bench.what.c_str(), bench.title.c_str(), a.channels_last ? " (channels-last)" : "",
                 a.cpu_kernels ? "" : " (LibTorch's kernels)", a.optimizer.c_str(), a.precision.c_str(), threads,
                 static_cast<long long>(a.steps), static_cast<long long>(a.warmup), runtime_summary().c_str());
-    const DenseRate roof = dense_rate();
-    std::printf("Dense arithmetic in this run: matrix multiply %.1f GFLOP/s, 3x3 convolution %.1f GFLOP/s\n",
+    const DenseRate roof = dense_rate(a.precision == "bf16");
+    std::printf("Dense arithmetic in this run: matrix multiply %.1f GFLOP/s, 3x3 convolution %.1f GFLOP/s",
                 roof.matmul / 1e9, roof.convolution / 1e9);
+    if (roof.convolution_bf16 > 0)
+      std::printf(", 3x3 convolution in bf16 %.1f GFLOP/s (the rates below are against the best of the three)",
+                  roof.convolution_bf16 / 1e9);
+    std::printf("\n");
     std::printf("| batch | largebatch step ms | largebatch img/s | Python step ms | Python img/s | ratio |"
                 " largebatch GFLOP/s (of dense) | Python GFLOP/s (of dense) |\n"
                 "| --- | --- | --- | --- | --- | --- | --- | --- |\n");

@@ -15,9 +15,14 @@ namespace apps {
 // run much faster than this however its work is organised.
 struct DenseRate {
   double matmul = 0, convolution = 0;
-  double best() const { return matmul > convolution ? matmul : convolution; }
+  double convolution_bf16 = 0;  // the same convolution in bfloat16, when asked for (0 otherwise)
+  double best() const {
+    const double fp32 = matmul > convolution ? matmul : convolution;
+    return convolution_bf16 > fp32 ? convolution_bf16 : fp32;
+  }
 };
-DenseRate dense_rate();
+// With bf16, also the bfloat16 convolution: a bf16 step's rate is then measured against the better of all.
+DenseRate dense_rate(bool bf16 = false);
 
 // A zoo model as the benchmarks train it: the studies' 1x28x28 images for cnn, mlp and resnet20, CIFAR's
 // 3x32x32 for resnet18; 10 classes.
