@@ -1,6 +1,7 @@
 // `largebatch bench pipeline`: input-pipeline images/s against training images/s, measured in one run
 // (bench step and bench train are in bench_speed.cpp).
 // `largebatch compare A B`: tensor-by-tensor difference of two saved models or checkpoints.
+#include "bench_support.h"
 #include "commands.h"
 
 #include <largebatch/data/pipeline.h>
@@ -21,13 +22,6 @@
 
 namespace largebatch {
 namespace apps {
-
-namespace {
-
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-}  // namespace
 
 Runner add_bench_command(CLI::App& app) {
   auto* bench = app.add_subcommand("bench", "Measure speed");
@@ -60,8 +54,7 @@ Runner add_bench_command(CLI::App& app) {
     if (const int code = profile(); code != -1) return code;
     if (!pipe->parsed()) return -1;
     try {
-      const int threads = a->threads > 0 ? static_cast<int>(a->threads)
-                                         : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+      const int threads = resolve_threads(a->threads);
       torch::set_num_threads(threads);
       const auto split = data::load_dataset(a->data, a->data_dir);
       std::printf("largebatch bench pipeline: %s, batch %lld, augment %s, %lld batches per measurement\n",
@@ -95,7 +88,7 @@ Runner add_bench_command(CLI::App& app) {
       step();  // warm-up
       auto t0 = Clock::now();
       for (int64_t i = 0; i < a->batches; ++i) step();
-      const double train_rate = static_cast<double>(a->batch * a->batches) / since(t0);
+      const double train_rate = static_cast<double>(a->batch * a->batches) / seconds_since(t0);
       std::printf("| training step (%s, %s, %d threads) | %.0f | 1.00 |\n", a->model.c_str(), a->optimizer.c_str(),
                   threads, train_rate);
 
@@ -109,7 +102,7 @@ Runner add_bench_command(CLI::App& app) {
           loader.start_epoch(epoch);
           while (images < a->batch * a->batches && loader.next(batch)) images += batch.labels.size(0);
         }
-        const double rate = static_cast<double>(images) / since(t1);
+        const double rate = static_cast<double>(images) / seconds_since(t1);
         std::printf("| input pipeline, %lld worker%s | %.0f | %.2f |\n", static_cast<long long>(workers),
                     workers == 1 ? "" : "s", rate, rate / train_rate);
       }

@@ -28,7 +28,6 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
-#include <mutex>
 #include <thread>
 #include <unordered_map>
 
@@ -38,10 +37,6 @@ namespace apps {
 namespace {
 
 using json = nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
 bool contains(const std::string& text, const char* part) { return text.find(part) != std::string::npos; }
 
 // The layer type of a forward operation, from its name.
@@ -57,12 +52,11 @@ std::string layer_type(const std::string& name) {
   return "other (adds, copies, views)";
 }
 
-// Everything the callbacks see, reached through one object: RecordFunction takes plain functions.
+// Everything the callbacks see, reached through one object: RecordFunction takes plain functions. Only the
+// stepping thread's operations reach it (below), so it needs no lock.
 struct Profile {
-  std::mutex mutex;
   std::string phase;  // set by the benchmark between phases, read by the callbacks
   std::map<std::string, double> seconds;  // "layer type forward|backward" -> time
-  std::map<std::string, int64_t> calls;
   std::unordered_map<uint64_t, std::string> type_of_sequence;  // autograd sequence number -> layer type
 };
 Profile profile;
@@ -101,7 +95,6 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext* context) {
   if (!started->outermost) return;
   const double s = seconds_since(started->t0);
   const std::string name = fn.name();
-  std::lock_guard<std::mutex> lock(profile.mutex);
   std::string key;
   if (fn.scope() == at::RecordScope::BACKWARD_FUNCTION) {
     const auto found = profile.type_of_sequence.find(static_cast<uint64_t>(fn.seqNr()));
@@ -116,7 +109,6 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext* context) {
     key = profile.phase == "model forward" ? type + " forward" : type;
   }
   profile.seconds[key] += s;
-  profile.calls[key] += 1;
 }
 
 // One 2-D convolution of the model: its arguments as aten::conv2d received them.
@@ -288,8 +280,7 @@ Runner add_bench_profile_command(CLI::App& bench) {
     if (!cmd->parsed()) return -1;
     try {
       if (a->task == "barlow-twins") (void)train::parse_projector(a->projector);
-      const int threads = a->threads > 0 ? static_cast<int>(a->threads)
-                                         : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+      const int threads = resolve_threads(a->threads);
       torch::set_num_threads(threads);
       const auto split = data::load_dataset(a->data, a->data_dir);
       std::printf("largebatch bench profile: %s, %s step, batch %lld, %s, %d thread(s), %lld steps after %lld; %s\n%s\n",
@@ -332,7 +323,6 @@ Runner add_bench_profile_command(CLI::App& bench) {
       for (int64_t i = 0; i < a->warmup; ++i) run(false, nullptr);
       std::map<std::string, double> phases;
       profile.seconds.clear();
-      profile.calls.clear();
       stepping_thread = std::this_thread::get_id();
       auto handle = at::addGlobalCallback(at::RecordFunctionCallback(on_start, on_end));
       const auto t0 = Clock::now();

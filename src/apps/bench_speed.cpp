@@ -37,10 +37,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
 std::string byte_text(int64_t bytes) {
   char text[32];
   if (bytes >= (int64_t{1} << 20) && bytes % (int64_t{1} << 20) == 0)
@@ -52,9 +48,6 @@ std::string byte_text(int64_t bytes) {
   return text;
 }
 
-int resolve_threads(int64_t threads) {
-  return threads > 0 ? static_cast<int>(threads) : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-}
 
 // ---- the Python reference (scripts/reference_bench.py through Debian's python3-torch)
 
@@ -147,6 +140,10 @@ std::string cell(double value, const char* format) {
 
 }  // namespace
 
+int resolve_threads(int64_t threads) {
+  return threads > 0 ? static_cast<int>(threads) : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
@@ -163,8 +160,7 @@ std::string cache_summary() {
   std::ostringstream os;
   os << "CPU " << (model.empty() ? "unknown" : model) << " | caches (" << c.source << "): L1d "
      << byte_text(c.l1d_bytes) << ", L2 " << byte_text(c.l2_bytes) << " per " << c.l2_shared_by << " CPU(s), L3 "
-     << byte_text(c.l3_bytes) << " per " << c.l3_shared_by << " CPU(s) | fused-step blocks "
-     << byte_text(optim::fused_step_block_bytes()) << " per thread";
+     << byte_text(c.l3_bytes) << " per " << c.l3_shared_by << " CPU(s)";
   return os.str();
 }
 

@@ -3,12 +3,21 @@
 // benchmarks build them, and the facts a figure depends on.
 #include <largebatch/models/models.h>
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 namespace largebatch {
 namespace apps {
+
+using Clock = std::chrono::steady_clock;
+inline double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// --threads: the value given, or every core for 0.
+int resolve_threads(int64_t threads);
 
 // The best rate of dense arithmetic this machine gives LibTorch right now, in FLOP/s: a matrix multiply
 // (BLAS) and a 3x3 convolution forward (oneDNN where LibTorch has it), the better of the two. Training cannot
@@ -28,7 +37,8 @@ DenseRate dense_rate(bool bf16 = false);
 // 3x32x32 for resnet18; 10 classes.
 models::ModelOptions bench_model(const std::string& name);
 
-// "CPU <model> | caches (...): L1d ..., L2 ... | fused-step blocks ... per thread".
+// "CPU <model> | caches (...): L1d ..., L2 ... per ... CPU(s), L3 ...": what the fused step sizes its blocks from
+// (runtime_summary() names the block size it chose).
 std::string cache_summary();
 
 double median(std::vector<double> values);
