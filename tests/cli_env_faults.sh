@@ -275,7 +275,7 @@ listening() {  # listening PORT: a TCP socket listens on it (/proc/net/tcp*, sta
   hex=$(printf '%04X' "$1")
   cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v p=":$hex" '$2 ~ p"$" && $4 == "0A" { f = 1 } END { exit !f }'
 }
-port=$((21000 + RANDOM % 20000))
+port=$(rendezvous_port)
 while listening "$port"; do port=$((port + 1)); done
 P=(train --data synthetic --synthetic-size 256 --batch-size 64 --model cnn --epochs 1 --threads 1
    --loader-workers 1 --progress none --no-plots --dist-timeout 60)

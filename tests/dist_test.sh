@@ -21,7 +21,7 @@ cleanup() {
 }
 trap cleanup EXIT
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-port=$((21000 + RANDOM % 20000))
+port=$(rendezvous_port)
 next_port() { port=$((port + 7)); }
 
 # 2560 synthetic images, global batch 256: 10 steps per epoch, 2 epochs = 20 steps.
