@@ -61,6 +61,7 @@ LARGEBATCH_STEP_BLOCK_BYTES=12Q expect step-block-bytes 2 "LARGEBATCH_STEP_BLOCK
 expect skip-limit 2 "--skip-limit must be >= 1" -- $S --skip-limit 0 --out "$WORK/o8c"
 expect unknown-opt-key 2 "unknown optimizer option 'momentun'" -- $S --opt momentun=0.9 --out "$WORK/o9"
 expect bad-opt-value 2 "momentum = 1.5" -- $S --opt momentum=1.5 --out "$WORK/o10"
+expect bad-per-run-lambda 2 "--opt lambda=x/T: expected a positive number before /T" -- $S --optimizer tvlars --opt lambda=x/T --out "$WORK/o10b"
 expect opt-not-kv 2 "not key=value" -- $S --opt momentum --out "$WORK/o11"
 expect micro-batch 2 "--micro-batch 48 does not divide --batch-size 64" -- $S --micro-batch 48 --out "$WORK/o12"
 expect schedule 2 "--schedule: 'exponential' is not" -- $S --schedule exponential --out "$WORK/o13"

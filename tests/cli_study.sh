@@ -118,4 +118,87 @@ rm -rf "$W/s/zz-unfinished"
 out=$("$LB" report "$W/nothing" 2>&1)
 [ $? -eq 2 ] && grep -q "not a directory" <<<"$out" && ok "report of a missing folder: exit 2, named" || bad "report bad dir: $out"
 
+# 6. A study: the candidates run, the rule picks one per cell by validation, follow-ups run from that one, and the
+# report applies the rule itself (it refuses follow-ups that do not come from its choice).
+cat > "$W/select.json" <<'JSON'
+{
+  "command": "train",
+  "fixed": {"data": "synthetic", "synthetic-size": 512, "batch-size": 128, "epochs": 2, "model": "mlp",
+            "val-split": 128, "seed": 0, "loader-workers": 1, "no-plots": true},
+  "axes": {"optimizer": [{"label": "lars", "optimizer": "lars", "axes": {"lr": [0.001, 1]}},
+                         {"label": "sgd", "optimizer": "sgd", "axes": {"lr": [0.0001, 0.1]}}]},
+  "select": {"within": ["optimizer"], "by": "final_val_top1", "then": [{"axes": {"seed": [1, 2]}}],
+             "compare": [["lars", "sgd"]]}
+}
+JSON
+"$LB" sweep "$W/select.json" --out "$W/t" --jobs 2 > "$W/select.log" 2>&1
+rc=$?
+# The expected choice from the candidates' own metrics.csv: the highest final val_top1, the first on a tie.
+best_of() {
+  local best="" best_val=-1 run val
+  for run in "$@"; do
+    val=$(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "val_top1") c = i } NR > 1 { v = $c } END { print v }' \
+          "$W/t/$run/metrics.csv")
+    if awk -v a="$val" -v b="$best_val" 'BEGIN { exit !(a > b) }'; then best=$run best_val=$val; fi
+  done
+  echo "$best"
+}
+lars_best=$(best_of lars__lr-0.001 lars__lr-1)
+sgd_best=$(best_of sgd__lr-0.0001 sgd__lr-0.1)
+follow=$(find "$W/t" -maxdepth 1 -name '*__seed-*' -printf '%f\n' | sort | tr '\n' ' ')
+if [ "$rc" -eq 0 ] && [ -n "$lars_best" ] && [ -n "$sgd_best" ] &&
+   [ "$follow" = "$(printf '%s\n' "${lars_best}__seed-1" "${lars_best}__seed-2" "${sgd_best}__seed-1" "${sgd_best}__seed-2" | sort | tr '\n' ' ')" ] &&
+   [ "$(grep -c '"status": "completed"' "$W"/t/*__seed-*/summary.json | grep -c ':1$')" -eq 4 ]; then
+  ok "study: follow-ups (seeds 1, 2) of the candidate with the best final validation top-1 in each cell: $follow"
+else
+  bad "study sweep (exit $rc): follow-ups '$follow', expected from $lars_best and $sgd_best"; cat "$W/select.log"
+fi
+if "$LB" report "$W/t" > "$W/select-report.log" 2>&1 && grep -q "^## Selection" "$W/t/report.md" &&
+   grep -q "^| lars − sgd | " "$W/t/report.md"; then
+  ok "study report: selection sections and paired differences"
+else
+  bad "study report"; cat "$W/select-report.log"; head -40 "$W/t/report.md"
+fi
+# Tamper with the record: a follow-up said to come from the other candidate is refused.
+other=$([ "$lars_best" = lars__lr-1 ] && echo lars__lr-0.001 || echo lars__lr-1)
+sed -i "s/\"from\": \"$lars_best\"/\"from\": \"$other\"/" "$W/t/study.json"
+out=$("$LB" report "$W/t" 2>&1)
+[ $? -eq 2 ] && grep -q "chooses $lars_best" <<<"$out" && ok "study report refuses follow-ups the rule does not choose" ||
+  bad "tampered study.json accepted: $out"
+
+# 7. Pre-training followed by linear evaluation as one run; a run whose evaluation is missing gets only that.
+cat > "$W/ssl.json" <<'JSON'
+{
+  "command": "pretrain",
+  "fixed": {"data": "synthetic", "synthetic-size": 256, "model": "mlp", "projector": "32-32", "epochs": 1,
+            "batch-size": 64, "loader-workers": 1, "no-plots": true},
+  "axes": {"optimizer": ["lars", "tvlars"]},
+  "linear-eval": {"epochs": 1, "val-split": 64, "no-plots": true}
+}
+JSON
+"$LB" sweep "$W/ssl.json" --out "$W/u" --jobs 2 > "$W/ssl.log" 2>&1
+rc=$?
+done_le=$(grep -l '"status": "completed"' "$W"/u/*/linear-eval/summary.json 2>/dev/null | wc -l)
+if [ "$rc" -eq 0 ] && [ "$done_le" -eq 2 ] && [ -f "$W/u/optimizer-lars/backbone.pt" ]; then
+  ok "pre-training + linear evaluation: both runs evaluated in RUN/linear-eval"
+else
+  bad "ssl sweep (exit $rc, $done_le evaluations)"; cat "$W/ssl.log"
+fi
+stamp=$(stat -c %Y "$W/u/optimizer-lars/backbone.pt")
+rm -rf "$W/u/optimizer-lars/linear-eval"
+"$LB" sweep "$W/ssl.json" --out "$W/u" --jobs 1 > "$W/ssl2.log" 2>&1
+rc=$?
+if [ "$rc" -eq 0 ] && grep -q "\[start\] optimizer-lars linear evaluation" "$W/ssl2.log" &&
+   ! grep -q "\[start\] optimizer-lars$" "$W/ssl2.log" && ! grep -q "\[start\] optimizer-tvlars" "$W/ssl2.log" &&
+   [ "$stamp" = "$(stat -c %Y "$W/u/optimizer-lars/backbone.pt")" ]; then
+  ok "rerun: only the missing linear evaluation ran (backbone untouched, the finished run skipped)"
+else
+  bad "ssl rerun (exit $rc)"; cat "$W/ssl2.log"
+fi
+if "$LB" report "$W/u" > /dev/null 2>&1 && grep -q "pre-training loss" "$W/u/report.md" && grep -q "^| lars | 64 | " "$W/u/report.md"; then
+  ok "report tables pre-training runs by their linear evaluation, with the pre-training loss"
+else
+  bad "ssl report"; head -20 "$W/u/report.md"
+fi
+
 end_checks cli_study

@@ -703,6 +703,23 @@ TEST(Recipes, TheTrainersRecipesSayWhatTheyChange) {
   EXPECT_EQ(given.options.at("lambda"), "0.01");
   EXPECT_DOUBLE_EQ(given.lr, 3);
   EXPECT_EQ(given.schedule, "cosine");
+  // lambda = C/T: C over the run's steps, so one grid value decays phi alike over runs of any length.
+  EXPECT_EQ(lo::resolve_recipe("tvlars", lo::Task::kClassification, 4096, 1000, -1, "auto", {{"lambda", "4/T"}})
+                .options.at("lambda"), "0.004");
+  EXPECT_EQ(lo::resolve_recipe("tvlars:paper", lo::Task::kClassification, 1024, 36, -1, "auto", {{"lambda", "0.5/T"}})
+                .options.at("lambda"), "0.0138889");
+  for (const std::string bad : {"x/T", "-1/T", "0/T", "2/Tx"}) {
+    try {
+      const auto r = lo::resolve_recipe("tvlars", lo::Task::kClassification, 4096, 1000, -1, "auto", {{"lambda", bad}});
+      if (bad == "2/Tx") continue;  // not the C/T form: passed on, refused by the preset's option parser
+      ADD_FAILURE() << bad << " resolved to " << r.options.at("lambda");
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("--opt lambda=" + bad), std::string::npos) << e.what();
+    }
+  }
+  // T unknown (0, a schedule check before the data is read): checked and left as given.
+  EXPECT_EQ(lo::resolve_recipe("tvlars", lo::Task::kClassification, 4096, 0, -1, "auto", {{"lambda", "2/T"}})
+                .options.at("lambda"), "2/T");
   EXPECT_EQ(lo::resolve_recipe("walars", lo::Task::kClassification, 256, 10, -1, "auto", {}).schedule, "warmup-cosine");
   EXPECT_EQ(lo::resolve_recipe("lars", lo::Task::kClassification, 256, 10, -1, "auto", {}).schedule, "constant");
   const auto sgd = lo::resolve_recipe("sgd", lo::Task::kClassification, 1024, 10, -1, "auto", {});

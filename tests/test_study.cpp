@@ -238,3 +238,196 @@ TEST(Report, ChoosesOnValidationWhenRunsHaveIt) {
   const std::string on_test = report_table_2(plain.path);
   EXPECT_NE(on_test.find("| lars | 85.00 ± 0.00 *test* (lr 2) |"), std::string::npos) << on_test;
 }
+
+// ------------------------------------------------------------------ studies: nested axes, selection, follow-ups
+
+TEST(Grid, AValuesOwnAxesVaryRightAfterItForItsRunsOnly) {
+  ScratchFile f(R"({
+    "fixed": {"epochs": 2, "seed": 0},
+    "axes": {
+      "optimizer": [{"label": "lamb", "optimizer": "lamb", "axes": {"lr": [0.005, 0.01]}},
+                    {"label": "tv", "optimizer": "tvlars",
+                     "axes": {"opt": [{"label": "lambda=2/T", "opt": "lambda=2/T"}]}}],
+      "batch-size": [64, 128]
+    }})", ".json");
+  const auto g = lr::read_grid(f.path.string());
+  ASSERT_EQ(g.runs.size(), 6u);  // lamb: 2 lr x 2 batch sizes; tv: 1 x 2
+  EXPECT_EQ(g.runs[0].name, "lamb__lr-0.005__batch-size-64");
+  EXPECT_EQ(g.runs[1].name, "lamb__lr-0.005__batch-size-128");
+  EXPECT_EQ(g.runs[2].name, "lamb__lr-0.01__batch-size-64");
+  EXPECT_EQ(g.runs[5].name, "tv__lambda=2_T__batch-size-128");  // the label as a folder name
+  EXPECT_EQ(g.runs[5].settings, kv({{"epochs", "2"}, {"seed", "0"}, {"optimizer", "tvlars"}, {"opt", "lambda=2/T"},
+                                    {"batch-size", "128"}}));
+  ASSERT_EQ(g.runs[5].choices.size(), 3u);
+  EXPECT_EQ(g.runs[5].choices[1].axis, "opt");
+  EXPECT_EQ(g.runs[5].choices[1].value, "lambda=2/T");  // as written, for reports and `where`
+  EXPECT_FALSE(g.selects);
+}
+
+TEST(Grid, ASelectionPlansFollowUpsFromTheChosenCandidate) {
+  ScratchFile f(R"({
+    "fixed": {"epochs": 2, "seed": 0, "telemetry-every": 0},
+    "axes": {"optimizer": [{"label": "lars", "optimizer": "lars", "axes": {"lr": [1, 2]}}, "sgd"],
+             "batch-size": [64, 128]},
+    "select": {"within": ["optimizer", "batch-size"], "by": "final_val_top1",
+               "then": [{"fixed": {"telemetry-every": 5}, "axes": {"seed": [1, 2]}},
+                        {"where": {"batch-size": 128, "optimizer": ["lars"]}, "axes": {"init": ["xavier-uniform"]}}],
+               "compare": [["lars", "optimizer-sgd"]]}})", ".json");
+  const auto g = lr::read_grid(f.path.string());
+  ASSERT_TRUE(g.selects);
+  EXPECT_EQ(g.selection.within, (std::vector<std::string>{"optimizer", "batch-size"}));
+  ASSERT_EQ(g.runs.size(), 6u);
+  EXPECT_EQ(lr::selection_cell(g.selection, g.runs[0]), "lars__batch-size-64");
+  EXPECT_EQ(lr::selection_cell(g.selection, g.runs[2]), "lars__batch-size-64");  // lr 2: the same cell
+  // lars lr 2 at batch 128 chosen: two seeds, then the variant its cell gets.
+  const auto& chosen = g.runs[3];
+  ASSERT_EQ(chosen.name, "lars__lr-2__batch-size-128");
+  const auto runs = lr::follow_ups(g.selection, chosen);
+  ASSERT_EQ(runs.size(), 3u);
+  EXPECT_EQ(runs[0].name, "lars__lr-2__batch-size-128__seed-1");
+  // The block's settings replace the chosen run's (seed 0, telemetry 0), the rest is kept.
+  EXPECT_EQ(runs[0].settings, kv({{"epochs", "2"}, {"optimizer", "lars"}, {"lr", "2"}, {"batch-size", "128"},
+                                  {"telemetry-every", "5"}, {"seed", "1"}}));
+  EXPECT_EQ(runs[2].name, "lars__lr-2__batch-size-128__init-xavier-uniform");
+  // The variant block does not apply at batch 64.
+  EXPECT_EQ(lr::follow_ups(g.selection, g.runs[2]).size(), 2u);
+  EXPECT_EQ(lr::follow_ups(g.selection, g.runs[4]).size(), 2u);
+  // A pair may name a value by its folder label; it is kept as the grid wrote the value.
+  ASSERT_EQ(g.selection.compare.size(), 1u);
+  EXPECT_EQ(g.selection.compare[0], std::make_pair(std::string("lars"), std::string("sgd")));
+}
+
+TEST(Grid, BadSelectionsNameTheFileAndField) {
+  auto expect_error = [](const std::string& text, const std::string& needle) {
+    ScratchFile f(text, ".json");
+    try {
+      lr::read_grid(f.path.string());
+      ADD_FAILURE() << "no error for " << text;
+    } catch (const std::invalid_argument& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find(f.path.string()), std::string::npos) << what;
+      EXPECT_NE(what.find(needle), std::string::npos) << what;
+    }
+  };
+  const std::string axes = R"("axes": {"lr": [1, 2], "batch-size": [64]}, )";
+  expect_error("{" + axes + R"("select": {"within": ["depth"]}})", "select.within: \"depth\" is not one of");
+  expect_error("{" + axes + R"("select": {"within": ["batch-size"], "by": "test_top1"}})", "select.by: 'test_top1'");
+  expect_error("{" + axes + R"("select": {"by": "final_val_top1"}})", "select.within is missing");
+  expect_error("{" + axes + R"("select": {"within": ["batch-size"], "then": [{"fixed": {"epochs": 3}}]}})",
+               "select.then[0]: needs \"axes\"");
+  expect_error("{" + axes + R"("select": {"within": ["batch-size"], "then": [{"where": {"batch-size": 32}, "axes": {"seed": [1]}}]}})",
+               "select.then[0].where.batch-size: '32' is not a value");
+  expect_error("{" + axes + R"("select": {"within": ["batch-size"], "then": [{"where": {"depth": 1}, "axes": {"seed": [1]}}]}})",
+               "'depth' is not an axis");
+  expect_error("{" + axes + R"("select": {"within": ["batch-size"], "compare": [["64", "96"]]}})",
+               "select.compare: '96' is not a value of the axis 'batch-size'");
+  expect_error("{" + axes + R"("select": {"within": ["batch-size"], "then": [{"axes": {"seed": [1]}}], "sort": 1}})",
+               "select: unknown key \"sort\"");
+  // Choosing among seeds would pick the luckiest draw.
+  expect_error(R"({"axes": {"lr": [1, 2], "seed": [0, 1]}, "select": {"within": ["lr"]}})",
+               "select: 'seed' is an axis of the candidates");
+  // A follow-up may not take an existing folder.
+  expect_error(R"({"axes": {"x": [1, {"label": "x-1__seed-1", "x": 2}]}, "select": {"within": ["x"], "then": [{"axes": {"seed": [1]}}]}})",
+               "two runs would share the folder 'x-1__seed-1'");
+  expect_error(R"({"axes": {"lr": [1]}, "linear-eval": {"epochs": 3}})", "\"linear-eval\" follows pre-training");
+  expect_error(R"({"command": "pretrain", "axes": {"lr": [1]}, "linear-eval": {"backbone": "x.pt"}})",
+               "'backbone' is the run's own backbone.pt");
+  expect_error(R"({"axes": {"lr": [{"lr": 1, "axes": {"seed": [1]}}]}, "select": {"within": ["lr"], "then": [{"axes": {"seed": [{"seed": 2, "axes": {"x": [1]}}]}}]}})",
+               "cannot have its own \"axes\"");
+}
+
+TEST(Selection, TheBestFiniteValueWinsTheFirstOnATie) {
+  EXPECT_EQ(lr::choose({0.8, 0.9, 0.85}, "final_val_top1"), 1);
+  EXPECT_EQ(lr::choose({0.9, 0.9, 0.85}, "best_val_top1"), 0);  // tie: grid order
+  EXPECT_EQ(lr::choose({NAN, 0.7, INFINITY}, "final_val_top1"), 1);  // diverged and non-finite never win
+  EXPECT_EQ(lr::choose({0.5, 0.3, 0.4}, "final_val_loss"), 1);       // a loss: the lowest
+  EXPECT_EQ(lr::choose({NAN, NAN}, "final_val_top1"), -1);
+  EXPECT_EQ(lr::choose({}, "final_val_top1"), -1);
+  EXPECT_TRUE(lr::lower_is_better("final_val_loss"));
+  EXPECT_FALSE(lr::lower_is_better("final_val_top1"));
+}
+
+namespace {
+
+// A finished run of several epochs: val and test top-1 per epoch, as train writes them.
+void fake_epochs(const fs::path& dir, const std::string& config, const std::vector<double>& val,
+                 const std::vector<double>& test, const std::string& status = "completed") {
+  fs::create_directories(dir);
+  std::ofstream(dir / "config.json") << config << "\n";
+  std::ofstream metrics(dir / "metrics.csv");
+  metrics << "epoch,step,lr,phi,train_loss,train_acc,test_loss,test_top1,test_top5,epoch_seconds,val_loss,val_top1,val_top5\n";
+  for (size_t e = 0; e < val.size(); ++e)
+    metrics << e + 1 << "," << 10 * (e + 1) << ",1,1,0.5,0.8,0.6," << test[e] << ",0.99,1.0," << 1 - val[e] << ","
+            << val[e] << ",0.99\n";
+  std::ofstream(dir / "summary.json") << "{\"status\": \"" << status << "\"}\n";
+}
+
+std::string read_all(const fs::path& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), {});
+}
+
+}  // namespace
+
+TEST(Selection, MetricsComeFromTheRunsFiles) {
+  ScratchDir dir("select-metric");
+  fake_epochs(dir.path / "a", "{}", {0.7, 0.9, 0.8}, {0.6, 0.6, 0.6});
+  EXPECT_DOUBLE_EQ(lr::selection_metric((dir.path / "a").string(), "final_val_top1"), 0.8);
+  EXPECT_DOUBLE_EQ(lr::selection_metric((dir.path / "a").string(), "best_val_top1"), 0.9);
+  EXPECT_NEAR(lr::selection_metric((dir.path / "a").string(), "final_val_loss"), 0.2, 1e-12);
+  EXPECT_EQ(lr::finished_state((dir.path / "a").string(), false), "completed");
+  fake_epochs(dir.path / "d", "{}", {0.9}, {0.9}, "diverged");
+  EXPECT_TRUE(std::isnan(lr::selection_metric((dir.path / "d").string(), "final_val_top1")));
+  EXPECT_EQ(lr::finished_state((dir.path / "d").string(), false), "diverged");
+  EXPECT_TRUE(std::isnan(lr::selection_metric((dir.path / "none").string(), "final_val_top1")));
+  EXPECT_EQ(lr::finished_state((dir.path / "none").string(), false), "");
+  // Pre-training followed by linear evaluation: finished when both are, measured by the evaluation.
+  fs::create_directories(dir.path / "p");
+  std::ofstream(dir.path / "p" / "summary.json") << "{\"status\": \"completed\"}\n";
+  EXPECT_EQ(lr::finished_state((dir.path / "p").string(), true), "");
+  fake_epochs(dir.path / "p" / "linear-eval", "{}", {0.55}, {0.5});
+  EXPECT_EQ(lr::finished_state((dir.path / "p").string(), true), "completed");
+  EXPECT_DOUBLE_EQ(lr::selection_metric((dir.path / "p").string(), "final_val_top1"), 0.55);
+}
+
+// The acceptance check of the tuned study: where validation and test disagree, the report's rule picks by
+// validation, reports only the follow-ups' test results, and refuses follow-ups made from another candidate.
+TEST(Report, AStudyChoosesByValidationWhereTheTestSetDisagrees) {
+  ScratchDir dir("study-report");
+  const fs::path d = dir.path;
+  auto config = [](const std::string& lr, int seed) {
+    return "{\"optimizer\": \"lars\", \"batch-size\": 1024, \"lr\": " + lr + ", \"seed\": " + std::to_string(seed) + "}";
+  };
+  // lr 1: best on the test set (0.95), worst on validation; lr 2: best on validation; lr 4 diverged.
+  fake_epochs(d / "lars__lr-1", config("1", 0), {0.70, 0.80}, {0.90, 0.95});
+  fake_epochs(d / "lars__lr-2", config("2", 0), {0.80, 0.90}, {0.60, 0.61});
+  fake_epochs(d / "lars__lr-4", config("4", 0), {0.99}, {0.99}, "diverged");
+  fake_epochs(d / "lars__lr-2__seed-1", config("2", 1), {0.85, 0.88}, {0.62, 0.63});
+  fake_epochs(d / "lars__lr-2__seed-2", config("2", 2), {0.85, 0.87}, {0.64, 0.65});
+  auto study = [&](const std::string& from) {
+    std::ofstream(d / "study.json") << R"({"format": "lbt-study-1", "grid": "g.json", "command": "train",
+      "linear_eval": false, "select": {"within": ["optimizer"], "by": "final_val_top1", "compare": []},
+      "cells": [{"cell": "lars", "values": {"optimizer": "lars"}, "candidates": [
+        {"run": "lars__lr-1", "over": {"lr": "1"}}, {"run": "lars__lr-2", "over": {"lr": "2"}},
+        {"run": "lars__lr-4", "over": {"lr": "4"}}]}],
+      "follow_ups": [{"run": "lars__lr-2__seed-1", "from": ")" << from << R"(", "values": {"seed": "1"}},
+                     {"run": "lars__lr-2__seed-2", "from": ")" << from << R"(", "values": {"seed": "2"}}]})";
+  };
+  study("lars__lr-2");
+  lr::write_report(d.string());
+  const std::string md = read_all(d / "report.md");
+  EXPECT_NE(md.find("|  | lr 2 | 90.00 | **chosen** |"), std::string::npos) << md;
+  EXPECT_NE(md.find("|  | lr 4 | – | diverged |"), std::string::npos) << md;
+  // The chosen lr's follow-ups: mean of 0.63 and 0.65; none of the candidates' test numbers (95, 61) appears.
+  EXPECT_NE(md.find("| lars | 64.00 ± 1.41 (n 2) [lr 2] |"), std::string::npos) << md;
+  EXPECT_EQ(md.find("95.00"), std::string::npos) << md;
+  EXPECT_EQ(md.find("61.00"), std::string::npos) << md;
+  // Follow-ups made from a candidate the rule does not choose are refused.
+  study("lars__lr-1");
+  try {
+    lr::write_report(d.string());
+    ADD_FAILURE() << "a follow-up from the test-set favourite was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("chooses lars__lr-2"), std::string::npos) << e.what();
+  }
+}

@@ -23,5 +23,6 @@
 #include <largebatch/train/options.h>
 #include <largebatch/train/reporter.h>
 #include <largebatch/report/report.h>
+#include <largebatch/report/select.h>
 #include <largebatch/report/sweep.h>
 #include <largebatch/dist/dist.h>

@@ -6,6 +6,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 
 namespace largebatch {
@@ -119,6 +120,26 @@ const Recipe& find_recipe(const std::string& raw) {
   throw std::invalid_argument("unknown optimizer '" + raw + "' (known: " + known + ")");
 }
 
+namespace {
+
+// TVLARS's lambda given as "C/T": C divided by the run's total steps T, so one grid value means the same decay
+// over runs of different lengths (phi's exponent reaches C at the last step). Other values pass unchanged.
+// total_steps 0: the form is checked and the value returned as given.
+std::string per_run_lambda(const std::string& value, int64_t total_steps) {
+  if (value.size() < 3 || value.compare(value.size() - 2, 2, "/T") != 0) return value;
+  const std::string c = value.substr(0, value.size() - 2);
+  char* end = nullptr;
+  const double per_run = std::strtod(c.c_str(), &end);
+  if (end != c.c_str() + c.size() || !std::isfinite(per_run) || per_run <= 0)
+    throw std::invalid_argument("--opt lambda=" + value + ": expected a positive number before /T (C/T: C over the run's steps)");
+  if (total_steps <= 0) return value;  // T not known yet (a check of the schedule alone): checked, left as given
+  char lambda[32];
+  std::snprintf(lambda, sizeof(lambda), "%.6g", per_run / static_cast<double>(total_steps));
+  return lambda;
+}
+
+}  // namespace
+
 ResolvedRecipe resolve_recipe(const std::string& name, Task task, int64_t batch_size, int64_t total_steps,
                               double lr, const std::string& schedule,
                               const std::map<std::string, std::string>& given) {
@@ -135,7 +156,7 @@ ResolvedRecipe resolve_recipe(const std::string& name, Task task, int64_t batch_
     std::snprintf(lambda, sizeof(lambda), "%.6g", 2.0 / static_cast<double>(total_steps));
     r.options["lambda"] = lambda;
   }
-  for (const auto& [key, value] : given) r.options[key] = value;
+  for (const auto& [key, value] : given) r.options[key] = key == "lambda" ? per_run_lambda(value, total_steps) : value;
   return r;
 }
 

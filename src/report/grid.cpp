@@ -1,4 +1,5 @@
-// Grid files of `largebatch sweep`: JSON (nlohmann, key order kept) or TOML (toml++), expanded into runs.
+// Grid files of `largebatch sweep`: JSON (nlohmann, key order kept) or TOML (toml++, turned into the same JSON),
+// expanded into runs; a "select" block makes them candidates with follow-ups.
 #include <largebatch/report/sweep.h>
 
 #include <nlohmann/json.hpp>
@@ -17,22 +18,20 @@ namespace report {
 
 namespace {
 
-using Settings = std::vector<std::pair<std::string, std::string>>;
+using Json = nlohmann::ordered_json;
+
+struct Axis;
 
 struct AxisValue {
   std::string label;  // in folder names
+  std::string value;  // as written: an object's label, else the value's text (what `where` matches)
   Settings settings;
+  std::vector<Axis> axes;  // an object value's own axes: they vary right after it, for its runs only
 };
 
 struct Axis {
   std::string name;
   std::vector<AxisValue> values;
-};
-
-struct RawGrid {
-  std::string command = "train";
-  Settings fixed;
-  std::vector<Axis> axes;
 };
 
 [[noreturn]] void bad(const std::string& path, const std::string& what) {
@@ -52,10 +51,7 @@ void check_key(const std::string& path, const std::string& where, const std::str
   if (key.empty() || key[0] == '-') bad(path, where + ": option names are given without dashes, got '" + key + "'");
 }
 
-// ---- JSON
-
-void json_scalar(const std::string& path, const std::string& where, const std::string& key,
-                 const nlohmann::ordered_json& v, Settings& out) {
+void scalar(const std::string& path, const std::string& where, const std::string& key, const Json& v, Settings& out) {
   if (v.is_string()) out.emplace_back(key, v.get<std::string>());
   else if (v.is_boolean()) out.emplace_back(key, v.get<bool>() ? "true" : "false");
   else if (v.is_number_integer()) out.emplace_back(key, std::to_string(v.get<int64_t>()));
@@ -63,144 +59,21 @@ void json_scalar(const std::string& path, const std::string& where, const std::s
   else if (v.is_array()) {
     for (const auto& item : v) {
       if (item.is_array() || item.is_object()) bad(path, where + ": '" + key + "' holds a nested list or object");
-      json_scalar(path, where, key, item, out);
+      scalar(path, where, key, item, out);
     }
   } else {
     bad(path, where + ": '" + key + "' must be a string, number, boolean or list of them");
   }
 }
 
-RawGrid parse_json(const std::string& path, const std::string& text) {
-  nlohmann::ordered_json j;
-  try {
-    j = nlohmann::ordered_json::parse(text);
-  } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for 1e99999
-    bad(path, std::string("not valid JSON (") + e.what() + ")");
+Settings options_of(const std::string& path, const std::string& where, const Json& v) {
+  if (!v.is_object()) bad(path, where + " must be an object of option: value");
+  Settings out;
+  for (auto f = v.begin(); f != v.end(); ++f) {
+    check_key(path, where, f.key());
+    scalar(path, where, f.key(), f.value(), out);
   }
-  if (!j.is_object()) bad(path, "expected a JSON object with \"axes\" (and \"fixed\", \"command\")");
-  RawGrid g;
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    const std::string& key = it.key();
-    const auto& v = it.value();
-    if (key == "command") {
-      if (!v.is_string()) bad(path, "\"command\" must be a string");
-      g.command = v.get<std::string>();
-    } else if (key == "fixed") {
-      if (!v.is_object()) bad(path, "\"fixed\" must be an object of option: value");
-      for (auto f = v.begin(); f != v.end(); ++f) {
-        check_key(path, "fixed", f.key());
-        json_scalar(path, "fixed", f.key(), f.value(), g.fixed);
-      }
-    } else if (key == "axes") {
-      if (!v.is_object()) bad(path, "\"axes\" must be an object of option: [values]");
-      for (auto a = v.begin(); a != v.end(); ++a) {
-        Axis axis{a.key(), {}};
-        if (!a.value().is_array() || a.value().empty())
-          bad(path, "axes." + a.key() + ": must be a non-empty list of values");
-        for (const auto& item : a.value()) {
-          AxisValue value;
-          if (item.is_object()) {
-            for (auto f = item.begin(); f != item.end(); ++f) {
-              if (f.key() == "label") {
-                if (!f.value().is_string()) bad(path, "axes." + a.key() + ": \"label\" must be a string");
-                value.label = f.value().get<std::string>();
-                continue;
-              }
-              check_key(path, "axes." + a.key(), f.key());
-              json_scalar(path, "axes." + a.key(), f.key(), f.value(), value.settings);
-            }
-            if (value.settings.empty()) bad(path, "axes." + a.key() + ": an object value sets no option");
-          } else {
-            check_key(path, "axes", a.key());
-            json_scalar(path, "axes." + a.key(), a.key(), item, value.settings);
-            if (item.is_array()) bad(path, "axes." + a.key() + ": a value may not itself be a list; use an object");
-          }
-          axis.values.push_back(std::move(value));
-        }
-        g.axes.push_back(std::move(axis));
-      }
-    } else {
-      bad(path, "unknown key \"" + key + "\" (expected command, fixed, axes)");
-    }
-  }
-  return g;
-}
-
-// ---- TOML
-
-void toml_scalar(const std::string& path, const std::string& where, const std::string& key, const toml::node& v,
-                 Settings& out) {
-  if (auto s = v.as_string()) out.emplace_back(key, s->get());
-  else if (auto b = v.as_boolean()) out.emplace_back(key, b->get() ? "true" : "false");
-  else if (auto i = v.as_integer()) out.emplace_back(key, std::to_string(i->get()));
-  else if (auto d = v.as_floating_point()) out.emplace_back(key, number_text(d->get()));
-  else if (auto arr = v.as_array()) {
-    for (const auto& item : *arr) {
-      if (item.is_array() || item.is_table()) bad(path, where + ": '" + key + "' holds a nested list or table");
-      toml_scalar(path, where, key, item, out);
-    }
-  } else {
-    bad(path, where + ": '" + key + "' must be a string, number, boolean or list of them");
-  }
-}
-
-RawGrid parse_toml(const std::string& path, const std::string& text) {
-  toml::table t;
-  try {
-    t = toml::parse(text, path);
-  } catch (const toml::parse_error& e) {
-    std::ostringstream msg;
-    msg << "not valid TOML (line " << e.source().begin.line << ": " << e.description() << ")";
-    bad(path, msg.str());
-  }
-  RawGrid g;
-  for (const auto& [k, v] : t) {
-    const std::string key(k.str());
-    if (key == "command") {
-      if (!v.is_string()) bad(path, "command must be a string");
-      g.command = v.as_string()->get();
-    } else if (key == "fixed") {
-      if (!v.is_table()) bad(path, "[fixed] must be a table");
-      for (const auto& [fk, fv] : *v.as_table()) {
-        check_key(path, "fixed", std::string(fk.str()));
-        toml_scalar(path, "fixed", std::string(fk.str()), fv, g.fixed);
-      }
-    } else if (key == "axes") {
-      if (!v.is_table()) bad(path, "[axes] must be a table");
-      for (const auto& [ak, av] : *v.as_table()) {
-        const std::string name(ak.str());
-        Axis axis{name, {}};
-        const auto* arr = av.as_array();
-        if (!arr || arr->empty()) bad(path, "axes." + name + ": must be a non-empty list of values");
-        for (const auto& item : *arr) {
-          AxisValue value;
-          if (const auto* table = item.as_table()) {  // inline table: several options at once
-            for (const auto& [fk, fv] : *table) {
-              const std::string f(fk.str());
-              if (f == "label") {
-                if (!fv.is_string()) bad(path, "axes." + name + ": label must be a string");
-                value.label = fv.as_string()->get();
-                continue;
-              }
-              check_key(path, "axes." + name, f);
-              toml_scalar(path, "axes." + name, f, fv, value.settings);
-            }
-            if (value.settings.empty()) bad(path, "axes." + name + ": a table value sets no option");
-          } else {
-            if (item.is_array()) bad(path, "axes." + name + ": a value may not itself be a list; use a table");
-            check_key(path, "axes", name);
-            toml_scalar(path, "axes." + name, name, item, value.settings);
-          }
-          axis.values.push_back(std::move(value));
-        }
-        // toml++ keeps tables sorted by key; the axis order is then alphabetical (documented).
-        g.axes.push_back(std::move(axis));
-      }
-    } else {
-      bad(path, "unknown key \"" + key + "\" (expected command, fixed, axes)");
-    }
-  }
-  return g;
+  return out;
 }
 
 std::string safe_name(const std::string& text) {
@@ -213,15 +86,287 @@ std::string safe_name(const std::string& text) {
   return out;
 }
 
-std::string value_label(const Axis& axis, const AxisValue& v) {
-  if (!v.label.empty()) return safe_name(v.label);  // checked by check_label
-  if (v.settings.size() == 1 && v.settings[0].first == axis.name) return safe_name(axis.name + "-" + v.settings[0].second);
-  std::string out;
-  for (const auto& kv : v.settings) out += (out.empty() ? "" : "_") + kv.first + "-" + kv.second;
-  return safe_name(out);
+std::vector<Axis> parse_axes(const std::string& path, const std::string& where, const Json& v, bool nested_allowed) {
+  if (!v.is_object()) bad(path, "\"" + where + "\" must be an object of option: [values]");
+  std::vector<Axis> axes;
+  for (auto a = v.begin(); a != v.end(); ++a) {
+    const std::string field = where + "." + a.key();
+    Axis axis{a.key(), {}};
+    if (!a.value().is_array() || a.value().empty()) bad(path, field + ": must be a non-empty list of values");
+    for (const auto& item : a.value()) {
+      AxisValue value;
+      if (item.is_object()) {
+        for (auto f = item.begin(); f != item.end(); ++f) {
+          if (f.key() == "label") {
+            if (!f.value().is_string()) bad(path, field + ": \"label\" must be a string");
+            value.label = safe_name(f.value().get<std::string>());
+            value.value = f.value().get<std::string>();
+          } else if (f.key() == "axes") {
+            if (!nested_allowed) bad(path, field + ": a value here cannot have its own \"axes\"");
+            value.axes = parse_axes(path, field + ".axes", f.value(), true);
+          } else {
+            check_key(path, field, f.key());
+            scalar(path, field, f.key(), f.value(), value.settings);
+          }
+        }
+        if (value.settings.empty()) bad(path, field + ": an object value sets no option");
+        if (value.label.empty()) {
+          for (const auto& kv : value.settings) value.label += (value.label.empty() ? "" : "_") + kv.first + "-" + kv.second;
+          value.label = safe_name(value.label);
+          value.value = value.label;
+        }
+      } else {
+        if (item.is_array()) bad(path, field + ": a value may not itself be a list; use an object");
+        check_key(path, where, a.key());
+        scalar(path, field, a.key(), item, value.settings);
+        value.value = value.settings.front().second;
+        value.label = safe_name(a.key() + "-" + value.value);
+      }
+      axis.values.push_back(std::move(value));
+    }
+    axes.push_back(std::move(axis));
+  }
+  return axes;
+}
+
+struct RawGrid {
+  std::string command = "train";
+  Settings fixed;
+  std::vector<Axis> axes;
+  Json select, linear_eval;
+};
+
+RawGrid parse(const std::string& path, const Json& j) {
+  if (!j.is_object()) bad(path, "expected an object with \"axes\" (and \"fixed\", \"command\", \"select\", \"linear-eval\")");
+  RawGrid g;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& key = it.key();
+    const auto& v = it.value();
+    if (key == "command") {
+      if (!v.is_string()) bad(path, "\"command\" must be a string");
+      g.command = v.get<std::string>();
+    } else if (key == "fixed") {
+      g.fixed = options_of(path, "fixed", v);
+    } else if (key == "axes") {
+      g.axes = parse_axes(path, "axes", v, true);
+    } else if (key == "select") {
+      g.select = v;
+    } else if (key == "linear-eval") {
+      g.linear_eval = v;
+    } else {
+      bad(path, "unknown key \"" + key + "\" (expected command, fixed, axes, select, linear-eval)");
+    }
+  }
+  return g;
+}
+
+Json parse_json(const std::string& path, const std::string& text) {
+  try {
+    return Json::parse(text);
+  } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for 1e99999
+    bad(path, std::string("not valid JSON (") + e.what() + ")");
+  }
+}
+
+// TOML becomes the JSON it denotes, so one reader handles both.
+Json parse_toml(const std::string& path, const std::string& text) {
+  toml::table t;
+  try {
+    t = toml::parse(text, path);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream msg;
+    msg << "not valid TOML (line " << e.source().begin.line << ": " << e.description() << ")";
+    bad(path, msg.str());
+  }
+  std::ostringstream json;
+  json << toml::json_formatter{t};
+  try {
+    return Json::parse(json.str());
+  } catch (const nlohmann::json::exception&) {
+    bad(path, "a TOML value has no JSON form (nan or inf)");
+  }
+}
+
+// Every combination of `axes` (the first varying slowest; a value's own axes right after it), each extending
+// `prefix` (name, settings from axes, choices). `set_by` maps an option to the axis that sets it.
+struct Partial {
+  std::string name;
+  Settings settings;
+  std::vector<AxisChoice> choices;
+  std::map<std::string, std::string> set_by;
+};
+
+void expand(const std::string& path, std::vector<const Axis*> axes, const Partial& prefix, std::vector<Partial>& out,
+            size_t limit) {
+  if (axes.empty()) {
+    if (out.size() >= limit)
+      bad(path, "the axes combine into more than " + std::to_string(limit) + " runs, the most a sweep allows");
+    out.push_back(prefix);
+    return;
+  }
+  const Axis& axis = *axes.front();
+  for (const auto& v : axis.values) {
+    Partial p = prefix;
+    p.name += (p.name.empty() ? "" : "__") + v.label;
+    p.choices.push_back({axis.name, v.label, v.value});
+    for (const auto& kv : v.settings) {
+      const auto [it, fresh] = p.set_by.emplace(kv.first, axis.name);
+      if (!fresh && it->second != axis.name)
+        bad(path, "axes " + it->second + " and " + axis.name + " both set '" + kv.first + "'");
+    }
+    p.settings.insert(p.settings.end(), v.settings.begin(), v.settings.end());
+    std::vector<const Axis*> rest;
+    for (const auto& sub : v.axes) rest.push_back(&sub);
+    rest.insert(rest.end(), axes.begin() + 1, axes.end());
+    expand(path, rest, p, out, limit);
+  }
+}
+
+// `base` without the options `over` sets, then `over`'s settings.
+Settings overridden(const Settings& base, const Settings& over) {
+  std::set<std::string> keys;
+  for (const auto& kv : over) keys.insert(kv.first);
+  Settings out;
+  for (const auto& kv : base)
+    if (!keys.count(kv.first)) out.push_back(kv);
+  out.insert(out.end(), over.begin(), over.end());
+  return out;
+}
+
+void check_folder(const std::string& path, const std::string& name, std::set<std::string>& names) {
+  // Folder names stay strict children of the sweep's folder, apart from the report's own folder.
+  if (name[0] == '.' || name == "report" || name == "bin")
+    bad(path, "run folder name '" + name + "' is not allowed (starts with '.', or is 'report' or 'bin'); change the label");
+  if (!names.insert(name).second) bad(path, "two runs would share the folder '" + name + "'; give labels");
+}
+
+Selection parse_selection(const std::string& path, const Json& s, const std::vector<Axis>& axes) {
+  if (!s.is_object()) bad(path, "\"select\" must be an object with \"within\", \"by\" and \"then\"");
+  Selection sel;
+  auto axis_named = [&](const std::string& name) -> const Axis* {
+    for (const auto& a : axes)
+      if (a.name == name) return &a;
+    return nullptr;
+  };
+  for (auto it = s.begin(); it != s.end(); ++it) {
+    const std::string& key = it.key();
+    const Json& v = it.value();
+    if (key == "within") {
+      if (!v.is_array() || v.empty()) bad(path, "select.within: must be a non-empty list of axis names");
+      for (const auto& w : v) {
+        if (!w.is_string() || !axis_named(w.get<std::string>()))
+          bad(path, "select.within: " + w.dump() + " is not one of the grid's (top-level) axes");
+        sel.within.push_back(w.get<std::string>());
+      }
+    } else if (key == "by") {
+      if (!v.is_string()) bad(path, "select.by must be a string");
+      sel.by = v.get<std::string>();
+      if (sel.by != "final_val_top1" && sel.by != "best_val_top1" && sel.by != "final_val_loss")
+        bad(path, "select.by: '" + sel.by + "' is not final_val_top1, best_val_top1 or final_val_loss");
+    } else if (key == "then") {
+      if (!v.is_array()) bad(path, "select.then must be a list of blocks {\"where\", \"fixed\", \"axes\"}");
+      for (size_t b = 0; b < v.size(); ++b) {
+        const std::string field = "select.then[" + std::to_string(b) + "]";
+        if (!v[b].is_object()) bad(path, field + " must be an object");
+        FollowUp block;
+        std::vector<Axis> block_axes;
+        for (auto f = v[b].begin(); f != v[b].end(); ++f) {
+          if (f.key() == "where") {
+            if (!f.value().is_object()) bad(path, field + ".where must be an object of axis: [values]");
+            for (auto w = f.value().begin(); w != f.value().end(); ++w) {
+              const Axis* a = axis_named(w.key());
+              if (!a) bad(path, field + ".where: '" + w.key() + "' is not an axis of the grid");
+              std::vector<std::string> accepted;
+              const Json list = w.value().is_array() ? w.value() : Json::array({w.value()});
+              for (const auto& item : list) {
+                Settings text;
+                scalar(path, field + ".where", w.key(), item, text);
+                const std::string t = text.front().second;
+                const bool known = std::any_of(a->values.begin(), a->values.end(),
+                                               [&](const AxisValue& x) { return x.value == t || x.label == t; });
+                if (!known) bad(path, field + ".where." + w.key() + ": '" + t + "' is not a value of that axis");
+                accepted.push_back(t);
+              }
+              block.where.emplace_back(w.key(), accepted);
+            }
+          } else if (f.key() == "fixed") {
+            block.fixed = options_of(path, field + ".fixed", f.value());
+          } else if (f.key() == "axes") {
+            block_axes = parse_axes(path, field + ".axes", f.value(), false);
+          } else {
+            bad(path, field + ": unknown key \"" + f.key() + "\" (expected where, fixed, axes)");
+          }
+        }
+        // Its axes name its runs (a follow-up without one would take the chosen run's own folder).
+        if (block_axes.empty()) bad(path, field + ": needs \"axes\" (the seeds or variants it runs)");
+        std::vector<const Axis*> ptrs;
+        for (const auto& a : block_axes) ptrs.push_back(&a);
+        std::vector<Partial> variants;
+        expand(path, ptrs, Partial{}, variants, 100000);
+        for (auto& p : variants) block.variants.push_back({p.name, overridden(block.fixed, p.settings), p.choices});
+        sel.then.push_back(std::move(block));
+      }
+    } else if (key == "compare") {
+      if (!v.is_array()) bad(path, "select.compare must be a list of pairs [\"a\", \"b\"]");
+      for (const auto& pair : v) {
+        if (!pair.is_array() || pair.size() != 2 || !pair[0].is_string() || !pair[1].is_string())
+          bad(path, "select.compare: " + pair.dump() + " is not a pair of two value names");
+        sel.compare.emplace_back(pair[0].get<std::string>(), pair[1].get<std::string>());
+      }
+    } else {
+      bad(path, "select: unknown key \"" + key + "\" (expected within, by, then, compare)");
+    }
+  }
+  if (sel.within.empty()) bad(path, "select.within is missing: the axes that define a cell");
+  // Pairs name values as written or by their folder label; kept as written (what study.json and reports use).
+  for (auto& pair : sel.compare) {
+    const Axis* first = axis_named(sel.within.front());
+    for (std::string* name : {&pair.first, &pair.second}) {
+      const auto v = std::find_if(first->values.begin(), first->values.end(),
+                                  [&](const AxisValue& x) { return x.value == *name || x.label == *name; });
+      if (v == first->values.end())
+        bad(path, "select.compare: '" + *name + "' is not a value of the axis '" + sel.within.front() + "'");
+      *name = v->value;
+    }
+  }
+  return sel;
+}
+
+bool applies(const FollowUp& block, const PlannedRun& run) {
+  for (const auto& [axis, accepted] : block.where) {
+    const auto c = std::find_if(run.choices.begin(), run.choices.end(), [&](const AxisChoice& x) { return x.axis == axis; });
+    if (c == run.choices.end()) return false;
+    if (std::none_of(accepted.begin(), accepted.end(), [&](const std::string& a) { return a == c->value || a == c->label; }))
+      return false;
+  }
+  return true;
 }
 
 }  // namespace
+
+std::string selection_cell(const Selection& selection, const PlannedRun& run) {
+  std::string cell;
+  for (const auto& axis : selection.within)
+    for (const auto& c : run.choices)
+      if (c.axis == axis) cell += (cell.empty() ? "" : "__") + c.label;
+  return cell;
+}
+
+std::vector<PlannedRun> follow_ups(const Selection& selection, const PlannedRun& chosen) {
+  std::vector<PlannedRun> runs;
+  for (const auto& block : selection.then) {
+    if (!applies(block, chosen)) continue;
+    for (const auto& v : block.variants) {
+      PlannedRun run;
+      run.name = chosen.name + "__" + v.name;
+      run.settings = overridden(chosen.settings, v.settings);
+      run.choices = chosen.choices;
+      run.choices.insert(run.choices.end(), v.choices.begin(), v.choices.end());
+      runs.push_back(std::move(run));
+    }
+  }
+  return runs;
+}
 
 SweepGrid read_grid(const std::string& path) {
   std::ifstream in(path);
@@ -230,59 +375,55 @@ SweepGrid read_grid(const std::string& path) {
   ss << in.rdbuf();
   const std::string text = ss.str();
   const auto first = text.find_first_not_of(" \t\r\n");
-  const RawGrid raw = first != std::string::npos && text[first] == '{' ? parse_json(path, text) : parse_toml(path, text);
+  const RawGrid raw =
+      parse(path, first != std::string::npos && text[first] == '{' ? parse_json(path, text) : parse_toml(path, text));
   if (raw.command != "train" && raw.command != "pretrain")
     bad(path, "command '" + raw.command + "' is not train or pretrain");
 
-  // A sweep is planned in memory and run one folder per combination: refuse a grid no one could run before
-  // expanding it (a few axes of many values would exhaust memory).
-  constexpr double kMaxRuns = 100000;
-  double combinations = 1;
-  for (const auto& axis : raw.axes) combinations *= static_cast<double>(axis.values.size());
-  if (combinations > kMaxRuns)
-    bad(path, "the axes combine into " + number_text(combinations) + " runs, more than the " +
-                  number_text(kMaxRuns) + " a sweep allows");
+  // A sweep is planned in memory and run one folder per combination: refuse a grid no one could run (a few
+  // axes of many values would exhaust memory).
+  constexpr size_t kMaxRuns = 100000;
+  std::vector<const Axis*> top;
+  for (const auto& a : raw.axes) top.push_back(&a);
+  std::vector<Partial> combos;
+  expand(path, top, Partial{}, combos, kMaxRuns);
 
   SweepGrid grid;
+  grid.path = path;
   grid.command = raw.command;
-  // Odometer over the axes, the last one varying fastest.
-  std::vector<size_t> index(raw.axes.size(), 0);
   std::set<std::string> names;
-  while (true) {
+  for (auto& p : combos) {
     PlannedRun run;
-    Settings from_axes;
-    std::map<std::string, std::string> set_by;  // option -> the axis that sets it
-    for (size_t a = 0; a < raw.axes.size(); ++a) {
-      const auto& v = raw.axes[a].values[index[a]];
-      run.name += (run.name.empty() ? "" : "__") + value_label(raw.axes[a], v);
-      for (const auto& kv : v.settings) {
-        const auto [it, fresh] = set_by.emplace(kv.first, raw.axes[a].name);
-        if (!fresh && it->second != raw.axes[a].name)
-          bad(path, "axes " + it->second + " and " + raw.axes[a].name + " both set '" + kv.first + "'");
-      }
-      from_axes.insert(from_axes.end(), v.settings.begin(), v.settings.end());
-    }
+    run.name = p.name.empty() ? "run" : p.name;
+    check_folder(path, run.name, names);
     // An axis overrides a fixed setting of the same option.
-    Settings settings;
     for (const auto& kv : raw.fixed)
-      if (!set_by.count(kv.first)) settings.push_back(kv);
-    settings.insert(settings.end(), from_axes.begin(), from_axes.end());
-    if (run.name.empty()) run.name = "run";
-    // Folder names stay strict children of the sweep's folder, apart from the report's own folder.
-    if (run.name[0] == '.' || run.name == "report")
-      bad(path, "run folder name '" + run.name + "' is not allowed (starts with '.' or is 'report'); change the label");
-    if (!names.insert(run.name).second) bad(path, "two runs would share the folder '" + run.name + "'; give labels");
-    run.settings = std::move(settings);
+      if (!p.set_by.count(kv.first)) run.settings.push_back(kv);
+    run.settings.insert(run.settings.end(), p.settings.begin(), p.settings.end());
+    run.choices = std::move(p.choices);
     grid.runs.push_back(std::move(run));
-    size_t a = raw.axes.size();
-    while (a > 0) {
-      --a;
-      if (++index[a] < raw.axes[a].values.size()) break;
-      index[a] = 0;
-      if (a == 0) return grid;
-    }
-    if (raw.axes.empty()) return grid;
   }
+  if (!raw.select.is_null()) {
+    grid.selects = true;
+    grid.selection = parse_selection(path, raw.select, raw.axes);
+    for (const auto& run : grid.runs)
+      for (const auto& c : run.choices)
+        if (c.axis == "seed" && std::find(grid.selection.within.begin(), grid.selection.within.end(), "seed") ==
+                                    grid.selection.within.end())
+          bad(path, "select: 'seed' is an axis of the candidates, so the rule would choose among seeds; fix the "
+                    "candidates' seed in \"fixed\" and give the other seeds in a \"then\" block");
+    // Every candidate could be chosen: its follow-ups must not collide with any folder.
+    for (const auto& run : grid.runs)
+      for (const auto& f : follow_ups(grid.selection, run)) check_folder(path, f.name, names);
+  }
+  if (!raw.linear_eval.is_null()) {
+    if (raw.command != "pretrain") bad(path, "\"linear-eval\" follows pre-training: it needs \"command\": \"pretrain\"");
+    grid.linear_eval = true;
+    grid.linear_eval_settings = options_of(path, "linear-eval", raw.linear_eval);
+    for (const auto& kv : grid.linear_eval_settings)
+      if (kv.first == "backbone") bad(path, "linear-eval: 'backbone' is the run's own backbone.pt and cannot be given");
+  }
+  return grid;
 }
 
 }  // namespace report

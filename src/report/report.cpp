@@ -1,8 +1,11 @@
 // `largebatch report`: tables and gnuplot plots from the run folders' CSV files.
 #include <largebatch/report/plot.h>
 #include <largebatch/report/report.h>
+#include <largebatch/report/select.h>
 
 #include "files.h"
+#include "study_report.h"
+#include "tables.h"
 
 #include <nlohmann/json.hpp>
 
@@ -30,56 +33,17 @@ namespace {
 using detail::format;
 using detail::read_text;
 using detail::write_atomically;
-
-struct Csv {
-  std::vector<std::string> header;
-  std::vector<std::vector<std::string>> rows;
-  int column(const std::string& name) const {
-    for (size_t i = 0; i < header.size(); ++i)
-      if (header[i] == name) return static_cast<int>(i);
-    return -1;
-  }
-  double number(size_t row, int col) const {
-    if (col < 0 || col >= static_cast<int>(rows[row].size())) return NAN;
-    try {
-      return std::stod(rows[row][col]);
-    } catch (const std::exception&) {
-      return NAN;
-    }
-  }
-};
-
-Csv read_csv(const fs::path& path) {
-  Csv csv;
-  std::ifstream in(path);
-  std::string line;
-  auto split = [](const std::string& l) {
-    std::vector<std::string> out;
-    std::stringstream ss(l);
-    std::string item;
-    while (std::getline(ss, item, ',')) out.push_back(item);
-    return out;
-  };
-  if (std::getline(in, line)) csv.header = split(line);
-  while (std::getline(in, line))
-    if (!line.empty()) csv.rows.push_back(split(line));
-  return csv;
-}
-
-// A CSV file with a header and at least one row (without reading the rest of a long file).
-bool has_data_rows(const fs::path& path) {
-  std::ifstream in(path);
-  std::string line;
-  return std::getline(in, line) && std::getline(in, line) && !line.empty();
-}
-
-struct Run {
-  std::string name;       // folder, relative to the report's directory
-  fs::path dir;
-  json config;
-  Csv metrics;
-  bool has_telemetry = false, has_sharpness = false;
-};
+using detail::Csv;
+using detail::Run;
+using detail::Stats;
+using detail::has_data_rows;
+using detail::percent;
+using detail::read_csv;
+using detail::stats;
+using detail::quote;
+using detail::render;
+using detail::series_style;
+using detail::header_lines;
 
 // Options that identify a configuration (a seed axis or bookkeeping options do not).
 bool identifying(const std::string& key) {
@@ -109,41 +73,6 @@ struct Group {
   std::vector<const Run*> runs;    // one per seed
 };
 
-struct Stats {
-  double mean = NAN, std = NAN;
-  int n = 0;
-};
-
-Stats stats(const std::vector<double>& v) {
-  Stats s;
-  std::vector<double> x;
-  for (double d : v)
-    if (!std::isnan(d)) x.push_back(d);
-  s.n = static_cast<int>(x.size());
-  if (x.empty()) return s;
-  double sum = 0;
-  for (double d : x) sum += d;
-  s.mean = sum / s.n;
-  if (s.n > 1) {
-    double ss = 0;
-    for (double d : x) ss += (d - s.mean) * (d - s.mean);
-    s.std = std::sqrt(ss / (s.n - 1));
-  }
-  return s;
-}
-
-std::string percent(const Stats& s) {
-  if (s.n == 0) return "–";
-  if (s.n == 1) return format("%.2f", 100 * s.mean);
-  return format("%.2f", 100 * s.mean) + " ± " + format("%.2f", 100 * s.std);
-}
-
-std::string quote(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
-  return out + "'";
-}
-
 std::string slug(const std::string& text) {
   std::string out;
   for (char c : text) {
@@ -151,34 +80,6 @@ std::string slug(const std::string& text) {
     out += ok ? c : '_';
   }
   return out;
-}
-
-// Runs gnuplot on a script written next to the PNG; returns whether the PNG was made.
-bool render(const fs::path& script_path, const std::string& script, std::vector<std::string>& made) {
-  write_atomically(script_path, script);
-  made.push_back(script_path.string());
-  if (!gnuplot_available()) return false;
-  const std::string cmd = "cd " + quote(script_path.parent_path().string()) + " && gnuplot " +
-                          quote(script_path.filename().string()) + " 2>/dev/null";
-  const fs::path png = fs::path(script_path).replace_extension(".png");
-  if (std::system(cmd.c_str()) != 0) {
-    std::error_code ec;
-    fs::remove(png, ec);  // gnuplot opens the output before it fails: no half-drawn picture is left
-    return false;
-  }
-  made.push_back(png.string());
-  return true;
-}
-
-// Line style of the i-th series: gnuplot cycles 8 colours, so series beyond 8 are told apart by dashes.
-std::string series_style(size_t i) {
-  return " lc " + std::to_string(i % 8 + 1) + " dt " + std::to_string((i / 8) % 5 + 1) + " pt " + std::to_string(i % 13 + 1);
-}
-
-std::string header_lines(const std::string& png, const std::string& title, int width = 1100, int height = 650) {
-  return "set datafile separator ','\nset terminal pngcairo size " + std::to_string(width) + "," +
-         std::to_string(height) + " noenhanced\nset output " + quote(png) + "\nset title " + quote(title) +
-         "\nset grid\nset key outside right font ',8'\n";
 }
 
 }  // namespace
@@ -219,27 +120,42 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     } catch (const std::exception&) {
       throw std::invalid_argument((d / "config.json").string() + ": not valid JSON");
     }
-    r.metrics = read_csv(d / "metrics.csv");
-    if (r.metrics.column("test_top1") < 0) continue;  // not a classification run (e.g. pretrain)
+    // A pre-training run followed by linear evaluation (a sweep's "linear-eval" block) is reported by its
+    // evaluation's metrics, under the pre-training's configuration.
+    r.linear_eval = fs::exists(d / "linear-eval" / "metrics.csv");
+    r.metrics = read_csv(r.linear_eval ? d / "linear-eval" / "metrics.csv" : d / "metrics.csv");
+    if (r.metrics.column("test_top1") < 0) continue;  // not a classification run (e.g. pretrain alone)
     // Only finished runs are results: a run still going, interrupted or failed has no summary saying
     // completed or diverged, and its partial curve would pass for a short run.
-    std::string status = "unfinished";
-    if (fs::exists(d / "summary.json")) {
-      try {
-        status = json::parse(read_text(d / "summary.json")).value("status", status);
-      } catch (const std::exception&) {
-      }
-    }
-    if (status != "completed" && status != "diverged") {
+    if (finished_state(d.string(), r.linear_eval).empty()) {
       unfinished.push_back(r.name);
       continue;
+    }
+    if (r.linear_eval) {
+      try {
+        r.pretrain_loss = json::parse(read_text(d / "summary.json")).value("final_loss", NAN);
+      } catch (const std::exception&) {
+      }
     }
     r.has_telemetry = has_data_rows(d / "telemetry.csv");
     r.has_sharpness = fs::exists(d / "sharpness.csv");
     runs.push_back(std::move(r));
   }
   std::sort(unfinished.begin(), unfinished.end());
-  if (runs.empty())
+  // A study (DIR/study.json): its candidates are read by the selection sections only; the tables and plots
+  // below show the follow-ups, so that no test result of a candidate appears.
+  detail::StudyPlan study;
+  const bool is_study = detail::read_study(dir, study);
+  if (is_study) {
+    std::set<std::string> candidate_names;
+    for (const auto& cell : study.cells) candidate_names.insert(cell.candidates.begin(), cell.candidates.end());
+    runs.erase(std::remove_if(runs.begin(), runs.end(), [&](const Run& r) { return candidate_names.count(r.name) > 0; }),
+               runs.end());
+    unfinished.erase(std::remove_if(unfinished.begin(), unfinished.end(),
+                                    [&](const std::string& n) { return candidate_names.count(n) > 0; }),
+                     unfinished.end());
+  }
+  if (runs.empty() && !is_study)
     throw std::invalid_argument(dir_text + ": no finished classification runs (folders with config.json, metrics.csv "
                                 "and a summary.json saying completed or diverged)" +
                                 (unfinished.empty() ? std::string() : "; unfinished: " + std::to_string(unfinished.size())));
@@ -306,7 +222,8 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   // Files of an earlier report (other configurations) must not linger beside this one's.
   for (const auto& entry : fs::directory_iterator(assets)) {
     const std::string f = entry.path().filename().string();
-    if (entry.is_regular_file() && (f.rfind("config", 0) == 0 || f.rfind("accuracy_b", 0) == 0 || f.rfind("schedules_b", 0) == 0))
+    if (entry.is_regular_file() && (f.rfind("config", 0) == 0 || f.rfind("accuracy_b", 0) == 0 || f.rfind("schedules_b", 0) == 0 ||
+                                    f.rfind("tuning_", 0) == 0))
       fs::remove(entry.path());
   }
   std::vector<std::string> made;
@@ -321,9 +238,14 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     for (const auto& name : unfinished) md << " `" << name << "`";
     md << ".\n\n";
   }
+  if (is_study) {
+    std::vector<const Run*> follow;
+    for (const auto& r : runs) follow.push_back(&r);
+    detail::write_study_sections(study, dir, follow, assets, md, made);
+  }
 
   // ---- table 1: every configuration
-  md << "## Test top-1 per configuration\n\n"
+  md << (is_study ? "\n## Test top-1 of every follow-up configuration\n\n" : "## Test top-1 per configuration\n\n")
      << "Target for the last two columns: " << format("%.2f", 100 * options.target)
      << " % test top-1 (epochs and training seconds until the first epoch that reaches it, mean over the seeds "
         "that did).\n\n"
@@ -336,9 +258,12 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   // Runs with a validation split (--val-split) add its final top-1, the number to choose settings by.
   bool any_validation = false;
   for (const auto& r : runs) any_validation = any_validation || std::isfinite(final_of(&r, "val_top1"));
+  bool any_pretrained = false;  // pre-training runs followed by linear evaluation: their final Barlow Twins loss too
+  for (const auto& r : runs) any_pretrained = any_pretrained || r.linear_eval;
+  if (any_pretrained) md << " pre-training loss |";
   md << " seeds |" << (any_validation ? " final val top-1 % |" : "")
      << " final top-1 % | best top-1 % | epochs | reached | epochs to target | seconds to target |\n|---|---|";
-  for (size_t i = 0; i < varying.size() + (any_validation ? 1 : 0); ++i) md << "---|";
+  for (size_t i = 0; i < varying.size() + (any_validation ? 1 : 0) + (any_pretrained ? 1 : 0); ++i) md << "---|";
   md << "---|---|---|---|---|---|---|\n";
   for (const auto& g : groups) {
     std::vector<double> finals, bests, epochs_to, seconds_to, vals;
@@ -368,6 +293,14 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     md << "| " << optimizer_label(g.config) << " | " << g.config.value("batch-size", 0) << " |";
     for (const auto& k : varying) md << " " << (g.config.contains(k) ? text_of(g.config[k]) : "") << " |";
     const Stats e = stats(epochs_to), s = stats(seconds_to);
+    if (any_pretrained) {
+      std::vector<double> losses;
+      for (const Run* r : g.runs) losses.push_back(r->pretrain_loss);
+      const Stats l = stats(losses);
+      md << " " << (l.n == 0 ? std::string("–") : l.n == 1 ? format("%.2f", l.mean)
+                                                            : format("%.2f", l.mean) + " ± " + format("%.2f", l.std))
+         << " |";
+    }
     md << " " << g.runs.size() << " |" << (any_validation ? " " + percent(stats(vals)) + " |" : "") << " "
        << percent(stats(finals)) << " | " << percent(stats(bests)) << " | "
        << static_cast<int>(epochs) << " | " << reached << "/" << g.runs.size() << " | "
@@ -375,7 +308,8 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   }
 
   // ---- table 2: optimizer x batch size, the best configuration of each cell, chosen on validation (the runs'
-  // final val_top1, --val-split) when every run of the cell has it, else on the test set, and said so
+  // final val_top1, --val-split) when every run of the cell has it, else on the test set, and said so. A study
+  // has its own rule (the selection sections) instead.
   std::vector<std::string> optimizers;
   std::vector<int64_t> batches;
   for (const auto& g : groups) {
@@ -386,53 +320,55 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   }
   std::sort(optimizers.begin(), optimizers.end());
   std::sort(batches.begin(), batches.end());
-  md << "\n## Final test top-1 %, optimizer × batch size\n\nEach cell: the mean final test top-1 of the "
-        "configuration chosen among those of that optimizer and batch size";
-  if (!varying.empty()) {
-    md << " (over";
-    for (const auto& k : varying) md << " " << k;
-    md << ")";
-  }
-  md << ": the one with the best mean final validation top-1 (marked *val*) where every run of the cell held out "
-        "a validation split (--val-split), otherwise the one with the best mean final test top-1 (marked *test*: "
-        "chosen on the test set itself, an optimistic estimate).\n\n| optimizer |";
-  for (auto b : batches) md << " B = " << b << " |";
-  md << "\n|---|";
-  for (size_t i = 0; i < batches.size(); ++i) md << "---|";
-  md << "\n";
-  for (const auto& o : optimizers) {
-    md << "| " << o << " |";
-    for (auto b : batches) {
-      bool validated = true;
-      for (const auto& g : groups) {
-        if (optimizer_label(g.config) != o || g.config.value("batch-size", 0) != b) continue;
-        for (const Run* r : g.runs) validated = validated && std::isfinite(final_of(r, "val_top1"));
-      }
-      const char* chooser = validated ? "val_top1" : "test_top1";
-      const Group* best = nullptr;
-      double best_choice = NAN;
-      Stats best_stats;
-      for (const auto& g : groups) {
-        if (optimizer_label(g.config) != o || g.config.value("batch-size", 0) != b) continue;
-        std::vector<double> finals, choice;
-        for (const Run* r : g.runs) {
-          finals.push_back(final_of(r, "test_top1"));
-          choice.push_back(final_of(r, chooser));
-        }
-        const Stats s = stats(finals), c = stats(choice);
-        if (c.n && (!best || c.mean > best_choice)) {
-          best = &g;
-          best_choice = c.mean;
-          best_stats = s;
-        }
-      }
-      md << " " << (best ? percent(best_stats) + (validated ? " *val*" : " *test*") : "–");
-      if (best)
-        for (const auto& k : varying)
-          if (best->config.contains(k)) md << " (" << k << " " << text_of(best->config[k]) << ")";
-      md << " |";
+  if (!is_study) {
+    md << "\n## Final test top-1 %, optimizer × batch size\n\nEach cell: the mean final test top-1 of the "
+          "configuration chosen among those of that optimizer and batch size";
+    if (!varying.empty()) {
+      md << " (over";
+      for (const auto& k : varying) md << " " << k;
+      md << ")";
     }
+    md << ": the one with the best mean final validation top-1 (marked *val*) where every run of the cell held out "
+          "a validation split (--val-split), otherwise the one with the best mean final test top-1 (marked *test*: "
+          "chosen on the test set itself, an optimistic estimate).\n\n| optimizer |";
+    for (auto b : batches) md << " B = " << b << " |";
+    md << "\n|---|";
+    for (size_t i = 0; i < batches.size(); ++i) md << "---|";
     md << "\n";
+    for (const auto& o : optimizers) {
+      md << "| " << o << " |";
+      for (auto b : batches) {
+        bool validated = true;
+        for (const auto& g : groups) {
+          if (optimizer_label(g.config) != o || g.config.value("batch-size", 0) != b) continue;
+          for (const Run* r : g.runs) validated = validated && std::isfinite(final_of(r, "val_top1"));
+        }
+        const char* chooser = validated ? "val_top1" : "test_top1";
+        const Group* best = nullptr;
+        double best_choice = NAN;
+        Stats best_stats;
+        for (const auto& g : groups) {
+          if (optimizer_label(g.config) != o || g.config.value("batch-size", 0) != b) continue;
+          std::vector<double> finals, choice;
+          for (const Run* r : g.runs) {
+            finals.push_back(final_of(r, "test_top1"));
+            choice.push_back(final_of(r, chooser));
+          }
+          const Stats s = stats(finals), c = stats(choice);
+          if (c.n && (!best || c.mean > best_choice)) {
+            best = &g;
+            best_choice = c.mean;
+            best_stats = s;
+          }
+        }
+        md << " " << (best ? percent(best_stats) + (validated ? " *val*" : " *test*") : "–");
+        if (best)
+          for (const auto& k : varying)
+            if (best->config.contains(k)) md << " (" << k << " " << text_of(best->config[k]) << ")";
+        md << " |";
+      }
+      md << "\n";
+    }
   }
 
   // ---- table 3: sharpness, where it was measured
@@ -442,23 +378,30 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   if (any_sharpness) {
     md << "\n## Sharpness\n\n"
        << "Top eigenvalue of the training-loss Hessian on a fixed batch (power iteration), mean ± std over seeds: at "
-          "the first measurement, the largest, and the last.\n\n"
-       << "| optimizer | batch | seeds | first | largest | last |\n|---|---|---|---|---|---|\n";
+          "the first measurement, the largest, and the last. Estimates whose power iteration did not converge "
+          "(--sharpness-iterations reached first) are counted and left out of these numbers.\n\n"
+       << "| optimizer | batch | seeds | estimates | not converged (left out) | first | largest | last |\n"
+          "|---|---|---|---|---|---|---|---|\n";
     auto plain = [](const Stats& s) {
       if (s.n == 0) return std::string("–");
       return s.n == 1 ? format("%.1f", s.mean) : format("%.1f", s.mean) + " ± " + format("%.1f", s.std);
     };
     for (const auto& g : groups) {
       std::vector<double> first, largest, last;
+      size_t estimates = 0, unconverged = 0;
       for (const Run* r : g.runs) {
         if (!r->has_sharpness) continue;
         const Csv c = read_csv(r->dir / "sharpness.csv");
-        const int col = c.column("top_eigenvalue");
+        const int col = c.column("top_eigenvalue"), conv = c.column("converged");
         if (col < 0 || c.rows.empty()) continue;
-        // Finite estimates only (a diverged run can leave NaN or infinite ones).
+        // Converged, finite estimates only (a diverged run can leave NaN or infinite ones).
         std::vector<double> values;
-        for (size_t i = 0; i < c.rows.size(); ++i)
-          if (std::isfinite(c.number(i, col))) values.push_back(c.number(i, col));
+        for (size_t i = 0; i < c.rows.size(); ++i) {
+          ++estimates;
+          const bool converged = conv < 0 || c.number(i, conv) == 1;
+          if (!converged) ++unconverged;
+          if (converged && std::isfinite(c.number(i, col))) values.push_back(c.number(i, col));
+        }
         if (values.empty()) continue;
         first.push_back(values.front());
         largest.push_back(*std::max_element(values.begin(), values.end()));
@@ -466,7 +409,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
       }
       if (first.empty()) continue;
       md << "| " << group_label(g) << " | " << g.config.value("batch-size", 0) << " | " << first.size() << " | "
-         << plain(stats(first)) << " | " << plain(stats(largest)) << " | " << plain(stats(last)) << " |\n";
+         << estimates << " | " << unconverged << " | " << plain(stats(first)) << " | " << plain(stats(largest)) << " | " << plain(stats(last)) << " |\n";
     }
   }
 
@@ -658,7 +601,10 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
       const std::string metrics = fs::relative(r.dir / "metrics.csv", assets).string();
       std::string gp = header_lines(base + "_sharpness.png", "sharpness and test top-1: " + group_label(g)) +
                        "set xlabel 'step'\nset ylabel 'top Hessian eigenvalue'\nset y2label 'test top-1'\nset y2tics\n"
-                       "set ytics nomirror\nplot " + quote(sharp) + " using 1:3 every ::1 with linespoints title 'sharpness', \\\n     " +
+                       "set ytics nomirror\nplot " + quote(sharp) +
+                       " using 1:($5 == 1 ? $3 : 1/0) every ::1 with linespoints pt 7 title 'sharpness', \\\n     " +
+                       quote(sharp) + " using 1:($5 == 1 ? 1/0 : $3) every ::1 with points pt 6 ps 2 lc rgb 'red' "
+                       "title 'not converged (left out of the table)', \\\n     " +
                        quote(metrics) + " using 2:8 every ::1 axes x1y2 with linespoints title 'test top-1'\n";
       if (render(assets / (base + "_sharpness.gp"), gp, made))
         md << "![sharpness](report/" << base << "_sharpness.png)\n\n";

@@ -9,26 +9,69 @@
 namespace largebatch {
 namespace report {
 
+using Settings = std::vector<std::pair<std::string, std::string>>;
+
+// The value an axis takes in a run: `label` as in its folder name ("batch-size-1024", "lars"), `value` as the
+// grid wrote it (an object value's label, else the value's text: "1024").
+struct AxisChoice {
+  std::string axis, label, value;
+};
+
 // One run of a sweep: its folder name and its settings as command-line options (key without "--", value;
 // a key may repeat, e.g. "opt"). Every value is text, as it would be typed.
 struct PlannedRun {
   std::string name;
-  std::vector<std::pair<std::string, std::string>> settings;
+  Settings settings;
+  std::vector<AxisChoice> choices;  // the value of every axis that made it, in axis order
+};
+
+// One "then" block of a selection: the runs made from a chosen configuration. `where` limits it to cells
+// whose `within` axes take one of the listed values; `fixed` and the block's own axes override the chosen
+// run's settings of the same options.
+struct FollowUp {
+  std::vector<std::pair<std::string, std::vector<std::string>>> where;
+  Settings fixed;
+  std::vector<PlannedRun> variants;  // the block's axes expanded: name suffix, settings, choices
+};
+
+// Choose, then run: the runs of the grid are the candidates; those that take the same values of the `within`
+// axes form a cell, and the rule picks one candidate per cell by `by` once every candidate of the cell has
+// finished (select.cpp). Each chosen run then gets its follow-ups.
+struct Selection {
+  std::vector<std::string> within;  // axes that define a cell (the others are chosen over)
+  std::string by = "final_val_top1";
+  std::vector<FollowUp> then;
+  std::vector<std::pair<std::string, std::string>> compare;  // pairs of values of within[0], for paired differences
 };
 
 struct SweepGrid {
+  std::string path;               // the grid file
   std::string command = "train";  // the subcommand every run executes (train or pretrain)
   std::vector<PlannedRun> runs;   // the expansion, in order: the first axis varies slowest
+  bool selects = false;           // a "select" block: runs are candidates, follow-ups come from the choices
+  Selection selection;
+  // pretrain grids: a "linear-eval" block runs `largebatch linear-eval` on each run's backbone, in
+  // RUN/linear-eval, as part of the same run.
+  bool linear_eval = false;
+  Settings linear_eval_settings;
 };
 
 // Reads a grid file, JSON or TOML (chosen by the first non-blank character: '{' is JSON):
 //   JSON: {"command": "train", "fixed": {"epochs": 5, ...},
-//          "axes": {"optimizer": ["sgd", {"label": "tvlars-1e-3", "optimizer": "tvlars", "opt": ["lambda=1e-3"]}],
-//                   "batch-size": [1024, 4096], "seed": [0, 1, 2]}}
-//   TOML: command = "train" / [fixed] epochs = 5 / [axes] optimizer = ["sgd", "tvlars"] (plain values only).
-// An axis value that is an object sets several options at once (its "label" names it in folder names).
-// Keys are the subcommand's option names. Throws std::invalid_argument naming the file and the field.
+//          "axes": {"optimizer": ["sgd", {"label": "lamb", "optimizer": "lamb", "axes": {"lr": [0.005, 0.01]}}],
+//                   "batch-size": [1024, 4096], "seed": [0, 1, 2]},
+//          "select": {"within": ["optimizer", "batch-size"], "by": "final_val_top1",
+//                     "then": [{"axes": {"seed": [1, 2, 3]}}]}}
+//   TOML: the same tables (toml++ orders keys alphabetically).
+// An axis value that is an object sets several options at once (its "label" names it in folder names); its own
+// "axes" vary right after it, for runs with that value only. Keys are the subcommand's option names. Throws
+// std::invalid_argument naming the file and the field.
 SweepGrid read_grid(const std::string& path);
+
+// The cell of a candidate: its labels of the `within` axes joined by "__" ("lars__batch-size-1024").
+std::string selection_cell(const Selection& selection, const PlannedRun& run);
+// The runs a chosen candidate gets from the `then` blocks that apply to its cell, in block order.
+std::vector<PlannedRun> follow_ups(const Selection& selection, const PlannedRun& chosen);
 
 struct SweepOptions {
   std::string executable;  // the largebatch program the runs execute (normally this very program)
