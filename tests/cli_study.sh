@@ -166,6 +166,29 @@ out=$("$LB" report "$W/t" 2>&1)
 [ $? -eq 2 ] && grep -q "chooses $lars_best" <<<"$out" && ok "study report refuses follow-ups the rule does not choose" ||
   bad "tampered study.json accepted: $out"
 
+# 6b. A grid too narrow grows where the rule points: a choice at the edge of lr gets a candidate beyond it (at
+# most "times" per direction), and the report applies the rule to the grown grid.
+cat > "$W/extend.json" <<'JSON'
+{
+  "command": "train",
+  "fixed": {"data": "synthetic", "synthetic-size": 512, "batch-size": 128, "epochs": 1, "model": "mlp",
+            "val-split": 128, "seed": 0, "loader-workers": 1, "no-plots": true},
+  "axes": {"optimizer": ["lars"], "lr": [0.0001, 0.0002]},
+  "select": {"within": ["optimizer"], "by": "final_val_loss", "then": [{"axes": {"seed": [1]}}],
+             "extend": {"axis": "lr", "factor": 2, "times": 2}}
+}
+JSON
+"$LB" sweep "$W/extend.json" --out "$W/x" --jobs 1 > "$W/extend.log" 2>&1
+rc=$?
+added=$(grep -c '"extended": true' "$W/x/study.json")
+if [ "$rc" -eq 0 ] && [ "$added" -ge 1 ] && [ "$added" -le 4 ] && grep -q "^\[extend\] .* edge of lr; candidate optimizer-lars__lr-" "$W/extend.log" &&
+   [ "$(find "$W/x" -maxdepth 1 -name '*__seed-1' | wc -l)" -eq 1 ] && "$LB" report "$W/x" > /dev/null 2>&1 &&
+   grep -q "\*added\*" "$W/x/report.md"; then
+  ok "extend: $added candidate(s) added beyond the lr grid's edge, one follow-up from the final choice, report consistent"
+else
+  bad "extend (exit $rc, $added added)"; cat "$W/extend.log"
+fi
+
 # 7. Pre-training followed by linear evaluation as one run; a run whose evaluation is missing gets only that.
 cat > "$W/ssl.json" <<'JSON'
 {

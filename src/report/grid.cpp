@@ -6,6 +6,8 @@
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -306,6 +308,18 @@ Selection parse_selection(const std::string& path, const Json& s, const std::vec
         for (auto& p : variants) block.variants.push_back({p.name, overridden(block.fixed, p.settings), p.choices});
         sel.then.push_back(std::move(block));
       }
+    } else if (key == "extend") {
+      if (!v.is_object()) bad(path, "select.extend must be an object {\"axis\", \"factor\", \"times\"}");
+      for (auto f = v.begin(); f != v.end(); ++f) {
+        if (f.key() == "axis" && f.value().is_string()) sel.extend_axis = f.value().get<std::string>();
+        else if (f.key() == "factor" && f.value().is_number()) sel.extend_factor = f.value().get<double>();
+        else if (f.key() == "times" && f.value().is_number_integer()) sel.extend_times = f.value().get<int>();
+        else bad(path, "select.extend: '" + f.key() + "' is not axis (text), factor (number) or times (integer)");
+      }
+      if (sel.extend_axis.empty()) bad(path, "select.extend.axis is missing: the axis whose grid may grow");
+      if (!(sel.extend_factor > 1) || !std::isfinite(sel.extend_factor))
+        bad(path, "select.extend.factor must be a number > 1");
+      if (sel.extend_times < 1 || sel.extend_times > 10) bad(path, "select.extend.times must be 1 to 10");
     } else if (key == "compare") {
       if (!v.is_array()) bad(path, "select.compare must be a list of pairs [\"a\", \"b\"]");
       for (const auto& pair : v) {
@@ -314,10 +328,13 @@ Selection parse_selection(const std::string& path, const Json& s, const std::vec
         sel.compare.emplace_back(pair[0].get<std::string>(), pair[1].get<std::string>());
       }
     } else {
-      bad(path, "select: unknown key \"" + key + "\" (expected within, by, then, compare)");
+      bad(path, "select: unknown key \"" + key + "\" (expected within, by, then, compare, extend)");
     }
   }
   if (sel.within.empty()) bad(path, "select.within is missing: the axes that define a cell");
+  if (!sel.extend_axis.empty() &&
+      std::find(sel.within.begin(), sel.within.end(), sel.extend_axis) != sel.within.end())
+    bad(path, "select.extend.axis: '" + sel.extend_axis + "' defines the cells; extend an axis chosen over");
   // Pairs name values as written or by their folder label; kept as written (what study.json and reports use).
   for (auto& pair : sel.compare) {
     const Axis* first = axis_named(sel.within.front());
@@ -368,6 +385,22 @@ std::vector<PlannedRun> follow_ups(const Selection& selection, const PlannedRun&
   return runs;
 }
 
+PlannedRun with_extended_value(const Selection& selection, const PlannedRun& run, double value) {
+  PlannedRun out = run;
+  const std::string text = number_text(value);
+  for (auto& kv : out.settings)
+    if (kv.first == selection.extend_axis) kv.second = text;
+  out.name.clear();
+  for (auto& c : out.choices) {
+    if (c.axis == selection.extend_axis) {
+      c.value = text;
+      c.label = safe_name(c.axis + "-" + text);
+    }
+    out.name += (out.name.empty() ? "" : "__") + c.label;
+  }
+  return out;
+}
+
 SweepGrid read_grid(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw std::invalid_argument(path + ": cannot read the grid file");
@@ -412,6 +445,24 @@ SweepGrid read_grid(const std::string& path) {
                                     grid.selection.within.end())
           bad(path, "select: 'seed' is an axis of the candidates, so the rule would choose among seeds; fix the "
                     "candidates' seed in \"fixed\" and give the other seeds in a \"then\" block");
+    // The axis that may grow holds plain numbers, set by the axis itself (not an object value).
+    if (!grid.selection.extend_axis.empty()) {
+      bool found = false;
+      for (const auto& run : grid.runs)
+        for (const auto& c : run.choices) {
+          if (c.axis != grid.selection.extend_axis) continue;
+          found = true;
+          char* end = nullptr;
+          std::strtod(c.value.c_str(), &end);
+          const bool plain = std::any_of(run.settings.begin(), run.settings.end(), [&](const auto& kv) {
+            return kv.first == c.axis && kv.second == c.value;
+          });
+          if (c.value.empty() || *end != '\0' || !plain)
+            bad(path, "select.extend.axis: run " + run.name + " has " + c.axis + " '" + c.value +
+                          "', not a plain number the sweep can scale");
+        }
+      if (!found) bad(path, "select.extend.axis: no candidate has an axis '" + grid.selection.extend_axis + "'");
+    }
     // Every candidate could be chosen: its follow-ups must not collide with any folder.
     for (const auto& run : grid.runs)
       for (const auto& f : follow_ups(grid.selection, run)) check_folder(path, f.name, names);

@@ -5,6 +5,7 @@
 #include <largebatch/report/select.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <stdexcept>
@@ -82,6 +83,11 @@ bool read_study(const fs::path& dir, StudyPlan& plan) {
     if (plan.by != "final_val_top1" && plan.by != "best_val_top1" && plan.by != "final_val_loss")
       bad_study(file, "select.by '" + plan.by + "' is not a rule this report knows");
     plan.within = s.at("within").get<std::vector<std::string>>();
+    if (s.contains("extend")) {
+      plan.extend_axis = s["extend"].at("axis").get<std::string>();
+      plan.extend_factor = s["extend"].at("factor").get<double>();
+      plan.extend_times = s["extend"].at("times").get<int>();
+    }
     for (const auto& pair : s.value("compare", OrderedJson::array()))
       plan.compare.emplace_back(pair.at(0).get<std::string>(), pair.at(1).get<std::string>());
     for (const auto& c : j.at("cells")) {
@@ -92,6 +98,7 @@ bool read_study(const fs::path& dir, StudyPlan& plan) {
       for (const auto& cand : c.at("candidates")) {
         cell.candidates.push_back(cand.at("run").get<std::string>());
         cell.over.push_back(values_of(file, "cells[].candidates[].over", cand.at("over")));
+        cell.extended.push_back(cand.value("extended", false));
       }
       plan.cells.push_back(std::move(cell));
     }
@@ -150,7 +157,13 @@ void write_study_sections(const StudyPlan& plan, const fs::path& dir, const std:
   md << "## Selection\n\n"
      << "The rule, from the grid file `" << plan.grid << "` (written before any run): in each cell (" << cell_words
      << ") the candidate with the " << (lower_is_better(by) ? "" : "highest ") << metric_words(by)
-     << "; on a tie the first in grid order; a diverged candidate is never chosen. The chosen candidate's settings "
+     << "; on a tie the first in grid order; a diverged candidate is never chosen.";
+  if (!plan.extend_axis.empty())
+    md << " Where that candidate's " << plan.extend_axis << " is the smallest (largest) among the candidates that "
+       << "share its other values, the sweep first adds a candidate at " << plan.extend_axis << " / "
+       << format("%g", plan.extend_factor) << " (x " << format("%g", plan.extend_factor) << "), up to "
+       << plan.extend_times << " per direction and cell, and the rule is applied again (candidates marked *added*).";
+  md << " The chosen candidate's settings "
         "are then run again with the follow-up seeds (and variants). This report applies the rule to the candidates' "
         "own files and checks that every follow-up comes from the candidate it chooses. The candidates' test "
         "accuracy is not shown anywhere: test results below are those of the follow-up runs only.\n\n"
@@ -169,7 +182,8 @@ void write_study_sections(const StudyPlan& plan, const fs::path& dir, const std:
                                : state == "diverged"        ? "diverged"
                                : static_cast<int>(k) == chosen[c] ? "**chosen**"
                                                                   : "";
-      md << "| " << (k == 0 ? joined(cell.values) : "") << " | " << joined(cell.over[k]) << " | "
+      md << "| " << (k == 0 ? joined(cell.values) : "") << " | " << joined(cell.over[k])
+         << (cell.extended[k] ? " *added*" : "") << " | "
          << metric_text(metrics[c][k], by) << " | " << mark << " |\n";
     }
     if (!decided[c]) continue;
@@ -184,10 +198,19 @@ void write_study_sections(const StudyPlan& plan, const fs::path& dir, const std:
         const std::string v = value_of(o, axis);
         if (std::find(seen.begin(), seen.end(), v) == seen.end()) seen.push_back(v);
       }
+      // Numbers by size (a grid extended by the sweep lists its additions last), other values in grid order.
+      const bool numeric = std::all_of(seen.begin(), seen.end(), [](const std::string& t) {
+        char* end = nullptr;
+        std::strtod(t.c_str(), &end);
+        return !t.empty() && *end == '\0';
+      });
+      if (numeric)
+        std::sort(seen.begin(), seen.end(),
+                  [](const std::string& a, const std::string& b) { return std::atof(a.c_str()) < std::atof(b.c_str()); });
       if (seen.size() >= 3 && (value == seen.front() || value == seen.back()))
         edges.push_back(joined(cell.values) + ": " + axis + " " + value + " is the " +
-                        (value == seen.front() ? "first" : "last") + " of its grid's " + std::to_string(seen.size()) +
-                        " values");
+                        (value == seen.front() ? (numeric ? "smallest" : "first") : (numeric ? "largest" : "last")) +
+                        " of the " + std::to_string(seen.size()) + " values tried");
     }
   }
   if (!edges.empty()) {

@@ -20,6 +20,7 @@ struct StudyCell {
   Values values;                        // of the `within` axes, in their order
   std::vector<std::string> candidates;  // run folders, in grid order
   std::vector<Values> over;             // each candidate's values of the axes chosen over
+  std::vector<bool> extended;           // added by the sweep beyond the grid's edge (select.extend)
 };
 
 struct StudyFollowUp {
@@ -32,6 +33,9 @@ struct StudyPlan {
   bool linear_eval = false;
   std::vector<std::string> within;
   std::vector<std::pair<std::string, std::string>> compare;
+  std::string extend_axis;  // select.extend, when the grid had one
+  double extend_factor = 0;
+  int extend_times = 0;
   std::vector<StudyCell> cells;
   std::vector<StudyFollowUp> follow_ups;
 };

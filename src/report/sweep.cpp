@@ -15,6 +15,8 @@
 #include <atomic>
 #include <chrono>
 #include <cerrno>
+#include <cmath>
+#include <cstdlib>
 #include <deque>
 #include <set>
 #include <cstdio>
@@ -66,7 +68,24 @@ struct Plan {
   std::vector<RunRecord> records;
   std::vector<std::string> cell_of;  // a candidate's cell ("" for follow-ups and grids without selection)
   std::vector<std::string> chosen_by;  // a follow-up: the candidate it was made from
+  std::vector<int> extended;           // a candidate the sweep added beyond the grid: -1 below it, +1 above
 };
+
+// The value of `axis` among a run's choices, as a number (NaN without it).
+double choice_number(const PlannedRun& run, const std::string& axis) {
+  for (const auto& c : run.choices)
+    if (c.axis == axis) return std::strtod(c.value.c_str(), nullptr);
+  return NAN;
+}
+
+// Whether two runs take the same values of every axis but `axis`.
+bool same_but(const PlannedRun& a, const PlannedRun& b, const std::string& axis) {
+  if (a.choices.size() != b.choices.size()) return false;
+  for (size_t i = 0; i < a.choices.size(); ++i)
+    if (a.choices[i].axis != axis && (a.choices[i].axis != b.choices[i].axis || a.choices[i].value != b.choices[i].value))
+      return false;
+  return true;
+}
 
 std::string sweep_csv(const SweepGrid& grid, const Plan& plan, const fs::path& out) {
   std::string csv = "run,status,exit_code,seconds,final_test_top1,best_test_top1,settings\n";
@@ -94,6 +113,9 @@ std::string study_json(const SweepGrid& grid, const Plan& plan) {
   j["command"] = grid.command;
   j["linear_eval"] = grid.linear_eval;
   j["select"] = {{"within", grid.selection.within}, {"by", grid.selection.by}, {"compare", json::array()}};
+  if (!grid.selection.extend_axis.empty())
+    j["select"]["extend"] = {{"axis", grid.selection.extend_axis}, {"factor", grid.selection.extend_factor},
+                             {"times", grid.selection.extend_times}};
   for (const auto& [a, b] : grid.selection.compare) j["select"]["compare"].push_back({a, b});
   json cells = json::array();
   for (size_t i = 0; i < plan.runs.size(); ++i) {
@@ -111,7 +133,9 @@ std::string study_json(const SweepGrid& grid, const Plan& plan) {
     for (const auto& c : plan.runs[i].choices)
       if (std::find(grid.selection.within.begin(), grid.selection.within.end(), c.axis) == grid.selection.within.end())
         over[c.axis] = c.value;
-    (*cell)["candidates"].push_back({{"run", plan.runs[i].name}, {"over", over}});
+    json candidate = {{"run", plan.runs[i].name}, {"over", over}};
+    if (plan.extended[i] != 0) candidate["extended"] = true;
+    (*cell)["candidates"].push_back(candidate);
   }
   j["cells"] = cells;
   json follow = json::array();
@@ -193,6 +217,7 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
     plan.records.emplace_back();
     plan.cell_of.push_back(grid.selects ? selection_cell(grid.selection, run) : "");
     plan.chosen_by.emplace_back();
+    plan.extended.push_back(0);
   }
   SweepResult result;
   std::deque<Task> pending;
@@ -234,8 +259,43 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
         metrics.push_back(selection_metric(dir.string(), grid.selection.by));
       }
       if (!complete) continue;
-      decided.insert(cell);
       const int best = choose(metrics, grid.selection.by);
+      // A choice at the edge of the extended axis's values (among the candidates that share its other values)
+      // first gets one more candidate beyond that edge, while the cell has extensions left in that direction.
+      const std::string& axis = grid.selection.extend_axis;
+      if (best >= 0 && !axis.empty()) {
+        const PlannedRun& pick = plan.runs[members[best]];
+        const double v = choice_number(pick, axis);
+        double lo = v, hi = v;
+        int below = 0, above = 0, peers = 0;
+        for (size_t i : members) {
+          if (!same_but(plan.runs[i], pick, axis)) continue;
+          const double x = choice_number(plan.runs[i], axis);
+          lo = std::min(lo, x);
+          hi = std::max(hi, x);
+          ++peers;
+          below += plan.extended[i] < 0 ? 1 : 0;
+          above += plan.extended[i] > 0 ? 1 : 0;
+        }
+        const int direction = !std::isfinite(v) || peers < 2 ? 0 : v == lo ? -1 : v == hi ? 1 : 0;
+        const int used = direction < 0 ? below : above;
+        if (direction != 0 && used < grid.selection.extend_times) {
+          const double value = direction < 0 ? v / grid.selection.extend_factor : v * grid.selection.extend_factor;
+          PlannedRun extra = with_extended_value(grid.selection, pick, value);
+          if (std::none_of(plan.runs.begin(), plan.runs.end(), [&](const PlannedRun& r) { return r.name == extra.name; })) {
+            print("[extend] " + cell + ": " + pick.name + " is at the " + (direction < 0 ? "low" : "high") + " edge of " +
+                  axis + "; candidate " + extra.name + " added");
+            plan.runs.push_back(std::move(extra));
+            plan.records.emplace_back();
+            plan.cell_of.push_back(cell);
+            plan.chosen_by.emplace_back();
+            plan.extended.push_back(direction);
+            plan_run(plan.runs.size() - 1, at_front);
+            continue;
+          }
+        }
+      }
+      decided.insert(cell);
       if (best < 0) {
         print("[select] " + cell + ": no candidate has a finite " + grid.selection.by + " (all diverged?); no follow-ups");
         continue;
@@ -253,6 +313,7 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
         plan.records.emplace_back();
         plan.cell_of.emplace_back();
         plan.chosen_by.push_back(from);
+        plan.extended.push_back(0);
       }
       if (at_front)
         for (size_t k = plan.runs.size(); k-- > first;) plan_run(k, true);

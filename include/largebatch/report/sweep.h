@@ -42,6 +42,12 @@ struct Selection {
   std::string by = "final_val_top1";
   std::vector<FollowUp> then;
   std::vector<std::pair<std::string, std::string>> compare;  // pairs of values of within[0], for paired differences
+  // "extend": a choice at the smallest (largest) value of `extend_axis` among the candidates that share its other
+  // values adds a candidate at value / factor (x factor), up to `extend_times` per direction and cell, before the
+  // cell is decided: a grid that turns out too narrow grows where the rule points, on validation alone.
+  std::string extend_axis;
+  double extend_factor = 0;
+  int extend_times = 0;
 };
 
 struct SweepGrid {
@@ -72,6 +78,8 @@ SweepGrid read_grid(const std::string& path);
 std::string selection_cell(const Selection& selection, const PlannedRun& run);
 // The runs a chosen candidate gets from the `then` blocks that apply to its cell, in block order.
 std::vector<PlannedRun> follow_ups(const Selection& selection, const PlannedRun& chosen);
+// `run` with the extension axis set to `value` (its text as a grid writes numbers): settings, choice and name.
+PlannedRun with_extended_value(const Selection& selection, const PlannedRun& run, double value);
 
 struct SweepOptions {
   std::string executable;  // the largebatch program the runs execute (normally this very program)

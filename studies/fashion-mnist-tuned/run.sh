@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The tuned study, start to end, resumable: the classification sweep (candidates, then the chosen settings'
+# seeds and the initialisation ablation), the self-supervised sweep (Barlow Twins pre-training, each run
+# followed by its linear evaluation), then their small files into docs/results/ and both reports.
+# Run it again after an interruption: finished runs are skipped, interrupted ones resume from their checkpoints.
+# Usage: studies/fashion-mnist-tuned/run.sh [path/to/largebatch]   (default build/largebatch)
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+lb=${1:-build/largebatch}
+[ -x "$lb" ] || { echo "run.sh: no program $lb (make build first)" >&2; exit 2; }
+# A sweep starts each run with the program it is itself; it runs from a copy so that rebuilding the project
+# meanwhile cannot replace the program under it.
+mkdir -p runs/bin
+bin=runs/bin/largebatch-study
+cp "$lb" "$bin.new" && mv "$bin.new" "$bin"
+status=0
+for study in fashion-mnist-tuned fashion-mnist-ssl; do
+  "$bin" sweep "studies/$study/grid.json" --out "runs/$study" --jobs 2
+  rc=$?
+  [ "$rc" -eq 130 ] && exit 130  # interrupted: run this script again to continue
+  [ "$rc" -ne 0 ] && status=$rc   # failed runs are retried by the next call; the other study still runs
+  scripts/collect_study.sh "runs/$study" "docs/results/$study"
+  "$bin" report "docs/results/$study" --target 0.85
+done
+exit "$status"
