@@ -15,6 +15,14 @@ bin=runs/bin/largebatch-study
 cp "$lb" "$bin.new" && mv "$bin.new" "$bin"
 status=0
 for study in fashion-mnist-tuned fashion-mnist-ssl; do
+  # Runs finished on another machine come back from their committed files (docs/results), so that the sweep
+  # skips them and the rule reads them: only runs missing from both are run.
+  if [ -d "docs/results/$study" ]; then
+    for done_run in "docs/results/$study"/*/; do
+      name=$(basename "$done_run")
+      [ "$name" = report ] || [ -e "runs/$study/$name" ] || { mkdir -p "runs/$study" && cp -rp "$done_run" "runs/$study/$name"; }
+    done
+  fi
   "$bin" sweep "studies/$study/grid.json" --out "runs/$study" --jobs 2
   rc=$?
   [ "$rc" -eq 130 ] && exit 130  # interrupted: run this script again to continue
