@@ -9,5 +9,6 @@ set ylabel 'top Hessian eigenvalue'
 set y2label 'test top-1'
 set y2tics
 set ytics nomirror
-plot '../tvlars-l1e-3__batch-size-4096__seed-0/sharpness.csv' using 1:3 every ::1 with linespoints title 'sharpness', \
+plot '../tvlars-l1e-3__batch-size-4096__seed-0/sharpness.csv' using 1:($5 == 1 ? $3 : 1/0) every ::1 with linespoints pt 7 title 'sharpness', \
+     '../tvlars-l1e-3__batch-size-4096__seed-0/sharpness.csv' using 1:($5 == 1 ? 1/0 : $3) every ::1 with points pt 6 ps 2 lc rgb 'red' title 'not converged (left out of the table)', \
      '../tvlars-l1e-3__batch-size-4096__seed-0/metrics.csv' using 2:8 every ::1 axes x1y2 with linespoints title 'test top-1'
