@@ -6,7 +6,7 @@ CMAKE_ARGS ?=
 SAN_DIR    ?= build-san
 FUZZ_SECONDS ?= 60
 
-.PHONY: all setup configure build test install clean demo bench sanitize fuzz FORCE
+.PHONY: all setup configure build test install clean demo bench sanitize fuzz python FORCE
 
 all: build
 
@@ -35,6 +35,14 @@ build: setup configure
 
 test: build
 	bash scripts/run_tests.sh $(BUILD_DIR) -j $(JOBS)
+
+# The Python package into $(BUILD_DIR)/python: PYTHONPATH=$(BUILD_DIR)/python python3 -c "import largebatch"
+# (docs/PYTHON.md). Installs its Debian packages first.
+python:
+	bash scripts/setup.sh --python
+	@mkdir -p $(BUILD_DIR) && echo '$(CONFIGURATION)' > $(BUILD_DIR)/.configuration
+	cmake -S . -B $(BUILD_DIR) $(CONFIGURATION)
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target python
 
 # The test suite under AddressSanitizer + UndefinedBehaviorSanitizer (clang, its own build directory), then
 # every fuzz target for FUZZ_SECONDS (docs/RELIABILITY.md); the sanitizers' options are set by CMakeLists.txt.

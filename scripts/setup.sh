@@ -4,6 +4,7 @@
 #   scripts/setup.sh          what building and testing need
 #   scripts/setup.sh --bench  also Debian's python3-torch / python3-torchvision, the Python reference that
 #                             `largebatch bench step|train` measures against (never needed by the product)
+#   scripts/setup.sh --python the Python package's needs: python3-torch, python3-dev, pybind11-dev, python3-pytest
 #   scripts/setup.sh --sanitize  also clang with its sanitizer and libFuzzer runtimes (make sanitize)
 set -euo pipefail
 
@@ -26,6 +27,10 @@ PACKAGES=(
 )
 if [ "${1:-}" = "--bench" ]; then
   PACKAGES+=(python3-torch python3-torchvision)
+fi
+if [ "${1:-}" = "--python" ] || [ "${1:-}" = "--bench" ]; then
+  # the Python package (largebatch.optim, build/python) and its tests
+  PACKAGES+=(python3-torch python3-dev pybind11-dev python3-pytest)
 fi
 if [ "${1:-}" = "--sanitize" ]; then
   # libomp-dev: OpenMP for clang; llvm: llvm-symbolizer, for sanitizer reports with file:line

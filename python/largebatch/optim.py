@@ -1,0 +1,241 @@
+"""Layer-wise optimizers as torch.optim.Optimizer, stepped by largebatch's C++ engine on the model's own tensors.
+
+    from largebatch import optim
+    opt = optim.make("tvlars", model.named_parameters(), lr=1.0, weight_decay=5e-4)
+    opt = optim.make("lamb:timm", model.parameters(), lr=1e-3, betas=(0.9, 0.999), max_grad_norm=1.0)
+    opt = optim.LARS(model.parameters(), lr=2.0, momentum=0.9, weight_decay=5e-4, eta=1e-3)
+
+`preset` is any name of `largebatch optimizers` / `largebatch.presets()` (a bare name such as "tvlars" or
+"lamb" builds its reference preset); `hyper` uses the vocabulary of docs/optimizers.md (momentum, nesterov,
+weight_decay, eta, eps, trust_clip, betas, bias_correction, max_grad_norm, decoupled_decay, lr_ratio_1d, and the
+engine's own option names: alpha, lambda, delay, gamma_min, weight_norm_clamp, ...). An unknown name is an error.
+"""
+import math
+import numbers
+
+import torch
+
+from . import _largebatch as _engine
+
+__all__ = ["Optimizer", "make", "LARS", "TVLARS", "LAMB"]
+
+# Keys of a param group that are not the engine's options.
+_GROUP_KEYS = ("params", "names", "lr", "initial_lr", "preset", "batch_size")
+
+
+def _option_text(key, value):
+    """A hyper-parameter as the engine's key=value text."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(float(value)):
+            raise ValueError("optimizer option %s = %r is not finite" % (key, value))
+        return repr(float(value)) if not isinstance(value, numbers.Integral) else str(int(value))
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return _option_text(key, value[0]) + ":" + _option_text(key, value[1])
+    raise TypeError("optimizer option %s = %r is not a number, boolean, None, text or pair" % (key, value))
+
+
+def _engine_key(key):
+    return "lambda" if key == "lambda_" else key
+
+
+def _groups_of(params):
+    """Param groups from tensors, (name, tensor) pairs or group dicts; every tensor gets a name."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, not a tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("the optimizer got an empty parameter list")
+    if all(isinstance(x, dict) for x in items):
+        groups = []
+        for g in items:
+            g = dict(g)
+            inner = _groups_of(g["params"]) if not isinstance(g["params"], torch.Tensor) else [
+                {"params": [g["params"]], "names": [None]}]
+            g["params"] = inner[0]["params"]
+            g.setdefault("names", inner[0]["names"])
+            groups.append(g)
+        return groups
+    names, tensors = [], []
+    for x in items:
+        if isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[0], str):
+            names.append(x[0])
+            tensors.append(x[1])
+        elif isinstance(x, torch.Tensor):
+            names.append(None)
+            tensors.append(x)
+        else:
+            raise TypeError("params must hold tensors, (name, tensor) pairs or dicts, got %r" % type(x))
+    return [{"params": tensors, "names": names}]
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A layer-wise preset of the C++ engine as a torch.optim.Optimizer.
+
+    param_groups[i]["lr"] is read before every step (so any torch.optim.lr_scheduler drives it); another
+    hyper-parameter changed in a group is applied to the engine before the next step (the masks, resolved when the
+    optimizer was built, stay). state_dict() / load_state_dict() hold every tensor's step count and buffers and
+    continue a run bit for bit.
+    """
+
+    def __init__(self, params, preset, lr, batch_size=256, **hyper):
+        if lr is None or not lr >= 0:
+            raise ValueError("lr must be >= 0, got %r" % (lr,))
+        groups = _groups_of(params)
+        defaults = dict(lr=lr, preset=preset, batch_size=batch_size)
+        defaults.update({_engine_key(k): v for k, v in hyper.items()})
+        super().__init__(groups, defaults)
+        counter = 0
+        for g in self.param_groups:
+            named = []
+            for name in g["names"]:
+                named.append(name if name is not None else "param.%d" % counter)
+                counter += 1
+            g["names"] = named
+        self._built = [self._overrides(g) for g in self.param_groups]
+        self._lrs = [g["lr"] for g in self.param_groups]
+        self._engine = _engine.Engine([
+            _engine.GroupSpec(g["names"], list(g["params"]), g["preset"], float(g["lr"]), int(g["batch_size"]), o)
+            for g, o in zip(self.param_groups, self._built)])
+
+    @staticmethod
+    def _overrides(group):
+        return {_engine_key(k): _option_text(k, v) for k, v in group.items() if k not in _GROUP_KEYS}
+
+    def _sync(self):
+        for i, g in enumerate(self.param_groups):
+            if g["lr"] != self._lrs[i]:
+                if not g["lr"] >= 0:
+                    raise ValueError("param_groups[%d]['lr'] = %r must be >= 0" % (i, g["lr"]))
+                self._engine.set_lr(i, float(g["lr"]))
+                self._lrs[i] = g["lr"]
+            now = self._overrides(g)
+            if now != self._built[i]:
+                changed = {k: v for k, v in now.items() if self._built[i].get(k) != v}
+                self._engine.update_group(i, changed)
+                self._built[i] = now
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync()
+        self._engine.step()
+        return loss
+
+    def add_param_group(self, param_group):
+        if getattr(self, "_engine", None) is not None:
+            raise NotImplementedError("largebatch optimizers take their parameter groups when they are built")
+        super().add_param_group(param_group)
+
+    def state_dict(self):
+        states = self._engine.state()
+        packed = {}
+        for i, s in enumerate(states):
+            entry = {"step": torch.tensor(float(s["step"]))}
+            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                if s[key] is not None:
+                    entry[key] = s[key]
+            packed[i] = entry
+        groups, index = [], 0
+        for g in self.param_groups:
+            saved = {k: v for k, v in g.items() if k != "params"}
+            saved["params"] = list(range(index, index + len(g["params"])))
+            index += len(g["params"])
+            groups.append(saved)
+        return {"state": packed, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
+            raise ValueError("state_dict's parameter groups do not match this optimizer's")
+        for g, saved in zip(self.param_groups, groups):
+            for k, v in saved.items():
+                if k not in ("params", "names"):
+                    g[k] = v
+        self._sync()
+        total = sum(len(g["params"]) for g in self.param_groups)
+        states = []
+        for i in range(total):
+            s = state_dict["state"].get(i, state_dict["state"].get(str(i), {}))
+            step = s.get("step", 0)
+            states.append({
+                "step": int(step.item() if isinstance(step, torch.Tensor) else step),
+                "momentum_buffer": s.get("momentum_buffer"),
+                "exp_avg": s.get("exp_avg"),
+                "exp_avg_sq": s.get("exp_avg_sq"),
+            })
+        self._engine.load_state(states)
+
+    # ---- the engine's own views
+    def telemetry(self, enabled=None):
+        """The last step's per-layer record (adapted tensors): {"step", "lr", "phi", "layers": [{"name",
+        "weight_norm", "update_norm", "grad_norm", "trust_ratio", "effective_lr"}]}. telemetry(True) turns recording
+        on (off by default: it costs a little per step), telemetry(False) off."""
+        if enabled is not None:
+            self._engine.set_telemetry(bool(enabled))
+            return None
+        return self._engine.telemetry()
+
+    def describe(self, group=0):
+        """Every option of a group, resolved, on one line (after the param_groups' current values)."""
+        self._sync()
+        return self._engine.describe(group)
+
+    def adapts(self, param):
+        return self._engine.adapts(param)
+
+    def decays(self, param):
+        return self._engine.decays(param)
+
+    def use_kernel(self, kernel):
+        """'auto' (the fused CPU kernel where it applies), 'fused' or 'tensor-ops' (per-tensor LibTorch)."""
+        self._engine.set_kernel(kernel)
+
+
+def make(preset, params, lr, batch_size=256, **hyper):
+    """The optimizer of a preset: make("tvlars:paper", model.named_parameters(), lr=1.0, batch_size=4096)."""
+    return Optimizer(params, preset, lr, batch_size=batch_size, **hyper)
+
+
+class LARS(Optimizer):
+    """Heavy-ball LARS (lars:reference): r = eta |w| / |g + wd w|, mu = momentum mu + r (g + wd w)."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=5e-4, eta=1e-3, nesterov=False, trust_clip=False,
+                 **hyper):
+        super().__init__(params, "lars:reference", lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                         nesterov=nesterov, trust_clip=trust_clip, **hyper)
+
+
+class TVLARS(Optimizer):
+    """TVLARS in the paper's form (tvlars:paper): LARS whose ratio is scaled by
+    phi_t = 1 / (alpha + exp(lambda (t - delay))) + gamma_min (gamma_min default 0.001 B / 256)."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=5e-4, eta=1e-3, alpha=1.0, lambda_=1e-3, delay=0.0,
+                 gamma_min=None, batch_size=256, **hyper):
+        if "lambda" in hyper:
+            lambda_ = hyper.pop("lambda")
+        extra = dict(alpha=alpha, delay=delay, momentum=momentum, weight_decay=weight_decay, eta=eta)
+        extra["lambda"] = lambda_
+        if gamma_min is not None:
+            extra["gamma_min"] = gamma_min
+        extra.update(hyper)
+        super().__init__(params, "tvlars:paper", lr, batch_size=batch_size, **extra)
+
+
+class LAMB(Optimizer):
+    """LAMB of You et al. (lamb:paper): Adam direction with bias correction, coupled decay, r = |w| / |s|."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
+                 max_grad_norm=None, decoupled_decay=False, **hyper):
+        super().__init__(params, "lamb:paper", lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                         bias_correction=bias_correction, max_grad_norm=max_grad_norm,
+                         decoupled_decay=decoupled_decay, **hyper)
