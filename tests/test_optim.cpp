@@ -10,6 +10,7 @@
 #include <fstream>
 #include <iostream>
 #include <limits>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 
@@ -594,6 +595,46 @@ TEST(Serialization, MasksAndOptionsSurviveACheckpoint) {
   EXPECT_TRUE(fresh.adapts(q["bn.bias"]));
   EXPECT_EQ(fresh.name_of(q["bn.bias"]), "bn.bias");
   EXPECT_EQ(fresh.steps_taken(), 1);
+}
+
+// Options written by an earlier version (fewer keys) load with today's defaults for the missing ones; an enum
+// value no version wrote is a damaged checkpoint, refused by name.
+TEST(Serialization, EarlierOptionsLoadWithDefaultsAndDamagedEnumsAreRefused) {
+  auto archive_of = [](const std::map<std::string, int64_t>& enums) {
+    torch::serialize::OutputArchive out;
+    out.write("lr", c10::IValue(0.5));
+    out.write("momentum", c10::IValue(0.8));
+    for (const auto& [key, value] : enums) out.write(key, c10::IValue(value));
+    std::stringstream buffer;
+    out.save_to(buffer);
+    torch::serialize::InputArchive in;
+    in.load_from(buffer);
+    return in;
+  };
+  lo::LayerwiseOptions old_version(0.1);
+  auto in = archive_of({});
+  old_version.serialize(in);
+  EXPECT_DOUBLE_EQ(old_version.lr(), 0.5);
+  EXPECT_DOUBLE_EQ(old_version.momentum(), 0.8);
+  EXPECT_EQ(old_version.direction(), lo::Direction::kMomentum);
+  EXPECT_EQ(old_version.trust_denominator(), lo::TrustDenominator::kExact);
+  EXPECT_EQ(old_version.zero_guard(), lo::ZeroGuard::kDenominator);
+  EXPECT_EQ(old_version.guarded_update(), lo::GuardedUpdate::kUnitRatio);
+  EXPECT_FALSE(old_version.decoupled_decay());
+  EXPECT_FALSE(old_version.max_grad_norm().has_value());
+  for (const std::string key : {"direction", "trust_denominator", "zero_guard", "guarded_update"}) {
+    for (const int64_t damaged : {-1, 7}) {
+      lo::LayerwiseOptions o(0.1);
+      auto bad = archive_of({{key, damaged}});
+      try {
+        o.serialize(bad);
+        ADD_FAILURE() << key << " = " << damaged << " was accepted";
+      } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("checkpoint optimizer option " + key + " = " + std::to_string(damaged)),
+                  std::string::npos) << e.what();
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------ telemetry

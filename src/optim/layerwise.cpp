@@ -254,7 +254,7 @@ void LayerwiseOptions::serialize(torch::serialize::OutputArchive& a) const {
 
 void LayerwiseOptions::serialize(torch::serialize::InputArchive& a) {
   lr(read_value<double>(a, "lr", lr()));
-  direction(static_cast<Direction>(read_value<int64_t>(a, "direction", 0)));
+  direction(read_enum<Direction>(a, "direction", Direction::kMomentum, Direction::kAdam));
   momentum(read_value<double>(a, "momentum", momentum()));
   nesterov(read_value<bool>(a, "nesterov", nesterov()));
   beta1(read_value<double>(a, "beta1", beta1()));
@@ -263,7 +263,7 @@ void LayerwiseOptions::serialize(torch::serialize::InputArchive& a) {
   bias_correction(read_value<bool>(a, "bias_correction", bias_correction()));
   weight_decay(read_value<double>(a, "weight_decay", weight_decay()));
   eta(read_value<double>(a, "eta", eta()));
-  trust_denominator(static_cast<TrustDenominator>(read_value<int64_t>(a, "trust_denominator", 0)));
+  trust_denominator(read_enum<TrustDenominator>(a, "trust_denominator", TrustDenominator::kExact, TrustDenominator::kSum));
   trust_eps(read_value<double>(a, "trust_eps", trust_eps()));
   weight_norm_clamp(read_range(a, "weight_norm_clamp"));
   update_norm_clamp(read_range(a, "update_norm_clamp"));
