@@ -188,6 +188,13 @@ if [ "$rc" -eq 0 ] && [ "$added" -ge 1 ] && [ "$added" -le 4 ] && grep -q "^\[ex
 else
   bad "extend (exit $rc, $added added)"; cat "$W/extend.log"
 fi
+# Planned again from the files (a resumed sweep): the added candidates decide their cell at once.
+out=$("$LB" sweep "$W/extend.json" --out "$W/x" --dry-run 2>&1)
+if grep -q "^finished .*__seed-1:" <<<"$out" && ! grep -q "not decided" <<<"$out"; then
+  ok "extend: a sweep planned again decides the grown cell from the finished files (follow-up listed as finished)"
+else
+  bad "extend replanned: $out"
+fi
 
 # 7. Pre-training followed by linear evaluation as one run; a run whose evaluation is missing gets only that.
 cat > "$W/ssl.json" <<'JSON'

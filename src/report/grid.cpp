@@ -350,7 +350,9 @@ Selection parse_selection(const std::string& path, const Json& s, const std::vec
 }
 
 bool applies(const FollowUp& block, const PlannedRun& run) {
-  for (const auto& [axis, accepted] : block.where) {
+  for (const auto& where : block.where) {
+    const std::string& axis = where.first;
+    const std::vector<std::string>& accepted = where.second;
     const auto c = std::find_if(run.choices.begin(), run.choices.end(), [&](const AxisChoice& x) { return x.axis == axis; });
     if (c == run.choices.end()) return false;
     if (std::none_of(accepted.begin(), accepted.end(), [&](const std::string& a) { return a == c->value || a == c->label; }))

@@ -241,6 +241,9 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
   std::set<std::string> decided;
   auto decide = [&](bool at_front) {
     if (!grid.selects) return;
+    // Again after a candidate was added: one that finished before (a resumed sweep) decides its cell at once.
+    for (bool again = true; again;) {
+    again = false;
     std::map<std::string, std::vector<size_t>> cells;
     std::vector<std::string> order;
     for (size_t i = 0; i < plan.runs.size(); ++i) {
@@ -291,6 +294,7 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
             plan.chosen_by.emplace_back();
             plan.extended.push_back(direction);
             plan_run(plan.runs.size() - 1, at_front);
+            again = true;
             continue;
           }
         }
@@ -319,6 +323,7 @@ SweepResult run_sweep(const SweepGrid& grid, const SweepOptions& o) {
         for (size_t k = plan.runs.size(); k-- > first;) plan_run(k, true);
       else
         for (size_t k = first; k < plan.runs.size(); ++k) plan_run(k, false);
+    }
     }
     if (!o.dry_run) write_atomically(out / "study.json", study_json(grid, plan));
   };
