@@ -146,9 +146,12 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   // below show the follow-ups, so that no test result of a candidate appears.
   detail::StudyPlan study;
   const bool is_study = detail::read_study(dir, study);
+  std::size_t finished_candidates = 0;
   if (is_study) {
     std::set<std::string> candidate_names;
     for (const auto& cell : study.cells) candidate_names.insert(cell.candidates.begin(), cell.candidates.end());
+    finished_candidates = static_cast<std::size_t>(std::count_if(
+        runs.begin(), runs.end(), [&](const Run& r) { return candidate_names.count(r.name) > 0; }));
     runs.erase(std::remove_if(runs.begin(), runs.end(), [&](const Run& r) { return candidate_names.count(r.name) > 0; }),
                runs.end());
     unfinished.erase(std::remove_if(unfinished.begin(), unfinished.end(),
@@ -228,8 +231,10 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   }
   std::vector<std::string> made;
   std::ostringstream md;
-  md << "# Report: " << title << "\n\n"
-     << runs.size() << " runs in " << groups.size() << " configurations (runs that differ only in their seed are "
+  md << "# Report: " << title << "\n\n";
+  if (is_study)
+    md << finished_candidates << " finished candidate runs (read for the selection only) and ";
+  md << runs.size() << (is_study ? " follow-up" : "") << " runs in " << groups.size() << " configurations (runs that differ only in their seed are "
      << "one configuration; mean ± sample standard deviation over seeds). Regenerate with `" << regenerate
      << "`: the same CSV files give the same report.\n\n";
   if (!unfinished.empty()) {
