@@ -79,27 +79,31 @@ optimizer = ["sgd", { label = "tv", optimizer = "tvlars", opt = ["lambda=0.01"] 
   EXPECT_EQ(a.runs[3].name, "batch-size-128__tv");
 }
 
+namespace {
+// A grid file with TEXT is refused with an error naming the file and containing NEEDLE.
+void expect_grid_error(const std::string& text, const std::string& ext, const std::string& needle) {
+  ScratchFile f(text, ext);
+  try {
+    lr::read_grid(f.path.string());
+    ADD_FAILURE() << "no error for " << text;
+  } catch (const std::invalid_argument& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find(f.path.string()), std::string::npos) << what;
+    EXPECT_NE(what.find(needle), std::string::npos) << what;
+  }
+}
+}  // namespace
+
 TEST(Grid, BadGridsNameTheFileAndField) {
-  auto expect_error = [](const std::string& text, const std::string& ext, const std::string& needle) {
-    ScratchFile f(text, ext);
-    try {
-      lr::read_grid(f.path.string());
-      ADD_FAILURE() << "no error for " << text;
-    } catch (const std::invalid_argument& e) {
-      const std::string what = e.what();
-      EXPECT_NE(what.find(f.path.string()), std::string::npos) << what;
-      EXPECT_NE(what.find(needle), std::string::npos) << what;
-    }
-  };
-  expect_error(R"({"axis": {}})", ".json", "unknown key \"axis\"");
-  expect_error(R"({"fixed": {"out": "x"}})", ".json", "'out' is set by the sweep");
-  expect_error(R"({"axes": {"lr": []}})", ".json", "axes.lr: must be a non-empty list");
-  expect_error(R"({"axes": {"lr": [1, 1]}})", ".json", "share the folder 'lr-1'");
-  expect_error(R"({"axes": {"lr": [1], "optimizer": [{"optimizer": "sgd", "lr": 2}]}})", ".json", "both set 'lr'");
-  expect_error(R"({"command": "bench"})", ".json", "command 'bench'");
-  expect_error(R"({"axes": )", ".json", "not valid JSON");
-  expect_error("[axes\nlr = [1]\n", ".toml", "not valid TOML (line 1");
-  expect_error("[fixed]\n\"--lr\" = 1\n", ".toml", "without dashes");
+  expect_grid_error(R"({"axis": {}})", ".json", "unknown key \"axis\"");
+  expect_grid_error(R"({"fixed": {"out": "x"}})", ".json", "'out' is set by the sweep");
+  expect_grid_error(R"({"axes": {"lr": []}})", ".json", "axes.lr: must be a non-empty list");
+  expect_grid_error(R"({"axes": {"lr": [1, 1]}})", ".json", "share the folder 'lr-1'");
+  expect_grid_error(R"({"axes": {"lr": [1], "optimizer": [{"optimizer": "sgd", "lr": 2}]}})", ".json", "both set 'lr'");
+  expect_grid_error(R"({"command": "bench"})", ".json", "command 'bench'");
+  expect_grid_error(R"({"axes": )", ".json", "not valid JSON");
+  expect_grid_error("[axes\nlr = [1]\n", ".toml", "not valid TOML (line 1");
+  expect_grid_error("[fixed]\n\"--lr\" = 1\n", ".toml", "without dashes");
 }
 
 TEST(Sharpness, MatchesTheTopEigenvalueOfAQuadratic) {
@@ -298,16 +302,8 @@ TEST(Grid, ASelectionPlansFollowUpsFromTheChosenCandidate) {
 }
 
 TEST(Grid, BadSelectionsNameTheFileAndField) {
-  auto expect_error = [](const std::string& text, const std::string& needle) {
-    ScratchFile f(text, ".json");
-    try {
-      lr::read_grid(f.path.string());
-      ADD_FAILURE() << "no error for " << text;
-    } catch (const std::invalid_argument& e) {
-      const std::string what = e.what();
-      EXPECT_NE(what.find(f.path.string()), std::string::npos) << what;
-      EXPECT_NE(what.find(needle), std::string::npos) << what;
-    }
+  const auto expect_error = [](const std::string& text, const std::string& needle) {
+    expect_grid_error(text, ".json", needle);
   };
   const std::string axes = R"("axes": {"lr": [1, 2], "batch-size": [64]}, )";
   expect_error("{" + axes + R"("select": {"within": ["depth"]}})", "select.within: \"depth\" is not one of");
