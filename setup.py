@@ -26,6 +26,13 @@ class CMakeBuild(build_ext):
                      "-DPython3_EXECUTABLE=" + sys.executable, "-DLARGEBATCH_BUILD_TESTS=OFF",
                      "-DLARGEBATCH_BUILD_APPS=OFF", "-DLARGEBATCH_BUILD_EXAMPLES=OFF",
                      "-DLARGEBATCH_BUILD_BENCHMARKS=OFF", "-DLARGEBATCH_TCMALLOC=OFF"]
+        # A torch that carries its CMake files (pip's wheels do; Debian's python3-torch does not, its LibTorch is
+        # libtorch-dev's) is the LibTorch to build against: the extension must link the libtorch the interpreter
+        # loads.
+        import torch.utils
+        torch_cmake = pathlib.Path(torch.utils.cmake_prefix_path)
+        if torch_cmake.is_dir():
+            configure.append("-DCMAKE_PREFIX_PATH=" + str(torch_cmake))
         if subprocess.run(["ninja", "--version"], capture_output=True).returncode == 0:
             configure += ["-G", "Ninja"]
         subprocess.run(configure, check=True)

@@ -11,14 +11,17 @@ mkdir -p "$dest"
 finished() {  # a summary.json saying completed or diverged
   grep -qE '"status": "(completed|diverged)"' "$1/summary.json" 2>/dev/null
 }
+linear_eval=0
+grep -qE '"linear_eval": *true' "$src/study.json" 2>/dev/null && linear_eval=1
 copied=0
 for run in "$src"/*/; do
   run=${run%/}
   name=$(basename "$run")
   [ "$name" = report ] && continue
   finished "$run" || continue
-  # A pre-training run with a linear evaluation is finished when the evaluation is (or when it diverged).
-  if [ -d "$run/linear-eval" ] && ! grep -q '"status": "diverged"' "$run/summary.json"; then
+  # In a sweep whose runs go on to a linear evaluation (study.json says so), a pre-training run is finished when
+  # its evaluation is (or when it diverged): the committed files hold no backbone to evaluate later.
+  if { [ "$linear_eval" = 1 ] || [ -d "$run/linear-eval" ]; } && ! grep -q '"status": "diverged"' "$run/summary.json"; then
     finished "$run/linear-eval" || continue
   fi
   for part in "" /linear-eval; do

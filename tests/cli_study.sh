@@ -231,4 +231,22 @@ else
   bad "ssl report"; head -20 "$W/u/report.md"
 fi
 
+# 8. Collecting a study's files for committing: a pre-training run whose linear evaluation has not finished is left
+# for a later call (the committed files hold no backbone to evaluate it from), the finished and diverged ones go.
+C="$W/collect"
+mkdir -p "$C/runs/pre-only" "$C/runs/evaluated/linear-eval" "$C/runs/diverged"
+echo '{"linear_eval": true}' > "$C/runs/study.json"
+for r in pre-only evaluated evaluated/linear-eval; do
+  echo '{"status": "completed"}' > "$C/runs/$r/summary.json"; echo '{}' > "$C/runs/$r/config.json"
+done
+echo '{"status": "diverged"}' > "$C/runs/diverged/summary.json"; echo '{}' > "$C/runs/diverged/config.json"
+touch "$C/runs/evaluated/backbone.pt"
+if bash "$(dirname "${BASH_SOURCE[0]}")/../scripts/collect_study.sh" "$C/runs" "$C/results" > "$C/log" 2>&1 &&
+   [ -f "$C/results/evaluated/linear-eval/summary.json" ] && [ -f "$C/results/diverged/summary.json" ] &&
+   [ ! -e "$C/results/pre-only" ] && [ ! -e "$C/results/evaluated/backbone.pt" ] && [ -f "$C/results/study.json" ]; then
+  ok "collect_study: a pre-training run waits for its linear evaluation; no weights are copied"
+else
+  bad "collect_study"; cat "$C/log"; find "$C/results"
+fi
+
 end_checks cli_study

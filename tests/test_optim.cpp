@@ -346,6 +346,29 @@ TEST(PeerOptions, PeerVocabularyParsesAndBadValuesAreNamed) {
   }
 }
 
+// override_keys() is what apply_overrides() accepts: each listed key is taken (a bad value is refused as a value,
+// not as an unknown option), and the error for an unknown one lists them all.
+TEST(PeerOptions, TheListedOptionKeysAreExactlyTheAcceptedOnes) {
+  const auto& keys = lo::override_keys();
+  ASSERT_GE(keys.size(), 30u);
+  for (const auto& key : keys) {
+    auto o = lo::preset_options("tvlars", 1.0);
+    try {
+      lo::apply_overrides(o, {{key, "?"}});
+    } catch (const std::invalid_argument& e) {
+      EXPECT_EQ(std::string(e.what()).find("unknown optimizer option"), std::string::npos) << key << ": " << e.what();
+    }
+  }
+  auto o = lo::preset_options("tvlars", 1.0);
+  try {
+    lo::apply_overrides(o, {{"frobnicate", "1"}});
+    ADD_FAILURE() << "an unknown option was accepted";
+  } catch (const std::invalid_argument& e) {
+    const std::string what = e.what();
+    for (const auto& key : keys) EXPECT_NE(what.find(key), std::string::npos) << key << " not listed: " << what;
+  }
+}
+
 // ------------------------------------------------------------------ masks
 
 TEST(Masks, DefaultExcludesOneDimensionalTensorsFromBoth) {

@@ -270,7 +270,7 @@ TEST(Grid, AValuesOwnAxesVaryRightAfterItForItsRunsOnly) {
 
 TEST(Grid, ASelectionPlansFollowUpsFromTheChosenCandidate) {
   ScratchFile f(R"({
-    "fixed": {"epochs": 2, "seed": 0, "telemetry-every": 0},
+    "fixed": {"epochs": 2, "seed": 0, "telemetry-every": 0, "val-split": 100},
     "axes": {"optimizer": [{"label": "lars", "optimizer": "lars", "axes": {"lr": [1, 2]}}, "sgd"],
              "batch-size": [64, 128]},
     "select": {"within": ["optimizer", "batch-size"], "by": "final_val_top1",
@@ -290,7 +290,7 @@ TEST(Grid, ASelectionPlansFollowUpsFromTheChosenCandidate) {
   ASSERT_EQ(runs.size(), 3u);
   EXPECT_EQ(runs[0].name, "lars__lr-2__batch-size-128__seed-1");
   // The block's settings replace the chosen run's (seed 0, telemetry 0), the rest is kept.
-  EXPECT_EQ(runs[0].settings, kv({{"epochs", "2"}, {"optimizer", "lars"}, {"lr", "2"}, {"batch-size", "128"},
+  EXPECT_EQ(runs[0].settings, kv({{"epochs", "2"}, {"val-split", "100"}, {"optimizer", "lars"}, {"lr", "2"}, {"batch-size", "128"},
                                   {"telemetry-every", "5"}, {"seed", "1"}}));
   EXPECT_EQ(runs[2].name, "lars__lr-2__batch-size-128__init-xavier-uniform");
   // The variant block does not apply at batch 64.
@@ -319,6 +319,16 @@ TEST(Grid, BadSelectionsNameTheFileAndField) {
                "select.compare: '96' is not a value of the axis 'batch-size'");
   expect_error("{" + axes + R"("select": {"within": ["batch-size"], "then": [{"axes": {"seed": [1]}}], "sort": 1}})",
                "select: unknown key \"sort\"");
+  expect_error("{" + axes + R"("select": {"within": ["batch-size"], "then": [{"where": {"lr": []}, "axes": {"seed": [1]}}]}})",
+               "select.then[0].where.lr: an empty list matches no run");
+  expect_error("{" + axes + R"("select": {"within": ["batch-size"], "then": [{"where": {"lr": [[1]]}, "axes": {"seed": [1]}}]}})",
+               "select.then[0].where.lr: [1] is not a value");
+  expect_error("{" + axes + R"("select": {"within": ["batch-size"], "then": [{"axes": {"seed": [1]}}]}})",
+               "select: candidate lr-1__batch-size-64 holds no validation images");
+  expect_error("{" + axes + R"("fixed": {"val-split": 0}, "select": {"within": ["batch-size"], "then": [{"axes": {"seed": [1]}}]}})",
+               "set \"val-split\" in \"fixed\"");
+  expect_error("{" + axes + R"("fixed": {"val-split": 10, "seed": 3}, "select": {"within": ["batch-size"], "then": [{"axes": {"seed": [3, 4]}}]}})",
+               "repeats candidate lr-1__batch-size-64 with its own settings and seed");
   // Choosing among seeds would pick the luckiest draw.
   expect_error(R"({"axes": {"lr": [1, 2], "seed": [0, 1]}, "select": {"within": ["lr"]}})",
                "select: 'seed' is an axis of the candidates");
@@ -426,4 +436,42 @@ TEST(Report, AStudyChoosesByValidationWhereTheTestSetDisagrees) {
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("chooses lars__lr-2"), std::string::npos) << e.what();
   }
+}
+
+TEST(Report, AVariantIsComparedWithTheChosenSettingsOnItsOwnSeeds) {
+  ScratchDir dir("study-variant");
+  const fs::path d = dir.path;
+  auto config = [](int seed, const std::string& init) {
+    return "{\"optimizer\": \"lars\", \"batch-size\": 1024, \"lr\": 2, \"seed\": " + std::to_string(seed) +
+           ", \"init\": \"" + init + "\"}";
+  };
+  fake_epochs(d / "lars__lr-2", config(0, "default"), {0.9}, {0.5});
+  // The chosen settings on seeds 1-3; the variant on seeds 1 and 2 only.
+  fake_epochs(d / "lars__lr-2__seed-1", config(1, "default"), {0.9}, {0.60});
+  fake_epochs(d / "lars__lr-2__seed-2", config(2, "default"), {0.9}, {0.62});
+  fake_epochs(d / "lars__lr-2__seed-3", config(3, "default"), {0.9}, {0.70});
+  fake_epochs(d / "lars__lr-2__init-x__seed-1", config(1, "x"), {0.9}, {0.61});
+  fake_epochs(d / "lars__lr-2__init-x__seed-2", config(2, "x"), {0.9}, {0.64});
+  fake_epochs(d / "lars__lr-2__seed-9", config(9, "default"), {0.9}, {0.33});  // left from another plan
+  std::ofstream(d / "study.json") << R"({"format": "lbt-study-1", "grid": "g.json", "command": "train",
+    "linear_eval": false, "select": {"within": ["optimizer"], "by": "final_val_top1", "compare": []},
+    "cells": [{"cell": "lars", "values": {"optimizer": "lars"}, "candidates": [{"run": "lars__lr-2", "over": {"lr": "2"}}]}],
+    "follow_ups": [{"run": "lars__lr-2__seed-1", "from": "lars__lr-2", "values": {"seed": "1"}},
+                   {"run": "lars__lr-2__seed-2", "from": "lars__lr-2", "values": {"seed": "2"}},
+                   {"run": "lars__lr-2__seed-3", "from": "lars__lr-2", "values": {"seed": "3"}},
+                   {"run": "lars__lr-2__init-x__seed-1", "from": "lars__lr-2", "values": {"init": "x", "seed": "1"}},
+                   {"run": "lars__lr-2__init-x__seed-2", "from": "lars__lr-2", "values": {"init": "x", "seed": "2"}}]})";
+  lr::write_report(d.string());
+  const std::string md = read_all(d / "report.md");
+  // As chosen over its three seeds: 64.00 ± 5.29; on the variant's seeds 1 and 2: 61.00 ± 1.41; the variant
+  // (61, 64) is ahead by +1 and +2 points.
+  EXPECT_NE(md.find("| as chosen | 1, 2, 3 | 64.00 ± 5.29 | – | – | – | – |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| 1, 2 | 62.50 ± 2.12 | 61.00 ± 1.41 | +1.00, +2.00 | +1.50 ± 0.71 | 2 of 2 |"), std::string::npos)
+      << md;
+  // A folder study.json does not list is named and left out of every table.
+  EXPECT_NE(md.find("1 finished run outside the study's plan left out** (not in study.json: neither a candidate nor a "
+                    "follow-up of a choice): `lars__lr-2__seed-9`"),
+            std::string::npos)
+      << md;
+  EXPECT_EQ(md.find("33.00"), std::string::npos) << md;
 }

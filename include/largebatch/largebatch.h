@@ -3,6 +3,7 @@
 #include <largebatch/core/runtime.h>
 #include <largebatch/version.h>
 #include <largebatch/optim/factory.h>
+#include <largebatch/optim/option_keys.h>
 #include <largebatch/optim/recipes.h>
 #include <largebatch/optim/layerwise.h>
 #include <largebatch/optim/mask.h>

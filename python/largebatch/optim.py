@@ -5,8 +5,8 @@
     opt = optim.make("lamb:timm", model.parameters(), lr=1e-3, betas=(0.9, 0.999), max_grad_norm=1.0)
     opt = optim.LARS(model.parameters(), lr=2.0, momentum=0.9, weight_decay=5e-4, eta=1e-3)
 
-`preset` is any name of `largebatch optimizers` / `largebatch.presets()` (a bare name such as "tvlars" or
-"lamb" builds its reference preset); `hyper` uses the vocabulary of docs/optimizers.md (momentum, nesterov,
+`preset` is any name of `largebatch optimizers` / `largebatch.presets()` (a bare name builds the preset the
+command line builds for it: "lars" lars:reference, "tvlars" tvlars:reference, "lamb" lamb:paper); `hyper` uses the vocabulary of docs/optimizers.md (momentum, nesterov,
 weight_decay, eta, eps, trust_clip, betas, bias_correction, max_grad_norm, decoupled_decay, lr_ratio_1d, and the
 engine's own option names: alpha, lambda, delay, gamma_min, weight_norm_clamp, ...). An unknown name is an error.
 """
@@ -20,7 +20,15 @@ from . import _largebatch as _engine
 __all__ = ["Optimizer", "make", "LARS", "TVLARS", "LAMB"]
 
 # Keys of a param group that are not the engine's options.
-_GROUP_KEYS = ("params", "names", "lr", "initial_lr", "preset", "batch_size")
+_GROUP_KEYS = ("params", "names", "lr", "preset", "batch_size")
+# The engine's option names (apply_overrides), and the peers' spelling of lambda.
+_ENGINE_KEYS = frozenset(_engine.override_keys()) | {"lambda_"}
+# Keys PyTorch's and timm's schedulers and parameter-group helpers keep in a group for themselves (OneCycleLR,
+# CyclicLR, SWALR, ReduceLROnPlateau's state, timm's layer decay); they never reach the engine. A key that is neither
+# an engine option nor one of these is refused when the optimizer is built (a misspelt hyper-parameter) and, when a
+# scheduler adds it later, left alone.
+_SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum",
+                             "swa_lr", "lr_scale", "weight_decay_scale", "param_names"})
 
 
 def _option_text(key, value):
@@ -42,6 +50,11 @@ def _option_text(key, value):
 
 def _engine_key(key):
     return "lambda" if key == "lambda_" else key
+
+
+def _resolved(description):
+    """The engine's describe() text as {key: text}."""
+    return dict(item.split("=", 1) for item in description.split() if "=" in item)
 
 
 def _groups_of(params):
@@ -84,11 +97,42 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, preset, lr, batch_size=256, **hyper):
-        if lr is None or not lr >= 0:
-            raise ValueError("lr must be >= 0, got %r" % (lr,))
+        _check_lr("lr", lr)
         groups = _groups_of(params)
+        for i, g in enumerate(groups):
+            if "lambda_" in g:
+                if "lambda" in g:
+                    raise ValueError("param group %d sets both lambda and lambda_" % i)
+                g["lambda"] = g.pop("lambda_")
+            if "lr" in g:
+                _check_lr("param group %d: lr" % i, g["lr"])
+            unknown = [k for k in g if k not in _GROUP_KEYS and k not in _ENGINE_KEYS and k not in _SCHEDULER_KEYS]
+            if unknown:
+                raise ValueError("param group %d: unknown optimizer option %s" % (i, ", ".join(map(repr, unknown))))
+        if "lambda_" in hyper and "lambda" in hyper:
+            raise ValueError("both lambda and lambda_ given")
+        unknown = [k for k in hyper if k not in _ENGINE_KEYS]
+        if unknown:
+            raise ValueError("unknown optimizer option %s (known: %s)" % (
+                ", ".join(map(repr, unknown)), ", ".join(_engine.override_keys())))
         defaults = dict(lr=lr, preset=preset, batch_size=batch_size)
         defaults.update({_engine_key(k): v for k, v in hyper.items()})
+        # The preset's momentum (or betas) and weight decay appear in the groups, as in torch.optim's optimizers:
+        # schedulers that cycle momentum (OneCycleLR, CyclicLR) read and write them there.
+        resolved = _resolved(_engine.preset_options(preset, float(lr), int(batch_size)))
+        if resolved.get("direction") == "momentum":
+            defaults.setdefault("momentum", float(resolved["momentum"]))
+        elif "beta1" not in defaults and "beta2" not in defaults:
+            defaults.setdefault("betas", (float(resolved["beta1"]), float(resolved["beta2"])))
+        if "wd" not in defaults:
+            defaults.setdefault("weight_decay", float(resolved["weight_decay"]))
+        seen = set()
+        for i, g in enumerate(groups):
+            for p in g["params"]:
+                if id(p) in seen:
+                    raise ValueError("param group %d holds a tensor that is already a parameter (it would be stepped "
+                                     "twice)" % i)
+                seen.add(id(p))
         super().__init__(groups, defaults)
         counter = 0
         for g in self.param_groups:
@@ -105,13 +149,13 @@ class Optimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _overrides(group):
-        return {_engine_key(k): _option_text(k, v) for k, v in group.items() if k not in _GROUP_KEYS}
+        return {_engine_key(k): _option_text(k, v) for k, v in group.items()
+                if k in _ENGINE_KEYS and k not in _GROUP_KEYS}
 
     def _sync(self):
         for i, g in enumerate(self.param_groups):
             if g["lr"] != self._lrs[i]:
-                if not g["lr"] >= 0:
-                    raise ValueError("param_groups[%d]['lr'] = %r must be >= 0" % (i, g["lr"]))
+                _check_lr("param_groups[%d]['lr']" % i, g["lr"])
                 self._engine.set_lr(i, float(g["lr"]))
                 self._lrs[i] = g["lr"]
             now = self._overrides(g)
@@ -157,6 +201,10 @@ class Optimizer(torch.optim.Optimizer):
         if len(groups) != len(self.param_groups) or any(
                 len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
             raise ValueError("state_dict's parameter groups do not match this optimizer's")
+        for i, (g, saved) in enumerate(zip(self.param_groups, groups)):
+            ours, theirs = _engine.resolve_preset(g["preset"]), _engine.resolve_preset(str(saved.get("preset", "")))
+            if ours != theirs:
+                raise ValueError("state_dict's param group %d is of preset %s, this optimizer's of %s" % (i, theirs, ours))
         for g, saved in zip(self.param_groups, groups):
             for k, v in saved.items():
                 if k not in ("params", "names"):
@@ -174,6 +222,10 @@ class Optimizer(torch.optim.Optimizer):
                 "exp_avg_sq": s.get("exp_avg_sq"),
             })
         self._engine.load_state(states)
+
+    def __getstate__(self):
+        raise TypeError("a largebatch optimizer cannot be pickled or copied (its state is in the C++ engine): "
+                        "save opt.state_dict() and load it into a new optimizer")
 
     # ---- the engine's own views
     def telemetry(self, enabled=None):
@@ -199,6 +251,13 @@ class Optimizer(torch.optim.Optimizer):
     def use_kernel(self, kernel):
         """'auto' (the fused CPU kernel where it applies), 'fused' or 'tensor-ops' (per-tensor LibTorch)."""
         self._engine.set_kernel(kernel)
+
+
+def _check_lr(what, lr):
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError("%s must be a number, got %r" % (what, lr))
+    if not (math.isfinite(float(lr)) and lr >= 0):
+        raise ValueError("%s must be finite and >= 0, got %r" % (what, lr))
 
 
 def make(preset, params, lr, batch_size=256, **hyper):

@@ -1,4 +1,5 @@
 #include <largebatch/optim/factory.h>
+#include <largebatch/optim/option_keys.h>
 
 #include <largebatch/optim/recipes.h>
 
@@ -200,15 +201,22 @@ void apply_overrides(LayerwiseOptions& o, const std::map<std::string, std::strin
     else if (k == "gamma_min") tv_of(o).gamma_min = to_double(k, v);
     else if (k == "decay_mask") o.decay_mask(ParamMask::parse(v, "optimizer option decay_mask"));
     else if (k == "adapt_mask") o.adapt_mask(ParamMask::parse(v, "optimizer option adapt_mask"));
-    else
-      throw std::invalid_argument(
-          "unknown optimizer option '" + k +
-          "' (known: lr, momentum, nesterov, beta1, beta2, betas, eps, bias_correction, weight_decay, eta, "
-          "trust_denominator, trust_eps, norm_clamp, weight_norm_clamp, update_norm_clamp, trust_ratio_clamp, "
-          "larc_clip, trust_clip, zero_guard, guarded_update, max_grad_norm, decoupled_decay, tv, alpha, lambda, "
-          "delay, gamma_min, decay_mask, adapt_mask, always_adapt, lr_ratio_1d)");
+    else {
+      std::string known;
+      for (const auto& key : override_keys()) known += (known.empty() ? "" : ", ") + key;
+      throw std::invalid_argument("unknown optimizer option '" + k + "' (known: " + known + ")");
+    }
   }
   o.validate();
+}
+
+const std::vector<std::string>& override_keys() {
+  static const std::vector<std::string> keys{
+      "lr", "momentum", "nesterov", "beta1", "beta2", "betas", "eps", "bias_correction", "weight_decay", "wd", "eta",
+      "trust_denominator", "trust_eps", "norm_clamp", "weight_norm_clamp", "update_norm_clamp", "trust_ratio_clamp",
+      "larc_clip", "trust_clip", "zero_guard", "guarded_update", "max_grad_norm", "decoupled_decay", "tv", "alpha",
+      "lambda", "delay", "gamma_min", "decay_mask", "adapt_mask", "always_adapt", "lr_ratio_1d"};
+  return keys;
 }
 
 namespace {

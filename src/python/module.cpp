@@ -6,6 +6,7 @@
 
 #include <largebatch/optim/factory.h>
 #include <largebatch/optim/layerwise.h>
+#include <largebatch/optim/option_keys.h>
 #include <largebatch/optim/schedule.h>
 
 #include <c10/util/string_utils.h>
@@ -203,6 +204,8 @@ PYBIND11_MODULE(_largebatch, m) {
   m.def("preset_options", [](const std::string& preset, double lr, int64_t batch_size) {
     return lo::preset_options(lo::resolve_optimizer_name(preset), lr, batch_size).describe();
   }, py::arg("preset"), py::arg("lr") = 0.1, py::arg("batch_size") = 256);
+  m.def("resolve_preset", [](const std::string& name) { return lo::resolve_optimizer_name(name); }, py::arg("name"));
+  m.def("override_keys", &lo::override_keys);
   m.def("phi", [](int64_t t, double alpha, double lambda, double delay, double gamma_min) {
     const lo::TimeVarying tv{alpha, lambda, delay, gamma_min};
     lo::validate(tv);

@@ -280,7 +280,10 @@ Selection parse_selection(const std::string& path, const Json& s, const std::vec
               if (!a) bad(path, field + ".where: '" + w.key() + "' is not an axis of the grid");
               std::vector<std::string> accepted;
               const Json list = w.value().is_array() ? w.value() : Json::array({w.value()});
+              if (list.empty()) bad(path, field + ".where." + w.key() + ": an empty list matches no run");
               for (const auto& item : list) {
+                if (item.is_array() || item.is_object() || item.is_null())
+                  bad(path, field + ".where." + w.key() + ": " + item.dump() + " is not a value of that axis");
                 Settings text;
                 scalar(path, field + ".where", w.key(), item, text);
                 const std::string t = text.front().second;
@@ -465,9 +468,18 @@ SweepGrid read_grid(const std::string& path) {
         }
       if (!found) bad(path, "select.extend.axis: no candidate has an axis '" + grid.selection.extend_axis + "'");
     }
-    // Every candidate could be chosen: its follow-ups must not collide with any folder.
+    // Every candidate could be chosen: its follow-ups must not collide with any folder, nor repeat the candidate
+    // (its test result would be that of the very run the rule chose).
     for (const auto& run : grid.runs)
-      for (const auto& f : follow_ups(grid.selection, run)) check_folder(path, f.name, names);
+      for (const auto& f : follow_ups(grid.selection, run)) {
+        check_folder(path, f.name, names);
+        Settings a = f.settings, b = run.settings;
+        std::sort(a.begin(), a.end());
+        std::sort(b.begin(), b.end());
+        if (a == b)
+          bad(path, "select.then: follow-up " + f.name + " repeats candidate " + run.name +
+                        " with its own settings and seed; give the follow-ups other seeds than the candidates'");
+      }
   }
   if (!raw.linear_eval.is_null()) {
     if (raw.command != "pretrain") bad(path, "\"linear-eval\" follows pre-training: it needs \"command\": \"pretrain\"");
@@ -475,6 +487,19 @@ SweepGrid read_grid(const std::string& path) {
     grid.linear_eval_settings = options_of(path, "linear-eval", raw.linear_eval);
     for (const auto& kv : grid.linear_eval_settings)
       if (kv.first == "backbone") bad(path, "linear-eval: 'backbone' is the run's own backbone.pt and cannot be given");
+  }
+  // The rule reads validation results: every candidate (its linear evaluation, after pre-training) holds images out.
+  if (grid.selects) {
+    auto holds_out = [](const Settings& s) {
+      std::string split;
+      for (const auto& kv : s)
+        if (kv.first == "val-split") split = kv.second;
+      return !split.empty() && split != "0";
+    };
+    for (const auto& run : grid.runs)
+      if (!holds_out(grid.linear_eval ? grid.linear_eval_settings : run.settings))
+        bad(path, "select: candidate " + run.name + " holds no validation images for the rule to read; set \"val-split\" in " +
+                      (grid.linear_eval ? "\"linear-eval\"" : "\"fixed\""));
   }
   return grid;
 }

@@ -147,6 +147,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   detail::StudyPlan study;
   const bool is_study = detail::read_study(dir, study);
   std::size_t finished_candidates = 0;
+  std::vector<std::string> outside_plan;
   if (is_study) {
     std::set<std::string> candidate_names;
     for (const auto& cell : study.cells) candidate_names.insert(cell.candidates.begin(), cell.candidates.end());
@@ -157,6 +158,14 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     unfinished.erase(std::remove_if(unfinished.begin(), unfinished.end(),
                                     [&](const std::string& n) { return candidate_names.count(n) > 0; }),
                      unfinished.end());
+    // A folder the study's record does not list (left from an earlier plan) is no follow-up of its choices.
+    std::set<std::string> planned;
+    for (const auto& f : study.follow_ups) planned.insert(f.run);
+    for (const auto& r : runs)
+      if (!planned.count(r.name)) outside_plan.push_back(r.name);
+    runs.erase(std::remove_if(runs.begin(), runs.end(), [&](const Run& r) { return planned.count(r.name) == 0; }),
+               runs.end());
+    std::sort(outside_plan.begin(), outside_plan.end());
   }
   if (runs.empty() && !is_study)
     throw std::invalid_argument(dir_text + ": no finished classification runs (folders with config.json, metrics.csv "
@@ -241,6 +250,12 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     md << "**" << unfinished.size() << " unfinished run" << (unfinished.size() == 1 ? "" : "s")
        << " left out** (no summary saying completed or diverged: still running, interrupted or failed):";
     for (const auto& name : unfinished) md << " `" << name << "`";
+    md << ".\n\n";
+  }
+  if (!outside_plan.empty()) {
+    md << "**" << outside_plan.size() << " finished run" << (outside_plan.size() == 1 ? "" : "s")
+       << " outside the study's plan left out** (not in study.json: neither a candidate nor a follow-up of a choice):";
+    for (const auto& name : outside_plan) md << " `" << name << "`";
     md << ".\n\n";
   }
   if (is_study) {

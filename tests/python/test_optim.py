@@ -220,7 +220,7 @@ def test_bad_input_is_refused_with_the_name():
         optim.make("sgd", model.named_parameters(), lr=1.0)
     with pytest.raises(ValueError, match="momentum = 1.5"):
         optim.make("lars", model.named_parameters(), lr=1.0, momentum=1.5)
-    with pytest.raises(ValueError, match="lr must be >= 0"):
+    with pytest.raises(ValueError, match="lr must be finite and >= 0"):
         optim.make("lars", model.named_parameters(), lr=-1.0)
     with pytest.raises(ValueError, match="non-leaf"):
         optim.make("lars", [("x", torch.ones(3, requires_grad=True) * 2)], lr=1.0)
@@ -268,3 +268,76 @@ def test_a_short_fashion_mnist_training_learns():
     with torch.no_grad():
         accuracy = (model(tx).argmax(1) == ty).float().mean().item()
     assert accuracy > 0.75, accuracy
+
+
+def test_schedulers_that_keep_their_own_keys_in_the_groups_drive_it():
+    # OneCycleLR cycles momentum (LARS) or betas (LAMB) through the groups and keeps max_lr, base_momentum, ...
+    # there; SWALR keeps swa_lr. Their own keys stay out of the engine; the momentum they set reaches it.
+    for preset, key in (("lars", "momentum"), ("lamb", "betas")):
+        model = _model()
+        opt = optim.make(preset, model.named_parameters(), lr=0.1)
+        assert key in opt.param_groups[0]
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=10)
+        seen = set()
+        for step in range(5):
+            _train(model, opt, 1, first=step)
+            sched.step()
+            value = opt.param_groups[0][key]
+            engine_value = float(_resolved_option(opt, "momentum" if key == "momentum" else "beta1"))
+            assert engine_value == pytest.approx(value if key == "momentum" else value[0], rel=1e-5)  # describe() rounds to 6 digits
+            seen.add(engine_value)
+        assert len(seen) > 1, "OneCycleLR's momentum never reached the engine"
+        assert torch.isfinite(torch.cat([p.detach().flatten() for p in model.parameters()])).all()
+    model = _model()
+    opt = optim.make("tvlars", model.named_parameters(), lr=0.1)
+    swa = torch.optim.swa_utils.SWALR(opt, swa_lr=0.05, anneal_epochs=2)
+    for step in range(3):
+        _train(model, opt, 1, first=step)
+        swa.step()
+    assert opt.param_groups[0]["swa_lr"] == 0.05 and "swa_lr" not in opt.describe()
+
+
+def _resolved_option(opt, key):
+    return dict(item.split("=", 1) for item in opt.describe().split() if "=" in item)[key]
+
+
+def test_group_keys_are_checked_and_spelt_like_the_keywords():
+    model = _model()
+    w = [p for n, p in model.named_parameters() if p.ndim > 1]
+    b = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = optim.TVLARS([{"params": w, "lambda_": 0.1}, {"params": b}], lr=1.0, lambda_=0.5)
+    assert "lambda=0.1 " in opt.describe(0) + " " and "lambda=0.5 " in opt.describe(1) + " "
+    opt = optim.make("lars", [{"params": w, "lr_scale": 0.5}, {"params": b}], lr=1.0)  # timm's layer decay key
+    assert opt.param_groups[0]["lr_scale"] == 0.5
+    with pytest.raises(ValueError, match="param group 1: unknown optimizer option 'momentun'"):
+        optim.make("lars", [{"params": w}, {"params": b, "momentun": 0.8}], lr=1.0)
+    with pytest.raises(ValueError, match="both lambda and lambda_"):
+        optim.make("tvlars", [{"params": w, "lambda": 0.1, "lambda_": 0.2}], lr=1.0)
+    with pytest.raises(ValueError, match="already a parameter"):
+        optim.make("lars", [w[0], w[0]], lr=1.0)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        optim.make("lars", w, lr="1")
+
+
+def test_an_infinite_lr_set_by_a_scheduler_is_refused():
+    model = _model()
+    opt = optim.make("lars", model.named_parameters(), lr=1.0)
+    opt.param_groups[0]["lr"] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] must be finite"):
+        _train(model, opt, 1)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+
+
+def test_a_state_of_another_preset_or_a_copy_is_refused():
+    import copy
+    model = _model()
+    lamb = optim.make("lamb", model.named_parameters(), lr=1e-3)
+    _train(model, lamb, 1)
+    lars = optim.make("lars", model.named_parameters(), lr=1.0)
+    with pytest.raises(ValueError, match="preset lamb:paper, this optimizer.s of lars:reference"):
+        lars.load_state_dict(lamb.state_dict())
+    same = optim.make("lamb:paper", model.named_parameters(), lr=1e-3)  # another name of the same preset
+    same.load_state_dict(lamb.state_dict())
+    with pytest.raises(TypeError, match="cannot be pickled or copied"):
+        copy.deepcopy(lamb)

@@ -63,9 +63,9 @@ struct SweepGrid {
 };
 
 // Reads a grid file, JSON or TOML (chosen by the first non-blank character: '{' is JSON):
-//   JSON: {"command": "train", "fixed": {"epochs": 5, ...},
+//   JSON: {"command": "train", "fixed": {"epochs": 5, "val-split": 5000, "seed": 0, ...},
 //          "axes": {"optimizer": ["sgd", {"label": "lamb", "optimizer": "lamb", "axes": {"lr": [0.005, 0.01]}}],
-//                   "batch-size": [1024, 4096], "seed": [0, 1, 2]},
+//                   "batch-size": [1024, 4096]},
 //          "select": {"within": ["optimizer", "batch-size"], "by": "final_val_top1",
 //                     "then": [{"axes": {"seed": [1, 2, 3]}}]}}
 //   TOML: the same tables (toml++ orders keys alphabetically).
