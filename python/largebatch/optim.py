@@ -52,11 +52,6 @@ def _engine_key(key):
     return "lambda" if key == "lambda_" else key
 
 
-def _resolved(description):
-    """The engine's describe() text as {key: text}."""
-    return dict(item.split("=", 1) for item in description.split() if "=" in item)
-
-
 def _groups_of(params):
     """Param groups from tensors, (name, tensor) pairs or group dicts; every tensor gets a name."""
     if isinstance(params, torch.Tensor):
@@ -119,13 +114,13 @@ class Optimizer(torch.optim.Optimizer):
         defaults.update({_engine_key(k): v for k, v in hyper.items()})
         # The preset's momentum (or betas) and weight decay appear in the groups, as in torch.optim's optimizers:
         # schedulers that cycle momentum (OneCycleLR, CyclicLR) read and write them there.
-        resolved = _resolved(_engine.preset_options(preset, float(lr), int(batch_size)))
-        if resolved.get("direction") == "momentum":
-            defaults.setdefault("momentum", float(resolved["momentum"]))
+        given = _engine.preset_hyper(preset, float(lr), int(batch_size))
+        if given["momentum_direction"]:
+            defaults.setdefault("momentum", given["momentum"])
         elif "beta1" not in defaults and "beta2" not in defaults:
-            defaults.setdefault("betas", (float(resolved["beta1"]), float(resolved["beta2"])))
+            defaults.setdefault("betas", (given["beta1"], given["beta2"]))
         if "wd" not in defaults:
-            defaults.setdefault("weight_decay", float(resolved["weight_decay"]))
+            defaults.setdefault("weight_decay", given["weight_decay"])
         seen = set()
         for i, g in enumerate(groups):
             for p in g["params"]:

@@ -204,6 +204,17 @@ PYBIND11_MODULE(_largebatch, m) {
   m.def("preset_options", [](const std::string& preset, double lr, int64_t batch_size) {
     return lo::preset_options(lo::resolve_optimizer_name(preset), lr, batch_size).describe();
   }, py::arg("preset"), py::arg("lr") = 0.1, py::arg("batch_size") = 256);
+  // The values a preset gives the hyper-parameters torch.optim's groups show (exact, unlike describe()'s text).
+  m.def("preset_hyper", [](const std::string& preset, double lr, int64_t batch_size) {
+    const lo::LayerwiseOptions o = lo::preset_options(lo::resolve_optimizer_name(preset), lr, batch_size);
+    py::dict d;
+    d["momentum_direction"] = o.direction() == lo::Direction::kMomentum;
+    d["momentum"] = o.momentum();
+    d["beta1"] = o.beta1();
+    d["beta2"] = o.beta2();
+    d["weight_decay"] = o.weight_decay();
+    return d;
+  }, py::arg("preset"), py::arg("lr") = 0.1, py::arg("batch_size") = 256);
   m.def("resolve_preset", [](const std::string& name) { return lo::resolve_optimizer_name(name); }, py::arg("name"));
   m.def("override_keys", &lo::override_keys);
   m.def("phi", [](int64_t t, double alpha, double lambda, double delay, double gamma_min) {
