@@ -1,8 +1,11 @@
 // Models: every architecture, initialisation, synchronised batch norm, and largebatch's CPU kernels (small-map
-// convolutions and batch norm, max pooling) against LibTorch's.
+// convolutions and batch norm, max pooling, the fused first convolution) against LibTorch's.
+#include <largebatch/models/conv_pool.h>
 #include <largebatch/models/models.h>
 #include <largebatch/models/pooling.h>
 
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -449,6 +452,123 @@ TEST(Models, OwnMaxPoolComputesWhatMaxPool2dComputesToTheBit) {
   EXPECT_THROW(lm::max_pool2d(empty_map, {2, 2, 1, 1, 1, 1}), c10::Error);
 }
 
+// What the fused first convolution is checked against: LibTorch's convolution and max pooling.
+torch::Tensor library_conv_pool(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  namespace F = torch::nn::functional;
+  return torch::max_pool2d(F::conv2d(x, w, F::Conv2dFuncOptions().bias(b).stride(1).padding(1)), 2, 2);
+}
+
+struct ConvPoolCase {
+  std::vector<int64_t> input;
+  int64_t out_channels;
+  bool bias;
+};
+
+// The compact CNN's first layer (a batch that is no multiple of the backward pass's 16-image chunks), several
+// input channels with a bias, odd and tiny maps (floor pooling leaves the last row and column out).
+const std::vector<ConvPoolCase> kConvPoolCases = {
+    {{37, 1, 28, 28}, 32, false}, {{5, 3, 9, 7}, 6, true}, {{2, 2, 2, 2}, 3, true}, {{20, 1, 6, 5}, 4, false},
+    {{3, 16, 4, 10}, 2, true}};
+
+TEST(Models, FusedFirstConvolutionComputesWhatConvolutionAndPoolingComputeToTheBit) {
+  // Small integers everywhere: every sum is exact in float in any order, so the fused operation must give
+  // LibTorch's values, winners (ties are frequent: the first tap keeps them) and gradients exactly.
+  for (const auto& c : kConvPoolCases) {
+    SCOPED_TRACE(::testing::Message() << c.input << " -> " << c.out_channels << (c.bias ? " with bias" : ""));
+    torch::manual_seed(7);
+    const auto x = torch::randint(-2, 3, c.input, torch::kFloat);
+    const auto w0 = torch::randint(-1, 2, {c.out_channels, c.input[1], 3, 3}, torch::kFloat);
+    const auto b0 = c.bias ? torch::randint(-2, 3, {c.out_channels}, torch::kFloat) : torch::Tensor();
+    auto own_w = w0.clone().requires_grad_(true), lib_w = w0.clone().requires_grad_(true);
+    auto own_b = c.bias ? b0.clone().requires_grad_(true) : torch::Tensor();
+    auto lib_b = c.bias ? b0.clone().requires_grad_(true) : torch::Tensor();
+    ASSERT_TRUE(lm::conv3x3_max_pool2_takes(x, own_w, own_b));
+    const auto own = lm::conv3x3_max_pool2(x, own_w, own_b);
+    const auto library = library_conv_pool(x, lib_w, lib_b);
+    ASSERT_EQ(own.sizes(), library.sizes());
+    EXPECT_TRUE(torch::equal(own, library));
+    const auto grad = torch::randint(-3, 4, own.sizes(), torch::kFloat);
+    std::vector<torch::Tensor> own_wrt{own_w}, lib_wrt{lib_w};
+    if (c.bias) {
+      own_wrt.push_back(own_b);
+      lib_wrt.push_back(lib_b);
+    }
+    const auto own_grads = torch::autograd::grad({own}, own_wrt, {grad}, /*retain_graph=*/true);
+    const auto lib_grads = torch::autograd::grad({library}, lib_wrt, {grad}, /*retain_graph=*/true);
+    for (size_t k = 0; k < own_grads.size(); ++k) EXPECT_TRUE(torch::equal(own_grads[k], lib_grads[k])) << "gradient " << k;
+    // A second derivative (create_graph, as sharpness estimates need): d/dw of v . d(sum(s * y^2))/dw.
+    const auto s = torch::randint(-2, 3, own.sizes(), torch::kFloat), v = torch::randint(-1, 2, w0.sizes(), torch::kFloat);
+    const auto own_g = torch::autograd::grad({(s * lm::conv3x3_max_pool2(x, own_w, own_b).pow(2)).sum()}, {own_w}, {},
+                                             true, true)[0];
+    const auto lib_g = torch::autograd::grad({(s * library_conv_pool(x, lib_w, lib_b).pow(2)).sum()}, {lib_w}, {},
+                                             true, true)[0];
+    EXPECT_TRUE(torch::equal(own_g, lib_g));
+    const auto own_hv = torch::autograd::grad({(own_g * v).sum()}, {own_w})[0];
+    const auto lib_hv = torch::autograd::grad({(lib_g * v).sum()}, {lib_w})[0];
+    EXPECT_TRUE(torch::equal(own_hv, lib_hv));
+  }
+}
+
+TEST(Models, FusedFirstConvolutionAgreesToFloatRoundingAndDoesNotDependOnThreads) {
+  for (const auto& c : kConvPoolCases) {
+    SCOPED_TRACE(::testing::Message() << c.input << " -> " << c.out_channels);
+    torch::manual_seed(8);
+    const auto x = torch::randn(c.input);
+    auto w = (0.3 * torch::randn({c.out_channels, c.input[1], 3, 3})).requires_grad_(true);
+    auto b = c.bias ? torch::randn({c.out_channels}).requires_grad_(true) : torch::Tensor();
+    std::vector<torch::Tensor> wrt{w};
+    if (c.bias) wrt.push_back(b);
+    const auto own = lm::conv3x3_max_pool2(x, w, b);
+    const auto library = library_conv_pool(x, w, b);
+    const double scale = library.abs().max().item<double>();
+    EXPECT_LE((own - library).abs().max().item<double>(), 1e-6 * scale);
+    const auto grad = torch::randn(own.sizes());
+    const auto fast = torch::autograd::grad({own}, wrt, {grad}, /*retain_graph=*/true);
+    // The differentiable path (LibTorch's convolution read at the same winners): the same sums in another order.
+    const auto reference = torch::autograd::grad({own}, wrt, {grad}, /*retain_graph=*/true, /*create_graph=*/true);
+    for (size_t k = 0; k < fast.size(); ++k) {
+      const double g_scale = reference[k].abs().max().item<double>() + 1e-12;
+      EXPECT_LE((fast[k] - reference[k].detach()).abs().max().item<double>(), 1e-5 * g_scale) << "gradient " << k;
+    }
+    // The same bits on one thread as on several (fixed chunks of images, summed in order).
+    const int threads = at::get_num_threads();
+    at::set_num_threads(1);
+    const auto one_out = lm::conv3x3_max_pool2(x, w, b);
+    const auto one = torch::autograd::grad({one_out}, wrt, {grad});
+    at::set_num_threads(threads);
+    EXPECT_TRUE(torch::equal(bits(one_out), bits(own)));
+    for (size_t k = 0; k < fast.size(); ++k) EXPECT_TRUE(torch::equal(bits(one[k]), bits(fast[k]))) << "gradient " << k;
+  }
+  // NaN in the input reaches the same outputs as through LibTorch's convolution and pooling.
+  auto x = torch::randn({3, 1, 8, 8});
+  x[1][0][3][4] = std::numeric_limits<float>::quiet_NaN();
+  const auto w = torch::randn({4, 1, 3, 3});
+  EXPECT_TRUE(torch::equal(torch::isnan(lm::conv3x3_max_pool2(x, w, torch::Tensor())),
+                           torch::isnan(library_conv_pool(x, w, torch::Tensor()))));
+}
+
+TEST(Models, FusedFirstConvolutionLeavesWhatItDoesNotTakeToLibTorch) {
+  const auto x = torch::randn({2, 3, 8, 8});
+  const auto w = torch::randn({4, 3, 3, 3}), b = torch::randn({4});
+  EXPECT_TRUE(lm::conv3x3_max_pool2_takes(x, w, b));
+  EXPECT_FALSE(lm::conv3x3_max_pool2_takes(x.clone().requires_grad_(true), w, b));  // not the model's input
+  EXPECT_FALSE(lm::conv3x3_max_pool2_takes(x.to(torch::kDouble), w.to(torch::kDouble), b.to(torch::kDouble)));
+  EXPECT_FALSE(lm::conv3x3_max_pool2_takes(x.contiguous(torch::MemoryFormat::ChannelsLast), w, b));
+  EXPECT_FALSE(lm::conv3x3_max_pool2_takes(x, torch::randn({4, 3, 5, 5}), b));
+  EXPECT_FALSE(lm::conv3x3_max_pool2_takes(x, torch::randn({4, 2, 3, 3}), b));
+  EXPECT_FALSE(lm::conv3x3_max_pool2_takes(x, w, torch::randn({5})));
+  EXPECT_FALSE(lm::conv3x3_max_pool2_takes(torch::randn({2, 17, 8, 8}), torch::randn({4, 17, 3, 3}), b));
+  EXPECT_FALSE(lm::conv3x3_max_pool2_takes(torch::randn({2, 3, 1, 8}), w, b));
+  EXPECT_FALSE(lm::conv3x3_max_pool2_takes(torch::randn({0, 3, 8, 8}), w, b));
+  EXPECT_FALSE(lm::conv3x3_max_pool2_takes(torch::randn({3, 8, 8}), w, b));
+  {
+    at::autocast::set_cpu_enabled(true);  // autocast decides the convolution's precision: LibTorch's path
+    EXPECT_FALSE(lm::conv3x3_max_pool2_takes(x, w, b));
+    at::autocast::set_cpu_enabled(false);
+  }
+  EXPECT_THROW(lm::conv3x3_max_pool2(x, torch::randn({4, 3, 5, 5}), b), c10::Error);
+}
+
 TEST(Models, CpuKernelsTrainTheCompactCnnToTheSameBits) {
   // The compact CNN's maps never get small (28 -> 14 -> 7): with the BatchNorm kernel off, only max pooling
   // differs, and it gives the same bits. With it on: the same loss and gradients to float rounding.
@@ -457,10 +577,12 @@ TEST(Models, CpuKernelsTrainTheCompactCnnToTheSameBits) {
   torch::manual_seed(4);
   const auto x = torch::randn({16, 1, 28, 28});
   const auto y = torch::randint(0, 10, {16}, torch::kLong);
-  const auto pooling_only = loss_and_gradients(*model, x, y, true, false), library = loss_and_gradients(*model, x, y, false);
+  // An input that needs a gradient keeps the first convolution apart from its pooling (conv_pool.h).
+  const auto xg = x.detach().requires_grad_(true);
+  const auto pooling_only = loss_and_gradients(*model, xg, y, true, false), library = loss_and_gradients(*model, xg, y, false);
   for (size_t k = 0; k < library.size(); ++k)
     EXPECT_TRUE(torch::equal(bits(pooling_only[k]), bits(library[k]))) << "tensor " << k;
-  const auto own = loss_and_gradients(*model, x, y, true);
+  const auto own = loss_and_gradients(*model, x, y, true);  // the fused first convolution and BatchNorm's kernel
   EXPECT_NEAR(own[0].item<double>(), library[0].item<double>(), 1e-5 * library[0].item<double>());
   for (size_t k = 1; k < own.size(); ++k) {
     const double scale = library[k].abs().max().item<double>() + 1e-12;

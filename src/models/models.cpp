@@ -1,4 +1,5 @@
 #include <largebatch/models/models.h>
+#include <largebatch/models/conv_pool.h>
 #include <largebatch/models/pooling.h>
 
 #include "batch_norm_kernel.h"
@@ -128,7 +129,7 @@ class CompactCNN : public ClassifierImpl {
     torchvision_resnet_init(*this);
   }
   torch::Tensor features(const torch::Tensor& x) override {
-    auto y = torch::relu(bn1(models::max_pool2d(conv1(input_layout(x)), 2, 2, 0, cpu_kernels())));
+    auto y = torch::relu(bn1(first_convolution_pooled(x)));
     y = torch::relu(bn2(models::max_pool2d(conv2(y), 2, 2, 0, cpu_kernels())));
     return torch::relu(fc1(y.flatten(1)));
   }
@@ -136,6 +137,13 @@ class CompactCNN : public ClassifierImpl {
   int64_t feature_dim() const override { return 128; }
 
  private:
+  // max_pool2d(conv1(x), 2), fused where the CPU kernels are on and the images need no gradient (conv_pool.h).
+  torch::Tensor first_convolution_pooled(const torch::Tensor& x) {
+    const torch::Tensor bias = conv1->options.bias() ? conv1->bias : torch::Tensor();
+    if (cpu_kernels() && !channels_last() && conv3x3_max_pool2_takes(x, conv1->weight, bias))
+      return conv3x3_max_pool2(x, conv1->weight, bias);
+    return models::max_pool2d(conv1(input_layout(x)), 2, 2, 0, cpu_kernels());
+  }
   Conv conv1{nullptr}, conv2{nullptr};
   SyncableBatchNorm2d bn1{nullptr}, bn2{nullptr};
   nn::Linear fc1{nullptr}, fc{nullptr};

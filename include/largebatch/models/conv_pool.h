@@ -1,0 +1,30 @@
+#pragma once
+// A model's first convolution and the 2x2 max pooling after it, as one operation for CPU training:
+// max_pool2d(conv2d(x, weight, bias, stride 1, padding 1), 2, 2) for a 3x3 kernel over an input that needs no
+// gradient (the images). Apart, LibTorch's convolution runs at a fraction of the dense rate on one input channel
+// and writes the full-resolution map, which the pooling reads again and whose gradient the backward pass writes and
+// reads again; fused, the full-resolution map exists one row at a time in cache, the backward pass keeps one
+// byte per output (which of its four taps won) and computes the weight and bias gradients from it and the input.
+//
+// Semantics: the convolution sums, for each output, the bias and then the taps in (input channel, row, column)
+// order in float, so its values can differ from LibTorch's convolution by float rounding (which also decides
+// near-ties of the pooling); the pooling is ATen's (taps row by row, a value replaces the maximum when greater
+// or NaN, ties keep the first). The gradients sum over fixed chunks of images in float and the chunks in order
+// in double: the same bits on any thread count. A second derivative (create_graph) goes through LibTorch's
+// convolution and a gather at the kept maxima.
+#include <torch/types.h>
+
+namespace largebatch {
+namespace models {
+
+// Whether conv3x3_max_pool2 takes this input: x a contiguous 4-D float CPU tensor [N, C_in, H, W] (H, W >= 2)
+// that needs no gradient, weight a contiguous float [C_out, C_in, 3, 3] with C_in <= 16 and no forward-mode
+// tangent, bias undefined or float [C_out], CPU autocast off.
+bool conv3x3_max_pool2_takes(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias);
+
+// max_pool2d(conv2d(x, weight, bias, /*stride=*/1, /*padding=*/1), 2, 2), differentiable in weight and bias.
+// Requires conv3x3_max_pool2_takes(x, weight, bias).
+torch::Tensor conv3x3_max_pool2(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias);
+
+}  // namespace models
+}  // namespace largebatch
