@@ -4,7 +4,8 @@
 // - max pooling: the compact CNN's two 2x2 pools at batch 1024, ResNet's 3x3/2 stem pool at 32x32 inputs,
 //   batch 512 (models/pooling.h);
 // - small maps: a 3x3 convolution over 2x2 and 1x1 maps and BatchNorm over 2x2 maps, ResNet-18's third and
-//   fourth stages at 32x32 inputs, batch 256 (ConvImpl, SyncableBatchNorm2dImpl).
+//   fourth stages at 32x32 inputs, batch 256 (ConvImpl, SyncableBatchNorm2dImpl);
+// - the compact CNN's first convolution and pooling fused, at batch 1024 (models/conv_pool.h).
 // Each pair ("own" and "libtorch") runs the same module or call with the kernels on and off.
 #include <largebatch/largebatch.h>
 
@@ -47,6 +48,23 @@ void max_pool(benchmark::State& state, std::vector<int64_t> shape, int64_t kerne
   state.SetBytesProcessed(state.iterations() * int64_t{4} * 2 * (in + out));
 }
 
+// The compact CNN's first layer: its convolution (1 -> 32 channels, 3x3 over 28x28) and 2x2 max pooling, fused
+// (models/conv_pool.h) or as LibTorch's convolution and largebatch's pooling; the images need no gradient.
+void first_conv_pool(benchmark::State& state, int64_t batch, bool own) {
+  torch::manual_seed(0);
+  const auto x = torch::randn({batch, 1, 28, 28});
+  const auto w = (0.3 * torch::randn({32, 1, 3, 3})).requires_grad_(true);
+  const auto f = [&] {
+    return own ? lm::conv3x3_max_pool2(x, w, torch::Tensor())
+               : lm::max_pool2d(torch::conv2d(x, w, {}, 1, 1), 2, 2, 0, true);
+  };
+  const auto grad = torch::randn_like(f());
+  for (auto _ : state) {
+    auto grads = torch::autograd::grad({f()}, {w}, {grad});
+    benchmark::DoNotOptimize(grads.back().data_ptr());
+  }
+}
+
 void small_map_conv(benchmark::State& state, int64_t batch, int64_t channels, int64_t side, bool own) {
   lm::Conv conv(torch::nn::Conv2dOptions(channels, channels, 3).padding(1).bias(false));
   conv->small_map_kernels = own;
@@ -66,6 +84,7 @@ void small_map_batchnorm(benchmark::State& state, int64_t batch, int64_t channel
 #define LB_PAIR(function, name, ...)                                                                          \
   BENCHMARK_CAPTURE(function, name##_own, __VA_ARGS__, true)->Unit(benchmark::kMillisecond)->UseRealTime();   \
   BENCHMARK_CAPTURE(function, name##_libtorch, __VA_ARGS__, false)->Unit(benchmark::kMillisecond)->UseRealTime();
+LB_PAIR(first_conv_pool, cnn_conv1_pool1_b1024, 1024)
 LB_PAIR(max_pool, cnn_pool1_b1024, std::vector<int64_t>{1024, 32, 28, 28}, 2, 2, 0)
 LB_PAIR(max_pool, cnn_pool2_b1024, std::vector<int64_t>{1024, 64, 14, 14}, 2, 2, 0)
 LB_PAIR(max_pool, resnet_stem_pool_b512, std::vector<int64_t>{512, 64, 16, 16}, 3, 2, 1)

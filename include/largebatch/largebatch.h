@@ -11,6 +11,7 @@
 #include <largebatch/optim/telemetry.h>
 #include <largebatch/data/dataset.h>
 #include <largebatch/data/pipeline.h>
+#include <largebatch/models/conv_pool.h>
 #include <largebatch/models/models.h>
 #include <largebatch/models/pooling.h>
 #include <largebatch/report/plot.h>

@@ -29,134 +29,144 @@ constexpr int64_t kChunk = 16;
 #define LARGEBATCH_CLONES
 #endif
 
+constexpr int64_t kLanes = 16;  // the backward pass's per-lane sums: element i of a plane adds to lane i % 16
+
 struct Shape {
   int64_t in_channels, height, width, out_channels, pooled_h, pooled_w;
-  // One image's zero-padded input, each padded row split into its even and odd columns (pooled_w + 1 each):
-  // the taps of an output pair (even column, odd column) then read contiguous runs of pooled_w values.
-  int64_t half() const { return pooled_w + 1; }
-  int64_t padded_rows() const { return height + 2; }
-  int64_t image_floats() const { return in_channels * padded_rows() * 2 * half(); }
+  int64_t plane() const { return pooled_h * pooled_w; }
+  // Planes padded to whole groups of lanes (the tail is zero).
+  int64_t stride() const { return (plane() + kLanes - 1) / kLanes * kLanes; }
+  // One image's input as 16 shifted planes per input channel: shifted(ci, r, v)[ph * pooled_w + pw] is the
+  // zero-padded input at row 2 ph + r, column 2 pw + v (r, v in 0..3). Output (2ph + dy, 2pw + dx) under tap
+  // (ky, kx) reads shifted(ci, ky + dy, kx + dx): every tap of every window position is one contiguous stream.
+  int64_t image_floats() const { return in_channels * 16 * stride(); }
+  int64_t padded_floats() const { return in_channels * (height + 3) * (width + 3); }
 };
 
 Shape shape_of(const torch::Tensor& x, const torch::Tensor& weight) {
   return {x.size(1), x.size(2), x.size(3), weight.size(0), x.size(2) / 2, x.size(3) / 2};
 }
 
-// The even-column half of padded row r of channel ci (the odd half follows it).
-inline float* even_half(float* image, const Shape& s, int64_t ci, int64_t r) {
-  return image + (ci * s.padded_rows() + r) * 2 * s.half();
+// padded: (height + 3) x (width + 3) floats of scratch per input channel.
+void shift_planes(const float* x, const Shape& s, float* image, float* padded) {
+  const int64_t pw_n = s.pooled_w, rows = s.height + 3, cols = s.width + 3;
+  for (int64_t ci = 0; ci < s.in_channels; ++ci) {
+    float* pad = padded + ci * rows * cols;
+    std::fill(pad, pad + rows * cols, 0.f);
+    for (int64_t y = 0; y < s.height; ++y)
+      std::copy(x + (ci * s.height + y) * s.width, x + (ci * s.height + y + 1) * s.width, pad + (y + 1) * cols + 1);
+    for (int64_t r = 0; r < 4; ++r)
+      for (int64_t v = 0; v < 4; ++v) {
+        float* plane = image + (ci * 16 + r * 4 + v) * s.stride();
+        for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+          const float* src = pad + (2 * ph + r) * cols + v;
+          for (int64_t pw = 0; pw < pw_n; ++pw) plane[ph * pw_n + pw] = src[2 * pw];
+        }
+        std::fill(plane + s.plane(), plane + s.stride(), 0.f);
+      }
+  }
 }
 
-void split_padded(const float* x, const Shape& s, float* image) {
-  std::fill(image, image + s.image_floats(), 0.f);
-  for (int64_t ci = 0; ci < s.in_channels; ++ci)
-    for (int64_t y = 0; y < s.height; ++y) {
-      float* even = even_half(image, s, ci, y + 1);
-      float* odd = even + s.half();
-      const float* row = x + (ci * s.height + y) * s.width;
-      // Input column w sits at padded column w + 1.
-      for (int64_t w = 0; w < s.width && (w + 1) / 2 < s.half(); ++w) ((w + 1) % 2 == 0 ? even : odd)[(w + 1) / 2] = row[w];
-    }
+inline const float* shifted(const float* image, const Shape& s, int64_t ci, int64_t r, int64_t v) {
+  return image + (ci * 16 + r * 4 + v) * s.stride();
 }
 
-// One image: for each output channel and pooled row, the convolution's four outputs of every 2x2 window (row
-// 2ph and 2ph+1, even and odd column), each the bias and then the taps in (input channel, row, column) order,
-// and their maximum in ATen's order.
+// One image: per output channel, the convolution at the four positions of every 2x2 window, each the bias and
+// then the taps in (input channel, row, column) order, and their maximum in ATen's order.
 LARGEBATCH_CLONES
 void forward_image(const float* image, const float* weight, const float* bias, const Shape& s, float* out,
                    uint8_t* winner, float* rows) {
-  const int64_t pw_n = s.pooled_w, half = s.half();
-  float* a = rows;             // row 2ph, even columns
-  float* b = rows + pw_n;      // row 2ph, odd columns
-  float* c = rows + 2 * pw_n;  // row 2ph+1, even columns
-  float* d = rows + 3 * pw_n;  // row 2ph+1, odd columns
+  const int64_t n = s.stride();
+  float* __restrict a = rows;          // window position (0, 0)
+  float* __restrict b = rows + n;      // (0, 1)
+  float* __restrict c = rows + 2 * n;  // (1, 0)
+  float* __restrict d = rows + 3 * n;  // (1, 1)
   for (int64_t co = 0; co < s.out_channels; ++co) {
     const float* w9 = weight + co * s.in_channels * 9;
     const float start = bias ? bias[co] : 0.f;
-    for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
-      for (int64_t i = 0; i < pw_n; ++i) a[i] = b[i] = c[i] = d[i] = start;
+    // One group of lanes at a time, its four sums kept in registers through all taps.
+    for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+      float sa[kLanes], sb[kLanes], sc[kLanes], sd[kLanes];
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) sa[j] = sb[j] = sc[j] = sd[j] = start;
       for (int64_t ci = 0; ci < s.in_channels; ++ci)
-        for (int64_t ky = 0; ky < 3; ++ky) {
-          // Output row y reads padded rows y .. y+2; output column x padded columns x .. x+2.
-          const float* e0 = image + (ci * s.padded_rows() + 2 * ph + ky) * 2 * half;
-          const float* o0 = e0 + half;
-          const float* e1 = e0 + 2 * half;
-          const float* o1 = e1 + half;
-          const float k0 = w9[ci * 9 + ky * 3], k1 = w9[ci * 9 + ky * 3 + 1], k2 = w9[ci * 9 + ky * 3 + 2];
-          for (int64_t i = 0; i < pw_n; ++i) {
-            a[i] = a[i] + k0 * e0[i];
-            b[i] = b[i] + k0 * o0[i];
-            c[i] = c[i] + k0 * e1[i];
-            d[i] = d[i] + k0 * o1[i];
+        for (int64_t ky = 0; ky < 3; ++ky)
+          for (int64_t kx = 0; kx < 3; ++kx) {
+            const float k = w9[ci * 9 + ky * 3 + kx];
+            const float* __restrict p00 = shifted(image, s, ci, ky, kx) + i0;
+            const float* __restrict p01 = shifted(image, s, ci, ky, kx + 1) + i0;
+            const float* __restrict p10 = shifted(image, s, ci, ky + 1, kx) + i0;
+            const float* __restrict p11 = shifted(image, s, ci, ky + 1, kx + 1) + i0;
+#pragma omp simd
+            for (int64_t j = 0; j < kLanes; ++j) {
+              sa[j] = sa[j] + k * p00[j];
+              sb[j] = sb[j] + k * p01[j];
+              sc[j] = sc[j] + k * p10[j];
+              sd[j] = sd[j] + k * p11[j];
+            }
           }
-          for (int64_t i = 0; i < pw_n; ++i) {
-            a[i] = a[i] + k1 * o0[i];
-            b[i] = b[i] + k1 * e0[i + 1];
-            c[i] = c[i] + k1 * o1[i];
-            d[i] = d[i] + k1 * e1[i + 1];
-          }
-          for (int64_t i = 0; i < pw_n; ++i) {
-            a[i] = a[i] + k2 * e0[i + 1];
-            b[i] = b[i] + k2 * o0[i + 1];
-            c[i] = c[i] + k2 * e1[i + 1];
-            d[i] = d[i] + k2 * o1[i + 1];
-          }
-        }
-      float* m_row = out + (co * s.pooled_h + ph) * pw_n;
-      uint8_t* k_row = winner + (co * s.pooled_h + ph) * pw_n;
-      for (int64_t i = 0; i < pw_n; ++i) {
-        // ATen's order: the first tap, then each later one that is greater or NaN.
-        float m = a[i];
-        int32_t k = 0;
-        bool take = b[i] > m || b[i] != b[i];
-        m = take ? b[i] : m;
-        k = take ? 1 : k;
-        take = c[i] > m || c[i] != c[i];
-        m = take ? c[i] : m;
-        k = take ? 2 : k;
-        take = d[i] > m || d[i] != d[i];
-        m = take ? d[i] : m;
-        k = take ? 3 : k;
-        m_row[i] = m;
-        k_row[i] = static_cast<uint8_t>(k);
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) {
+        a[i0 + j] = sa[j];
+        b[i0 + j] = sb[j];
+        c[i0 + j] = sc[j];
+        d[i0 + j] = sd[j];
       }
+    }
+    float* __restrict m_out = out + co * s.plane();
+    uint8_t* __restrict k_out = winner + co * s.plane();
+#pragma omp simd
+    for (int64_t i = 0; i < s.plane(); ++i) {
+      // ATen's order: the first tap, then each later one that is greater or NaN.
+      float m = a[i];
+      int32_t k = 0;
+      bool take = b[i] > m || b[i] != b[i];
+      m = take ? b[i] : m;
+      k = take ? 1 : k;
+      take = c[i] > m || c[i] != c[i];
+      m = take ? c[i] : m;
+      k = take ? 2 : k;
+      take = d[i] > m || d[i] != d[i];
+      m = take ? d[i] : m;
+      k = take ? 3 : k;
+      m_out[i] = m;
+      k_out[i] = static_cast<uint8_t>(k);
     }
   }
 }
 
-// One image's contribution to the per-lane sums: for every pooled output, its gradient times the input under
-// each tap at its window's winner, lane i summing pooled column i.
+// One image's contribution to the per-lane sums: every pooled output's gradient times the input under each tap
+// at its window's winner. grad_plane and winner_plane: one output channel's plane, padded (zero gradients).
 LARGEBATCH_CLONES
 void backward_image(const float* image, const float* grad, const uint8_t* winner, const Shape& s, float* weight_lanes,
-                    float* bias_lanes) {
-  const int64_t pw_n = s.pooled_w, half = s.half();
-  for (int64_t co = 0; co < s.out_channels; ++co)
-    for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
-      const float* g = grad + (co * s.pooled_h + ph) * pw_n;
-      const uint8_t* k = winner + (co * s.pooled_h + ph) * pw_n;
-      float* bl = bias_lanes + co * pw_n;
-      for (int64_t i = 0; i < pw_n; ++i) bl[i] = bl[i] + g[i];
-      for (int64_t ci = 0; ci < s.in_channels; ++ci)
-        for (int64_t ky = 0; ky < 3; ++ky) {
-          const float* e0 = image + (ci * s.padded_rows() + 2 * ph + ky) * 2 * half;
-          const float* o0 = e0 + half;
-          const float* e1 = e0 + 2 * half;
-          const float* o1 = e1 + half;
-          float* t0 = weight_lanes + ((co * s.in_channels + ci) * 9 + ky * 3) * pw_n;
-          float* t1 = t0 + pw_n;
-          float* t2 = t1 + pw_n;
-          // Winner 0: row 2ph, column 2pw; 1: row 2ph, column 2pw+1; 2 and 3: row 2ph+1.
-          for (int64_t i = 0; i < pw_n; ++i) {
-            const int32_t q = k[i];
-            const float v0 = q == 0 ? e0[i] : q == 1 ? o0[i] : q == 2 ? e1[i] : o1[i];
-            const float v1 = q == 0 ? o0[i] : q == 1 ? e0[i + 1] : q == 2 ? o1[i] : e1[i + 1];
-            const float v2 = q == 0 ? e0[i + 1] : q == 1 ? o0[i + 1] : q == 2 ? e1[i + 1] : o1[i + 1];
-            t0[i] = t0[i] + g[i] * v0;
-            t1[i] = t1[i] + g[i] * v1;
-            t2[i] = t2[i] + g[i] * v2;
-          }
+                    float* bias_lanes, float* grad_plane, int32_t* winner_plane) {
+  const int64_t n = s.stride();
+  for (int64_t co = 0; co < s.out_channels; ++co) {
+    std::copy(grad + co * s.plane(), grad + (co + 1) * s.plane(), grad_plane);
+    for (int64_t i = 0; i < s.plane(); ++i) winner_plane[i] = winner[co * s.plane() + i];
+    const float* __restrict g = grad_plane;
+    const int32_t* __restrict q = winner_plane;
+    float* __restrict bl = bias_lanes + co * kLanes;
+    for (int64_t i0 = 0; i0 < n; i0 += kLanes)
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) bl[j] = bl[j] + g[i0 + j];
+    for (int64_t ci = 0; ci < s.in_channels; ++ci)
+      for (int64_t ky = 0; ky < 3; ++ky)
+        for (int64_t kx = 0; kx < 3; ++kx) {
+          const float* __restrict p00 = shifted(image, s, ci, ky, kx);
+          const float* __restrict p01 = shifted(image, s, ci, ky, kx + 1);
+          const float* __restrict p10 = shifted(image, s, ci, ky + 1, kx);
+          const float* __restrict p11 = shifted(image, s, ci, ky + 1, kx + 1);
+          float* __restrict t = weight_lanes + ((co * s.in_channels + ci) * 9 + ky * 3 + kx) * kLanes;
+          for (int64_t i0 = 0; i0 < n; i0 += kLanes)
+#pragma omp simd
+            for (int64_t j = 0; j < kLanes; ++j) {
+              const int64_t i = i0 + j;
+              const float v = q[i] == 0 ? p00[i] : q[i] == 1 ? p01[i] : q[i] == 2 ? p10[i] : p11[i];
+              t[j] = t[j] + g[i] * v;
+            }
         }
-    }
+  }
 }
 
 void forward_all(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, const Shape& s,
@@ -166,41 +176,44 @@ void forward_all(const torch::Tensor& x, const torch::Tensor& weight, const torc
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   uint8_t* kp = winner.data_ptr<uint8_t>();
-  const int64_t in_image = s.in_channels * s.height * s.width, out_image = s.out_channels * s.pooled_h * s.pooled_w;
+  const int64_t in_image = s.in_channels * s.height * s.width, out_image = s.out_channels * s.plane();
   at::parallel_for(0, x.size(0), 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> image(static_cast<size_t>(s.image_floats())), rows(static_cast<size_t>(4 * s.pooled_w));
+    std::vector<float> image(static_cast<size_t>(s.image_floats())), rows(static_cast<size_t>(4 * s.stride()));
+    std::vector<float> padded(static_cast<size_t>(s.padded_floats()));
     for (int64_t n = begin; n < end; ++n) {
-      split_padded(xp + n * in_image, s, image.data());
+      shift_planes(xp + n * in_image, s, image.data(), padded.data());
       forward_image(image.data(), wp, bp, s, op + n * out_image, kp + n * out_image, rows.data());
     }
   });
 }
 
-// Weight and bias gradients: per chunk of kChunk images, float lanes over the pooled columns, added up in
-// double in lane order; the chunks' sums then added in chunk order.
+// Weight and bias gradients: per chunk of kChunk images, float lanes, added up in double in lane order; the
+// chunks' sums then added in chunk order.
 void backward_all(const torch::Tensor& x, const torch::Tensor& grad, const torch::Tensor& winner, const Shape& s,
                   torch::Tensor& grad_weight, torch::Tensor* grad_bias) {
   const float* xp = x.data_ptr<float>();
   const float* gp = grad.data_ptr<float>();
   const uint8_t* kp = winner.data_ptr<uint8_t>();
   const int64_t n = x.size(0), chunks = (n + kChunk - 1) / kChunk;
-  const int64_t in_image = s.in_channels * s.height * s.width, out_image = s.out_channels * s.pooled_h * s.pooled_w;
+  const int64_t in_image = s.in_channels * s.height * s.width, out_image = s.out_channels * s.plane();
   const int64_t taps = s.out_channels * s.in_channels * 9, sums = taps + s.out_channels;
   std::vector<double> partial(static_cast<size_t>(chunks * sums));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> image(static_cast<size_t>(s.image_floats()));
-    std::vector<float> lanes(static_cast<size_t>(sums * s.pooled_w));
+    std::vector<float> image(static_cast<size_t>(s.image_floats())), lanes(static_cast<size_t>(sums * kLanes));
+    std::vector<float> padded(static_cast<size_t>(s.padded_floats()));
+    std::vector<float> grad_plane(static_cast<size_t>(s.stride()), 0.f);
+    std::vector<int32_t> winner_plane(static_cast<size_t>(s.stride()), 0);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       std::fill(lanes.begin(), lanes.end(), 0.f);
       for (int64_t i = chunk * kChunk; i < std::min(n, (chunk + 1) * kChunk); ++i) {
-        split_padded(xp + i * in_image, s, image.data());
+        shift_planes(xp + i * in_image, s, image.data(), padded.data());
         backward_image(image.data(), gp + i * out_image, kp + i * out_image, s, lanes.data(),
-                       lanes.data() + taps * s.pooled_w);
+                       lanes.data() + taps * kLanes, grad_plane.data(), winner_plane.data());
       }
       double* p = partial.data() + chunk * sums;
       for (int64_t j = 0; j < sums; ++j) {
         double total = 0;
-        for (int64_t i = 0; i < s.pooled_w; ++i) total += lanes[static_cast<size_t>(j * s.pooled_w + i)];
+        for (int64_t i = 0; i < kLanes; ++i) total += lanes[static_cast<size_t>(j * kLanes + i)];
         p[j] = total;
       }
     }
