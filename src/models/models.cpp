@@ -1,5 +1,6 @@
 #include <largebatch/models/models.h>
 #include <largebatch/models/conv_pool.h>
+#include <cstdlib>
 #include <largebatch/models/pooling.h>
 
 #include "batch_norm_kernel.h"
@@ -137,10 +138,19 @@ class CompactCNN : public ClassifierImpl {
   int64_t feature_dim() const override { return 128; }
 
  private:
-  // max_pool2d(conv1(x), 2), fused where the CPU kernels are on and the images need no gradient (conv_pool.h).
+  // max_pool2d(conv1(x), 2), fused (conv_pool.h) where LARGEBATCH_FUSED_FIRST_LAYER=1 asks for it, the CPU
+  // kernels are on and the images need no gradient. Opt-in while a data-parallel Barlow Twins step with it
+  // differs from the single-process one beyond float rounding (docs/PERFORMANCE.md).
+  static bool fused_first_layer_asked() {
+    static const bool asked = [] {
+      const char* v = std::getenv("LARGEBATCH_FUSED_FIRST_LAYER");
+      return v != nullptr && std::string(v) == "1";
+    }();
+    return asked;
+  }
   torch::Tensor first_convolution_pooled(const torch::Tensor& x) {
     const torch::Tensor bias = conv1->options.bias() ? conv1->bias : torch::Tensor();
-    if (cpu_kernels() && !channels_last() && conv3x3_max_pool2_takes(x, conv1->weight, bias))
+    if (fused_first_layer_asked() && cpu_kernels() && !channels_last() && conv3x3_max_pool2_takes(x, conv1->weight, bias))
       return conv3x3_max_pool2(x, conv1->weight, bias);
     return models::max_pool2d(conv1(input_layout(x)), 2, 2, 0, cpu_kernels());
   }
