@@ -128,6 +128,7 @@ expect le-not-a-model 2 "$WORK/bad.json: not a model file" -- $L --backbone "$WO
 expect le-wrong-model 2 "does not hold a resnet20" -- $L --backbone "$WORK/pre/backbone.pt" --model resnet20 --out "$WORK/l6"
 expect compare-exclude-regex 2 "--exclude '(running': not a regular expression" -- compare "$WORK/pre/backbone.pt" "$WORK/pre/backbone.pt" --exclude '(running'
 expect compare-exclude-all 2 "no tensor left to compare (--exclude '.' matches all" -- compare "$WORK/pre/backbone.pt" "$WORK/pre/backbone.pt" --exclude .
+expect compare-from-mismatch 2 "--from $WORK/pre/checkpoint.pt: .* is missing" -- compare "$WORK/pre/backbone.pt" "$WORK/pre/backbone.pt" --from "$WORK/pre/checkpoint.pt"
 expect bench-pretrain-projector 2 "largebatch bench pretrain: --projector: '64-x' is not a list of layer sizes" -- bench pretrain --projector 64-x --no-python
 expect bench-step-block-bytes 2 "largebatch bench step: --block-bytes: 'lots' is not a byte count" -- bench step --models mlp --no-python --block-bytes lots
 LARGEBATCH_STEP_BLOCK_BYTES=12Q expect bench-step-block-env 2 "LARGEBATCH_STEP_BLOCK_BYTES: '12Q' is not a byte count" -- bench step --models mlp --no-python

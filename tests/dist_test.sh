@@ -98,24 +98,43 @@ else
 fi
 # Barlow Twins: the cross-correlation is summed over ranks and BatchNorm (backbone and projector) synchronised,
 # so two ranks take the single-process step. One SGD step at lr 1e-3 (Barlow Twins gradients are large: at
-# the default lr one step dwarfs the weights, and float noise in the gradient then shows as a relative
-# difference of weights); with per-rank BatchNorm the same step differs by thousands of times the tolerance.
-PRE=(pretrain --data synthetic --synthetic-size 128 --batch-size 128 --epochs 1 --projector 64-64 --threads 1
-     --optimizer sgd --schedule constant --lr 1e-3 --loader-workers 1 --progress none --no-plots)
+# the default lr one step dwarfs the weights). The parameters' steps are compared as whole tensors (norms of
+# the updates from the lr-0 run's parameters, which are the initial ones): one element of a normalised map on
+# a ReLU's kink can round to either side in the float (one process) and double (synchronised) BatchNorm, and
+# moves one channel's step by up to 5e-3 relative, which elementwise tolerances read as a failure (at about 1
+# seed in 20 without the fused first layer, docs/PERFORMANCE.md); float noise alone stays below 3e-5, and
+# per-rank BatchNorm moves every tensor's step by 0.37 or more. The running statistics (one forward, no kink)
+# are compared elementwise.
+START=(pretrain --data synthetic --synthetic-size 128 --batch-size 128 --epochs 1 --projector 64-64 --threads 1
+       --optimizer sgd --schedule constant --loader-workers 1 --progress none --no-plots)
+PRE=("${START[@]}" --lr 1e-3)
+params_only=(--exclude 'running_|num_batches')
+buffers_only=(--exclude '^(?!.*(running_|num_batches))')
+same_step() {
+  "$LB" compare "$1/backbone.pt" "$2/backbone.pt" --from "$W/bt0/backbone.pt" "${params_only[@]}" --rtol 2e-2 --atol 1e-9 --quiet
+}
 next_port
 "$LB" "${PRE[@]}" --out "$W/bt1" > "$W/log.bt" 2>&1 &&
+  "$LB" "${START[@]}" --lr 0 --out "$W/bt0" >> "$W/log.bt" 2>&1 &&
   "$LB" launch --nproc-per-node 2 --master-port "$port" -- "${PRE[@]}" --sync-bn --out "$W/bt2" >> "$W/log.bt" 2>&1 &&
   { next_port; "$LB" launch --nproc-per-node 2 --master-port "$port" -- "${PRE[@]}" --out "$W/bt2-local" >> "$W/log.bt" 2>&1; } ||
   { bad "barlow twins runs"; cat "$W/log.bt"; }
-if out=$("$LB" compare "$W/bt1/backbone.pt" "$W/bt2/backbone.pt" --rtol 1e-4 --atol 1e-6 --quiet); then
-  ok "pretrain --sync-bn: world 2 == world 1 after 1 step ($out)"
+if out=$(same_step "$W/bt1" "$W/bt2"); then
+  ok "pretrain --sync-bn: world 2 takes world 1's step ($out)"
 else
-  bad "pretrain --sync-bn: world 2 != world 1: $out"
+  bad "pretrain --sync-bn: world 2's step != world 1's: $out"
 fi
-if out=$("$LB" compare "$W/bt1/backbone.pt" "$W/bt2-local/backbone.pt" --rtol 1e-4 --atol 1e-6 --quiet); then
-  bad "pretrain: per-rank BatchNorm equals world 1, so the comparison proves nothing ($out)"
+if out=$("$LB" compare "$W/bt1/backbone.pt" "$W/bt2/backbone.pt" "${buffers_only[@]}" --rtol 1e-4 --atol 1e-6 --quiet); then
+  ok "pretrain --sync-bn: world 2's running statistics == world 1's ($out)"
 else
-  ok "pretrain with per-rank BatchNorm differs from world 1 (the comparison has teeth: $out)"
+  bad "pretrain --sync-bn: world 2's running statistics != world 1's: $out"
+fi
+out=$(same_step "$W/bt1" "$W/bt2-local")
+rc=$?
+if [ "$rc" -eq 1 ]; then  # 1: compared and different (2 would be a failure to compare)
+  ok "pretrain with per-rank BatchNorm takes another step than world 1 (the comparison has teeth: $out)"
+else
+  bad "pretrain: per-rank BatchNorm vs world 1: compare exit $rc, not 1 (different): $out"
 fi
 identical_replicas "$W/bt2" && ok "pretrain: replicas bit-identical" || bad "pretrain: replicas differ"
 
@@ -129,12 +148,17 @@ else
 fi
 
 world1 --model cnn --epochs 2 --out "$W/cnn1" && world1 --model cnn --epochs 2 --threads 2 --out "$W/cnn1-t2" &&
+  world1 --model cnn --epochs 2 --cpu-kernels false --out "$W/cnn1-libtorch" &&
   world2 --model cnn --epochs 2 --sync-bn --out "$W/cnn2" && world2 --model cnn --epochs 2 --out "$W/cnn2-local" ||
   bad "cnn runs"
-floor=$(share "$W/cnn1/model.pt" "$W/cnn1-t2/model.pt")
+# The floor: the larger drift of two perturbations of summation order alone, 2 threads and LibTorch's kernels
+# in place of largebatch's (results that do not depend on the thread count leave the first one near zero).
+floor_threads=$(share "$W/cnn1/model.pt" "$W/cnn1-t2/model.pt")
+floor_kernels=$(share "$W/cnn1/model.pt" "$W/cnn1-libtorch/model.pt")
+floor=$(awk -v a="$floor_threads" -v b="$floor_kernels" 'BEGIN { if (a == "" || b == "") exit; print (a + 0 > b + 0 ? a : b) }')
 synced=$(share "$W/cnn1/model.pt" "$W/cnn2/model.pt")
 local_bn=$(share "$W/cnn1/model.pt" "$W/cnn2-local/model.pt")
-echo "     20 steps, worst share of the tolerance vs world 1: 2 threads $floor, world 2 --sync-bn $synced, world 2 per-rank BN $local_bn"
+echo "     20 steps, worst share of the tolerance vs world 1: 2 threads $floor_threads, LibTorch's kernels $floor_kernels, world 2 --sync-bn $synced, world 2 per-rank BN $local_bn"
 if [ -n "$floor" ] && [ -n "$synced" ] && below "$synced" "$(awk -v f="$floor" 'BEGIN { print 2 * (f > 1 ? f : 1) }')"; then
   ok "cnn --sync-bn: world 2 within the float noise floor of world 1 after 20 steps"
 else

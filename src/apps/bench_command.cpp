@@ -148,7 +148,7 @@ Runner add_compare_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "compare", "Compare two saved models or checkpoints tensor by tensor (exit 0 when all are within tolerance)");
   struct Args {
-    std::string a, b, exclude;
+    std::string a, b, exclude, from;
     double rtol = 1e-5, atol = 1e-6;
     bool quiet = false;
   };
@@ -158,6 +158,10 @@ Runner add_compare_command(CLI::App& app) {
   cmd->add_option("--rtol", args->rtol, "Relative tolerance: |a - b| <= atol + rtol |b|")->capture_default_str();
   cmd->add_option("--atol", args->atol, "Absolute tolerance")->capture_default_str();
   cmd->add_flag("--quiet", args->quiet, "Print only the verdict");
+  cmd->add_option("--from", args->from,
+                  "Compare the updates A - FROM and B - FROM of each tensor as wholes (Euclidean norms): "
+                  "|dA - dB| <= atol + rtol |dB|; FROM is the model both started from")
+      ->check(existing_file());
   cmd->add_option("--exclude", args->exclude,
                   "Leave out the tensors whose names contain a match of this regular expression (ECMAScript), "
                   "e.g. 'running_|num_batches' for BatchNorm's statistics");
@@ -186,6 +190,11 @@ Runner add_compare_command(CLI::App& app) {
       auto a = load_tensors(args->a), b = load_tensors(args->b);
       const size_t left_out = drop_excluded(a);
       drop_excluded(b);
+      std::map<std::string, torch::Tensor> base;
+      if (!args->from.empty()) {
+        base = load_tensors(args->from);
+        drop_excluded(base);
+      }
       int64_t failures = 0;
       double worst_share = 0;
       std::string worst_name;
@@ -203,6 +212,28 @@ Runner add_compare_command(CLI::App& app) {
           continue;
         }
         if (ta.numel() == 0) continue;
+        if (!args->from.empty()) {
+          const auto from = base.find(name);
+          if (from == base.end() || from->second.sizes() != ta.sizes()) {
+            std::fprintf(stderr, "largebatch compare: --from %s: %s %s\n", args->from.c_str(), name.c_str(),
+                         from == base.end() ? "is missing" : "has another shape");
+            return kExitBadInput;
+          }
+          const auto start = from->second.to(torch::kFloat64);
+          const auto da = ta.to(torch::kFloat64) - start, db = tb.to(torch::kFloat64) - start;
+          const double gap = (da - db).norm().item<double>();
+          const double share = gap == 0 ? 0.0 : gap / (args->atol + args->rtol * db.norm().item<double>());
+          if (share > worst_share || std::isnan(share)) {
+            worst_share = share;
+            worst_name = name;
+          }
+          const bool ok = share <= 1;
+          failures += ok ? 0 : 1;
+          if (!args->quiet && (!ok || gap > 0))
+            std::printf("%-48s |dA-dB| %.3g of |dB| %.3g  %s\n", name.c_str(), gap, db.norm().item<double>(),
+                        ok ? "ok" : "OUT OF TOLERANCE");
+          continue;
+        }
         const auto x = ta.to(torch::kFloat64), y = tb.to(torch::kFloat64);
         const auto diff = (x - y).abs();
         const double max_abs = diff.max().item<double>();
@@ -231,6 +262,7 @@ Runner add_compare_command(CLI::App& app) {
       }
       const std::string excluded_note =
           args->exclude.empty() ? "" : " (" + std::to_string(left_out) + " left out by --exclude)";
+      if (!args->from.empty()) std::printf("updates from %s: ", args->from.c_str());
       std::printf("%zu tensors compared%s; worst %s uses %.3g of the tolerance (atol %g, rtol %g): %s\n", a.size(),
                   excluded_note.c_str(), worst_name.empty() ? "-" : worst_name.c_str(), worst_share, args->atol,
                   args->rtol, failures ? "DIFFERENT" : "equal within tolerance");
