@@ -198,6 +198,22 @@ Runner add_compare_command(CLI::App& app) {
       int64_t failures = 0;
       double worst_share = 0;
       std::string worst_name;
+      // Counts a tensor's share of its tolerance (> 1 fails) and prints its line; returns whether it is within.
+      auto record = [&](const std::string& name, double share, bool differs, const std::string& detail) {
+        if (share > worst_share || std::isnan(share)) {
+          worst_share = share;
+          worst_name = name;
+        }
+        const bool ok = share <= 1;
+        failures += ok ? 0 : 1;
+        if (!args->quiet && (!ok || differs))
+          std::printf("%-48s %s  %s\n", name.c_str(), detail.c_str(), ok ? "ok" : "OUT OF TOLERANCE");
+      };
+      auto format = [](const char* pattern, auto... values) {
+        char line[96];
+        std::snprintf(line, sizeof line, pattern, values...);
+        return std::string(line);
+      };
       for (const auto& [name, ta] : a) {
         const auto it = b.find(name);
         if (it == b.end()) {
@@ -222,16 +238,9 @@ Runner add_compare_command(CLI::App& app) {
           const auto start = from->second.to(torch::kFloat64);
           const auto da = ta.to(torch::kFloat64) - start, db = tb.to(torch::kFloat64) - start;
           const double gap = (da - db).norm().item<double>();
-          const double share = gap == 0 ? 0.0 : gap / (args->atol + args->rtol * db.norm().item<double>());
-          if (share > worst_share || std::isnan(share)) {
-            worst_share = share;
-            worst_name = name;
-          }
-          const bool ok = share <= 1;
-          failures += ok ? 0 : 1;
-          if (!args->quiet && (!ok || gap > 0))
-            std::printf("%-48s |dA-dB| %.3g of |dB| %.3g  %s\n", name.c_str(), gap, db.norm().item<double>(),
-                        ok ? "ok" : "OUT OF TOLERANCE");
+          const double step = db.norm().item<double>();
+          const double share = gap == 0 ? 0.0 : gap / (args->atol + args->rtol * step);
+          record(name, share, gap > 0, format("|dA-dB| %.3g of |dB| %.3g", gap, step));
           continue;
         }
         const auto x = ta.to(torch::kFloat64), y = tb.to(torch::kFloat64);
@@ -241,14 +250,7 @@ Runner add_compare_command(CLI::App& app) {
         // Equal elements (equal infinities too) use none of it, even with --atol 0 --rtol 0 (0/0 would be NaN).
         const auto used = diff / (args->atol + args->rtol * y.abs());
         const double share = torch::where(x == y, torch::zeros_like(used), used).max().item<double>();
-        if (share > worst_share || std::isnan(share)) {
-          worst_share = share;
-          worst_name = name;
-        }
-        const bool ok = share <= 1;
-        failures += ok ? 0 : 1;
-        if (!args->quiet && (!ok || max_abs > 0))
-          std::printf("%-48s max |a-b| %.3g  %s\n", name.c_str(), max_abs, ok ? "ok" : "OUT OF TOLERANCE");
+        record(name, share, max_abs > 0, format("max |a-b| %.3g", max_abs));
       }
       for (const auto& kv : b)
         if (!a.count(kv.first)) {
