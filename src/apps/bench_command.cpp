@@ -198,7 +198,7 @@ Runner add_compare_command(CLI::App& app) {
       int64_t failures = 0;
       double worst_share = 0;
       std::string worst_name;
-      // Counts a tensor's share of its tolerance (> 1 fails) and prints its line; returns whether it is within.
+      // Counts a tensor's share of its tolerance (> 1 fails), keeps the worst and prints the tensor's line.
       auto record = [&](const std::string& name, double share, bool differs, const std::string& detail) {
         if (share > worst_share || std::isnan(share)) {
           worst_share = share;
