@@ -97,6 +97,16 @@ if grep -q "^| sgd | 128 | 0.0707107 | 2 | [0-9.]* ± [0-9.]* |" "$W/s/report.md
 else
   bad "report tables"; head -30 "$W/s/report.md"
 fi
+# The compute line: the sum of every finished run's epoch_seconds (the resumed run's epochs from both processes).
+expected=$(for d in "$W"/s/*/; do
+  grep -qE '"status": "(completed|diverged)"' "$d/summary.json" 2>/dev/null || continue
+  awk -F, 'NR == 1 { for (i = 1; i <= NF; ++i) if ($i == "epoch_seconds") c = i; next } { print $c }' "$d/metrics.csv"
+done | awk '{ t += $1 } END { printf "%.0f", t }')
+if grep -q "^Compute: the 4 finished runs' epochs took $expected s " "$W/s/report.md"; then
+  ok "report's compute line: 4 finished runs, $expected s, as their metrics files sum"
+else
+  bad "report's compute line (expected 4 runs, $expected s): $(grep '^Compute' "$W/s/report.md")"
+fi
 if command -v gnuplot > /dev/null; then
   pngs=$(find "$W/s/report" -name '*.png' | wc -l)
   # accuracy per batch size + per configuration: heat map, LNR lines, |w|, |g|, schedule (sgd has no telemetry)

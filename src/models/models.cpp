@@ -138,19 +138,21 @@ class CompactCNN : public ClassifierImpl {
   int64_t feature_dim() const override { return 128; }
 
  private:
-  // max_pool2d(conv1(x), 2), fused (conv_pool.h) where LARGEBATCH_FUSED_FIRST_LAYER=1 asks for it, the CPU
-  // kernels are on and the images need no gradient. Opt-in while a data-parallel Barlow Twins step with it
-  // differs from the single-process one beyond float rounding (docs/PERFORMANCE.md).
-  static bool fused_first_layer_asked() {
-    static const bool asked = [] {
+  // max_pool2d(conv1(x), 2), fused (conv_pool.h) where the CPU kernels are on and the images need no gradient.
+  // LARGEBATCH_FUSED_FIRST_LAYER=0 switches this kernel alone off, so that a study begun before it existed can
+  // finish with the arithmetic it began with.
+  static bool fused_first_layer_wanted() {
+    static const bool wanted = [] {
       const char* v = std::getenv("LARGEBATCH_FUSED_FIRST_LAYER");
-      return v != nullptr && std::string(v) == "1";
+      if (v == nullptr || *v == '\0' || std::string(v) == "1") return true;
+      if (std::string(v) == "0") return false;
+      throw std::invalid_argument("LARGEBATCH_FUSED_FIRST_LAYER: '" + std::string(v) + "' is neither 0 nor 1");
     }();
-    return asked;
+    return wanted;
   }
   torch::Tensor first_convolution_pooled(const torch::Tensor& x) {
     const torch::Tensor bias = conv1->options.bias() ? conv1->bias : torch::Tensor();
-    if (fused_first_layer_asked() && cpu_kernels() && !channels_last() && conv3x3_max_pool2_takes(x, conv1->weight, bias))
+    if (fused_first_layer_wanted() && cpu_kernels() && !channels_last() && conv3x3_max_pool2_takes(x, conv1->weight, bias))
       return conv3x3_max_pool2(x, conv1->weight, bias);
     return models::max_pool2d(conv1(input_layout(x)), 2, 2, 0, cpu_kernels());
   }

@@ -82,6 +82,15 @@ std::string slug(const std::string& text) {
   return out;
 }
 
+// Seconds of every epoch in a metrics file (0 without the column).
+double epoch_seconds(const Csv& metrics) {
+  const int column = metrics.column("epoch_seconds");
+  double total = 0;
+  for (size_t row = 0; column >= 0 && row < metrics.rows.size(); ++row)
+    if (std::isfinite(metrics.number(row, column))) total += metrics.number(row, column);
+  return total;
+}
+
 }  // namespace
 
 // A word for a shell command line: as it is when it holds only characters no shell treats specially.
@@ -110,6 +119,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     if (entry.is_directory() && entry.path().filename() != "report") candidates.push_back(entry.path());
   std::vector<Run> runs;
   std::vector<std::string> unfinished;
+  std::vector<double> run_seconds;  // every finished run's epochs, candidates included: what the study cost
   for (const auto& d : candidates) {
     if (!fs::exists(d / "config.json") || !fs::exists(d / "metrics.csv")) continue;
     Run r;
@@ -139,6 +149,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     }
     r.has_telemetry = has_data_rows(d / "telemetry.csv");
     r.has_sharpness = fs::exists(d / "sharpness.csv");
+    run_seconds.push_back(epoch_seconds(r.metrics) + (r.linear_eval ? epoch_seconds(read_csv(d / "metrics.csv")) : 0.0));
     runs.push_back(std::move(r));
   }
   std::sort(unfinished.begin(), unfinished.end());
@@ -257,6 +268,20 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
        << " outside the study's plan left out** (not in study.json: neither a candidate nor a follow-up of a choice):";
     for (const auto& name : outside_plan) md << " `" << name << "`";
     md << ".\n\n";
+  }
+  if (!run_seconds.empty()) {
+    std::vector<double> sorted = run_seconds;
+    std::sort(sorted.begin(), sorted.end());
+    double total = 0;
+    for (double v : sorted) total += v;
+    const double median = sorted.size() % 2 ? sorted[sorted.size() / 2]
+                                             : (sorted[sorted.size() / 2 - 1] + sorted[sorted.size() / 2]) / 2;
+    md << "Compute: the " << sorted.size() << " finished run" << (sorted.size() == 1 ? "" : "s") << "' epochs took "
+       << format("%.0f", total) << " s (" << format("%.2f", total / 3600) << " h; per run median "
+       << format("%.0f", median) << " s, " << format("%.0f", sorted.front()) << "-" << format("%.0f", sorted.back())
+       << " s), half that with two runs at a time throughout: the sum of the runs' `epoch_seconds` (training, "
+          "sharpness estimates, evaluation; pre-training and linear evaluation both), without start-up, the work an "
+          "interruption lost and unfinished runs.\n\n";
   }
   if (is_study) {
     std::vector<const Run*> follow;

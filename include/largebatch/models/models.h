@@ -104,9 +104,8 @@ class ClassifierImpl : public torch::nn::Module {
   // largebatch's CPU kernels where LibTorch 1.13's are slow (on by default): max pooling (pooling.h; the same
   // bits), convolutions over maps of a few pixels (2x2, 1x1; ResNet's last stages at 32x32 inputs) as matrix
   // products (ConvImpl) and BatchNorm over maps of 2-4 pixels as over an [N*H*W, C] view
-  // (SyncableBatchNorm2dImpl), with LARGEBATCH_FUSED_FIRST_LAYER=1 the compact CNN's first convolution fused with its
-  // pooling (conv_pool.h), the
-  // same arithmetic summed in another order. Training is faster
+  // (SyncableBatchNorm2dImpl) and the compact CNN's first convolution fused with its pooling (conv_pool.h;
+  // LARGEBATCH_FUSED_FIRST_LAYER=0 leaves that one out), the same arithmetic summed in another order. Training is faster
   // (docs/PERFORMANCE.md). Off: LibTorch's max_pool2d, conv2d and batch_norm everywhere.
   void set_cpu_kernels(bool on);
   bool cpu_kernels() const { return cpu_kernels_; }

@@ -292,8 +292,8 @@ void visit_options(TrainConfig& c, Visitor&& v) {
     c.channels_last, check::any);
   v(Option("cpu-kernels", "largebatch's CPU kernels where LibTorch 1.13's are slow: max pooling, convolutions over "
                           "maps of a few pixels (2x2, 1x1) as matrix products, BatchNorm over them as over [N*H*W, C] "
-                          "and BatchNorm's training forward pass over other maps, with LARGEBATCH_FUSED_FIRST_LAYER=1 the cnn's first "
-                          "convolution fused with its pooling (the same results to float rounding; docs/PERFORMANCE.md); false: LibTorch's kernels "
+                          "and BatchNorm's training forward pass over other maps, the cnn's first "
+                          "convolution fused with its pooling (LARGEBATCH_FUSED_FIRST_LAYER=0: not that one) (the same results to float rounding; docs/PERFORMANCE.md); false: LibTorch's kernels "
                           "everywhere")
         .flags("--cpu-kernels,--small-map-kernels")
         .valued()
