@@ -262,6 +262,29 @@ TEST(Trainer, ResumeEqualsAnUninterruptedRun) {
   for (const auto& item : ba) EXPECT_TRUE(torch::equal(item.value(), bb[item.key()])) << item.key();
 }
 
+// A run killed after creating its per-step logs but before their header reached the disk leaves them empty;
+// resuming treats an empty log as one with no rows (it held none) and gives each its header.
+TEST(Trainer, ResumeAcceptsPerStepLogsTheInterruptionLeftEmpty) {
+  ScratchDir dir("empty-logs");
+  auto c = small_run(dir.path);
+  c.telemetry_every = 2;
+  c.sharpness_every = 4;
+  c.epochs = 1;
+  lt::run_training(c);
+  for (const char* name : {"telemetry.csv", "sharpness.csv"}) std::ofstream(dir.path / name, std::ios::trunc);
+  c.epochs = 2;
+  c.resume = true;
+  const auto s = lt::run_training(c);
+  EXPECT_EQ(s.history.size(), 2u);
+  for (const char* name : {"telemetry.csv", "sharpness.csv"}) {
+    std::ifstream in(dir.path / name);
+    std::string header, row;
+    ASSERT_TRUE(std::getline(in, header)) << name;
+    EXPECT_EQ(header.rfind("step,", 0), 0u) << name << ": " << header;
+    EXPECT_TRUE(std::getline(in, row) && !row.empty()) << name << ": no rows after the resume";
+  }
+}
+
 void expect_same_weights(const fs::path& a_dir, const fs::path& b_dir) {
   auto ma = load_model(a_dir / "model.pt"), mb = load_model(b_dir / "model.pt");
   const auto pa = ma->named_parameters(), pb = mb->named_parameters();

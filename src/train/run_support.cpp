@@ -225,7 +225,8 @@ std::atomic<bool>& stop_flag() {
 
 void open_csv_log(std::ofstream& file, const fs::path& path, const std::string& header, bool resume,
                   int64_t keep_below, const std::string& option) {
-  if (resume && fs::exists(path)) {
+  // An empty file is one an interrupted run created before its header reached the disk: it holds no rows.
+  if (resume && fs::exists(path) && fs::file_size(path) > 0) {
     std::ifstream in(path);
     std::string line, kept;
     std::getline(in, line);
@@ -243,8 +244,13 @@ void open_csv_log(std::ofstream& file, const fs::path& path, const std::string& 
     write_atomically(path, kept);
     file.open(path, std::ios::app);
   } else {
-    file.open(path, std::ios::trunc);
-    file << header << "\n";
+    // The header lands whole before any row, so that the file never exists without it.
+    try {
+      write_atomically(path, header + "\n");
+    } catch (const std::runtime_error& e) {
+      throw OptionError(option, std::string(": ") + e.what());
+    }
+    file.open(path, std::ios::app);
   }
   if (!file) throw OptionError(option, ": cannot write " + path.string());
 }
