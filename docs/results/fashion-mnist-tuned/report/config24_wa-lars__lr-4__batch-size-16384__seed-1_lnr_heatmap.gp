@@ -1,6 +1,6 @@
 set datafile separator ','
 set terminal pngcairo size 1100,400 noenhanced
-set output 'config24_wa-lars__lr-4__batch-size-16384__seed-2_lnr_heatmap.png'
+set output 'config24_wa-lars__lr-4__batch-size-16384__seed-1_lnr_heatmap.png'
 set title 'log10 trust ratio (LNR, incl. phi_t): wa-lars'
 set grid
 set key outside right font ',8'
@@ -12,4 +12,4 @@ set palette rgb 33,13,10
 unset key
 set autoscale xfix
 set style fill solid noborder
-plot 'config24_wa-lars__lr-4__batch-size-16384__seed-2_layers.csv' using 1:2:(2.500000):(0.5):(log10($3)) every ::1 with boxxyerror lc palette
+plot 'config24_wa-lars__lr-4__batch-size-16384__seed-1_layers.csv' using 1:2:(0.500000):(0.5):(log10($3)) every ::1 with boxxyerror lc palette
