@@ -240,6 +240,15 @@ if "$LB" report "$W/u" > /dev/null 2>&1 && grep -q "pre-training loss" "$W/u/rep
 else
   bad "ssl report"; head -20 "$W/u/report.md"
 fi
+# The pre-training's loss curve: one row per pre-training epoch, one finite column per configuration.
+loss_rows=$(awk -F, 'NR == 1 { ok = ($0 == "epoch,config0,config1"); next }
+                     { for (i = 2; i <= NF; ++i) if ($i !~ /^[0-9]+\.[0-9]+$/) ok = 0; ++rows }
+                     END { print ok ? rows : -1 }' "$W/u/report/pretrain_loss_b64.csv" 2>/dev/null)
+if [ "$loss_rows" = 1 ]; then
+  ok "report plots the pre-training loss per epoch of every configuration"
+else
+  bad "pre-training loss curve: rows $loss_rows"; cat "$W/u/report/pretrain_loss_b64.csv"
+fi
 
 # 8. Collecting a study's files for committing: a pre-training run whose linear evaluation has not finished is left
 # for a later call (the committed files hold no backbone to evaluate it from), the finished and diverged ones go.

@@ -484,15 +484,63 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     const std::string base = "accuracy_b" + std::to_string(b);
     write_atomically(assets / (base + ".csv"), csv);
     made.push_back((assets / (base + ".csv")).string());
-    std::string gp = header_lines(base + ".png", "test top-1 per epoch, batch " + std::to_string(b) +
-                                                     " (mean over seeds)") +
+    // Pre-training runs are read by their linear evaluation: its epochs are the head's, not the backbone's.
+    bool evaluated = false;
+    for (const Group* g : in)
+      for (const Run* r : g->runs) evaluated = evaluated || r->linear_eval;
+    const std::string what = evaluated ? "linear-evaluation test top-1 per epoch of the head" : "test top-1 per epoch";
+    std::string gp = header_lines(base + ".png", what + ", batch " + std::to_string(b) + " (mean over seeds)") +
                      "set xlabel 'epoch'\nset ylabel 'test top-1'\nplot ";
     for (size_t i = 0; i < in.size(); ++i)
       gp += (i ? ", \\\n     " : "") + quote(base + ".csv") + " using 1:" + std::to_string(i + 2) +
             " every ::1 with linespoints" + series_style(i) + " title " + quote(group_label(*in[i]));
     gp += "\n";
     if (render(assets / (base + ".gp"), gp, made))
-      md << "![test top-1 per epoch, B = " << b << "](report/" << base << ".png)\n\n";
+      md << "![" << what << ", B = " << b << "](report/" << base << ".png)\n\n";
+
+    // The pre-training's own curve: its loss per epoch (Barlow Twins), mean over seeds, log scale.
+    if (evaluated) {
+      std::vector<Csv> pretraining;  // per group, per run: the pre-training's metrics.csv
+      std::vector<std::vector<size_t>> index(in.size());
+      size_t pre_epochs = 0;
+      for (size_t i = 0; i < in.size(); ++i)
+        for (const Run* r : in[i]->runs) {
+          if (!r->linear_eval) continue;
+          index[i].push_back(pretraining.size());
+          pretraining.push_back(read_csv(r->dir / "metrics.csv"));
+          pre_epochs = std::max(pre_epochs, pretraining.back().rows.size());
+        }
+      std::string loss_csv = "epoch";
+      for (size_t i = 0; i < in.size(); ++i) loss_csv += ",config" + std::to_string(i);
+      loss_csv += "\n";
+      for (size_t e = 0; e < pre_epochs; ++e) {
+        loss_csv += std::to_string(e + 1);
+        for (size_t i = 0; i < in.size(); ++i) {
+          std::vector<double> v;
+          for (size_t k : index[i]) {
+            const Csv& c = pretraining[k];
+            const int col = c.column("train_loss");
+            v.push_back(col >= 0 && e < c.rows.size() ? c.number(e, col) : NAN);
+          }
+          const Stats st = stats(v);
+          loss_csv += "," + (st.n ? format("%.6f", st.mean) : std::string("NaN"));
+        }
+        loss_csv += "\n";
+      }
+      const std::string lbase = "pretrain_loss_b" + std::to_string(b);
+      write_atomically(assets / (lbase + ".csv"), loss_csv);
+      made.push_back((assets / (lbase + ".csv")).string());
+      std::string lgp = header_lines(lbase + ".png", "pre-training loss per epoch, batch " + std::to_string(b) +
+                                                         " (mean over seeds)") +
+                        "set xlabel 'pre-training epoch'\nset ylabel 'training loss (log scale)'\n"
+                        "set logscale y\nplot ";
+      for (size_t i = 0; i < in.size(); ++i)
+        lgp += (i ? ", \\\n     " : "") + quote(lbase + ".csv") + " using 1:" + std::to_string(i + 2) +
+               " every ::1 with linespoints" + series_style(i) + " title " + quote(group_label(*in[i]));
+      lgp += "\n";
+      if (render(assets / (lbase + ".gp"), lgp, made))
+        md << "![pre-training loss per epoch, B = " << b << "](report/" << lbase << ".png)\n\n";
+    }
 
     // lr_t and phi_t of every configuration (first seed): per step from telemetry.csv, else per epoch from
     // metrics.csv. Warm-up + cosine against TVLARS's constant lr and decaying phi.

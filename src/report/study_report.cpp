@@ -404,7 +404,9 @@ void write_study_sections(const StudyPlan& plan, const fs::path& dir, const std:
     }
     if (series.empty()) continue;
     const std::string base = "tuning_" + std::to_string(col);
-    std::string gp = header_lines(base + ".png", "candidates' " + by + " against lr: " + columns[col]) +
+    const bool one_column = columns[col].empty();  // a grid without a second axis: no ", batch-size ..." suffix
+    const std::string title = "candidates' " + by + " against lr" + (one_column ? "" : ": " + columns[col]);
+    std::string gp = header_lines(base + ".png", title) +
                      "set xlabel 'lr (log scale)'\nset logscale x\nset ylabel " + quote(by) + "\nplot ";
     for (size_t i = 0; i < series.size(); ++i) {
       std::string csv = "lr,metric\n";
@@ -419,7 +421,8 @@ void write_study_sections(const StudyPlan& plan, const fs::path& dir, const std:
     }
     gp += "\n";
     if (render(assets / (base + ".gp"), gp, made))
-      md << "![candidates' " << by << " against lr, " << columns[col] << "](report/" << base << ".png)\n\n";
+      md << "![candidates' " << by << " against lr" << (one_column ? "" : ", " + columns[col]) << "](report/" << base
+         << ".png)\n\n";
   }
 }
 
