@@ -250,6 +250,15 @@ else
   bad "pre-training loss curve: rows $loss_rows"; cat "$W/u/report/pretrain_loss_b64.csv"
 fi
 
+# A linear evaluation by itself (a pre-training study's random-backbone baseline) is tabled under what it evaluates.
+"$LB" linear-eval --backbone random --model mlp --data synthetic --synthetic-size 256 --epochs 1 --val-split 64 \
+  --no-plots --progress none --out "$W/baseline/seed-0" > "$W/baseline.log" 2>&1
+if "$LB" report "$W/baseline" > /dev/null 2>&1 && grep -q "^| linear eval, random mlp backbone | 256 | 1 | " "$W/baseline/report.md"; then
+  ok "report names a linear evaluation of a random backbone by its backbone"
+else
+  bad "baseline report"; cat "$W/baseline.log"; grep "^|" "$W/baseline/report.md"
+fi
+
 # 8. Collecting a study's files for committing: a pre-training run whose linear evaluation has not finished is left
 # for a later call (the committed files hold no backbone to evaluate it from), the finished and diverged ones go.
 C="$W/collect"

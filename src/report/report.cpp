@@ -55,6 +55,13 @@ bool identifying(const std::string& key) {
 }
 
 std::string optimizer_label(const json& config) {
+  // A linear evaluation run by itself (e.g. of a random backbone, a pre-training study's baseline) has no optimizer
+  // of its own to name: what it evaluates is its configuration.
+  if (!config.contains("optimizer") && config.contains("backbone") && config["backbone"].is_string()) {
+    const std::string backbone = config["backbone"].get<std::string>();
+    return backbone == "random" ? "linear eval, random " + config.value("model", std::string("?")) + " backbone"
+                                : "linear eval of " + fs::path(backbone).filename().string();
+  }
   std::string label = config.value("optimizer", "?");
   if (config.contains("opt") && config["opt"].is_array())
     for (const auto& o : config["opt"]) label += " " + o.get<std::string>();

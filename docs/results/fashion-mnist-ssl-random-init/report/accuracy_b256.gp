@@ -1,0 +1,9 @@
+set datafile separator ','
+set terminal pngcairo size 1100,650 noenhanced
+set output 'accuracy_b256.png'
+set title 'test top-1 per epoch, batch 256 (mean over seeds)'
+set grid
+set key outside right font ',8'
+set xlabel 'epoch'
+set ylabel 'test top-1'
+plot 'accuracy_b256.csv' using 1:2 every ::1 with linespoints lc 1 dt 1 pt 1 title 'linear eval, random cnn backbone'
