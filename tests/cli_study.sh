@@ -244,7 +244,9 @@ fi
 loss_rows=$(awk -F, 'NR == 1 { ok = ($0 == "epoch,config0,config1"); next }
                      { for (i = 2; i <= NF; ++i) if ($i !~ /^[0-9]+\.[0-9]+$/) ok = 0; ++rows }
                      END { print ok ? rows : -1 }' "$W/u/report/pretrain_loss_b64.csv" 2>/dev/null)
-if [ "$loss_rows" = 1 ]; then
+if [ "$loss_rows" = 1 ] && [ "$(grep -c 'using 1:[23] every ::1' "$W/u/report/pretrain_loss_b64.gp")" = 2 ] &&
+   grep -q "set logscale y" "$W/u/report/pretrain_loss_b64.gp" &&
+   grep -q "linear-evaluation test top-1" "$W/u/report/accuracy_b64.gp"; then
   ok "report plots the pre-training loss per epoch of every configuration"
 else
   bad "pre-training loss curve: rows $loss_rows"; cat "$W/u/report/pretrain_loss_b64.csv"

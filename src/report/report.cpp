@@ -253,7 +253,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
   for (const auto& entry : fs::directory_iterator(assets)) {
     const std::string f = entry.path().filename().string();
     if (entry.is_regular_file() && (f.rfind("config", 0) == 0 || f.rfind("accuracy_b", 0) == 0 || f.rfind("schedules_b", 0) == 0 ||
-                                    f.rfind("tuning_", 0) == 0))
+                                    f.rfind("tuning_", 0) == 0 || f.rfind("pretrain_loss_b", 0) == 0))
       fs::remove(entry.path());
   }
   std::vector<std::string> made;
@@ -492,10 +492,14 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     write_atomically(assets / (base + ".csv"), csv);
     made.push_back((assets / (base + ".csv")).string());
     // Pre-training runs are read by their linear evaluation: its epochs are the head's, not the backbone's.
-    bool evaluated = false;
+    bool evaluated = false, linear_eval_alone = false;
     for (const Group* g : in)
-      for (const Run* r : g->runs) evaluated = evaluated || r->linear_eval;
-    const std::string what = evaluated ? "linear-evaluation test top-1 per epoch of the head" : "test top-1 per epoch";
+      for (const Run* r : g->runs) {
+        evaluated = evaluated || r->linear_eval;
+        linear_eval_alone = linear_eval_alone || (!r->config.contains("optimizer") && r->config.contains("backbone"));
+      }
+    const std::string what =
+        evaluated || linear_eval_alone ? "linear-evaluation test top-1 per epoch of the head" : "test top-1 per epoch";
     std::string gp = header_lines(base + ".png", what + ", batch " + std::to_string(b) + " (mean over seeds)") +
                      "set xlabel 'epoch'\nset ylabel 'test top-1'\nplot ";
     for (size_t i = 0; i < in.size(); ++i)
@@ -530,7 +534,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
             v.push_back(col >= 0 && e < c.rows.size() ? c.number(e, col) : NAN);
           }
           const Stats st = stats(v);
-          loss_csv += "," + (st.n ? format("%.6f", st.mean) : std::string("NaN"));
+          loss_csv += "," + (st.n && std::isfinite(st.mean) ? format("%.6f", st.mean) : std::string("NaN"));
         }
         loss_csv += "\n";
       }

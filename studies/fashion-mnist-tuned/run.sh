@@ -38,11 +38,14 @@ done
 baseline=fashion-mnist-ssl-random-init
 for seed in 0 1 2; do
   run=seed-$seed
-  grep -qs '"status": "completed"' "docs/results/$baseline/$run/summary.json" && continue
-  grep -qs '"status": "completed"' "runs/$baseline/$run/summary.json" && continue
+  grep -qsE '"status": "(completed|diverged)"' "docs/results/$baseline/$run/summary.json" && continue
+  grep -qsE '"status": "(completed|diverged)"' "runs/$baseline/$run/summary.json" && continue
   rm -rf "runs/$baseline/$run"
   "$bin" linear-eval --backbone random --model cnn --data fashion-mnist --epochs 30 --val-split 5000 --seed "$seed" \
-    --threads 1 --progress none --out "runs/$baseline/$run" || status=$?
+    --threads 1 --progress none --out "runs/$baseline/$run"
+  rc=$?
+  [ "$rc" -eq 130 ] && exit 130
+  [ "$rc" -ne 0 ] && status=$rc
 done
 if [ -d "runs/$baseline" ]; then scripts/collect_study.sh "runs/$baseline" "docs/results/$baseline"; fi
 "$bin" report "docs/results/$baseline" --target 0.85

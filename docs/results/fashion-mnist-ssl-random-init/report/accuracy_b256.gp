@@ -1,7 +1,7 @@
 set datafile separator ','
 set terminal pngcairo size 1100,650 noenhanced
 set output 'accuracy_b256.png'
-set title 'test top-1 per epoch, batch 256 (mean over seeds)'
+set title 'linear-evaluation test top-1 per epoch of the head, batch 256 (mean over seeds)'
 set grid
 set key outside right font ',8'
 set xlabel 'epoch'
