@@ -49,4 +49,5 @@ for seed in 0 1 2; do
 done
 if [ -d "runs/$baseline" ]; then scripts/collect_study.sh "runs/$baseline" "docs/results/$baseline"; fi
 "$bin" report "docs/results/$baseline" --target 0.85
+studies/fashion-mnist-tuned/gain_over_random.sh > docs/results/fashion-mnist-ssl/gain_over_random.txt || status=$?
 exit "$status"
