@@ -31,11 +31,15 @@ scripts/collect_study.sh "$out" "$results" >/dev/null
 {
   echo "final test top-1 % of the linear evaluation, per seed (TVLARS without clamps at LARS's lr $lars_lr)"
   printf '%-6s %-22s %-8s %-14s %-18s %s\n' seed "tvlars, no clamps" lars "tvlars (study)" "no clamps - lars" "no clamps - tvlars"
+  f() { jq -er '.final_test_top1 * 100' "$1" 2>/dev/null || echo nan; }
   for seed in 1 2; do
-    f() { jq -er '.final_test_top1 * 100' "$1" 2>/dev/null || echo nan; }
     a=$(f "$results/tvlars-no-clamps__lr-${lars_lr}__seed-$seed/linear-eval/summary.json")
     b=$(f "$study/lars__lr-${lars_lr}__seed-$seed/linear-eval/summary.json")
     c=$(f "$(ls -d "$study"/tvlars__lr-*__seed-$seed | head -1)/linear-eval/summary.json")
-    awk -v s="$seed" -v a="$a" -v b="$b" -v c="$c" 'BEGIN { printf "%-6s %-22.2f %-8.2f %-14.2f %+-18.2f %+.2f\n", s, a, b, c, a - b, a - c }'
-  done
+    echo "$seed $a $b $c"
+  done | awk '{ printf "%-6s %-22.2f %-8.2f %-14.2f %+-18.2f %+.2f\n", $1, $2, $3, $4, $2 - $3, $2 - $4
+                for (i = 2; i <= 6; ++i) { v = i <= 4 ? $i : (i == 5 ? $2 - $3 : $2 - $4); s[i] += v; q[i] += v * v } ++n }
+              END { printf "mean ± sample std over %d seeds:", n
+                    for (i = 2; i <= 6; ++i) { m = s[i] / n; printf "  %+.2f ± %.2f", m, (n > 1 ? sqrt((q[i] - n * m * m) / (n - 1)) : 0) }
+                    print "" }'
 } | tee "$results/comparison.txt"
