@@ -500,12 +500,16 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
       }
     const std::string what =
         evaluated || linear_eval_alone ? "linear-evaluation test top-1 per epoch of the head" : "test top-1 per epoch";
-    std::string gp = header_lines(base + ".png", what + ", batch " + std::to_string(b) + " (mean over seeds)") +
-                     "set xlabel 'epoch'\nset ylabel 'test top-1'\nplot ";
-    for (size_t i = 0; i < in.size(); ++i)
-      gp += (i ? ", \\\n     " : "") + quote(base + ".csv") + " using 1:" + std::to_string(i + 2) +
-            " every ::1 with linespoints" + series_style(i) + " title " + quote(group_label(*in[i]));
-    gp += "\n";
+    // One line per configuration of this batch size: column i + 2 of the CSV file, titled by its configuration.
+    auto per_configuration = [&](const std::string& csv_file) {
+      std::string lines;
+      for (size_t i = 0; i < in.size(); ++i)
+        lines += (i ? ", \\\n     " : "") + quote(csv_file) + " using 1:" + std::to_string(i + 2) +
+                 " every ::1 with linespoints" + series_style(i) + " title " + quote(group_label(*in[i]));
+      return lines + "\n";
+    };
+    const std::string gp = header_lines(base + ".png", what + ", batch " + std::to_string(b) + " (mean over seeds)") +
+                           "set xlabel 'epoch'\nset ylabel 'test top-1'\nplot " + per_configuration(base + ".csv");
     if (render(assets / (base + ".gp"), gp, made))
       md << "![" << what << ", B = " << b << "](report/" << base << ".png)\n\n";
 
@@ -541,14 +545,10 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
       const std::string lbase = "pretrain_loss_b" + std::to_string(b);
       write_atomically(assets / (lbase + ".csv"), loss_csv);
       made.push_back((assets / (lbase + ".csv")).string());
-      std::string lgp = header_lines(lbase + ".png", "pre-training loss per epoch, batch " + std::to_string(b) +
-                                                         " (mean over seeds)") +
-                        "set xlabel 'pre-training epoch'\nset ylabel 'training loss (log scale)'\n"
-                        "set logscale y\nplot ";
-      for (size_t i = 0; i < in.size(); ++i)
-        lgp += (i ? ", \\\n     " : "") + quote(lbase + ".csv") + " using 1:" + std::to_string(i + 2) +
-               " every ::1 with linespoints" + series_style(i) + " title " + quote(group_label(*in[i]));
-      lgp += "\n";
+      const std::string lgp = header_lines(lbase + ".png", "pre-training loss per epoch, batch " + std::to_string(b) +
+                                                               " (mean over seeds)") +
+                              "set xlabel 'pre-training epoch'\nset ylabel 'training loss (log scale)'\n"
+                              "set logscale y\nplot " + per_configuration(lbase + ".csv");
       if (render(assets / (lbase + ".gp"), lgp, made))
         md << "![pre-training loss per epoch, B = " << b << "](report/" << lbase << ".png)\n\n";
     }
