@@ -37,6 +37,7 @@ using detail::Csv;
 using detail::Run;
 using detail::Stats;
 using detail::has_data_rows;
+using detail::is_linear_eval_alone;
 using detail::percent;
 using detail::read_csv;
 using detail::stats;
@@ -55,9 +56,7 @@ bool identifying(const std::string& key) {
 }
 
 std::string optimizer_label(const json& config) {
-  // A linear evaluation run by itself (e.g. of a random backbone, a pre-training study's baseline) has no optimizer
-  // of its own to name: what it evaluates is its configuration.
-  if (!config.contains("optimizer") && config.contains("backbone") && config["backbone"].is_string()) {
+  if (is_linear_eval_alone(config)) {  // named by what it evaluates
     const std::string backbone = config["backbone"].get<std::string>();
     return backbone == "random" ? "linear eval, random " + config.value("model", std::string("?")) + " backbone"
                                 : "linear eval of " + fs::path(backbone).filename().string();
@@ -149,6 +148,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
       continue;
     }
     if (r.linear_eval) {
+      r.pretrain_metrics = read_csv(d / "metrics.csv");
       try {
         r.pretrain_loss = json::parse(read_text(d / "summary.json")).value("final_loss", NAN);
       } catch (const std::exception&) {
@@ -156,7 +156,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     }
     r.has_telemetry = has_data_rows(d / "telemetry.csv");
     r.has_sharpness = fs::exists(d / "sharpness.csv");
-    run_seconds.push_back(epoch_seconds(r.metrics) + (r.linear_eval ? epoch_seconds(read_csv(d / "metrics.csv")) : 0.0));
+    run_seconds.push_back(epoch_seconds(r.metrics) + (r.linear_eval ? epoch_seconds(r.pretrain_metrics) : 0.0));
     runs.push_back(std::move(r));
   }
   std::sort(unfinished.begin(), unfinished.end());
@@ -496,7 +496,7 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
     for (const Group* g : in)
       for (const Run* r : g->runs) {
         evaluated = evaluated || r->linear_eval;
-        linear_eval_alone = linear_eval_alone || (!r->config.contains("optimizer") && r->config.contains("backbone"));
+        linear_eval_alone = linear_eval_alone || is_linear_eval_alone(r->config);
       }
     const std::string what =
         evaluated || linear_eval_alone ? "linear-evaluation test top-1 per epoch of the head" : "test top-1 per epoch";
@@ -515,16 +515,9 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
 
     // The pre-training's own curve: its loss per epoch (Barlow Twins), mean over seeds, log scale.
     if (evaluated) {
-      std::vector<Csv> pretraining;  // per group, per run: the pre-training's metrics.csv
-      std::vector<std::vector<size_t>> index(in.size());
       size_t pre_epochs = 0;
-      for (size_t i = 0; i < in.size(); ++i)
-        for (const Run* r : in[i]->runs) {
-          if (!r->linear_eval) continue;
-          index[i].push_back(pretraining.size());
-          pretraining.push_back(read_csv(r->dir / "metrics.csv"));
-          pre_epochs = std::max(pre_epochs, pretraining.back().rows.size());
-        }
+      for (const Group* g : in)
+        for (const Run* r : g->runs) pre_epochs = std::max(pre_epochs, r->pretrain_metrics.rows.size());
       std::string loss_csv = "epoch";
       for (size_t i = 0; i < in.size(); ++i) loss_csv += ",config" + std::to_string(i);
       loss_csv += "\n";
@@ -532,8 +525,9 @@ std::vector<std::string> write_report(const std::string& dir_text, const ReportO
         loss_csv += std::to_string(e + 1);
         for (size_t i = 0; i < in.size(); ++i) {
           std::vector<double> v;
-          for (size_t k : index[i]) {
-            const Csv& c = pretraining[k];
+          for (const Run* r : in[i]->runs) {
+            if (!r->linear_eval) continue;
+            const Csv& c = r->pretrain_metrics;
             const int col = c.column("train_loss");
             v.push_back(col >= 0 && e < c.rows.size() ? c.number(e, col) : NAN);
           }

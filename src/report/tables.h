@@ -71,8 +71,15 @@ struct Run {
   Csv metrics;                 // a pre-training run followed by linear evaluation: the evaluation's
   bool has_telemetry = false, has_sharpness = false;
   bool linear_eval = false;    // metrics from RUN/linear-eval/, config and telemetry from the pre-training
+  Csv pretrain_metrics;        // with linear_eval: the pre-training's own metrics.csv (loss, epoch seconds)
   double pretrain_loss = NAN;  // its final Barlow Twins loss
 };
+
+// A linear evaluation run by itself (e.g. of a random backbone, a pre-training study's baseline): no optimizer of
+// its own, a backbone to evaluate.
+inline bool is_linear_eval_alone(const json& config) {
+  return !config.contains("optimizer") && config.contains("backbone") && config["backbone"].is_string();
+}
 
 struct Stats {
   double mean = NAN, std = NAN;
