@@ -18,7 +18,8 @@ for run in "$ssl"/*__seed-*/; do
   random=$(final "$baseline/seed-$seed/summary.json")
   printf '%s %s %s %s\n' "${name%__seed-*}" "$seed" "$pretrained" "$random"
 done | awk '{ gain = 100 * ($3 - $4); printf "%-28s %-8s %-13.2f %-10.2f %+.2f\n", $1, $2, 100 * $3, 100 * $4, gain
-              n[$1]++; s[$1] += gain; q[$1] += gain * gain; order[$1] = order[$1] ? order[$1] : ++k; names[k] = $1 }
+              if (!($1 in n)) names[++k] = $1
+              n[$1]++; s[$1] += gain; q[$1] += gain * gain }
             END { print ""; print "configuration                mean gain ± sample std (seeds)"
                   for (i = 1; i <= k; ++i) { c = names[i]; m = s[c] / n[c]
                     sd = n[c] > 1 ? sqrt((q[c] - n[c] * m * m) / (n[c] - 1)) : 0
