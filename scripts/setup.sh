@@ -13,6 +13,8 @@ PACKAGES=(
   libtorch-dev            # LibTorch 1.13 (CPU)
   libgloo-dev             # c10d ProcessGroupGloo (distributed training)
   libopenblas0-openmp     # fast BLAS behind LibTorch (reference BLAS is ~20x slower)
+  libdnnl-dev             # oneDNN (LibTorch's): Winograd convolutions
+  ocl-icd-opencl-dev      # OpenCL, which oneDNN's CMake package requires
   libgoogle-perftools-dev # tcmalloc, linked into every program
   libgtest-dev libgmock-dev
   libbenchmark-dev

@@ -132,6 +132,7 @@ expect compare-from-mismatch 2 "--from $WORK/pre/checkpoint.pt: .* is missing" -
 expect bench-pretrain-projector 2 "largebatch bench pretrain: --projector: '64-x' is not a list of layer sizes" -- bench pretrain --projector 64-x --no-python
 expect bench-step-block-bytes 2 "largebatch bench step: --block-bytes: 'lots' is not a byte count" -- bench step --models mlp --no-python --block-bytes lots
 LARGEBATCH_FUSED_FIRST_LAYER=yes expect fused-first-layer-env 2 "LARGEBATCH_FUSED_FIRST_LAYER: 'yes' is neither 0 nor 1" -- $S --model cnn --out "$WORK/fused-env"
+LARGEBATCH_WINOGRAD=yes expect winograd-env 2 "LARGEBATCH_WINOGRAD: 'yes' is neither 0 nor 1" -- $S --model cnn --out "$WORK/winograd-env"
 LARGEBATCH_STEP_BLOCK_BYTES=12Q expect bench-step-block-env 2 "LARGEBATCH_STEP_BLOCK_BYTES: '12Q' is not a byte count" -- bench step --models mlp --no-python
 expect bench-profile-projector 2 "largebatch bench profile: --projector: '64-x' is not a list of layer sizes" -- bench profile --task barlow-twins --projector 64-x
 expect bench-profile-data 2 "largebatch bench profile: .*nowhere" -- bench profile --data cifar10 --data-dir "$WORK/nowhere"

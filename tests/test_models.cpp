@@ -3,6 +3,7 @@
 #include <largebatch/models/conv_pool.h>
 #include <largebatch/models/models.h>
 #include <largebatch/models/pooling.h>
+#include <largebatch/models/winograd_conv.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
@@ -10,6 +11,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <iostream>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -328,11 +330,13 @@ TEST(Models, GhostBatchNormNormalisesEachGroupAsBatchNormDoes) {
 
 // One training step's loss (first) and every parameter's gradient, with largebatch's CPU kernels on or off.
 std::vector<torch::Tensor> loss_and_gradients(lm::ClassifierImpl& model, const torch::Tensor& x, const torch::Tensor& y,
-                                              bool cpu_kernels, bool batch_norm_kernel = true) {
+                                              bool cpu_kernels, bool inexact_kernels = true) {
   model.set_cpu_kernels(cpu_kernels);
-  if (!batch_norm_kernel)
-    for (auto& module : model.modules())
+  if (!inexact_kernels)  // BatchNorm's kernel and the Winograd convolutions: other sums, other bits
+    for (auto& module : model.modules()) {
       if (auto* bn = module->as<lm::SyncableBatchNorm2dImpl>()) bn->small_map_kernels = false;
+      if (auto* conv = module->as<lm::ConvImpl>()) conv->winograd_kernels = false;
+    }
   model.zero_grad();
   auto loss = torch::nn::functional::cross_entropy(model.forward(x), y);
   loss.backward();
@@ -569,9 +573,145 @@ TEST(Models, FusedFirstConvolutionLeavesWhatItDoesNotTakeToLibTorch) {
   EXPECT_THROW(lm::conv3x3_max_pool2(x, torch::randn({4, 3, 5, 5}), b), c10::Error);
 }
 
+// oneDNN's Winograd kernels exist on CPUs with AVX-512 and in builds with oneDNN (LARGEBATCH_WITH_ONEDNN).
+bool winograd_available() {
+  return lm::winograd_conv3x3_takes(torch::zeros({1, 32, 8, 8}), torch::zeros({64, 32, 3, 3}), torch::Tensor());
+}
+
+struct WinogradCase {
+  std::vector<int64_t> input;
+  int64_t out_channels;
+  bool bias;
+};
+// The compact CNN's second convolution, ResNet-20's last stage, one image, an odd map smaller than one tile,
+// more output channels than input ones.
+const std::vector<WinogradCase> kWinogradCases = {{{8, 32, 14, 14}, 64, false}, {{4, 64, 8, 8}, 64, true},
+                                                  {{1, 32, 14, 14}, 64, true},  {{3, 32, 5, 7}, 64, false},
+                                                  {{2, 48, 9, 9}, 96, true}};
+
+// conv2d(x, w, b, 1, 1) and its gradients for the upstream gradient `grad`: {y, dx, dw, db}.
+std::vector<torch::Tensor> conv_and_gradients(bool winograd, const torch::Tensor& x, const torch::Tensor& w,
+                                              const torch::Tensor& b, const torch::Tensor& grad) {
+  auto xg = x.detach().clone().requires_grad_(true), wg = w.detach().clone().requires_grad_(true);
+  auto bg = b.defined() ? b.detach().clone().requires_grad_(true) : torch::Tensor();
+  const auto y = winograd ? lm::winograd_conv3x3(xg, wg, bg) : torch::conv2d(xg, wg, bg, 1, 1);
+  (y * grad).sum().backward();
+  return {y.detach(), xg.grad(), wg.grad(), bg.defined() ? bg.grad() : torch::Tensor()};
+}
+
+TEST(Models, WinogradConvolutionAgreesWithConv2dWithinItsBoundAndRepeatsItsBits) {
+  if (!winograd_available()) GTEST_SKIP() << "SKIP: no oneDNN Winograd kernel here (a CPU without AVX-512, or a build without oneDNN)";
+  // Against conv2d in double: the Winograd transforms scale and subtract, so its float error is a few times
+  // conv2d's own in float; the bound is 5e-6 of the largest value (measured: at most 1.8e-6, conv2d 1.4e-6).
+  const char* names[] = {"output", "input gradient", "weight gradient", "bias gradient"};
+  for (const auto& c : kWinogradCases) {
+    SCOPED_TRACE(::testing::Message() << c.input << " -> " << c.out_channels << (c.bias ? " with bias" : ""));
+    torch::manual_seed(9);
+    const auto x = torch::randn(c.input);
+    const auto w = torch::randn({c.out_channels, c.input[1], 3, 3}) / std::sqrt(9.0 * c.input[1]);
+    const auto b = c.bias ? torch::randn({c.out_channels}) : torch::Tensor();
+    const auto grad = torch::randn({c.input[0], c.out_channels, c.input[2], c.input[3]});
+    ASSERT_TRUE(lm::winograd_conv3x3_takes(x, w, b));
+    const auto own = conv_and_gradients(true, x, w, b, grad);
+    const auto single = conv_and_gradients(false, x, w, b, grad);
+    const auto exact = conv_and_gradients(false, x.to(torch::kDouble), w.to(torch::kDouble),
+                                          c.bias ? b.to(torch::kDouble) : b, grad.to(torch::kDouble));
+    for (size_t k = 0; k < own.size(); ++k) {
+      if (!own[k].defined()) continue;
+      ASSERT_EQ(own[k].sizes(), exact[k].sizes()) << names[k];
+      EXPECT_EQ(own[k].scalar_type(), torch::kFloat) << names[k];
+      EXPECT_TRUE(own[k].is_contiguous()) << names[k];
+      const double scale = exact[k].abs().max().item<double>();
+      const double error = (own[k].to(torch::kDouble) - exact[k]).abs().max().item<double>() / scale;
+      const double conv2d_error = (single[k].to(torch::kDouble) - exact[k]).abs().max().item<double>() / scale;
+      EXPECT_LE(error, 5e-6) << names[k] << " (conv2d in float: " << conv2d_error << ")";
+      std::cout << "[ winograd ] " << c.input << " -> " << c.out_channels << " " << names[k] << ": relative error "
+                << error << ", conv2d in float " << conv2d_error << "\n";
+    }
+    // The same bits on every call with the same shape and thread count.
+    const auto again = conv_and_gradients(true, x, w, b, grad);
+    for (size_t k = 0; k < own.size(); ++k)
+      if (own[k].defined()) EXPECT_TRUE(torch::equal(bits(own[k]), bits(again[k]))) << names[k];
+    const int threads = at::get_num_threads();
+    at::set_num_threads(1);
+    const auto one = conv_and_gradients(true, x, w, b, grad);
+    at::set_num_threads(2);
+    const auto two = conv_and_gradients(true, x, w, b, grad);
+    at::set_num_threads(threads);
+    for (size_t k = 0; k < own.size(); ++k)
+      if (own[k].defined())
+        std::cout << "[ winograd ] " << names[k] << " 1 thread vs 2: "
+                  << (torch::equal(bits(two[k]), bits(one[k])) ? "same bits" : "differ") << "\n";
+  }
+}
+
+TEST(Models, WinogradConvolutionSecondDerivativeIsLibTorchs) {
+  if (!winograd_available()) GTEST_SKIP() << "SKIP: no oneDNN Winograd kernel here (a CPU without AVX-512, or a build without oneDNN)";
+  // create_graph (sharpness estimates): the gradient is conv2d's, so the Hessian-vector product is too.
+  torch::manual_seed(3);
+  const auto x = torch::randn({2, 32, 6, 6});
+  auto w = (torch::randn({64, 32, 3, 3}) / 17.0).requires_grad_(true);
+  auto b = torch::randn({64}).requires_grad_(true);
+  const auto s = torch::randn({2, 64, 6, 6});
+  const auto v = torch::randn(w.sizes());
+  auto hv = [&](bool winograd) {
+    const auto y = winograd ? lm::winograd_conv3x3(x, w, b) : torch::conv2d(x, w, b, 1, 1);
+    const auto g = torch::autograd::grad({(s * y.pow(2)).sum()}, {w}, {}, /*retain_graph=*/true, /*create_graph=*/true)[0];
+    return std::make_pair(g.detach(), torch::autograd::grad({(g * v).sum()}, {w})[0]);
+  };
+  const auto [own_g, own_hv] = hv(true);
+  const auto [lib_g, lib_hv] = hv(false);
+  // y itself comes from the Winograd forward pass: float rounding apart from conv2d's.
+  EXPECT_LE((own_g - lib_g).abs().max().item<double>(), 1e-4 * lib_g.abs().max().item<double>());
+  EXPECT_LE((own_hv - lib_hv).abs().max().item<double>(), 1e-4 * lib_hv.abs().max().item<double>());
+}
+
+TEST(Models, WinogradConvolutionLeavesWhatItDoesNotTakeToConv2d) {
+  const auto x = torch::randn({2, 32, 8, 8});
+  const auto w = torch::randn({64, 32, 3, 3}), b = torch::randn({64});
+  const bool available = winograd_available();
+  EXPECT_EQ(lm::winograd_conv3x3_takes(x, w, b), available);
+  EXPECT_FALSE(lm::winograd_conv3x3_takes(x.to(torch::kDouble), w.to(torch::kDouble), b.to(torch::kDouble)));
+  EXPECT_FALSE(lm::winograd_conv3x3_takes(x.contiguous(torch::MemoryFormat::ChannelsLast), w, b));
+  EXPECT_FALSE(lm::winograd_conv3x3_takes(x.transpose(2, 3), w, b));
+  EXPECT_FALSE(lm::winograd_conv3x3_takes(x, torch::randn({64, 32, 5, 5}), b));
+  EXPECT_FALSE(lm::winograd_conv3x3_takes(x, torch::randn({64, 16, 3, 3}), b));
+  EXPECT_FALSE(lm::winograd_conv3x3_takes(torch::randn({2, 16, 8, 8}), torch::randn({64, 16, 3, 3}), b));
+  EXPECT_FALSE(lm::winograd_conv3x3_takes(x, torch::randn({32, 32, 3, 3}), torch::randn({32})));
+  EXPECT_FALSE(lm::winograd_conv3x3_takes(x, w, torch::randn({63})));
+  EXPECT_FALSE(lm::winograd_conv3x3_takes(torch::randn({0, 32, 8, 8}), w, b));
+  EXPECT_FALSE(lm::winograd_conv3x3_takes(torch::randn({32, 8, 8}), w, b));
+  {
+    at::autocast::set_cpu_enabled(true);  // autocast decides the convolution's precision: LibTorch's path
+    EXPECT_FALSE(lm::winograd_conv3x3_takes(x, w, b));
+    at::autocast::set_cpu_enabled(false);
+  }
+  EXPECT_THROW(lm::winograd_conv3x3(x.to(torch::kDouble), w.to(torch::kDouble), b.to(torch::kDouble)), c10::Error);
+  // The module: 3x3 stride 1 padding 1 alone; off with its switch and with the CPU kernels.
+  lm::Conv conv(torch::nn::Conv2dOptions(32, 64, 3).padding(1));
+  EXPECT_EQ(conv->winograd(x), available);
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(32, 64, 3).padding(1).stride(2))->winograd(x));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(32, 64, 3))->winograd(x));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(32, 64, 3).padding(2).dilation(2))->winograd(x));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(32, 64, 3).padding(1).groups(2))->winograd(x));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(32, 64, 3).padding(1).padding_mode(torch::kReflect))->winograd(x));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(32, 64, 3).padding(torch::kSame))->winograd(x));
+  EXPECT_FALSE(lm::Conv(torch::nn::Conv2dOptions(32, 64, 1))->winograd(x));
+  conv->winograd_kernels = false;
+  EXPECT_FALSE(conv->winograd(x));
+  conv->winograd_kernels = true;
+  conv->small_map_kernels = false;
+  EXPECT_FALSE(conv->winograd(x));
+  // A wrong channel count is refused by conv2d as before, not computed.
+  conv->small_map_kernels = true;
+  EXPECT_THROW(conv->forward(torch::randn({2, 31, 8, 8})), c10::Error);
+  EXPECT_EQ(conv->forward(x).sizes(), (std::vector<int64_t>{2, 64, 8, 8}));
+}
+
 TEST(Models, CpuKernelsTrainTheCompactCnnToTheSameBits) {
-  // The compact CNN's maps never get small (28 -> 14 -> 7): with the BatchNorm kernel off, only max pooling
-  // differs, and it gives the same bits. With it on: the same loss and gradients to float rounding.
+  // The compact CNN's maps never get small (28 -> 14 -> 7): with the BatchNorm kernel and the Winograd
+  // convolution off, only max pooling differs, and it gives the same bits. With them on: the same loss and
+  // gradients to float rounding.
   auto model = lm::make_model(lm::ModelOptions{});
   model->train();
   torch::manual_seed(4);
@@ -582,7 +722,7 @@ TEST(Models, CpuKernelsTrainTheCompactCnnToTheSameBits) {
   const auto pooling_only = loss_and_gradients(*model, xg, y, true, false), library = loss_and_gradients(*model, xg, y, false);
   for (size_t k = 0; k < library.size(); ++k)
     EXPECT_TRUE(torch::equal(bits(pooling_only[k]), bits(library[k]))) << "tensor " << k;
-  const auto own = loss_and_gradients(*model, x, y, true);  // the fused first convolution and BatchNorm's kernel
+  const auto own = loss_and_gradients(*model, x, y, true);  // fused first convolution, BatchNorm's kernel, Winograd
   EXPECT_NEAR(own[0].item<double>(), library[0].item<double>(), 1e-5 * library[0].item<double>());
   for (size_t k = 1; k < own.size(); ++k) {
     const double scale = library[k].abs().max().item<double>() + 1e-12;

@@ -437,7 +437,8 @@ void add_speed_options(CLI::App* cmd, SpeedArgs& a, const std::string& what) {
   cmd->add_flag("--channels-last", a.channels_last,
                 "Channels-last activations on both sides (as train --channels-last; Python's .to(memory_format=))");
   cmd->add_option("--cpu-kernels,--small-map-kernels", a.cpu_kernels,
-                  "largebatch's CPU kernels: max pooling, 1x1 and 2x2 maps, BatchNorm, the cnn's fused first layer unless LARGEBATCH_FUSED_FIRST_LAYER=0 (as train "
+                  "largebatch's CPU kernels: max pooling, 1x1 and 2x2 maps, BatchNorm, the cnn's fused first layer unless LARGEBATCH_FUSED_FIRST_LAYER=0, "
+                  "Winograd 3x3 convolutions unless LARGEBATCH_WINOGRAD=0 (as train "
                   "--cpu-kernels; Python runs "
                   "LibTorch's)")
       ->capture_default_str();

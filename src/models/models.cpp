@@ -2,6 +2,7 @@
 #include <largebatch/models/conv_pool.h>
 #include <cstdlib>
 #include <largebatch/models/pooling.h>
+#include <largebatch/models/winograd_conv.h>
 
 #include "batch_norm_kernel.h"
 
@@ -370,8 +371,23 @@ bool ConvImpl::unrolls(const torch::Tensor& x) const {
   return 2 * joined >= pairs && pairs <= 4 * kh * kw;
 }
 
+bool ConvImpl::winograd(const torch::Tensor& x) const {
+  const auto& o = options;
+  if (!small_map_kernels || !winograd_kernels || o.groups() != 1 || !c10::get_if<torch::enumtype::kZeros>(&o.padding_mode()) ||
+      !c10::get_if<torch::ExpandingArray<2>>(&o.padding()))
+    return false;
+  const auto& padding = c10::get<torch::ExpandingArray<2>>(o.padding());
+  for (int d = 0; d < 2; ++d)
+    if ((*o.kernel_size())[d] != 3 || (*o.stride())[d] != 1 || (*padding)[d] != 1 || (*o.dilation())[d] != 1)
+      return false;
+  return winograd_conv3x3_takes(x, weight, o.bias() ? bias : torch::Tensor());
+}
+
 torch::Tensor ConvImpl::forward(const torch::Tensor& x) {
-  if (!unrolls(x)) return nn::Conv2dImpl::forward(x);
+  if (!unrolls(x)) {
+    if (winograd(x)) return winograd_conv3x3(x, weight, options.bias() ? bias : torch::Tensor());
+    return nn::Conv2dImpl::forward(x);
+  }
   RECORD_FUNCTION("largebatch::small_map_conv2d", std::vector<c10::IValue>{});  // named in profiles
   const auto& o = options;
   const auto& padding = c10::get<torch::ExpandingArray<2>>(o.padding());
@@ -412,7 +428,7 @@ torch::Tensor ConvImpl::forward(const torch::Tensor& x) {
 void ClassifierImpl::set_cpu_kernels(bool on) {
   cpu_kernels_ = on;
   for (auto& module : modules(/*include_self=*/false)) {
-    if (auto* c = module->as<ConvImpl>()) c->small_map_kernels = on;
+    if (auto* c = module->as<ConvImpl>()) c->small_map_kernels = c->winograd_kernels = on;
     if (auto* bn = module->as<SyncableBatchNorm2dImpl>()) bn->small_map_kernels = on;
   }
 }

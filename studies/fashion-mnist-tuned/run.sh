@@ -14,8 +14,9 @@ lb=${1:-build/largebatch}
 mkdir -p runs/bin
 bin=runs/bin/largebatch-study
 cp "$lb" "$bin.new" && mv "$bin.new" "$bin"
-# The study began before the cnn's fused first layer existed; every run computes what its first runs did.
-export LARGEBATCH_FUSED_FIRST_LAYER=0
+# The study began before the cnn's fused first layer and the Winograd convolutions existed; every run computes
+# what its first runs did.
+export LARGEBATCH_FUSED_FIRST_LAYER=0 LARGEBATCH_WINOGRAD=0
 status=0
 for study in fashion-mnist-tuned fashion-mnist-ssl; do
   # Runs finished on another machine come back from their committed files (docs/results), so that the sweep

@@ -8,7 +8,7 @@ set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 lb=${1:-build/largebatch}
 [ -x "$lb" ] || { echo "$0: no program $lb (make build first)" >&2; exit 2; }
-export LARGEBATCH_FUSED_FIRST_LAYER=0  # as the study's runs
+export LARGEBATCH_FUSED_FIRST_LAYER=0 LARGEBATCH_WINOGRAD=0  # as the study's runs
 study=docs/results/fashion-mnist-ssl
 out=runs/fashion-mnist-ssl-diagnostic
 results=docs/results/fashion-mnist-ssl-diagnostic

@@ -65,7 +65,9 @@ int64_t synchronise_batchnorm(torch::nn::Module& module, const CrossRankSum& sum
 // inputs: 3x3 kernels over 2x2 and 1x1 maps), computes the same sums as one matrix product of the flattened
 // input with the kernel unrolled over (output pixel, input pixel) pairs; autograd's backward scatters the
 // unrolled kernel's gradient back into the taps. The sums differ from conv2d's only in order and in the exact
-// zero products left out. Off: every map goes to conv2d. clone() (LibTorch's Cloneable<Conv2dImpl>) returns a
+// zero products left out. 3x3 convolutions of stride 1 with at least 32 input and 64 output channels over larger
+// maps go to oneDNN's Winograd kernels where the CPU has them (winograd_conv.h; LARGEBATCH_WINOGRAD=0 leaves
+// those to conv2d). Off: every map goes to conv2d. clone() (LibTorch's Cloneable<Conv2dImpl>) returns a
 // plain Conv2dImpl, which computes the same with conv2d.
 class ConvImpl : public torch::nn::Conv2dImpl {
  public:
@@ -73,7 +75,12 @@ class ConvImpl : public torch::nn::Conv2dImpl {
   torch::Tensor forward(const torch::Tensor& input);
   // Whether forward(input) takes the matrix-product path.
   bool unrolls(const torch::Tensor& input) const;
+  // Whether forward(input) takes oneDNN's Winograd convolution (winograd_conv.h: 3x3, stride 1, padding 1,
+  // C_in >= 32 and C_out >= 64, on CPUs with AVX-512).
+  bool winograd(const torch::Tensor& input) const;
   bool small_map_kernels = true;
+  // Off: the Winograd path alone is left out (conv2d takes those maps), the matrix-product one stays.
+  bool winograd_kernels = true;
 
  private:
   struct UnrolledIndex {
@@ -105,7 +112,8 @@ class ClassifierImpl : public torch::nn::Module {
   // bits), convolutions over maps of a few pixels (2x2, 1x1; ResNet's last stages at 32x32 inputs) as matrix
   // products (ConvImpl) and BatchNorm over maps of 2-4 pixels as over an [N*H*W, C] view
   // (SyncableBatchNorm2dImpl) and the compact CNN's first convolution fused with its pooling (conv_pool.h;
-  // LARGEBATCH_FUSED_FIRST_LAYER=0 leaves that one out), the same arithmetic summed in another order. Training is faster
+  // LARGEBATCH_FUSED_FIRST_LAYER=0 leaves that one out), the same arithmetic summed in another order; and
+  // Winograd 3x3 convolutions (winograd_conv.h; LARGEBATCH_WINOGRAD=0 leaves those out), other arithmetic. Training is faster
   // (docs/PERFORMANCE.md). Off: LibTorch's max_pool2d, conv2d and batch_norm everywhere.
   void set_cpu_kernels(bool on);
   bool cpu_kernels() const { return cpu_kernels_; }

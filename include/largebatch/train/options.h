@@ -293,7 +293,9 @@ void visit_options(TrainConfig& c, Visitor&& v) {
   v(Option("cpu-kernels", "largebatch's CPU kernels where LibTorch 1.13's are slow: max pooling, convolutions over "
                           "maps of a few pixels (2x2, 1x1) as matrix products, BatchNorm over them as over [N*H*W, C] "
                           "and BatchNorm's training forward pass over other maps, the cnn's first "
-                          "convolution fused with its pooling (LARGEBATCH_FUSED_FIRST_LAYER=0: not that one) (the same results to float rounding; docs/PERFORMANCE.md); false: LibTorch's kernels "
+                          "convolution fused with its pooling (LARGEBATCH_FUSED_FIRST_LAYER=0: not that one), "
+                          "3x3 convolutions of 32+ to 64+ channels by oneDNN's Winograd kernels where the CPU has them "
+                          "(LARGEBATCH_WINOGRAD=0: not those) (the same results to float rounding; docs/PERFORMANCE.md); false: LibTorch's kernels "
                           "everywhere")
         .flags("--cpu-kernels,--small-map-kernels")
         .valued()
