@@ -628,6 +628,12 @@ TEST(Models, WinogradConvolutionAgreesWithConv2dWithinItsBoundAndRepeatsItsBits)
       std::cout << "[ winograd ] " << c.input << " -> " << c.out_channels << " " << names[k] << ": relative error "
                 << error << ", conv2d in float " << conv2d_error << "\n";
     }
+    // An image's output and input gradient do not depend on the batch it is in.
+    if (c.input[0] > 1) {
+      const auto alone = conv_and_gradients(true, x.slice(0, 0, 1).contiguous(), w, b, grad.slice(0, 0, 1).contiguous());
+      EXPECT_TRUE(torch::equal(bits(alone[0]), bits(own[0].slice(0, 0, 1)))) << "output of image 0 alone";
+      EXPECT_TRUE(torch::equal(bits(alone[1]), bits(own[1].slice(0, 0, 1)))) << "input gradient of image 0 alone";
+    }
     // The same bits on every call with the same shape and thread count.
     const auto again = conv_and_gradients(true, x, w, b, grad);
     for (size_t k = 0; k < own.size(); ++k)

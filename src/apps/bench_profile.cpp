@@ -13,6 +13,7 @@
 #include <largebatch/core/runtime.h>
 #include <largebatch/data/dataset.h>
 #include <largebatch/data/pipeline.h>
+#include <largebatch/models/winograd_conv.h>
 #include <largebatch/optim/factory.h>
 #include <largebatch/train/barlow_twins.h>
 #include <largebatch/train/self_supervised.h>
@@ -337,8 +338,8 @@ Runner add_bench_profile_command(CLI::App& bench) {
       double replay_forward = 0, replay_input = 0, replay_weight = 0;
       json per_shape = json::array();
       std::printf("\nEach convolution replayed alone (median of %lld), ms per step (calls per step x time):\n\n"
-                  "| input | weight | stride | calls | forward ms | GFLOP/s | input grad ms | GFLOP/s | weight grad ms |"
-                  " GFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+                  "| input | weight | stride | algorithm | calls | forward ms | GFLOP/s | input grad ms | GFLOP/s | weight "
+                  "grad ms | GFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
                   static_cast<long long>(a->replays));
       for (const auto& call : conv_calls) {
         const ConvCall& c = call.first;  // a named reference: lambdas below capture it
@@ -356,10 +357,29 @@ Runner add_bench_profile_command(CLI::App& bench) {
           }
           return median(t);
         };
-        const double fwd = time_of([&] { y = torch::conv2d(x, w, {}, c.stride, c.padding, c.dilation, c.groups); });
+        // The model's own kernels take 3x3 stride-1 convolutions of these shapes to Winograd (models.h): replayed so.
+        const std::vector<int64_t> one{1, 1};
+        const bool winograd = a->cpu_kernels && c.weight.size() == 4 && c.weight[2] == 3 && c.weight[3] == 3 &&
+                              c.stride == one && c.padding == one && c.dilation == one && c.groups == 1 &&
+                              models::winograd_conv3x3_takes(x, w, {});
+        const double fwd = time_of([&] {
+          y = winograd ? models::winograd_conv3x3(x, w, {}) : torch::conv2d(x, w, {}, c.stride, c.padding, c.dilation, c.groups);
+        });
+        std::pair<torch::Tensor, torch::Tensor> input_graph, weight_graph;  // (what the gradient is for, output)
         auto backward = [&](bool input, bool weight) {
-          (void)at::convolution_backward(dy, x, w, c10::nullopt, c.stride, c.padding, c.dilation, false, {0, 0}, c.groups,
-                                         {input, weight, false});
+          if (!winograd) {
+            (void)at::convolution_backward(dy, x, w, c10::nullopt, c.stride, c.padding, c.dilation, false, {0, 0},
+                                           c.groups, {input, weight, false});
+            return;
+          }
+          // The backward pass of a forward pass kept from before the timing (retain_graph), so only it is timed.
+          torch::AutoGradMode grad_mode(true);
+          auto& graph = input ? input_graph : weight_graph;
+          if (!graph.first.defined()) {
+            graph.first = (input ? x : w).detach().requires_grad_(true);
+            graph.second = input ? models::winograd_conv3x3(graph.first, w, {}) : models::winograd_conv3x3(x, graph.first, {});
+          }
+          (void)torch::autograd::grad({graph.second}, {graph.first}, {dy}, /*retain_graph=*/true);
         };
         const double in = c.input_grad ? time_of([&] { backward(true, false); }) : 0.0;
         const double wt = time_of([&] { backward(false, true); });
@@ -371,12 +391,14 @@ Runner add_bench_profile_command(CLI::App& bench) {
         replay_input += n * in;
         replay_weight += n * wt;
         auto rate = [&](double seconds) { return seconds > 0 ? 2 * macs / seconds / 1e9 : 0.0; };
-        std::printf("| %s | %s | %lld | %.0f | %.2f | %.1f | %s | %s | %.2f | %.1f |\n", shape_text(c.input).c_str(),
-                    shape_text(c.weight).c_str(), static_cast<long long>(c.stride[0]), n, n * fwd * 1e3, rate(fwd),
+        std::printf("| %s | %s | %lld | %s | %.0f | %.2f | %.1f | %s | %s | %.2f | %.1f |\n", shape_text(c.input).c_str(),
+                    shape_text(c.weight).c_str(), static_cast<long long>(c.stride[0]), winograd ? "winograd" : "direct",
+                    n, n * fwd * 1e3, rate(fwd),
                     c.input_grad ? fixed(n * in * 1e3, 2).c_str() : "-", c.input_grad ? fixed(rate(in), 1).c_str() : "-",
                     n * wt * 1e3, rate(wt));
         per_shape.push_back({{"input", c.input}, {"weight", c.weight}, {"stride", c.stride}, {"calls", n},
-                             {"forward_s", fwd}, {"input_grad_s", in}, {"weight_grad_s", wt}, {"macs", macs}});
+                             {"forward_s", fwd}, {"input_grad_s", in}, {"weight_grad_s", wt}, {"macs", macs},
+                             {"algorithm", winograd ? "winograd" : "direct"}});
       }
 
       // The table: phases, and within them the layer types.
