@@ -4,6 +4,7 @@
 #include <ATen/record_function.h>
 #include <torch/torch.h>
 
+#include <array>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -157,6 +158,18 @@ torch::Tensor buffer_for(const dnnl::memory::desc& desc) {
   return torch::empty({static_cast<int64_t>(desc.get_size())}, torch::TensorOptions().dtype(torch::kUInt8));
 }
 
+// The buffers that live only during one call (blocked outputs and gradients, scratchpads) are kept per thread
+// and grown to the largest size asked: fresh buffers of tens of megabytes per call cost page faults that took
+// as long as the reorders. Calls on one thread run one at a time, so one buffer per role suffices.
+enum class Slot { scratchpad, dst, weights, diff_dst, diff_src, diff_dst_bw, src_bw, diff_weights, diff_bias, count };
+
+torch::Tensor workspace(Slot slot, const dnnl::memory::desc& desc) {
+  thread_local std::array<torch::Tensor, static_cast<size_t>(Slot::count)> buffers;
+  auto& buffer = buffers[static_cast<size_t>(slot)];
+  if (!buffer.defined() || buffer.numel() < static_cast<int64_t>(desc.get_size())) buffer = buffer_for(desc);
+  return buffer;
+}
+
 dnnl::memory view(const dnnl::memory::desc& desc, const torch::Tensor& t) {
   return dnnl::memory(desc, cpu_engine(), t.data_ptr());
 }
@@ -164,7 +177,7 @@ dnnl::memory view(const dnnl::memory::desc& desc, const torch::Tensor& t) {
 void run(const Step& step, dnnl::stream& stream, Args args) {
   torch::Tensor scratchpad;
   if (step.scratchpad.get_size() > 0) {
-    scratchpad = buffer_for(step.scratchpad);
+    scratchpad = workspace(Slot::scratchpad, step.scratchpad);
     args.emplace(DNNL_ARG_SCRATCHPAD, view(step.scratchpad, scratchpad));
   }
   step.primitive.execute(stream, args);
@@ -177,9 +190,9 @@ void reorder(const Step& step, dnnl::stream& stream, const dnnl::memory& from, c
 
 // `from` in layout `have`, wanted in layout `want`: itself where they agree, else reordered into a new buffer.
 torch::Tensor in_layout(const Step& step, dnnl::stream& stream, const dnnl::memory::desc& have, const torch::Tensor& from,
-                        const dnnl::memory::desc& want) {
+                        const dnnl::memory::desc& want, Slot slot) {
   if (have == want) return from;
-  auto to = buffer_for(want);
+  auto to = workspace(slot, want);
   reorder(step, stream, view(have, from), view(want, to));
   return to;
 }
@@ -198,9 +211,9 @@ class WinogradConvFunction : public torch::autograd::Function<WinogradConvFuncti
     dnnl::stream stream(cpu_engine());
     auto x_blocked = buffer_for(plan->src);
     reorder(plan->src_in, stream, view(plan->plain_src, x), view(plan->src, x_blocked));
-    auto weights = buffer_for(plan->weights);
+    auto weights = workspace(Slot::weights, plan->weights);
     reorder(plan->weights_in, stream, view(plan->plain_weights, weight), view(plan->weights, weights));
-    auto y_blocked = buffer_for(plan->dst);
+    auto y_blocked = workspace(Slot::dst, plan->dst);
     Args args{{DNNL_ARG_SRC, view(plan->src, x_blocked)},
               {DNNL_ARG_WEIGHTS, view(plan->weights, weights)},
               {DNNL_ARG_DST, view(plan->dst, y_blocked)}};
@@ -247,11 +260,11 @@ class WinogradConvFunction : public torch::autograd::Function<WinogradConvFuncti
     torch::Tensor grad_x, grad_w, grad_b;
     torch::Tensor diff_dst_bd;
     if (want_x) {
-      diff_dst_bd = buffer_for(plan->bd_diff_dst);
+      diff_dst_bd = workspace(Slot::diff_dst, plan->bd_diff_dst);
       reorder(plan->diff_dst_in_bd, stream, view(plan->plain_dst, grad), view(plan->bd_diff_dst, diff_dst_bd));
-      auto weights = buffer_for(plan->bd_weights);
+      auto weights = workspace(Slot::weights, plan->bd_weights);
       reorder(plan->bd_weights_in, stream, view(plan->plain_weights, weight), view(plan->bd_weights, weights));
-      auto diff_src = buffer_for(plan->bd_diff_src);
+      auto diff_src = workspace(Slot::diff_src, plan->bd_diff_src);
       run(plan->backward_data, stream,
           {{DNNL_ARG_DIFF_DST, view(plan->bd_diff_dst, diff_dst_bd)},
            {DNNL_ARG_WEIGHTS, view(plan->bd_weights, weights)},
@@ -264,17 +277,17 @@ class WinogradConvFunction : public torch::autograd::Function<WinogradConvFuncti
       if (diff_dst_bd.defined() && plan->bd_diff_dst == plan->bw_diff_dst) {
         diff_dst_bw = diff_dst_bd;
       } else {
-        diff_dst_bw = buffer_for(plan->bw_diff_dst);
+        diff_dst_bw = workspace(Slot::diff_dst_bw, plan->bw_diff_dst);
         reorder(plan->diff_dst_in_bw, stream, view(plan->plain_dst, grad), view(plan->bw_diff_dst, diff_dst_bw));
       }
-      const auto src = in_layout(plan->src_in_bw, stream, plan->src, x_blocked, plan->bw_src);
-      auto diff_weights = buffer_for(plan->bw_diff_weights);
+      const auto src = in_layout(plan->src_in_bw, stream, plan->src, x_blocked, plan->bw_src, Slot::src_bw);
+      auto diff_weights = workspace(Slot::diff_weights, plan->bw_diff_weights);
       Args args{{DNNL_ARG_SRC, view(plan->bw_src, src)},
                 {DNNL_ARG_DIFF_DST, view(plan->bw_diff_dst, diff_dst_bw)},
                 {DNNL_ARG_DIFF_WEIGHTS, view(plan->bw_diff_weights, diff_weights)}};
       torch::Tensor diff_bias;
       if (has_bias) {
-        diff_bias = buffer_for(plan->bw_diff_bias);
+        diff_bias = workspace(Slot::diff_bias, plan->bw_diff_bias);
         args.emplace(DNNL_ARG_DIFF_BIAS, view(plan->bw_diff_bias, diff_bias));
       }
       run(plan->backward_weights, stream, std::move(args));
