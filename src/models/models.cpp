@@ -5,6 +5,7 @@
 #include <largebatch/models/winograd_conv.h>
 
 #include "batch_norm_kernel.h"
+#include "env_switch.h"
 
 #include <ATen/record_function.h>
 #include <torch/torch.h>
@@ -140,15 +141,9 @@ class CompactCNN : public ClassifierImpl {
 
  private:
   // max_pool2d(conv1(x), 2), fused (conv_pool.h) where the CPU kernels are on and the images need no gradient.
-  // LARGEBATCH_FUSED_FIRST_LAYER=0 switches this kernel alone off, so that a study begun before it existed can
-  // finish with the arithmetic it began with.
+  // LARGEBATCH_FUSED_FIRST_LAYER=0 switches this kernel alone off (env_switch.h).
   static bool fused_first_layer_wanted() {
-    static const bool wanted = [] {
-      const char* v = std::getenv("LARGEBATCH_FUSED_FIRST_LAYER");
-      if (v == nullptr || *v == '\0' || std::string(v) == "1") return true;
-      if (std::string(v) == "0") return false;
-      throw std::invalid_argument("LARGEBATCH_FUSED_FIRST_LAYER: '" + std::string(v) + "' is neither 0 nor 1");
-    }();
+    static const bool wanted = env_switch_on("LARGEBATCH_FUSED_FIRST_LAYER");
     return wanted;
   }
   torch::Tensor first_convolution_pooled(const torch::Tensor& x) {

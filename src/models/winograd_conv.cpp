@@ -18,20 +18,16 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #endif
 
+#include "env_switch.h"
+
 namespace largebatch {
 namespace models {
 
 namespace {
 
-// LARGEBATCH_WINOGRAD=0 switches this kernel alone off, so that a study begun before it existed can finish with
-// the arithmetic it began with.
+// LARGEBATCH_WINOGRAD=0 switches this kernel alone off (env_switch.h).
 bool winograd_wanted() {
-  static const bool wanted = [] {
-    const char* v = std::getenv("LARGEBATCH_WINOGRAD");
-    if (v == nullptr || *v == '\0' || std::string(v) == "1") return true;
-    if (std::string(v) == "0") return false;
-    throw std::invalid_argument("LARGEBATCH_WINOGRAD: '" + std::string(v) + "' is neither 0 nor 1");
-  }();
+  static const bool wanted = env_switch_on("LARGEBATCH_WINOGRAD");
   return wanted;
 }
 

@@ -6,8 +6,11 @@
 //
 // Semantics: the sums of conv2d computed through the Winograd transforms, so the values differ from conv2d's by
 // more than float rounding of the same products (the transforms scale and subtract; the tests state the
-// bound). The same bits on every call with the same shape and thread count. A second derivative (create_graph)
-// goes through LibTorch's conv2d.
+// bound). The same bits on every call with the same shape and thread count; an image's output and input gradient
+// do not depend on the rest of its batch. A second derivative (create_graph) goes through LibTorch's conv2d.
+//
+// Memory: each thread that calls it keeps the temporaries of its largest call (blocked output and gradients,
+// oneDNN's scratchpad; about 2.5x the layer's output) for later calls.
 #include <torch/types.h>
 
 namespace largebatch {
