@@ -651,6 +651,36 @@ TEST(Models, WinogradConvolutionAgreesWithConv2dWithinItsBoundAndRepeatsItsBits)
   }
 }
 
+TEST(Models, WinogradConvolutionKeepsEachGraphsInputWhileOthersRun) {
+  if (!winograd_available()) GTEST_SKIP() << "SKIP: no oneDNN Winograd kernel here (a CPU without AVX-512, or a build without oneDNN)";
+  // The blocked inputs kept for the weight gradients come from a pool: graphs alive at once (and a larger shape
+  // in between, which replaces a free buffer) each get their own, and a freed one is reused with its new input.
+  torch::manual_seed(6);
+  const auto w = torch::randn({64, 32, 3, 3}) / 17.0;
+  auto weight_grad = [&](const torch::Tensor& x, const torch::Tensor& g) {
+    auto wg = w.clone().requires_grad_(true);
+    return torch::autograd::grad({lm::winograd_conv3x3(x, wg, {})}, {wg}, {g})[0];
+  };
+  std::vector<torch::Tensor> xs, gs, alone;
+  for (int k = 0; k < 3; ++k) {
+    xs.push_back(torch::randn({4, 32, 6, 6}));
+    gs.push_back(torch::randn({4, 64, 6, 6}));
+    alone.push_back(weight_grad(xs[k], gs[k]));
+  }
+  std::vector<torch::Tensor> weights, outputs;
+  for (int k = 0; k < 3; ++k) {
+    weights.push_back(w.clone().requires_grad_(true));
+    outputs.push_back(lm::winograd_conv3x3(xs[k], weights[k], {}));
+  }
+  const auto bigger = weight_grad(torch::randn({8, 32, 9, 9}), torch::randn({8, 64, 9, 9}));
+  EXPECT_EQ(bigger.sizes(), w.sizes());
+  for (int k = 2; k >= 0; --k) {
+    const auto g = torch::autograd::grad({outputs[k]}, {weights[k]}, {gs[k]})[0];
+    EXPECT_TRUE(torch::equal(bits(g), bits(alone[k]))) << "graph " << k;
+  }
+  for (int k = 0; k < 3; ++k) EXPECT_TRUE(torch::equal(bits(weight_grad(xs[k], gs[k])), bits(alone[k]))) << "again " << k;
+}
+
 TEST(Models, WinogradConvolutionSecondDerivativeIsLibTorchs) {
   if (!winograd_available()) GTEST_SKIP() << "SKIP: no oneDNN Winograd kernel here (a CPU without AVX-512, or a build without oneDNN)";
   // create_graph (sharpness estimates): the gradient is conv2d's, so the Hessian-vector product is too.
