@@ -653,8 +653,8 @@ TEST(Models, WinogradConvolutionAgreesWithConv2dWithinItsBoundAndRepeatsItsBits)
 
 TEST(Models, WinogradConvolutionKeepsEachGraphsInputWhileOthersRun) {
   if (!winograd_available()) GTEST_SKIP() << "SKIP: no oneDNN Winograd kernel here (a CPU without AVX-512, or a build without oneDNN)";
-  // The blocked inputs kept for the weight gradients come from a pool: graphs alive at once (and a larger shape
-  // in between, which replaces a free buffer) each get their own, and a freed one is reused with its new input.
+  // Each forward pass keeps its own blocked input for the weight gradient: graphs alive at once (and a larger
+  // shape in between, with the per-thread temporaries grown for it) each give the gradient of their own input.
   torch::manual_seed(6);
   const auto w = torch::randn({64, 32, 3, 3}) / 17.0;
   auto weight_grad = [&](const torch::Tensor& x, const torch::Tensor& g) {

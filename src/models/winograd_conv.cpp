@@ -13,7 +13,6 @@
 #include <string>
 #include <tuple>
 #include <unordered_map>
-#include <vector>
 
 #ifdef LARGEBATCH_WITH_ONEDNN
 #include <oneapi/dnnl/dnnl.hpp>
@@ -167,27 +166,6 @@ torch::Tensor workspace(Slot slot, const dnnl::memory::desc& desc) {
   return buffer;
 }
 
-// The blocked input that a forward pass keeps for its weight gradient outlives the call: it comes from a
-// per-thread pool of buffers, each reused once no graph holds it (only the pool does), so that a training step
-// finds the buffers of the last one.
-torch::Tensor saved_buffer(const dnnl::memory::desc& desc) {
-  constexpr size_t kMaxPooled = 32;  // more Winograd layers than any model here has
-  thread_local std::vector<torch::Tensor> pool;
-  const auto bytes = static_cast<int64_t>(desc.get_size());
-  torch::Tensor* free_one = nullptr;
-  for (auto& buffer : pool) {
-    if (buffer.use_count() != 1) continue;
-    if (buffer.numel() >= bytes) return buffer;
-    free_one = &buffer;
-  }
-  auto buffer = buffer_for(desc);
-  if (free_one != nullptr)
-    *free_one = buffer;  // a free buffer too small for this shape gives way to one that fits
-  else if (pool.size() < kMaxPooled)
-    pool.push_back(buffer);
-  return buffer;
-}
-
 dnnl::memory view(const dnnl::memory::desc& desc, const torch::Tensor& t) {
   return dnnl::memory(desc, cpu_engine(), t.data_ptr());
 }
@@ -227,7 +205,7 @@ class WinogradConvFunction : public torch::autograd::Function<WinogradConvFuncti
     const auto plan = plan_for(key_of(x, weight, has_bias));
     TORCH_CHECK(plan, "winograd_conv3x3: no Winograd kernel for this shape");
     dnnl::stream stream(cpu_engine());
-    auto x_blocked = saved_buffer(plan->src);
+    auto x_blocked = buffer_for(plan->src);
     reorder(plan->src_in, stream, view(plan->plain_src, x), view(plan->src, x_blocked));
     auto weights = workspace(Slot::weights, plan->weights);
     reorder(plan->weights_in, stream, view(plan->plain_weights, weight), view(plan->weights, weights));

@@ -10,8 +10,7 @@
 // do not depend on the rest of its batch. A second derivative (create_graph) goes through LibTorch's conv2d.
 //
 // Memory: each thread that calls it keeps the temporaries of its largest call (blocked output and gradients,
-// oneDNN's scratchpad; about 2.5x the layer's output) and, per layer, the blocked input a forward pass keeps for
-// the weight gradient, for later calls.
+// oneDNN's scratchpad; about 2.5x the layer's output) for later calls.
 #include <torch/types.h>
 
 namespace largebatch {
