@@ -358,9 +358,9 @@ Runner add_bench_profile_command(CLI::App& bench) {
           return median(t);
         };
         // The model's own kernels take 3x3 stride-1 convolutions of these shapes to Winograd (models.h): replayed so.
-        const std::vector<int64_t> one{1, 1};
-        const bool winograd = a->cpu_kernels && c.weight.size() == 4 && c.weight[2] == 3 && c.weight[3] == 3 &&
-                              c.stride == one && c.padding == one && c.dilation == one && c.groups == 1 &&
+        const std::vector<int64_t> kernel(c.weight.begin() + std::min<size_t>(2, c.weight.size()), c.weight.end());
+        const bool winograd = a->cpu_kernels &&
+                              models::winograd_conv3x3_geometry(kernel, c.stride, c.padding, c.dilation, c.groups) &&
                               models::winograd_conv3x3_takes(x, w, {});
         const double fwd = time_of([&] {
           y = winograd ? models::winograd_conv3x3(x, w, {}) : torch::conv2d(x, w, {}, c.stride, c.padding, c.dilation, c.groups);

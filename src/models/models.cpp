@@ -368,14 +368,12 @@ bool ConvImpl::unrolls(const torch::Tensor& x) const {
 
 bool ConvImpl::winograd(const torch::Tensor& x) const {
   const auto& o = options;
-  if (!small_map_kernels || !winograd_kernels || o.groups() != 1 || !c10::get_if<torch::enumtype::kZeros>(&o.padding_mode()) ||
+  if (!small_map_kernels || !winograd_kernels || !c10::get_if<torch::enumtype::kZeros>(&o.padding_mode()) ||
       !c10::get_if<torch::ExpandingArray<2>>(&o.padding()))
     return false;
   const auto& padding = c10::get<torch::ExpandingArray<2>>(o.padding());
-  for (int d = 0; d < 2; ++d)
-    if ((*o.kernel_size())[d] != 3 || (*o.stride())[d] != 1 || (*padding)[d] != 1 || (*o.dilation())[d] != 1)
-      return false;
-  return winograd_conv3x3_takes(x, weight, o.bias() ? bias : torch::Tensor());
+  return winograd_conv3x3_geometry(*o.kernel_size(), *o.stride(), *padding, *o.dilation(), o.groups()) &&
+         winograd_conv3x3_takes(x, weight, o.bias() ? bias : torch::Tensor());
 }
 
 torch::Tensor ConvImpl::forward(const torch::Tensor& x) {

@@ -71,7 +71,6 @@ struct Plan {
   Step src_in, weights_in, dst_out;
   Step diff_dst_in_bd, bd_weights_in, diff_src_out;
   Step diff_dst_in_bw, src_in_bw, diff_weights_out, diff_bias_out;
-  bool has_bias = false;
 };
 
 using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool>;  // N, C_in, C_out, H, W, bias
@@ -82,7 +81,6 @@ bool is_winograd(const char* impl) { return std::string(impl).find("wino") != st
 std::shared_ptr<const Plan> build_plan(const ShapeKey& key) {
   const auto [n, c, k, h, w, has_bias] = key;
   auto plan = std::make_shared<Plan>();
-  plan->has_bias = has_bias;
   const dnnl::memory::dims src{n, c, h, w}, weights{k, c, 3, 3}, dst{n, k, h, w}, bias{k};
   const dnnl::memory::dims strides{1, 1}, padding{1, 1};
   plan->plain_src = {src, DataType::f32, Tag::nchw};
@@ -155,8 +153,8 @@ torch::Tensor buffer_for(const dnnl::memory::desc& desc) {
 }
 
 // The buffers that live only during one call (blocked outputs and gradients, scratchpads) are kept per thread
-// and grown to the largest size asked: fresh buffers of tens of megabytes per call cost page faults that took
-// as long as the reorders. Calls on one thread run one at a time, so one buffer per role suffices.
+// and grown to the largest size asked: fresh buffers of tens of megabytes per call cost page faults
+// (docs/PERFORMANCE.md). Calls on one thread run one at a time, so one buffer per role suffices.
 enum class Slot { scratchpad, dst, weights, diff_dst, diff_src, diff_dst_bw, src_bw, diff_weights, diff_bias, count };
 
 torch::Tensor workspace(Slot slot, const dnnl::memory::desc& desc) {
@@ -184,7 +182,8 @@ void reorder(const Step& step, dnnl::stream& stream, const dnnl::memory& from, c
   run(step, stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
 }
 
-// `from` in layout `have`, wanted in layout `want`: itself where they agree, else reordered into a new buffer.
+// `from` in layout `have`, wanted in layout `want`: itself where they agree, else reordered into the thread's
+// buffer for `slot`.
 torch::Tensor in_layout(const Step& step, dnnl::stream& stream, const dnnl::memory::desc& have, const torch::Tensor& from,
                         const dnnl::memory::desc& want, Slot slot) {
   if (have == want) return from;
@@ -304,6 +303,14 @@ class WinogradConvFunction : public torch::autograd::Function<WinogradConvFuncti
 #endif  // LARGEBATCH_WITH_ONEDNN
 
 }  // namespace
+
+bool winograd_conv3x3_geometry(c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                               c10::IntArrayRef dilation, int64_t groups) {
+  const auto all = [](c10::IntArrayRef values, int64_t wanted) {
+    return values.size() == 2 && values[0] == wanted && values[1] == wanted;
+  };
+  return groups == 1 && all(kernel, 3) && all(stride, 1) && all(padding, 1) && all(dilation, 1);
+}
 
 bool winograd_conv3x3_takes(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
   const auto is_cpu_float = [](const torch::Tensor& t) {

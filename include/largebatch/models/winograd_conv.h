@@ -16,6 +16,11 @@
 namespace largebatch {
 namespace models {
 
+// Whether a convolution with these parameters is one winograd_conv3x3 computes: a 3x3 kernel, stride 1,
+// padding 1, dilation 1, one group (each list per spatial dimension).
+bool winograd_conv3x3_geometry(c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                               c10::IntArrayRef dilation, int64_t groups);
+
 // Whether winograd_conv3x3 takes this input: x a contiguous 4-D float CPU tensor [N, C_in, H, W], weight a
 // contiguous float [C_out, C_in, 3, 3] with C_in >= 32 and C_out >= 64 (where the transforms pay for themselves
 // on the CPUs measured, docs/PERFORMANCE.md), bias undefined or float [C_out], no forward-mode tangents, CPU
