@@ -371,9 +371,10 @@ TEST(Models, SmallMapKernelsTrainResNet18AsLibTorchsKernelsDo) {
   }
 }
 
-// The bits of a float or double tensor as integers: equal bits, NaNs and signed zeros included.
+// The bits of a floating-point tensor as integers: equal bits, NaNs and signed zeros included.
 torch::Tensor bits(const torch::Tensor& t) {
-  return t.contiguous().view(t.scalar_type() == torch::kDouble ? torch::kInt64 : torch::kInt32);
+  const auto type = t.scalar_type();
+  return t.contiguous().view(type == torch::kDouble ? torch::kInt64 : type == torch::kBFloat16 ? torch::kInt16 : torch::kInt32);
 }
 
 TEST(Models, OwnMaxPoolComputesWhatMaxPool2dComputesToTheBit) {
@@ -392,7 +393,8 @@ TEST(Models, OwnMaxPoolComputesWhatMaxPool2dComputesToTheBit) {
       {{5, 3, 1, 1, 2, 1}, {2, 2, 9, 10}},
       // Many planes: several parallel chunks (about 32 K input elements each).
       {{2, 2, 2, 2, 0, 0}, {2, 64, 28, 28}}, {{3, 3, 2, 2, 1, 1}, {2, 200, 16, 16}}};
-  for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
+  // bfloat16: what the compact CNN pools under bf16 autocast.
+  for (const auto dtype : {torch::kFloat32, torch::kFloat64, torch::kBFloat16}) {
     for (const Case& c : cases) {
       SCOPED_TRACE(::testing::Message() << c.shape << " kernel " << c.g.kernel_h << "x" << c.g.kernel_w << " stride "
                                         << c.g.stride_h << "x" << c.g.stride_w << " padding " << c.g.padding_h << "x"

@@ -16,6 +16,7 @@
 #include <largebatch/models/winograd_conv.h>
 #include <largebatch/optim/factory.h>
 #include <largebatch/train/barlow_twins.h>
+#include <largebatch/train/precision.h>
 #include <largebatch/train/self_supervised.h>
 
 #include <ATen/SequenceNumber.h>
@@ -182,7 +183,7 @@ struct Step {
 
 struct Args {
   std::string model = "resnet20", task = "classification", optimizer = "lars", data = "fashion-mnist", data_dir,
-              projector = "1024-1024-1024", json_out;
+              projector = "1024-1024-1024", json_out, precision = "fp32";
   int64_t batch = 512, steps = 5, warmup = 2, threads = 0, replays = 5;
   bool cpu_kernels = true, channels_last = false;
 };
@@ -217,7 +218,9 @@ Step make_step(const Args& a, const data::ImageDataset& images) {
         optim::make_optimizer({a.optimizer, a.optimizer == "lamb" ? 0.01 : 1.0, a.batch, {}}, backbone->named_parameters()));
     s.data = next_batch;
     s.forward = [backbone, batch] { return backbone->forward(batch->images); };
-    s.loss = [batch](const torch::Tensor& logits) { return torch::nn::functional::cross_entropy(logits, batch->labels); };
+    s.loss = [batch](const torch::Tensor& logits) {
+      return torch::nn::functional::cross_entropy(logits.to(torch::kFloat), batch->labels);
+    };
   } else {
     train::BarlowTwinsNet net(backbone, train::parse_projector(a.projector));
     net->train();
@@ -237,7 +240,9 @@ Step make_step(const Args& a, const data::ImageDataset& images) {
       *z2 = net->forward(views->second);
       return net->forward(views->first);
     };
-    s.loss = [z2](const torch::Tensor& z1) { return train::barlow_twins_loss(z1, *z2, 0.005); };
+    s.loss = [z2](const torch::Tensor& z1) {
+      return train::barlow_twins_loss(z1.to(torch::kFloat), z2->to(torch::kFloat), 0.005);
+    };
   }
   s.zero_grad = [opt] { opt->zero_grad(); };
   s.step = [opt] { opt->step(); };
@@ -275,6 +280,9 @@ Runner add_bench_profile_command(CLI::App& bench) {
   cmd->add_option("--replays", a->replays, "Timed replays of each convolution (median)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--cpu-kernels", a->cpu_kernels, "largebatch's CPU kernels (as train --cpu-kernels)")->capture_default_str();
   cmd->add_flag("--channels-last", a->channels_last, "Channels-last activations (as train --channels-last)");
+  cmd->add_option("--precision", a->precision, "fp32, or bf16: the forward pass under bfloat16 autocast (as train --precision)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   cmd->add_option("--threads", a->threads, "Intra-op threads (0: all cores)")->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_option("--json", a->json_out, "Also write the profile to this JSON file");
   return [cmd, a]() -> int {
@@ -284,13 +292,17 @@ Runner add_bench_profile_command(CLI::App& bench) {
       const int threads = resolve_threads(a->threads);
       torch::set_num_threads(threads);
       const auto split = data::load_dataset(a->data, a->data_dir);
-      std::printf("largebatch bench profile: %s, %s step, batch %lld, %s, %d thread(s), %lld steps after %lld; %s\n%s\n",
-                  a->model.c_str(), a->task.c_str(), static_cast<long long>(a->batch), a->optimizer.c_str(), threads,
+      const bool bf16 = a->precision == "bf16";
+      std::printf("largebatch bench profile: %s, %s step, batch %lld, %s, %s, %d thread(s), %lld steps after %lld; %s\n%s\n",
+                  a->model.c_str(), a->task.c_str(), static_cast<long long>(a->batch), a->optimizer.c_str(),
+                  a->precision.c_str(), threads,
                   static_cast<long long>(a->steps), static_cast<long long>(a->warmup), runtime_summary().c_str(),
                   cache_summary().c_str());
-      const DenseRate roof = dense_rate();
-      std::printf("Dense arithmetic in this run: matrix multiply %.1f GFLOP/s, 3x3 convolution %.1f GFLOP/s\n",
+      const DenseRate roof = dense_rate(bf16);
+      std::printf("Dense arithmetic in this run: matrix multiply %.1f GFLOP/s, 3x3 convolution %.1f GFLOP/s",
                   roof.matmul / 1e9, roof.convolution / 1e9);
+      if (bf16) std::printf(", 3x3 convolution in bf16 %.1f GFLOP/s (rates are against the best)", roof.convolution_bf16 / 1e9);
+      std::printf("\n");
       Step s = make_step(*a, split.train);
       auto run = [&](bool timed, std::map<std::string, double>* phases) {
         auto phase = [&](const char* name, const std::function<void()>& work) {
@@ -302,7 +314,10 @@ Runner add_bench_profile_command(CLI::App& bench) {
         torch::Tensor out, loss;
         phase("data", s.data);
         phase("zero_grad", s.zero_grad);
-        phase("model forward", [&] { out = s.forward(); });
+        phase("model forward", [&] {
+          const train::AutocastGuard autocast(bf16, torch::kCPU);
+          out = s.forward();
+        });
         phase("loss", [&] { loss = s.loss(out); });
         phase("backward", [&] { loss.backward(); });
         phase("optimizer", s.step);
@@ -344,7 +359,9 @@ Runner add_bench_profile_command(CLI::App& bench) {
       for (const auto& call : conv_calls) {
         const ConvCall& c = call.first;  // a named reference: lambdas below capture it
         const double n = static_cast<double>(call.second);  // calls per step
-        const auto x = torch::randn(c.input), w = torch::randn(c.weight);
+        // Under bf16 autocast every convolution of these models is LibTorch's, in bfloat16: replayed so.
+        const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat;
+        const auto x = torch::randn(c.input).to(dtype), w = torch::randn(c.weight).to(dtype);
         auto y = torch::conv2d(x, w, {}, c.stride, c.padding, c.dilation, c.groups);
         const auto dy = torch::randn_like(y);
         auto time_of = [&](const std::function<void()>& work) {
@@ -359,7 +376,7 @@ Runner add_bench_profile_command(CLI::App& bench) {
         };
         // The model's own kernels take 3x3 stride-1 convolutions of these shapes to Winograd (models.h): replayed so.
         const std::vector<int64_t> kernel(c.weight.begin() + std::min<size_t>(2, c.weight.size()), c.weight.end());
-        const bool winograd = a->cpu_kernels &&
+        const bool winograd = a->cpu_kernels && !bf16 &&
                               models::winograd_conv3x3_geometry(kernel, c.stride, c.padding, c.dilation, c.groups) &&
                               models::winograd_conv3x3_takes(x, w, {});
         const double fwd = time_of([&] {
@@ -474,6 +491,7 @@ Runner add_bench_profile_command(CLI::App& bench) {
                                    : 0.0);
       if (!a->json_out.empty()) {
         json out = {{"model", a->model},           {"task", a->task}, {"cpu_kernels", a->cpu_kernels},
+                    {"precision", a->precision},
                     {"batch_size", a->batch},      {"threads", threads},
                     {"step_s", step_s},            {"dense_flops_per_s", roof.best()},
                     {"rows", out_rows},            {"convolutions", per_shape},

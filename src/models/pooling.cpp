@@ -125,24 +125,42 @@ void pool_planes(const T* input, T* output, int32_t* positions, int64_t begin, i
 }
 
 #if defined(__SSE2__)
+// Eight consecutive elements as floats, and four floats stored back. A bfloat16 is the high half of the float
+// of the same value, so widening is exact, and a maximum (always one of the inputs) narrows back to its own bits.
+inline void load_eight(const float* p, __m128& lo, __m128& hi) {
+  lo = _mm_loadu_ps(p);
+  hi = _mm_loadu_ps(p + 4);
+}
+inline void load_eight(const c10::BFloat16* p, __m128& lo, __m128& hi) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  lo = _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), v));
+  hi = _mm_castsi128_ps(_mm_unpackhi_epi16(_mm_setzero_si128(), v));
+}
+inline void store_four(float* p, __m128 v) { _mm_storeu_ps(p, v); }
+inline void store_four(c10::BFloat16* p, __m128 v) {
+  // Arithmetic shift: the signed 16-bit results pack without saturation and keep their bits.
+  const __m128i high = _mm_srai_epi32(_mm_castps_si128(v), 16);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi32(high, high));
+}
+
 // The common case (2x2 windows, stride 2, no padding, rows of at least 4 outputs), one pair of input rows at a
-// time: each row's 8 floats are loaded once and split into left and right taps; the same comparisons as pool_one.
-void pool_planes_2x2(const float* input, float* output, int32_t* positions, int64_t begin, int64_t end,
+// time: each row's 8 elements are loaded once and split into left and right taps; the same comparisons as pool_one.
+template <typename T>
+void pool_planes_2x2(const T* input, T* output, int32_t* positions, int64_t begin, int64_t end,
                      const PlaneShape& s) {
   const int64_t w = s.width, in_plane = s.height * s.width, out_plane = s.out_height * s.out_width;
   for (int64_t p = begin; p < end; ++p) {
     for (int64_t oh = 0; oh < s.out_height; ++oh) {
       const int32_t start = static_cast<int32_t>(2 * oh * w);
-      const float* top = input + p * in_plane + start;
-      const float* bottom = top + w;
-      float* maximum = output + p * out_plane + oh * s.out_width;
+      const T* top = input + p * in_plane + start;
+      const T* bottom = top + w;
+      T* maximum = output + p * out_plane + oh * s.out_width;
       int32_t* position = positions + p * out_plane + oh * s.out_width;
       for (int64_t ow = 0; ow < s.out_width; ow += 4) {
         ow = std::min(ow, s.out_width - 4);  // the last four may overlap the previous ones (see pool_planes)
-        const float* t = top + 2 * ow;
-        const float* b = bottom + 2 * ow;
-        const __m128 top_lo = _mm_loadu_ps(t), top_hi = _mm_loadu_ps(t + 4);
-        const __m128 bottom_lo = _mm_loadu_ps(b), bottom_hi = _mm_loadu_ps(b + 4);
+        __m128 top_lo, top_hi, bottom_lo, bottom_hi;
+        load_eight(top + 2 * ow, top_lo, top_hi);
+        load_eight(bottom + 2 * ow, bottom_lo, bottom_hi);
         const __m128i column = _mm_add_epi32(_mm_set1_epi32(start + 2 * static_cast<int32_t>(ow)), _mm_setr_epi32(0, 2, 4, 6));
         // The first tap always replaces the initial -inf (it is greater, NaN or -inf itself).
         __m128 m = _mm_shuffle_ps(top_lo, top_hi, _MM_SHUFFLE(2, 0, 2, 0));
@@ -152,7 +170,7 @@ void pool_planes_2x2(const float* input, float* output, int32_t* positions, int6
                   _mm_add_epi32(column, _mm_set1_epi32(static_cast<int32_t>(w))), m, k);
         take_four(_mm_shuffle_ps(bottom_lo, bottom_hi, _MM_SHUFFLE(3, 1, 3, 1)),
                   _mm_add_epi32(column, _mm_set1_epi32(static_cast<int32_t>(w + 1))), m, k);
-        _mm_storeu_ps(maximum + ow, m);
+        store_four(maximum + ow, m);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(position + ow), k);
       }
     }
@@ -169,7 +187,7 @@ void pool_forward(const torch::Tensor& input, torch::Tensor& output, torch::Tens
   const int64_t planes = input.size(0) * input.size(1);
   at::parallel_for(0, planes, plane_grain(s), [&](int64_t begin, int64_t end) {
 #if defined(__SSE2__)
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
       if (g.kernel_h == 2 && g.kernel_w == 2 && g.stride_h == 2 && g.stride_w == 2 && g.padding_h == 0 &&
           g.padding_w == 0 && s.out_width >= 4)
         return pool_planes_2x2(in, out, pos, begin, end, s);
@@ -214,6 +232,8 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
     auto positions = torch::empty(output.sizes(), input.options().dtype(torch::kInt32));
     if (input.scalar_type() == torch::kDouble)
       pool_forward<double>(input, output, positions, s, g);
+    else if (input.scalar_type() == torch::kBFloat16)
+      pool_forward<c10::BFloat16>(input, output, positions, s, g);
     else
       pool_forward<float>(input, output, positions, s, g);
     ctx->save_for_backward({positions});
@@ -237,6 +257,8 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
       const PlaneShape s{sizes[2], sizes[3], positions.size(2), positions.size(3)};
       if (grad.scalar_type() == torch::kDouble)
         pool_backward<double>(grad, positions, grad_input, s);
+      else if (grad.scalar_type() == torch::kBFloat16)
+        pool_backward<c10::BFloat16>(grad, positions, grad_input, s);
       else
         pool_backward<float>(grad, positions, grad_input, s);
     }
@@ -248,7 +270,8 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
 
 bool max_pool2d_takes_own_kernel(const torch::Tensor& input, const MaxPool2dGeometry& g) {
   if (!input.defined() || input.dim() != 4 || !input.device().is_cpu() || !input.is_contiguous() ||
-      (input.scalar_type() != torch::kFloat && input.scalar_type() != torch::kDouble) ||
+      (input.scalar_type() != torch::kFloat && input.scalar_type() != torch::kDouble &&
+       input.scalar_type() != torch::kBFloat16) ||
       !torch::GradMode::is_enabled() || !input.requires_grad() || input._fw_grad(/*level=*/0).defined())
     return false;
   if (g.kernel_h < 1 || g.kernel_w < 1 || g.stride_h < 1 || g.stride_w < 1 || g.padding_h < 0 || g.padding_w < 0 ||

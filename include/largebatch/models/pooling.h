@@ -3,7 +3,8 @@
 // needs a gradient) walks NCHW maps one output at a time with 64-bit index arithmetic: 12x slower than a copy of
 // its input (the compact CNN's first pooling at batch 1024, forward: 59 ms against 5 ms). This kernel walks each
 // map row by row, four outputs at a time (SSE2), and keeps 32-bit window positions instead of the input and
-// 64-bit indices for the backward pass (docs/PERFORMANCE.md).
+// 64-bit indices for the backward pass (docs/PERFORMANCE.md). Its bfloat16 version (the compact CNN under bf16
+// autocast, where LibTorch's pooling is slower still) compares the same values widened to float.
 //
 // Semantics are ATen's, to the bit: within a window the taps are visited row by row, a value replaces the
 // running maximum when it is greater or NaN (ties keep the first, NaN propagates, the last NaN wins), an all
@@ -18,7 +19,7 @@ struct MaxPool2dGeometry {
   int64_t kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w;
 };
 
-// Whether max_pool2d(input, geometry, true) runs largebatch's kernel: a 4-D contiguous (NCHW) float or double CPU
+// Whether max_pool2d(input, geometry, true) runs largebatch's kernel: a 4-D contiguous (NCHW) float, double or bfloat16 CPU
 // tensor that autograd will differentiate in reverse mode (grad mode on, input requiring grad, no forward-mode
 // tangent), padding at most half the kernel, non-empty maps and output, maps of fewer than 2^31 pixels. Anything else goes to torch::max_pool2d, which refuses
 // what it refuses.
