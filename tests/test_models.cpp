@@ -413,13 +413,15 @@ TEST(Models, OwnMaxPoolComputesWhatMaxPool2dComputesToTheBit) {
       EXPECT_EQ(own.sizes(), library.sizes());
       EXPECT_TRUE(torch::equal(bits(own), bits(library)));
       // Output gradients (1) with signed zeros among them: ATen sums them into a zeroed map, so -0 arrives as +0;
-      // (2) of wide-ranging magnitudes, whose sums (overlapping windows) depend on their order; (3) not contiguous.
+      // (2) of wide-ranging magnitudes, whose sums (overlapping windows) depend on their order; (3) not contiguous;
       const auto options = torch::TensorOptions().dtype(dtype);
       auto signed_zeros = torch::randint(-2, 3, own.sizes(), options).mul_(0.5);
       signed_zeros.masked_fill_(signed_zeros == 0, -0.0);
       const auto magnitudes = torch::randn(own.sizes(), options) * torch::exp(4 * torch::randn(own.sizes(), options));
       const auto transposed = torch::randn({own.size(0), own.size(1), own.size(3), own.size(2)}, options).transpose(2, 3);
-      for (const auto& grad : {signed_zeros, magnitudes, transposed}) {
+      // (4) with NaNs, whose bits the sums keep (bfloat16: c10's conversion makes every NaN 0x7FC0).
+      const auto with_nan = magnitudes.masked_fill(torch::rand(own.sizes()) < 0.05, std::numeric_limits<double>::quiet_NaN());
+      for (const auto& grad : {signed_zeros, magnitudes, transposed, with_nan}) {
         const auto own_grad = torch::autograd::grad({own}, {own_x}, {grad}, /*retain_graph=*/true)[0];
         const auto library_grad = torch::autograd::grad({library}, {library_x}, {grad}, /*retain_graph=*/true)[0];
         EXPECT_TRUE(torch::equal(bits(own_grad), bits(library_grad)));

@@ -197,16 +197,84 @@ void pool_forward(const torch::Tensor& input, torch::Tensor& output, torch::Tens
   });
 }
 
+#if defined(__SSE2__)
+// Four output gradients as floats (exact for bfloat16), and eight input gradients stored back.
+inline __m128 load_grads(const float* p) { return _mm_loadu_ps(p); }
+inline __m128 load_grads(const c10::BFloat16* p) {
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), v));
+}
+inline void store_eight(float* p, __m128 lo, __m128 hi) {
+  _mm_storeu_ps(p, lo);
+  _mm_storeu_ps(p + 4, hi);
+}
+// Values that are bfloat16 exactly, or NaN, which becomes 0x7FC0 as c10's float-to-bfloat16 conversion makes it
+// (what ATen's bfloat16 sums store).
+inline __m128i narrow_bf16(__m128 v) {
+  const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(v, v));
+  const __m128i bits = _mm_or_si128(_mm_andnot_si128(nan, _mm_castps_si128(v)), _mm_and_si128(nan, _mm_set1_epi32(0x7FC00000)));
+  return _mm_srai_epi32(bits, 16);
+}
+inline void store_eight(c10::BFloat16* p, __m128 lo, __m128 hi) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packs_epi32(narrow_bf16(lo), narrow_bf16(hi)));
+}
+
+// The backward pass of 2x2 windows of stride 2 without padding (rows of at least 4 outputs): no two windows share
+// an input, so each input's gradient is 0 + the gradient of the output it won, or +0; written directly, four
+// outputs (two rows of eight inputs) at a time, instead of zeroing the map and adding.
+template <typename T>
+void unpool_planes_2x2(const T* grad_output, const int32_t* positions, T* grad_input, int64_t begin, int64_t end,
+                       const PlaneShape& s) {
+  const int64_t w = s.width, in_plane = s.height * s.width, out_plane = s.out_height * s.out_width;
+  const __m128 zero = _mm_setzero_ps();
+  for (int64_t p = begin; p < end; ++p) {
+    T* plane = grad_input + p * in_plane;
+    for (int64_t oh = 0; oh < s.out_height; ++oh) {
+      const T* g = grad_output + p * out_plane + oh * s.out_width;
+      const int32_t* won = positions + p * out_plane + oh * s.out_width;
+      const int32_t start = static_cast<int32_t>(2 * oh * w);
+      T* top = plane + start;
+      T* bottom = top + w;
+      for (int64_t ow = 0; ow < s.out_width; ow += 4) {
+        ow = std::min(ow, s.out_width - 4);  // the last four may overlap the previous ones: the same values again
+        const __m128 v = _mm_add_ps(load_grads(g + ow), zero);  // -0 becomes +0, as 0 + g does
+        const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(won + ow));
+        const __m128i tap = _mm_add_epi32(_mm_set1_epi32(start + 2 * static_cast<int32_t>(ow)), _mm_setr_epi32(0, 2, 4, 6));
+        auto at = [&](int32_t offset) {
+          return _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_add_epi32(tap, _mm_set1_epi32(offset)))), v);
+        };
+        const __m128 top_left = at(0), top_right = at(1);
+        const __m128 bottom_left = at(static_cast<int32_t>(w)), bottom_right = at(static_cast<int32_t>(w + 1));
+        store_eight(top + 2 * ow, _mm_unpacklo_ps(top_left, top_right), _mm_unpackhi_ps(top_left, top_right));
+        store_eight(bottom + 2 * ow, _mm_unpacklo_ps(bottom_left, bottom_right), _mm_unpackhi_ps(bottom_left, bottom_right));
+      }
+      // An odd width leaves a last column no window covers.
+      if (w > 2 * s.out_width) top[2 * s.out_width] = bottom[2 * s.out_width] = T(0);
+    }
+    // And an odd height a last row (or more, for maps the windows do not fill).
+    const int64_t covered = 2 * s.out_height * w;
+    std::fill(plane + covered, plane + in_plane, T(0));
+  }
+}
+#endif
+
 // Per input map: zero it (in cache) and add each output's gradient at its maximum, in output order.
 template <typename T>
 void pool_backward(const torch::Tensor& grad_output, const torch::Tensor& positions, torch::Tensor& grad_input,
-                   const PlaneShape& s) {
+                   const PlaneShape& s, const MaxPool2dGeometry& g) {
   const T* gy = grad_output.data_ptr<T>();
   const int32_t* pos = positions.data_ptr<int32_t>();
   T* gx = grad_input.data_ptr<T>();
   const int64_t in_plane = s.height * s.width, out_plane = s.out_height * s.out_width;
   const int64_t planes = grad_input.size(0) * grad_input.size(1);
   at::parallel_for(0, planes, plane_grain(s), [&](int64_t begin, int64_t end) {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+      if (g.kernel_h == 2 && g.kernel_w == 2 && g.stride_h == 2 && g.stride_w == 2 && g.padding_h == 0 &&
+          g.padding_w == 0 && s.out_width >= 4)
+        return unpool_planes_2x2(gy, pos, gx, begin, end, s);
+    }
+#endif
     for (int64_t p = begin; p < end; ++p) {
       T* x = gx + p * in_plane;
       std::memset(x, 0, sizeof(T) * in_plane);
@@ -238,6 +306,7 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
       pool_forward<float>(input, output, positions, s, g);
     ctx->save_for_backward({positions});
     ctx->saved_data["input_sizes"] = input.sizes().vec();
+    ctx->saved_data["geometry"] = std::vector<int64_t>{kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w};
     return output;
   }
 
@@ -255,12 +324,14 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
     } else {
       grad_input = torch::empty(sizes, grad.options());
       const PlaneShape s{sizes[2], sizes[3], positions.size(2), positions.size(3)};
+      const auto k = ctx->saved_data["geometry"].toIntVector();
+      const MaxPool2dGeometry g{k[0], k[1], k[2], k[3], k[4], k[5]};
       if (grad.scalar_type() == torch::kDouble)
-        pool_backward<double>(grad, positions, grad_input, s);
+        pool_backward<double>(grad, positions, grad_input, s, g);
       else if (grad.scalar_type() == torch::kBFloat16)
-        pool_backward<c10::BFloat16>(grad, positions, grad_input, s);
+        pool_backward<c10::BFloat16>(grad, positions, grad_input, s, g);
       else
-        pool_backward<float>(grad, positions, grad_input, s);
+        pool_backward<float>(grad, positions, grad_input, s, g);
     }
     return {grad_input, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
