@@ -4,8 +4,10 @@
 # the Barlow Twins step in bf16, the cnn in float32 (largebatch alone), and the cnn's bf16 profile.
 # Usage: docs/performance/amd-2026-12-07-bf16/measure.sh [path/to/largebatch]
 set -u
-cd "$(dirname "${BASH_SOURCE[0]}")"
-lb=$(realpath "${1:-../../../build/largebatch}")
+here=$(dirname "${BASH_SOURCE[0]}")
+lb=$(realpath "${1:-$here/../../../build/largebatch}")  # before the cd: a path relative to where it was called from
+[ -x "$lb" ] || { echo "$(basename "$0"): $lb: not an executable largebatch" >&2; exit 2; }
+cd "$here"
 lscpu > cpu.txt
 "$lb" bench train --model cnn --batch-sizes 256,1024,4096 --steps 5 --precision bf16 --out train_cnn > train_cnn.txt 2>&1
 "$lb" bench train --model cnn --batch-sizes 256,1024,4096 --steps 5 --precision bf16 --cpu-kernels false --no-python \

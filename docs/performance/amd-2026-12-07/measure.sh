@@ -3,8 +3,10 @@
 # each model with them (against Python) and without (LARGEBATCH_WINOGRAD=0, largebatch alone), the cnn's profile.
 # Usage: docs/performance/amd-2026-12-07/measure.sh [path/to/largebatch]
 set -u
-cd "$(dirname "${BASH_SOURCE[0]}")"
-lb=$(realpath "${1:-../../../build/largebatch}")
+here=$(dirname "${BASH_SOURCE[0]}")
+lb=$(realpath "${1:-$here/../../../build/largebatch}")  # before the cd: a path relative to where it was called from
+[ -x "$lb" ] || { echo "$(basename "$0"): $lb: not an executable largebatch" >&2; exit 2; }
+cd "$here"
 lscpu > cpu.txt
 "$lb" bench train --model cnn --batch-sizes 256,1024,4096 --steps 5 --out train_cnn > train_cnn.txt 2>&1
 LARGEBATCH_WINOGRAD=0 "$lb" bench train --model cnn --batch-sizes 256,1024,4096 --steps 5 --no-python --out train_cnn_no_winograd > train_cnn_no_winograd.txt 2>&1
