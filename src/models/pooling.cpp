@@ -178,6 +178,14 @@ void pool_planes_2x2(const T* input, T* output, int32_t* positions, int64_t begi
 }
 #endif
 
+#if defined(__SSE2__)
+// Where the 2x2 paths apply: 2x2 windows of stride 2 without padding, rows of at least 4 outputs.
+bool takes_2x2_path(const MaxPool2dGeometry& g, const PlaneShape& s) {
+  return g.kernel_h == 2 && g.kernel_w == 2 && g.stride_h == 2 && g.stride_w == 2 && g.padding_h == 0 &&
+         g.padding_w == 0 && s.out_width >= 4;
+}
+#endif
+
 template <typename T>
 void pool_forward(const torch::Tensor& input, torch::Tensor& output, torch::Tensor& positions, const PlaneShape& s,
                   const MaxPool2dGeometry& g) {
@@ -188,8 +196,7 @@ void pool_forward(const torch::Tensor& input, torch::Tensor& output, torch::Tens
   at::parallel_for(0, planes, plane_grain(s), [&](int64_t begin, int64_t end) {
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
-      if (g.kernel_h == 2 && g.kernel_w == 2 && g.stride_h == 2 && g.stride_w == 2 && g.padding_h == 0 &&
-          g.padding_w == 0 && s.out_width >= 4)
+      if (takes_2x2_path(g, s))
         return pool_planes_2x2(in, out, pos, begin, end, s);
     }
 #endif
@@ -270,8 +277,7 @@ void pool_backward(const torch::Tensor& grad_output, const torch::Tensor& positi
   at::parallel_for(0, planes, plane_grain(s), [&](int64_t begin, int64_t end) {
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
-      if (g.kernel_h == 2 && g.kernel_w == 2 && g.stride_h == 2 && g.stride_w == 2 && g.padding_h == 0 &&
-          g.padding_w == 0 && s.out_width >= 4)
+      if (takes_2x2_path(g, s))
         return unpool_planes_2x2(gy, pos, gx, begin, end, s);
     }
 #endif
