@@ -7,6 +7,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -570,9 +571,14 @@ TEST(Models, FusedFirstConvolutionLeavesWhatItDoesNotTakeToLibTorch) {
   EXPECT_FALSE(lm::conv3x3_max_pool2_takes(torch::randn({0, 3, 8, 8}), w, b));
   EXPECT_FALSE(lm::conv3x3_max_pool2_takes(torch::randn({3, 8, 8}), w, b));
   {
-    at::autocast::set_cpu_enabled(true);  // autocast decides the convolution's precision: LibTorch's path
-    EXPECT_FALSE(lm::conv3x3_max_pool2_takes(x, w, b));
+    // Under autocast it takes the input all the same and computes in float: the same bits as without.
+    const auto outside = lm::conv3x3_max_pool2(x, w, b);
+    at::autocast::set_cpu_enabled(true);
+    EXPECT_TRUE(lm::conv3x3_max_pool2_takes(x, w, b));
+    const auto inside = lm::conv3x3_max_pool2(x, w, b);
     at::autocast::set_cpu_enabled(false);
+    EXPECT_EQ(inside.scalar_type(), torch::kFloat);
+    EXPECT_TRUE(torch::equal(bits(inside), bits(outside)));
   }
   EXPECT_THROW(lm::conv3x3_max_pool2(x, torch::randn({4, 3, 5, 5}), b), c10::Error);
 }
@@ -768,6 +774,71 @@ TEST(Models, CpuKernelsTrainTheCompactCnnToTheSameBits) {
     const double scale = library[k].abs().max().item<double>() + 1e-12;
     EXPECT_LE((own[k] - library[k]).abs().max().item<double>(), 2e-4 * scale) << "parameter " << k - 1;
   }
+}
+
+// Calls of one named operation (RECORD_FUNCTION) on this thread while it lives.
+class OperationCounter {
+ public:
+  explicit OperationCounter(const char* name) {
+    name_ = name;
+    count_ = 0;
+    handle_ = at::addThreadLocalCallback(at::RecordFunctionCallback(
+        [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+          if (std::string(fn.name()) == name_) ++count_;
+          return nullptr;
+        }));
+  }
+  ~OperationCounter() { at::removeCallback(handle_); }
+  int count() const { return count_; }
+
+ private:
+  static inline const char* name_ = nullptr;
+  static inline int count_ = 0;
+  at::CallbackHandle handle_;
+};
+
+TEST(Models, CompactCnnUnderBf16AutocastFusesItsFirstLayerInFloat) {
+  // Under bf16 autocast the fused first layer still computes in float and its output is rounded to bfloat16 for
+  // the layers after it; LibTorch's path runs that convolution in bfloat16. Both against the float32 step.
+  auto model = lm::make_model(lm::ModelOptions{});
+  model->train();
+  torch::manual_seed(5);
+  const auto x = torch::randn({16, 1, 28, 28});
+  const auto y = torch::randint(0, 10, {16}, torch::kLong);
+  const bool was = at::autocast::is_cpu_enabled();
+  const auto was_dtype = at::autocast::get_autocast_cpu_dtype();
+  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  at::autocast::set_cpu_enabled(true);
+  std::vector<torch::Tensor> own, library;
+  int fused_calls = 0, library_fused_calls = 0;
+  {
+    OperationCounter counter("largebatch::conv3x3_max_pool2");
+    own = loss_and_gradients(*model, x, y, true);
+    fused_calls = counter.count();
+  }
+  {
+    OperationCounter counter("largebatch::conv3x3_max_pool2");
+    library = loss_and_gradients(*model, x, y, false);
+    library_fused_calls = counter.count();
+  }
+  at::autocast::clear_cache();
+  at::autocast::set_cpu_enabled(was);
+  at::autocast::set_autocast_cpu_dtype(was_dtype);
+  EXPECT_EQ(fused_calls, 1);
+  EXPECT_EQ(library_fused_calls, 0);
+  const auto reference = loss_and_gradients(*model, x, y, false);  // float32, no autocast
+  for (size_t k = 0; k < own.size(); ++k) {
+    EXPECT_EQ(own[k].scalar_type(), torch::kFloat) << "tensor " << k;
+    auto distance = [&](const torch::Tensor& t) {
+      return ((t - reference[k]).norm() / (reference[k].norm() + 1e-30)).item<double>();
+    };
+    const double fused = distance(own[k]), bf16 = distance(library[k]);
+    std::printf("tensor %zu: relative distance from float32, fused %.3g, LibTorch's bf16 %.3g\n", k, fused, bf16);
+    // One bfloat16 rounding fewer (the first layer's inputs): as close to float32 as LibTorch's bf16 path at least,
+    // with a margin for other machines' kernels; a broken first layer would be off by its whole gradient.
+    EXPECT_LE(fused, 1.25 * bf16) << "tensor " << k;
+  }
+  EXPECT_LE(std::abs(own[0].item<double>() - reference[0].item<double>()), 1e-3 * reference[0].item<double>());
 }
 
 TEST(Models, BadOptionsAreNamed) {

@@ -3,7 +3,6 @@
 #include "largebatch/models/conv_pool.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/autocast_mode.h>
 #include <ATen/record_function.h>
 #include <torch/autograd.h>
 #include <torch/nn/functional/conv.h>
@@ -289,7 +288,7 @@ bool conv3x3_max_pool2_takes(const torch::Tensor& x, const torch::Tensor& weight
   if (bias.defined() && (!is_cpu_float(bias) || bias.dim() != 1 || bias.size(0) != weight.size(0) ||
                          !bias.is_contiguous() || bias._fw_grad(/*level=*/0).defined()))
     return false;
-  return !at::autocast::is_cpu_enabled();
+  return true;
 }
 
 torch::Tensor conv3x3_max_pool2(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {

@@ -8,6 +8,7 @@
 #include "env_switch.h"
 
 #include <ATen/record_function.h>
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -141,6 +142,7 @@ class CompactCNN : public ClassifierImpl {
 
  private:
   // max_pool2d(conv1(x), 2), fused (conv_pool.h) where the CPU kernels are on and the images need no gradient.
+  // Under autocast it computes in float and its output is rounded to autocast's type, for the layers after it.
   // LARGEBATCH_FUSED_FIRST_LAYER=0 switches this kernel alone off (env_switch.h).
   static bool fused_first_layer_wanted() {
     static const bool wanted = env_switch_on("LARGEBATCH_FUSED_FIRST_LAYER");
@@ -148,8 +150,10 @@ class CompactCNN : public ClassifierImpl {
   }
   torch::Tensor first_convolution_pooled(const torch::Tensor& x) {
     const torch::Tensor bias = conv1->options.bias() ? conv1->bias : torch::Tensor();
-    if (fused_first_layer_wanted() && cpu_kernels() && !channels_last() && conv3x3_max_pool2_takes(x, conv1->weight, bias))
-      return conv3x3_max_pool2(x, conv1->weight, bias);
+    if (fused_first_layer_wanted() && cpu_kernels() && !channels_last() && conv3x3_max_pool2_takes(x, conv1->weight, bias)) {
+      auto y = conv3x3_max_pool2(x, conv1->weight, bias);
+      return at::autocast::is_cpu_enabled() ? y.to(at::autocast::get_autocast_cpu_dtype()) : y;
+    }
     return models::max_pool2d(conv1(input_layout(x)), 2, 2, 0, cpu_kernels());
   }
   Conv conv1{nullptr}, conv2{nullptr};

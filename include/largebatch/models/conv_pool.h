@@ -19,7 +19,8 @@ namespace models {
 
 // Whether conv3x3_max_pool2 takes this input: x a contiguous 4-D float CPU tensor [N, C_in, H, W] (H, W >= 2)
 // that needs no gradient, weight a contiguous float [C_out, C_in, 3, 3] with C_in <= 16 and no forward-mode
-// tangent, bias undefined or float [C_out], CPU autocast off.
+// tangent, bias undefined or float [C_out]. CPU autocast does not change it: it computes in float all the same (the
+// compact CNN rounds its output to autocast's type, docs/TRAINING.md).
 bool conv3x3_max_pool2_takes(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias);
 
 // max_pool2d(conv2d(x, weight, bias, /*stride=*/1, /*padding=*/1), 2, 2), differentiable in weight and bias.
