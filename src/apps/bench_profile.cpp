@@ -359,7 +359,8 @@ Runner add_bench_profile_command(CLI::App& bench) {
       for (const auto& call : conv_calls) {
         const ConvCall& c = call.first;  // a named reference: lambdas below capture it
         const double n = static_cast<double>(call.second);  // calls per step
-        // Under bf16 autocast every convolution of these models is LibTorch's, in bfloat16: replayed so.
+        // Under bf16 autocast the convolutions LibTorch runs are bfloat16 ones: replayed so. The cnn's fused first
+        // layer (float32 there too) is replayed as LibTorch's convolution, as in float32.
         const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat;
         const auto x = torch::randn(c.input).to(dtype), w = torch::randn(c.weight).to(dtype);
         auto y = torch::conv2d(x, w, {}, c.stride, c.padding, c.dilation, c.groups);

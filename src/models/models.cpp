@@ -7,8 +7,8 @@
 #include "batch_norm_kernel.h"
 #include "env_switch.h"
 
-#include <ATen/record_function.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 #include <torch/torch.h>
 
 #include <algorithm>
