@@ -5,7 +5,8 @@
 //   batch 512 (models/pooling.h);
 // - small maps: a 3x3 convolution over 2x2 and 1x1 maps and BatchNorm over 2x2 maps, ResNet-18's third and
 //   fourth stages at 32x32 inputs, batch 256 (ConvImpl, SyncableBatchNorm2dImpl);
-// - the compact CNN's first convolution and pooling fused, at batch 1024 (models/conv_pool.h).
+// - the compact CNN's first convolution and pooling fused, at batch 1024 (models/conv_pool.h), in float and as
+//   bf16 autocast's layers see it.
 // Each pair ("own" and "libtorch") runs the same module or call with the kernels on and off.
 #include <largebatch/largebatch.h>
 
@@ -65,6 +66,26 @@ void first_conv_pool(benchmark::State& state, int64_t batch, bool own) {
   }
 }
 
+// The same layer as the layers after it see it under bf16 autocast: fused with a bfloat16 output (own), fused in
+// float and then cast (own_cast, what the compact CNN did before the kernel wrote bfloat16), or LibTorch's
+// bfloat16 convolution and max pooling (libtorch); the output's gradient comes in bfloat16.
+enum class Bf16FirstLayer { own, own_cast, libtorch };
+void first_conv_pool_bf16(benchmark::State& state, int64_t batch, Bf16FirstLayer how) {
+  torch::manual_seed(0);
+  const auto x = torch::randn({batch, 1, 28, 28});
+  const auto w = (0.3 * torch::randn({32, 1, 3, 3})).requires_grad_(true);
+  const auto f = [&] {
+    if (how == Bf16FirstLayer::own) return lm::conv3x3_max_pool2(x, w, torch::Tensor(), torch::kBFloat16);
+    if (how == Bf16FirstLayer::own_cast) return lm::conv3x3_max_pool2(x, w, torch::Tensor()).to(torch::kBFloat16);
+    return torch::max_pool2d(torch::conv2d(x.to(torch::kBFloat16), w.to(torch::kBFloat16), {}, 1, 1), 2, 2);
+  };
+  const auto grad = torch::randn_like(f());
+  for (auto _ : state) {
+    auto grads = torch::autograd::grad({f()}, {w}, {grad});
+    benchmark::DoNotOptimize(grads.back().data_ptr());
+  }
+}
+
 void small_map_conv(benchmark::State& state, int64_t batch, int64_t channels, int64_t side, bool own) {
   lm::Conv conv(torch::nn::Conv2dOptions(channels, channels, 3).padding(1).bias(false));
   conv->small_map_kernels = own;
@@ -85,6 +106,12 @@ void small_map_batchnorm(benchmark::State& state, int64_t batch, int64_t channel
   BENCHMARK_CAPTURE(function, name##_own, __VA_ARGS__, true)->Unit(benchmark::kMillisecond)->UseRealTime();   \
   BENCHMARK_CAPTURE(function, name##_libtorch, __VA_ARGS__, false)->Unit(benchmark::kMillisecond)->UseRealTime();
 LB_PAIR(first_conv_pool, cnn_conv1_pool1_b1024, 1024)
+BENCHMARK_CAPTURE(first_conv_pool_bf16, cnn_conv1_pool1_b1024_own, 1024, Bf16FirstLayer::own)
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(first_conv_pool_bf16, cnn_conv1_pool1_b1024_own_cast, 1024, Bf16FirstLayer::own_cast)
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(first_conv_pool_bf16, cnn_conv1_pool1_b1024_libtorch, 1024, Bf16FirstLayer::libtorch)
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
 LB_PAIR(max_pool, cnn_pool1_b1024, std::vector<int64_t>{1024, 32, 28, 28}, 2, 2, 0)
 LB_PAIR(max_pool, cnn_pool2_b1024, std::vector<int64_t>{1024, 64, 14, 14}, 2, 2, 0)
 LB_PAIR(max_pool, resnet_stem_pool_b512, std::vector<int64_t>{512, 64, 16, 16}, 3, 2, 1)

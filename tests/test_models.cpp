@@ -583,6 +583,104 @@ TEST(Models, FusedFirstConvolutionLeavesWhatItDoesNotTakeToLibTorch) {
   EXPECT_THROW(lm::conv3x3_max_pool2(x, torch::randn({4, 3, 5, 5}), b), c10::Error);
 }
 
+// Inputs with what rounding and the pooling's order must get right: NaN, both infinities, exact ties (zero
+// weights make every position of a window equal), and values that round up to bfloat16's next exponent.
+torch::Tensor awkward_conv_pool_input(const std::vector<int64_t>& shape) {
+  auto x = torch::randn(shape);
+  const auto flat = x.view({-1});
+  const int64_t n = flat.numel();
+  flat[n / 3] = std::numeric_limits<float>::quiet_NaN();
+  flat[n / 2] = std::numeric_limits<float>::infinity();
+  flat[n - 1] = -std::numeric_limits<float>::infinity();
+  flat.slice(0, 0, std::min<int64_t>(n / 7, 64)).fill_(1.0f + 255.5f / 65536);  // halfway between two bfloat16s
+  return x;
+}
+
+// Outputs (float and bfloat16), winners' effect and gradients of the fused layer for one case, on the instruction
+// set in use.
+std::vector<torch::Tensor> conv_pool_results(const ConvPoolCase& c, uint64_t seed) {
+  torch::manual_seed(seed);
+  const auto x = awkward_conv_pool_input(c.input);
+  auto w = (0.3 * torch::randn({c.out_channels, c.input[1], 3, 3})).requires_grad_(true);
+  w.detach()[0].zero_();  // ties in every window of the first output channel
+  auto b = c.bias ? torch::randn({c.out_channels}).requires_grad_(true) : torch::Tensor();
+  std::vector<torch::Tensor> wrt{w};
+  if (c.bias) wrt.push_back(b);
+  std::vector<torch::Tensor> results;
+  for (const auto type : {torch::kFloat, torch::kBFloat16}) {
+    const auto y = lm::conv3x3_max_pool2(x, w, b, type);
+    const auto grad = torch::randn(y.sizes()).to(type);
+    results.push_back(y.detach());
+    for (const auto& g : torch::autograd::grad({y}, wrt, {grad})) results.push_back(g);
+  }
+  return results;
+}
+
+TEST(Models, FusedFirstConvolutionGivesTheSameBitsOnEveryInstructionSet) {
+  const auto sets = lm::conv3x3_max_pool2_instruction_sets();
+  ASSERT_FALSE(sets.empty());
+  EXPECT_EQ(sets.front(), "baseline");
+  const std::string before = lm::conv3x3_max_pool2_instruction_set();
+  EXPECT_EQ(before, sets.back()) << "the widest set this CPU runs is the default";
+  std::cout << "instruction sets:";
+  for (const auto& name : sets) std::cout << " " << name;
+  std::cout << std::endl;
+  if (sets.size() == 1) std::cout << "SKIP: this CPU runs the baseline alone; nothing to compare it with" << std::endl;
+  for (size_t k = 0; k < kConvPoolCases.size(); ++k) {
+    const auto& c = kConvPoolCases[k];
+    SCOPED_TRACE(::testing::Message() << c.input << " -> " << c.out_channels);
+    lm::use_conv3x3_max_pool2_instruction_set("baseline");
+    const auto reference = conv_pool_results(c, 20 + k);
+    for (size_t i = 1; i < sets.size(); ++i) {
+      lm::use_conv3x3_max_pool2_instruction_set(sets[i]);
+      const auto other = conv_pool_results(c, 20 + k);
+      ASSERT_EQ(other.size(), reference.size());
+      for (size_t t = 0; t < other.size(); ++t)
+        EXPECT_TRUE(torch::equal(bits(other[t]), bits(reference[t]))) << sets[i] << ", result " << t;
+    }
+  }
+  lm::use_conv3x3_max_pool2_instruction_set(before);
+  EXPECT_EQ(lm::conv3x3_max_pool2_instruction_set(), before);
+  EXPECT_THROW(lm::use_conv3x3_max_pool2_instruction_set("sse9"), std::invalid_argument);
+}
+
+TEST(Models, FusedFirstConvolutionInBfloat16IsItsFloatResultCast) {
+  // A bfloat16 output is the float result rounded as Tensor::to rounds it (NaN, infinities, halfway values
+  // included), and a bfloat16 gradient gives the float path's gradients for that gradient widened.
+  for (size_t k = 0; k < kConvPoolCases.size(); ++k) {
+    const auto& c = kConvPoolCases[k];
+    SCOPED_TRACE(::testing::Message() << c.input << " -> " << c.out_channels);
+    torch::manual_seed(40 + k);
+    const auto x = awkward_conv_pool_input(c.input);
+    auto w = (0.3 * torch::randn({c.out_channels, c.input[1], 3, 3})).requires_grad_(true);
+    auto b = c.bias ? torch::randn({c.out_channels}).requires_grad_(true) : torch::Tensor();
+    std::vector<torch::Tensor> wrt{w};
+    if (c.bias) wrt.push_back(b);
+    const auto y32 = lm::conv3x3_max_pool2(x, w, b);
+    const auto y16 = lm::conv3x3_max_pool2(x, w, b, torch::kBFloat16);
+    ASSERT_EQ(y16.scalar_type(), torch::kBFloat16);
+    EXPECT_TRUE(torch::equal(bits(y16), bits(y32.to(torch::kBFloat16))));
+    EXPECT_TRUE(torch::isnan(y16).any().item<bool>()) << "the case exercises NaN";
+    const auto grad16 = torch::randn(y16.sizes()).to(torch::kBFloat16);
+    const auto from16 = torch::autograd::grad({y16}, wrt, {grad16});
+    const auto from32 = torch::autograd::grad({y32}, wrt, {grad16.to(torch::kFloat)});
+    for (size_t t = 0; t < from16.size(); ++t) {
+      EXPECT_EQ(from16[t].scalar_type(), torch::kFloat);
+      EXPECT_TRUE(torch::equal(bits(from16[t]), bits(from32[t]))) << "gradient " << t;
+    }
+    // A second derivative through the bfloat16 output: that of the float path given the widened gradient.
+    const auto s16 = torch::randn(y16.sizes());
+    const auto g16 = torch::autograd::grad({(s16 * lm::conv3x3_max_pool2(x, w, b, torch::kBFloat16).to(torch::kFloat)).sum()},
+                                           {w}, {}, true, true)[0];
+    const auto g32 = torch::autograd::grad(
+        {(s16 * lm::conv3x3_max_pool2(x, w, b).to(torch::kBFloat16).to(torch::kFloat)).sum()}, {w}, {}, true, true)[0];
+    EXPECT_TRUE(torch::equal(bits(g16.detach()), bits(g32.detach())));
+    EXPECT_TRUE(g16.requires_grad());
+  }
+  const auto x = torch::randn({2, 1, 8, 8});
+  EXPECT_THROW(lm::conv3x3_max_pool2(x, torch::randn({4, 1, 3, 3}), torch::Tensor(), torch::kHalf), c10::Error);
+}
+
 // oneDNN's Winograd kernels exist on CPUs with AVX-512 and in builds with oneDNN (LARGEBATCH_WITH_ONEDNN).
 bool winograd_available() {
   return lm::winograd_conv3x3_takes(torch::zeros({1, 32, 8, 8}), torch::zeros({64, 32, 3, 3}), torch::Tensor());

@@ -8,7 +8,11 @@
 #include <torch/nn/functional/conv.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace largebatch {
@@ -21,14 +25,12 @@ using torch::autograd::variable_list;
 // Images per chunk of the backward pass: the chunks, not the threads, fix the summation order.
 constexpr int64_t kChunk = 16;
 
-// Vectorised where the compiler can (the loops below are written for it); the baseline build stays portable.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LARGEBATCH_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LARGEBATCH_CLONES
-#endif
-
 constexpr int64_t kLanes = 16;  // the backward pass's per-lane sums: element i of a plane adds to lane i % 16
+
+// float to bfloat16 as LibTorch's CPU conversion (Tensor::to) rounds: to nearest even, every NaN to 0xFFFF.
+inline uint16_t to_bfloat16(uint32_t bits) {
+  return (bits & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFu : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
 
 struct Shape {
   int64_t in_channels, height, width, out_channels, pooled_h, pooled_w;
@@ -70,144 +72,108 @@ inline const float* shifted(const float* image, const Shape& s, int64_t ci, int6
   return image + (ci * 16 + r * 4 + v) * s.stride();
 }
 
-// One image: per output channel, the convolution at the four positions of every 2x2 window, each the bias and
-// then the taps in (input channel, row, column) order, and their maximum in ATen's order.
-LARGEBATCH_CLONES
-void forward_image(const float* image, const float* weight, const float* bias, const Shape& s, float* out,
-                   uint8_t* winner, float* rows) {
-  const int64_t n = s.stride();
-  float* __restrict a = rows;          // window position (0, 0)
-  float* __restrict b = rows + n;      // (0, 1)
-  float* __restrict c = rows + 2 * n;  // (1, 0)
-  float* __restrict d = rows + 3 * n;  // (1, 1)
-  for (int64_t co = 0; co < s.out_channels; ++co) {
-    const float* w9 = weight + co * s.in_channels * 9;
-    const float start = bias ? bias[co] : 0.f;
-    // One group of lanes at a time, its four sums kept in registers through all taps.
-    for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
-      float sa[kLanes], sb[kLanes], sc[kLanes], sd[kLanes];
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) sa[j] = sb[j] = sc[j] = sd[j] = start;
-      for (int64_t ci = 0; ci < s.in_channels; ++ci)
-        for (int64_t ky = 0; ky < 3; ++ky)
-          for (int64_t kx = 0; kx < 3; ++kx) {
-            const float k = w9[ci * 9 + ky * 3 + kx];
-            const float* __restrict p00 = shifted(image, s, ci, ky, kx) + i0;
-            const float* __restrict p01 = shifted(image, s, ci, ky, kx + 1) + i0;
-            const float* __restrict p10 = shifted(image, s, ci, ky + 1, kx) + i0;
-            const float* __restrict p11 = shifted(image, s, ci, ky + 1, kx + 1) + i0;
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) {
-              sa[j] = sa[j] + k * p00[j];
-              sb[j] = sb[j] + k * p01[j];
-              sc[j] = sc[j] + k * p10[j];
-              sd[j] = sd[j] + k * p11[j];
-            }
-          }
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) {
-        a[i0 + j] = sa[j];
-        b[i0 + j] = sb[j];
-        c[i0 + j] = sc[j];
-        d[i0 + j] = sd[j];
-      }
-    }
-    float* __restrict m_out = out + co * s.plane();
-    uint8_t* __restrict k_out = winner + co * s.plane();
-#pragma omp simd
-    for (int64_t i = 0; i < s.plane(); ++i) {
-      // ATen's order: the first tap, then each later one that is greater or NaN.
-      float m = a[i];
-      int32_t k = 0;
-      bool take = b[i] > m || b[i] != b[i];
-      m = take ? b[i] : m;
-      k = take ? 1 : k;
-      take = c[i] > m || c[i] != c[i];
-      m = take ? c[i] : m;
-      k = take ? 2 : k;
-      take = d[i] > m || d[i] != d[i];
-      m = take ? d[i] : m;
-      k = take ? 3 : k;
-      m_out[i] = m;
-      k_out[i] = static_cast<uint8_t>(k);
-    }
-  }
+// One instruction set's per-image kernels (conv_pool_kernels.inc says what they compute).
+struct Kernels {
+  const char* name;
+  void (*forward_image)(const float* image, const float* weight, const float* bias, const Shape& s, float* out,
+                        uint16_t* out_bf16, uint8_t* winner);
+  void (*backward_image)(const float* image, const float* grad, const uint16_t* grad_bf16, const uint8_t* winner,
+                         const Shape& s, float* weight_lanes, float* bias_lanes);
+};
+
+// The kernels once per instruction set, each under its target pragma (so that its vector types are its
+// registers' width from the start), chosen at run time: the binary stays portable. Other compilers get the
+// baseline alone.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LARGEBATCH_CONV_POOL_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+constexpr int kWidth = 16;
+constexpr const char* kName = "avx512";
+#include "conv_pool_kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+constexpr int kWidth = 8;
+constexpr const char* kName = "avx2";
+#include "conv_pool_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+namespace baseline {
+constexpr int kWidth = 4;
+constexpr const char* kName = "baseline";
+#include "conv_pool_kernels.inc"
+}  // namespace baseline
+
+// The sets this CPU runs, narrowest first.
+const std::vector<const Kernels*>& runnable_kernels() {
+  static const std::vector<const Kernels*> sets = [] {
+    std::vector<const Kernels*> v{&baseline::kernels};
+#ifdef LARGEBATCH_CONV_POOL_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) v.push_back(&avx2::kernels);
+    if (__builtin_cpu_supports("avx512f")) v.push_back(&avx512::kernels);
+#endif
+    return v;
+  }();
+  return sets;
+}
+std::atomic<const Kernels*> chosen_kernels{nullptr};
+const Kernels& active_kernels() {
+  const Kernels* k = chosen_kernels.load();
+  return k ? *k : *runnable_kernels().back();
 }
 
-// One image's contribution to the per-lane sums: every pooled output's gradient times the input under each tap
-// at its window's winner. grad_plane and winner_plane: one output channel's plane, padded (zero gradients).
-LARGEBATCH_CLONES
-void backward_image(const float* image, const float* grad, const uint8_t* winner, const Shape& s, float* weight_lanes,
-                    float* bias_lanes, float* grad_plane, int32_t* winner_plane) {
-  const int64_t n = s.stride();
-  for (int64_t co = 0; co < s.out_channels; ++co) {
-    std::copy(grad + co * s.plane(), grad + (co + 1) * s.plane(), grad_plane);
-    for (int64_t i = 0; i < s.plane(); ++i) winner_plane[i] = winner[co * s.plane() + i];
-    const float* __restrict g = grad_plane;
-    const int32_t* __restrict q = winner_plane;
-    float* __restrict bl = bias_lanes + co * kLanes;
-    for (int64_t i0 = 0; i0 < n; i0 += kLanes)
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) bl[j] = bl[j] + g[i0 + j];
-    for (int64_t ci = 0; ci < s.in_channels; ++ci)
-      for (int64_t ky = 0; ky < 3; ++ky)
-        for (int64_t kx = 0; kx < 3; ++kx) {
-          const float* __restrict p00 = shifted(image, s, ci, ky, kx);
-          const float* __restrict p01 = shifted(image, s, ci, ky, kx + 1);
-          const float* __restrict p10 = shifted(image, s, ci, ky + 1, kx);
-          const float* __restrict p11 = shifted(image, s, ci, ky + 1, kx + 1);
-          float* __restrict t = weight_lanes + ((co * s.in_channels + ci) * 9 + ky * 3 + kx) * kLanes;
-          for (int64_t i0 = 0; i0 < n; i0 += kLanes)
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) {
-              const int64_t i = i0 + j;
-              const float v = q[i] == 0 ? p00[i] : q[i] == 1 ? p01[i] : q[i] == 2 ? p10[i] : p11[i];
-              t[j] = t[j] + g[i] * v;
-            }
-        }
-  }
-}
-
+// out: float, or bfloat16 (the maxima rounded as Tensor::to rounds them).
 void forward_all(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, const Shape& s,
                  torch::Tensor& out, torch::Tensor& winner) {
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  float* op = bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* hp = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   uint8_t* kp = winner.data_ptr<uint8_t>();
   const int64_t in_image = s.in_channels * s.height * s.width, out_image = s.out_channels * s.plane();
+  const Kernels& kernels = active_kernels();
   at::parallel_for(0, x.size(0), 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> image(static_cast<size_t>(s.image_floats())), rows(static_cast<size_t>(4 * s.stride()));
+    std::vector<float> image(static_cast<size_t>(s.image_floats()));
     std::vector<float> padded(static_cast<size_t>(s.padded_floats()));
     for (int64_t n = begin; n < end; ++n) {
       shift_planes(xp + n * in_image, s, image.data(), padded.data());
-      forward_image(image.data(), wp, bp, s, op + n * out_image, kp + n * out_image, rows.data());
+      kernels.forward_image(image.data(), wp, bp, s, op ? op + n * out_image : nullptr,
+                            hp ? hp + n * out_image : nullptr, kp + n * out_image);
     }
   });
 }
 
-// Weight and bias gradients: per chunk of kChunk images, float lanes, added up in double in lane order; the
-// chunks' sums then added in chunk order.
+// Weight and bias gradients (grad float or bfloat16): per chunk of kChunk images, float lanes, added up in double
+// in lane order; the chunks' sums then added in chunk order.
 void backward_all(const torch::Tensor& x, const torch::Tensor& grad, const torch::Tensor& winner, const Shape& s,
                   torch::Tensor& grad_weight, torch::Tensor* grad_bias) {
   const float* xp = x.data_ptr<float>();
-  const float* gp = grad.data_ptr<float>();
+  const bool bf16 = grad.scalar_type() == torch::kBFloat16;
+  const float* gp = bf16 ? nullptr : grad.data_ptr<float>();
+  const uint16_t* hp = bf16 ? reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>()) : nullptr;
   const uint8_t* kp = winner.data_ptr<uint8_t>();
   const int64_t n = x.size(0), chunks = (n + kChunk - 1) / kChunk;
   const int64_t in_image = s.in_channels * s.height * s.width, out_image = s.out_channels * s.plane();
   const int64_t taps = s.out_channels * s.in_channels * 9, sums = taps + s.out_channels;
   std::vector<double> partial(static_cast<size_t>(chunks * sums));
+  const Kernels& kernels = active_kernels();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> image(static_cast<size_t>(s.image_floats())), lanes(static_cast<size_t>(sums * kLanes));
     std::vector<float> padded(static_cast<size_t>(s.padded_floats()));
-    std::vector<float> grad_plane(static_cast<size_t>(s.stride()), 0.f);
-    std::vector<int32_t> winner_plane(static_cast<size_t>(s.stride()), 0);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       std::fill(lanes.begin(), lanes.end(), 0.f);
       for (int64_t i = chunk * kChunk; i < std::min(n, (chunk + 1) * kChunk); ++i) {
         shift_planes(xp + i * in_image, s, image.data(), padded.data());
-        backward_image(image.data(), gp + i * out_image, kp + i * out_image, s, lanes.data(),
-                       lanes.data() + taps * kLanes, grad_plane.data(), winner_plane.data());
+        kernels.backward_image(image.data(), gp ? gp + i * out_image : nullptr, hp ? hp + i * out_image : nullptr,
+                               kp + i * out_image, s, lanes.data(), lanes.data() + taps * kLanes);
       }
       double* p = partial.data() + chunk * sums;
       for (int64_t j = 0; j < sums; ++j) {
@@ -231,9 +197,9 @@ void backward_all(const torch::Tensor& x, const torch::Tensor& grad, const torch
 class ConvMaxPoolFunction : public torch::autograd::Function<ConvMaxPoolFunction> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& weight,
-                               const torch::Tensor& bias) {
+                               const torch::Tensor& bias, torch::ScalarType output_type) {
     const Shape s = shape_of(x, weight);
-    auto out = torch::empty({x.size(0), s.out_channels, s.pooled_h, s.pooled_w}, x.options());
+    auto out = torch::empty({x.size(0), s.out_channels, s.pooled_h, s.pooled_w}, x.options().dtype(output_type));
     auto winner = torch::empty(out.sizes(), x.options().dtype(torch::kUInt8));
     // No bias comes as an empty tensor: autograd's inputs must be defined.
     const bool has_bias = bias.numel() > 0;
@@ -261,14 +227,15 @@ class ConvMaxPoolFunction : public torch::autograd::Function<ConvMaxPoolFunction
       const auto pooled = full.flatten(2).gather(2, index.flatten(2)).view(grad.sizes());
       std::vector<torch::Tensor> wrt{weight};
       if (has_bias) wrt.push_back(bias);
-      const auto grads = torch::autograd::grad({pooled}, wrt, {grad}, /*retain_graph=*/true, /*create_graph=*/true);
-      return {torch::Tensor(), grads[0], has_bias ? grads[1] : torch::Tensor()};
+      const auto grads = torch::autograd::grad({pooled}, wrt, {grad.to(torch::kFloat)}, /*retain_graph=*/true,
+                                               /*create_graph=*/true);
+      return {torch::Tensor(), grads[0], has_bias ? grads[1] : torch::Tensor(), torch::Tensor()};
     }
     const Shape s = shape_of(x, weight);
     auto grad_weight = torch::empty(weight.sizes(), weight.options());
     torch::Tensor grad_bias = has_bias ? torch::empty(bias.sizes(), bias.options()) : torch::Tensor();
     backward_all(x, grad, winner, s, grad_weight, has_bias ? &grad_bias : nullptr);
-    return {torch::Tensor(), grad_weight, grad_bias};
+    return {torch::Tensor(), grad_weight, grad_bias, torch::Tensor()};
   }
 };
 
@@ -291,10 +258,32 @@ bool conv3x3_max_pool2_takes(const torch::Tensor& x, const torch::Tensor& weight
   return true;
 }
 
-torch::Tensor conv3x3_max_pool2(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
+std::vector<std::string> conv3x3_max_pool2_instruction_sets() {
+  std::vector<std::string> names;
+  for (const Kernels* k : runnable_kernels()) names.emplace_back(k->name);
+  return names;
+}
+
+std::string conv3x3_max_pool2_instruction_set() { return active_kernels().name; }
+
+void use_conv3x3_max_pool2_instruction_set(const std::string& name) {
+  for (const Kernels* k : runnable_kernels())
+    if (name == k->name) {
+      chosen_kernels.store(k);
+      return;
+    }
+  throw std::invalid_argument("use_conv3x3_max_pool2_instruction_set: '" + name +
+                              "' is not an instruction set this CPU runs");
+}
+
+torch::Tensor conv3x3_max_pool2(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                                torch::ScalarType output_type) {
   TORCH_CHECK(conv3x3_max_pool2_takes(x, weight, bias), "conv3x3_max_pool2: input or parameters it does not take");
+  TORCH_CHECK(output_type == torch::kFloat || output_type == torch::kBFloat16,
+              "conv3x3_max_pool2: output type ", output_type, " is not float or bfloat16");
   RECORD_FUNCTION("largebatch::conv3x3_max_pool2", std::vector<c10::IValue>{});  // named in profiles
-  return ConvMaxPoolFunction::apply(x, weight, bias.defined() ? bias : torch::empty({0}, weight.options()));
+  return ConvMaxPoolFunction::apply(x, weight, bias.defined() ? bias : torch::empty({0}, weight.options()),
+                                    output_type);
 }
 
 }  // namespace models

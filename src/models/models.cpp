@@ -151,8 +151,10 @@ class CompactCNN : public ClassifierImpl {
   torch::Tensor first_convolution_pooled(const torch::Tensor& x) {
     const torch::Tensor bias = conv1->options.bias() ? conv1->bias : torch::Tensor();
     if (fused_first_layer_wanted() && cpu_kernels() && !channels_last() && conv3x3_max_pool2_takes(x, conv1->weight, bias)) {
-      auto y = conv3x3_max_pool2(x, conv1->weight, bias);
-      return at::autocast::is_cpu_enabled() ? y.to(at::autocast::get_autocast_cpu_dtype()) : y;
+      if (!at::autocast::is_cpu_enabled()) return conv3x3_max_pool2(x, conv1->weight, bias);
+      const auto type = at::autocast::get_autocast_cpu_dtype();
+      if (type == torch::kBFloat16) return conv3x3_max_pool2(x, conv1->weight, bias, type);  // rounded as it writes
+      return conv3x3_max_pool2(x, conv1->weight, bias).to(type);
     }
     return models::max_pool2d(conv1(input_layout(x)), 2, 2, 0, cpu_kernels());
   }

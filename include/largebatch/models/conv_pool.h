@@ -14,6 +14,9 @@
 // convolution and a gather at the kept maxima.
 #include <torch/types.h>
 
+#include <string>
+#include <vector>
+
 namespace largebatch {
 namespace models {
 
@@ -24,8 +27,18 @@ namespace models {
 bool conv3x3_max_pool2_takes(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias);
 
 // max_pool2d(conv2d(x, weight, bias, /*stride=*/1, /*padding=*/1), 2, 2), differentiable in weight and bias.
-// Requires conv3x3_max_pool2_takes(x, weight, bias).
-torch::Tensor conv3x3_max_pool2(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias);
+// Requires conv3x3_max_pool2_takes(x, weight, bias). output_type kBFloat16: the same float maxima rounded as
+// Tensor::to(kBFloat16) rounds them (the same bits as that cast after the float result, in one pass), and the
+// gradient comes back in bfloat16 and is widened exactly, as the cast's backward widens it.
+torch::Tensor conv3x3_max_pool2(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                                torch::ScalarType output_type = torch::kFloat);
+
+// The kernels are compiled once per instruction set and the widest this CPU runs is used; every set gives the same
+// bits. The sets this CPU runs (narrowest first: "baseline", then "avx2", "avx512" where present), the one in use,
+// and a choice of another (std::invalid_argument names one this CPU does not run), for tests and measurements.
+std::vector<std::string> conv3x3_max_pool2_instruction_sets();
+std::string conv3x3_max_pool2_instruction_set();
+void use_conv3x3_max_pool2_instruction_set(const std::string& name);
 
 }  // namespace models
 }  // namespace largebatch
