@@ -621,7 +621,7 @@ TEST(Models, FusedFirstConvolutionGivesTheSameBitsOnEveryInstructionSet) {
   ASSERT_FALSE(sets.empty());
   EXPECT_EQ(sets.front(), "baseline");
   const std::string before = lm::conv3x3_max_pool2_instruction_set();
-  EXPECT_EQ(before, sets.back()) << "the widest set this CPU runs is the default";
+  if (!std::getenv("LARGEBATCH_CONV_POOL_SIMD")) EXPECT_EQ(before, sets.back()) << "the widest set this CPU runs is the default";
   std::cout << "instruction sets:";
   for (const auto& name : sets) std::cout << " " << name;
   std::cout << std::endl;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -122,10 +123,25 @@ const std::vector<const Kernels*>& runnable_kernels() {
   }();
   return sets;
 }
+const Kernels* kernels_named(const std::string& name, const std::string& asked_by) {
+  std::string names;
+  for (const Kernels* k : runnable_kernels()) {
+    if (name == k->name) return k;
+    names += (names.empty() ? "" : ", ") + std::string(k->name);
+  }
+  throw std::invalid_argument(asked_by + ": unknown or unavailable instruction set '" + name +
+                              "' (this build on this CPU: " + names + ")");
+}
+
+// The widest this CPU runs, or LARGEBATCH_CONV_POOL_SIMD's choice (read at the first call).
 std::atomic<const Kernels*> chosen_kernels{nullptr};
 const Kernels& active_kernels() {
   const Kernels* k = chosen_kernels.load();
-  return k ? *k : *runnable_kernels().back();
+  if (k) return *k;
+  const char* env = std::getenv("LARGEBATCH_CONV_POOL_SIMD");
+  k = (env && *env) ? kernels_named(env, "LARGEBATCH_CONV_POOL_SIMD") : runnable_kernels().back();
+  chosen_kernels.store(k);
+  return *k;
 }
 
 // out: float, or bfloat16 (the maxima rounded as Tensor::to rounds them).
@@ -267,13 +283,7 @@ std::vector<std::string> conv3x3_max_pool2_instruction_sets() {
 std::string conv3x3_max_pool2_instruction_set() { return active_kernels().name; }
 
 void use_conv3x3_max_pool2_instruction_set(const std::string& name) {
-  for (const Kernels* k : runnable_kernels())
-    if (name == k->name) {
-      chosen_kernels.store(k);
-      return;
-    }
-  throw std::invalid_argument("use_conv3x3_max_pool2_instruction_set: '" + name +
-                              "' is not an instruction set this CPU runs");
+  chosen_kernels.store(kernels_named(name, "use_conv3x3_max_pool2_instruction_set"));
 }
 
 torch::Tensor conv3x3_max_pool2(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,

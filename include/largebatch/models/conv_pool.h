@@ -9,9 +9,10 @@
 // Semantics: the convolution sums, for each output, the bias and then the taps in (input channel, row, column)
 // order in float, so its values can differ from LibTorch's convolution by float rounding (which also decides
 // near-ties of the pooling); the pooling is ATen's (taps row by row, a value replaces the maximum when greater
-// or NaN, ties keep the first). The gradients sum over fixed chunks of images in float and the chunks in order
-// in double: the same bits on any thread count. A second derivative (create_graph) goes through LibTorch's
-// convolution and a gather at the kept maxima.
+// or NaN, ties keep the first). The gradients sum over fixed chunks of images in float (16 lanes per plane,
+// added group after group) and the chunks in order in double: the same bits on any thread count and on every
+// instruction set (separate multiplications and additions, no fused multiply-add). A second derivative
+// (create_graph) goes through LibTorch's convolution and a gather at the kept maxima.
 #include <torch/types.h>
 
 #include <string>
@@ -34,8 +35,9 @@ torch::Tensor conv3x3_max_pool2(const torch::Tensor& x, const torch::Tensor& wei
                                 torch::ScalarType output_type = torch::kFloat);
 
 // The kernels are compiled once per instruction set and the widest this CPU runs is used; every set gives the same
-// bits. The sets this CPU runs (narrowest first: "baseline", then "avx2", "avx512" where present), the one in use,
-// and a choice of another (std::invalid_argument names one this CPU does not run), for tests and measurements.
+// bits. The sets this CPU runs (narrowest first: "baseline", then "avx2", "avx512" where present), the one in use
+// (the environment variable LARGEBATCH_CONV_POOL_SIMD, read at the first call, picks another), and a choice of
+// another (std::invalid_argument names one this CPU does not run), for tests and measurements.
 std::vector<std::string> conv3x3_max_pool2_instruction_sets();
 std::string conv3x3_max_pool2_instruction_set();
 void use_conv3x3_max_pool2_instruction_set(const std::string& name);
