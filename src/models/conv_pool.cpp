@@ -28,11 +28,6 @@ constexpr int64_t kChunk = 16;
 
 constexpr int64_t kLanes = 16;  // the backward pass's per-lane sums: element i of a plane adds to lane i % 16
 
-// float to bfloat16 as LibTorch's CPU conversion (Tensor::to) rounds: to nearest even, every NaN to 0xFFFF.
-inline uint16_t to_bfloat16(uint32_t bits) {
-  return (bits & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFu : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
 struct Shape {
   int64_t in_channels, height, width, out_channels, pooled_h, pooled_w;
   int64_t plane() const { return pooled_h * pooled_w; }
