@@ -66,9 +66,9 @@ void first_conv_pool(benchmark::State& state, int64_t batch, bool own) {
   }
 }
 
-// The same layer as the layers after it see it under bf16 autocast: fused with a bfloat16 output (own), fused in
-// float and then cast (own_cast, what the compact CNN did before the kernel wrote bfloat16), or LibTorch's
-// bfloat16 convolution and max pooling (libtorch); the output's gradient comes in bfloat16.
+// The same layer as the layers after it see it under bf16 autocast: fused with a bfloat16 output (own), fused with
+// a float output cast afterwards (own_cast), or LibTorch's bfloat16 convolution and max pooling (libtorch); the
+// output's gradient comes in bfloat16.
 enum class Bf16FirstLayer { own, own_cast, libtorch };
 void first_conv_pool_bf16(benchmark::State& state, int64_t batch, Bf16FirstLayer how) {
   torch::manual_seed(0);

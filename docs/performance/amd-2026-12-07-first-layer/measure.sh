@@ -12,7 +12,7 @@ here=$(dirname "${BASH_SOURCE[0]}")
 new=$(realpath "$1") old=$(realpath "$2")  # before the cd: paths relative to where it was called from
 for dir in "$new" "$old"; do
   for program in largebatch bench_kernels; do
-    [ -x "$dir/$program" ] || { echo "$(basename "$0"): $dir/$program: not an executable" >&2; exit 2; }
+    [ -f "$dir/$program" ] && [ -x "$dir/$program" ] || { echo "$(basename "$0"): $dir/$program: not an executable" >&2; exit 2; }
   done
 done
 cd "$here"

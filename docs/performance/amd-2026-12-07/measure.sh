@@ -5,7 +5,7 @@
 set -u
 here=$(dirname "${BASH_SOURCE[0]}")
 lb=$(realpath "${1:-$here/../../../build/largebatch}")  # before the cd: a path relative to where it was called from
-[ -x "$lb" ] || { echo "$(basename "$0"): $lb: not an executable largebatch" >&2; exit 2; }
+[ -f "$lb" ] && [ -x "$lb" ] || { echo "$(basename "$0"): $lb: not an executable largebatch" >&2; exit 2; }
 cd "$here"
 lscpu > cpu.txt
 "$lb" bench train --model cnn --batch-sizes 256,1024,4096 --steps 5 --out train_cnn > train_cnn.txt 2>&1

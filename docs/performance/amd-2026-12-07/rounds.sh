@@ -4,7 +4,7 @@
 set -u
 here=$(dirname "${BASH_SOURCE[0]}")
 lb=$(realpath "${1:-$here/../../../build/largebatch}")  # before the cd: a path relative to where it was called from
-[ -x "$lb" ] || { echo "$(basename "$0"): $lb: not an executable largebatch" >&2; exit 2; }
+[ -f "$lb" ] && [ -x "$lb" ] || { echo "$(basename "$0"): $lb: not an executable largebatch" >&2; exit 2; }
 cd "$here"
 for round in 1 2 3; do
   "$lb" bench train --model cnn --batch-sizes 256,1024 --steps 10 > "rounds_cnn_winograd_$round.txt" 2>&1

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Three more rounds in a row of the cnn in bf16 against PyTorch Python's bf16 autocast (same run each): the
+# spread of a noisy host. Usage: rounds.sh [path/to/largebatch]
+set -u
+here=$(dirname "${BASH_SOURCE[0]}")
+lb=$(realpath "${1:-$here/../../../build/largebatch}")  # before the cd: a path relative to where it was called from
+[ -f "$lb" ] && [ -f "$lb" ] && [ -x "$lb" ] || { echo "$(basename "$0"): $lb: not an executable largebatch" >&2; exit 2; }
+cd "$here"
+for round in 1 2 3; do
+  "$lb" bench train --model cnn --batch-sizes 256,1024 --steps 10 --precision bf16 > "rounds_cnn_bf16_$round.txt" 2>&1
+done
+echo "rounds.sh: done"
