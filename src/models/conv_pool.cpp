@@ -2,17 +2,16 @@
 // what and why).
 #include "largebatch/models/conv_pool.h"
 
+#include "../core/instruction_sets.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <torch/autograd.h>
 #include <torch/nn/functional/conv.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -105,39 +104,23 @@ constexpr const char* kName = "baseline";
 #include "conv_pool_kernels.inc"
 }  // namespace baseline
 
-// The sets this CPU runs, narrowest first.
-const std::vector<const Kernels*>& runnable_kernels() {
-  static const std::vector<const Kernels*> sets = [] {
-    std::vector<const Kernels*> v{&baseline::kernels};
+// The sets this CPU runs, narrowest first; the widest, or LARGEBATCH_CONV_POOL_SIMD's choice (read at the first
+// call).
+core::InstructionSets<Kernels>& instruction_sets() {
+  static core::InstructionSets<Kernels> sets(
+      [] {
+        std::vector<const Kernels*> v{&baseline::kernels};
 #ifdef LARGEBATCH_CONV_POOL_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) v.push_back(&avx2::kernels);
-    if (__builtin_cpu_supports("avx512f")) v.push_back(&avx512::kernels);
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2")) v.push_back(&avx2::kernels);
+        if (__builtin_cpu_supports("avx512f")) v.push_back(&avx512::kernels);
 #endif
-    return v;
-  }();
+        return v;
+      }(),
+      "LARGEBATCH_CONV_POOL_SIMD");
   return sets;
 }
-const Kernels* kernels_named(const std::string& name, const std::string& asked_by) {
-  std::string names;
-  for (const Kernels* k : runnable_kernels()) {
-    if (name == k->name) return k;
-    names += (names.empty() ? "" : ", ") + std::string(k->name);
-  }
-  throw std::invalid_argument(asked_by + ": unknown or unavailable instruction set '" + name +
-                              "' (this build on this CPU: " + names + ")");
-}
-
-// The widest this CPU runs, or LARGEBATCH_CONV_POOL_SIMD's choice (read at the first call).
-std::atomic<const Kernels*> chosen_kernels{nullptr};
-const Kernels& active_kernels() {
-  const Kernels* k = chosen_kernels.load();
-  if (k) return *k;
-  const char* env = std::getenv("LARGEBATCH_CONV_POOL_SIMD");
-  k = (env && *env) ? kernels_named(env, "LARGEBATCH_CONV_POOL_SIMD") : runnable_kernels().back();
-  chosen_kernels.store(k);
-  return *k;
-}
+const Kernels& active_kernels() { return instruction_sets().active(); }
 
 // out: float, or bfloat16 (the maxima rounded as Tensor::to rounds them).
 void forward_all(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, const Shape& s,
@@ -269,16 +252,12 @@ bool conv3x3_max_pool2_takes(const torch::Tensor& x, const torch::Tensor& weight
   return true;
 }
 
-std::vector<std::string> conv3x3_max_pool2_instruction_sets() {
-  std::vector<std::string> names;
-  for (const Kernels* k : runnable_kernels()) names.emplace_back(k->name);
-  return names;
-}
+std::vector<std::string> conv3x3_max_pool2_instruction_sets() { return instruction_sets().names(); }
 
 std::string conv3x3_max_pool2_instruction_set() { return active_kernels().name; }
 
 void use_conv3x3_max_pool2_instruction_set(const std::string& name) {
-  chosen_kernels.store(kernels_named(name, "use_conv3x3_max_pool2_instruction_set"));
+  instruction_sets().use(name, "use_conv3x3_max_pool2_instruction_set");
 }
 
 torch::Tensor conv3x3_max_pool2(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,

@@ -1,5 +1,6 @@
 #include "step_kernels.h"
 #include "step_simd.h"
+#include "../core/instruction_sets.h"
 
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
@@ -147,27 +148,12 @@ std::vector<const simd::Kernels*> runnable_kernels() {
   return found;
 }
 
-const simd::Kernels* kernels_named(const std::string& name, const std::string& asked_by) {
-  std::string names;
-  for (const simd::Kernels* k : runnable_kernels()) {
-    if (name == k->name) return k;
-    names += names.empty() ? k->name : std::string(", ") + k->name;
-  }
-  throw std::invalid_argument(asked_by + ": unknown or unavailable instruction set '" + name +
-                              "' (this build on this CPU: " + names + ")");
-}
-
 // The widest this CPU runs, or LARGEBATCH_STEP_SIMD's choice (checked when the first fused step is set up).
-std::atomic<const simd::Kernels*> chosen_kernels{nullptr};
-
-const simd::Kernels& active_kernels() {
-  const simd::Kernels* k = chosen_kernels.load();
-  if (k) return *k;
-  const char* env = std::getenv("LARGEBATCH_STEP_SIMD");
-  k = (env && *env) ? kernels_named(env, "LARGEBATCH_STEP_SIMD") : runnable_kernels().back();
-  chosen_kernels.store(k);
-  return *k;
+core::InstructionSets<simd::Kernels>& instruction_sets() {
+  static core::InstructionSets<simd::Kernels> sets(runnable_kernels(), "LARGEBATCH_STEP_SIMD");
+  return sets;
 }
+const simd::Kernels& active_kernels() { return instruction_sets().active(); }
 
 Sums first_pass(const simd::Kernels& k, const Plan<float>& p, int64_t b, int64_t e) {
   return k.first_pass_float(p, b, e);
@@ -386,16 +372,12 @@ void fused_step(const std::vector<StepEntry>& entries, std::vector<LayerNorms>* 
 
 }  // namespace detail
 
-std::vector<std::string> fused_step_instruction_sets() {
-  std::vector<std::string> names;
-  for (const detail::simd::Kernels* k : detail::runnable_kernels()) names.push_back(k->name);
-  return names;
-}
+std::vector<std::string> fused_step_instruction_sets() { return detail::instruction_sets().names(); }
 
 std::string fused_step_instruction_set() { return detail::active_kernels().name; }
 
 void use_fused_step_instruction_set(const std::string& name) {
-  detail::chosen_kernels.store(detail::kernels_named(name, "use_fused_step_instruction_set"));
+  detail::instruction_sets().use(name, "use_fused_step_instruction_set");
 }
 
 int64_t fused_step_block_bytes() { return detail::active_block_bytes(); }
